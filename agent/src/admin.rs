@@ -1,0 +1,56 @@
+//! Admin endpoint: `/metrics` (Prometheus), `/connections` (JSON), `/ready`.
+use std::{convert::Infallible, net::SocketAddr, sync::Arc};
+
+use anyhow::{Context, Result};
+use bytes::Bytes;
+use http_body_util::Full;
+use hyper::{Request, Response, StatusCode, body::Incoming, server::conn::http1, service::service_fn};
+use hyper_util::rt::TokioIo;
+use prometheus_client::registry::Registry;
+use tokio::net::TcpListener;
+
+use crate::proxy::ConnectionTable;
+
+pub struct AdminState {
+    pub registry: Registry,
+    pub connections: ConnectionTable,
+}
+
+pub async fn bind(addr: SocketAddr) -> Result<TcpListener> {
+    TcpListener::bind(addr).await.with_context(|| format!("binding the admin endpoint on {addr}"))
+}
+
+pub async fn serve(listener: TcpListener, state: Arc<AdminState>) {
+    loop {
+        let Ok((stream, _)) = listener.accept().await else { continue };
+        let state = state.clone();
+        tokio::spawn(async move {
+            let service = service_fn(move |req| handle(req, state.clone()));
+            let _ = http1::Builder::new().serve_connection(TokioIo::new(stream), service).await;
+        });
+    }
+}
+
+async fn handle(req: Request<Incoming>, state: Arc<AdminState>) -> Result<Response<Full<Bytes>>, Infallible> {
+    let (status, content_type, body) = match req.uri().path() {
+        "/ready" => (StatusCode::OK, "text/plain", "ready\n".to_string()),
+        "/metrics" => {
+            let mut text = String::new();
+            match prometheus_client::encoding::text::encode(&mut text, &state.registry) {
+                Ok(()) => (StatusCode::OK, "application/openmetrics-text; version=1.0.0; charset=utf-8", text),
+                Err(e) => (StatusCode::INTERNAL_SERVER_ERROR, "text/plain", format!("encoding metrics: {e}\n")),
+            }
+        }
+        "/connections" => (
+            StatusCode::OK,
+            "application/json",
+            serde_json::to_string_pretty(&state.connections.snapshot()).unwrap_or_default(),
+        ),
+        _ => (StatusCode::NOT_FOUND, "text/plain", "endpoints: /ready /metrics /connections\n".to_string()),
+    };
+    Ok(Response::builder()
+        .status(status)
+        .header("content-type", content_type)
+        .body(Full::new(Bytes::from(body)))
+        .expect("static response parts are valid"))
+}

@@ -1,0 +1,85 @@
+use std::{path::PathBuf, process::ExitCode};
+
+use clap::{Parser, Subcommand};
+use warren_agent::{config::AgentConfig, inspect};
+
+/// Warren's node agent: eBPF redirect of enrolled pods and the in-agent proxy.
+#[derive(Parser)]
+#[command(name = "warren-agent", version, propagate_version = true)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run the agent: load the eBPF programs, enroll pods, proxy their traffic.
+    Run {
+        /// Agent configuration (YAML).
+        #[arg(long, short)]
+        config: PathBuf,
+        /// Override the config's eBPF log level (off, error, warn, info, debug, trace).
+        #[arg(long)]
+        ebpf_log_level: Option<warren_agent::config::EbpfLogLevel>,
+    },
+    /// Show what the agent on this node holds.
+    Inspect {
+        #[command(subcommand)]
+        what: Inspect,
+    },
+}
+
+#[derive(Subcommand)]
+enum Inspect {
+    /// The pinned eBPF maps: enrolled cgroups, original destinations, program counters.
+    Maps {
+        /// bpffs directory the agent pinned its maps in.
+        #[arg(long, default_value = warren_maps::DEFAULT_PIN_DIR)]
+        pin_dir: PathBuf,
+        /// The agent's runtime directory (holds agent.pid).
+        #[arg(long, default_value = warren_agent::config::DEFAULT_RUN_DIR)]
+        run_dir: PathBuf,
+        #[arg(short, long, value_enum, default_value = "table")]
+        output: inspect::Output,
+    },
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let result = match cli.command {
+        Command::Run { config, ebpf_log_level } => run(config, ebpf_log_level),
+        Command::Inspect { what: Inspect::Maps { pin_dir, run_dir, output } } => {
+            inspect::require_running_agent(&run_dir)
+                .and_then(|_| inspect::maps::render(&pin_dir, output))
+                .map(|text| print!("{text}"))
+        }
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            // One line: the chain of causes, outermost first.
+            eprintln!("warren-agent: {}", format!("{e:#}").replace('\n', " "));
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn run(config_path: PathBuf, ebpf_log_level: Option<warren_agent::config::EbpfLogLevel>) -> anyhow::Result<()> {
+    let mut config = AgentConfig::load(&config_path)?;
+    if let Some(level) = ebpf_log_level {
+        config.ebpf_log_level = level;
+    }
+    init_logging();
+    tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()?
+        .block_on(warren_agent::run::run(config))
+}
+
+fn init_logging() {
+    use tracing_subscriber::EnvFilter;
+    // aya-log's records come through the `log` crate; route them into tracing.
+    let _ = tracing_log::LogTracer::init();
+    let filter = EnvFilter::try_from_env("WARREN_LOG").unwrap_or_else(|_| EnvFilter::new("info"));
+    let _ = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).try_init();
+}

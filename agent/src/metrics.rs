@@ -1,0 +1,84 @@
+//! The agent's Prometheus metrics (served at /metrics on the admin address).
+use prometheus_client::{
+    collector::Collector,
+    encoding::{DescriptorEncoder, EncodeLabelSet, EncodeMetric},
+    metrics::{MetricType, counter::ConstCounter, counter::Counter, family::Family, gauge::Gauge},
+    registry::Registry,
+};
+use warren_maps::Counter as EbpfEvent;
+
+use crate::ebpf::EbpfCounters;
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct DirectionLabels {
+    pub direction: &'static str,
+}
+
+pub const OUTBOUND: DirectionLabels = DirectionLabels { direction: "outbound" };
+
+#[derive(Default)]
+pub struct Metrics {
+    pub connections_opened: Family<DirectionLabels, Counter>,
+    pub connections_closed: Family<DirectionLabels, Counter>,
+    pub connections_failed: Family<DirectionLabels, Counter>,
+    pub active_connections: Family<DirectionLabels, Gauge>,
+    /// Bytes from the workload that opened the connection to its peer.
+    pub sent_bytes: Family<DirectionLabels, Counter>,
+    /// Bytes from the peer back to the workload.
+    pub received_bytes: Family<DirectionLabels, Counter>,
+    /// Accepted connections whose original destination was not in the map (not forwarded).
+    pub original_dst_missing: Counter,
+}
+
+impl Metrics {
+    pub fn register(&self, registry: &mut Registry) {
+        registry.register(
+            "warren_tcp_connections_opened",
+            "TCP connections the agent proxied",
+            self.connections_opened.clone(),
+        );
+        registry.register("warren_tcp_connections_closed", "TCP connections closed", self.connections_closed.clone());
+        registry.register(
+            "warren_tcp_connections_failed",
+            "TCP connections that could not reach their destination",
+            self.connections_failed.clone(),
+        );
+        registry.register("warren_tcp_active_connections", "TCP connections open now", self.active_connections.clone());
+        registry.register("warren_tcp_sent_bytes", "Bytes proxied from client to server", self.sent_bytes.clone());
+        registry.register(
+            "warren_tcp_received_bytes",
+            "Bytes proxied from server to client",
+            self.received_bytes.clone(),
+        );
+        registry.register(
+            "warren_original_dst_missing",
+            "Redirected connections whose original destination was not recorded",
+            self.original_dst_missing.clone(),
+        );
+    }
+}
+
+/// Exposes the eBPF programs' counters, read from the per-CPU map at scrape time.
+#[derive(Debug)]
+pub struct EbpfEventsCollector(pub EbpfCounters);
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct EventLabels {
+    event: &'static str,
+}
+
+impl Collector for EbpfEventsCollector {
+    fn encode(&self, mut encoder: DescriptorEncoder) -> Result<(), std::fmt::Error> {
+        let mut family = encoder.encode_descriptor(
+            "warren_ebpf_events",
+            "Events counted by Warren's eBPF programs",
+            None,
+            MetricType::Counter,
+        )?;
+        for event in EbpfEvent::ALL {
+            let labels = EventLabels { event: event.name() };
+            ConstCounter::new(self.0.get(event)).encode(family.encode_family(&labels)?)?;
+        }
+        Ok(())
+    }
+}

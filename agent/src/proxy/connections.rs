@@ -1,0 +1,95 @@
+//! What the proxy is carrying now, and the last connections it closed (for `inspect` and tests).
+use std::{
+    collections::{BTreeMap, VecDeque},
+    net::SocketAddr,
+    sync::{
+        Arc, Mutex,
+        atomic::{AtomicU64, Ordering},
+    },
+    time::SystemTime,
+};
+
+use serde::Serialize;
+
+const RECENTLY_CLOSED: usize = 256;
+
+#[derive(Debug, Clone, Serialize)]
+pub struct ConnectionInfo {
+    pub id: u64,
+    pub direction: &'static str,
+    /// `namespace/name` of the enrolled pod the connection belongs to.
+    pub pod: String,
+    /// The client's address as the agent accepted it (inside the pod's netns).
+    pub client: SocketAddr,
+    /// Where the workload wanted to go, recovered from the eBPF map.
+    pub original_dst: SocketAddr,
+    pub opened_unix_ms: u128,
+    pub sent_bytes: u64,
+    pub received_bytes: u64,
+    pub closed: bool,
+    pub error: Option<String>,
+}
+
+#[derive(Default)]
+struct Inner {
+    open: BTreeMap<u64, ConnectionInfo>,
+    closed: VecDeque<ConnectionInfo>,
+}
+
+#[derive(Default, Clone)]
+pub struct ConnectionTable {
+    next_id: Arc<AtomicU64>,
+    inner: Arc<Mutex<Inner>>,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct Snapshot {
+    pub open: Vec<ConnectionInfo>,
+    pub recently_closed: Vec<ConnectionInfo>,
+}
+
+impl ConnectionTable {
+    pub fn open(&self, direction: &'static str, pod: String, client: SocketAddr, original_dst: SocketAddr) -> u64 {
+        let id = self.next_id.fetch_add(1, Ordering::Relaxed) + 1;
+        let opened_unix_ms = SystemTime::now()
+            .duration_since(SystemTime::UNIX_EPOCH)
+            .map(|d| d.as_millis())
+            .unwrap_or(0);
+        let info = ConnectionInfo {
+            id,
+            direction,
+            pod,
+            client,
+            original_dst,
+            opened_unix_ms,
+            sent_bytes: 0,
+            received_bytes: 0,
+            closed: false,
+            error: None,
+        };
+        self.inner.lock().unwrap().open.insert(id, info);
+        id
+    }
+
+    pub fn close(&self, id: u64, sent_bytes: u64, received_bytes: u64, error: Option<String>) {
+        let mut inner = self.inner.lock().unwrap();
+        if let Some(mut info) = inner.open.remove(&id) {
+            info.sent_bytes = sent_bytes;
+            info.received_bytes = received_bytes;
+            info.closed = true;
+            info.error = error;
+            if inner.closed.len() == RECENTLY_CLOSED {
+                inner.closed.pop_front();
+            }
+            inner.closed.push_back(info);
+        }
+    }
+
+    pub fn snapshot(&self) -> Snapshot {
+        let inner = self.inner.lock().unwrap();
+        Snapshot {
+            open: inner.open.values().cloned().collect(),
+            recently_closed: inner.closed.iter().cloned().collect(),
+        }
+    }
+}
