@@ -80,6 +80,13 @@ fn init_logging() {
     use tracing_subscriber::EnvFilter;
     // aya-log's records come through the `log` crate; route them into tracing.
     let _ = tracing_log::LogTracer::init();
-    let filter = EnvFilter::try_from_env("WARREN_LOG").unwrap_or_else(|_| EnvFilter::new("info"));
-    let _ = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).try_init();
+    // The eBPF programs' records are already filtered in the kernel (config `ebpfLogLevel`), so their
+    // target `warren_ebpf` passes here at every level unless WARREN_LOG says otherwise.
+    let mut directives = std::env::var("WARREN_LOG").unwrap_or_else(|_| "info".into());
+    if !directives.contains("warren_ebpf") {
+        directives.push_str(",warren_ebpf=trace");
+    }
+    let filter = EnvFilter::try_new(&directives).unwrap_or_else(|_| EnvFilter::new("info,warren_ebpf=trace"));
+    let ansi = std::io::IsTerminal::is_terminal(&std::io::stderr());
+    let _ = tracing_subscriber::fmt().with_env_filter(filter).with_ansi(ansi).with_writer(std::io::stderr).try_init();
 }

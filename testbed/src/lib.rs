@@ -1,1 +1,423 @@
+//! Warren's test substrate: "nodes" and "pods" made of real kernel objects on this machine.
+//!
+//! ```text
+//!  fabric netns:  br0 ──────────────┬──────────────────────┐
+//!                                   │ 172.18.0.2           │ 172.18.0.3
+//!  node netns:           eth0 ─ cni0 (10.244.0.1)   eth0 ─ cni0 (10.244.1.1)   (ip_forward, routes to peers)
+//!                              │          │                 │
+//!  pod netns + cgroup:     eth0 10.244.0.2  10.244.0.3     eth0 10.244.1.2
+//! ```
+//!
+//! Every testbed has its own fabric, so testbeds running in parallel can reuse the same addresses; only
+//! names (netns, cgroups, bpffs pin dirs) carry a unique id. Dropping the [`Testbed`] — also while a test
+//! panics — kills its processes and removes every netns, cgroup and pin directory it made; a testbed whose
+//! process died without dropping is swept by the next one.
+//!
+//! Scenario tests read like the scenario:
+//! ```no_run
+//! # fn main() -> anyhow::Result<()> {
+//! let bed = warren_testbed::Testbed::new("example")?;
+//! let node = bed.add_node("node-1")?;
+//! let client = node.add_pod("client", true)?;
+//! let server = node.add_pod("server", false)?;
+//! server.serve("v1")?;
+//! let agent = node.start_agent()?;
+//! let result = client.send(server.socket(warren_testbed::ECHO_PORT), 1 << 20)?;
+//! assert!(result.ok);
+//! # Ok(()) }
+//! ```
+mod agent;
+mod bins;
+mod net;
+mod privileges;
+mod process;
 
+pub use agent::{Agent, AgentOptions};
+pub use bins::bin_path;
+pub use net::in_netns;
+pub use privileges::{check_privileges, in_ci};
+pub use process::{Process, SendResult};
+
+use std::{
+    fs,
+    net::{IpAddr, Ipv4Addr, SocketAddr},
+    path::{Path, PathBuf},
+    sync::{
+        Arc, Mutex,
+        atomic::{AtomicU32, Ordering},
+    },
+};
+
+use anyhow::{Context, Result, bail};
+
+/// Port of warren-testapp's TCP echo server.
+pub const ECHO_PORT: u16 = 7000;
+/// Port of warren-testapp's HTTP server.
+pub const HTTP_PORT: u16 = 8080;
+
+/// Name prefix of every netns and cgroup a testbed creates.
+const PREFIX: &str = "wrn";
+/// cgroup (under the cgroup2 mount) that holds all testbeds' cgroups.
+const CGROUP_PARENT: &str = "warren-testbed";
+/// bpffs directory that holds all testbeds' agents' pin dirs.
+pub const PIN_PARENT: &str = "/sys/fs/bpf/warren-testbed";
+
+/// Skips the calling test (returns) with a clear message when this machine cannot run privileged
+/// tests (root, cgroup2, netns, bpf); under `CI=true` it fails instead, since CI must run them all.
+#[macro_export]
+macro_rules! require_privileges {
+    () => {
+        if let Err(reason) = $crate::check_privileges() {
+            if $crate::in_ci() {
+                panic!("CI=true, but this test cannot run here: {reason}");
+            }
+            eprintln!("SKIPPED (needs root, BPF, cgroup2 and netns): {reason}");
+            return;
+        }
+    };
+}
+
+/// A set of nodes and pods. Dropping it tears everything down.
+pub struct Testbed {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    id: String,
+    fabric: String,
+    cgroup: PathBuf,
+    state_dir: PathBuf,
+    nodes: Mutex<Vec<NodeRecord>>,
+    processes: Mutex<Vec<Arc<Mutex<std::process::Child>>>>,
+    extra_netns: Mutex<Vec<String>>,
+}
+
+struct NodeRecord {
+    name: String,
+    netns: String,
+    pods: Vec<String>,
+}
+
+/// A node: a netns with a bridge for its pods, an uplink to the fabric, and a cgroup for its pods.
+#[derive(Clone)]
+pub struct Node {
+    bed: Arc<Inner>,
+    pub name: String,
+    pub index: u8,
+    pub netns: String,
+    pub ip: Ipv4Addr,
+    pub cgroup: PathBuf,
+    pods: Arc<Mutex<Vec<Pod>>>,
+}
+
+/// A pod: its own netns (eth0 on the node's bridge, lo up) and its own cgroup under the node's.
+#[derive(Clone, Debug)]
+pub struct Pod {
+    pub name: String,
+    pub namespace: String,
+    pub netns: String,
+    pub ip: Ipv4Addr,
+    pub cgroup: PathBuf,
+    pub enrolled: bool,
+    bed_processes: Arc<Inner>,
+}
+
+impl std::fmt::Debug for Inner {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Testbed").field("id", &self.id).finish()
+    }
+}
+
+static SEQUENCE: AtomicU32 = AtomicU32::new(0);
+
+impl Testbed {
+    /// Creates an empty testbed (a fabric netns with a bridge). `label` only helps humans reading names.
+    pub fn new(label: &str) -> Result<Testbed> {
+        check_privileges().map_err(anyhow::Error::msg)?;
+        sweep_stale();
+        let id = format!("{}-{}-{}", PREFIX, std::process::id(), SEQUENCE.fetch_add(1, Ordering::Relaxed));
+        let cgroup = cgroup2_root()?.join(CGROUP_PARENT).join(&id);
+        fs::create_dir_all(&cgroup).with_context(|| format!("creating cgroup {}", cgroup.display()))?;
+        let state_dir = std::env::temp_dir().join("warren-testbed").join(&id);
+        fs::create_dir_all(&state_dir)?;
+        fs::write(state_dir.join("label"), label)?;
+        let fabric = format!("{id}-fabric");
+        let inner = Arc::new(Inner {
+            id,
+            fabric: fabric.clone(),
+            cgroup,
+            state_dir,
+            nodes: Mutex::default(),
+            processes: Mutex::default(),
+            extra_netns: Mutex::new(vec![fabric.clone()]),
+        });
+        let bed = Testbed { inner };
+        net::add_netns(&fabric)?;
+        net::ip(&["-n", &fabric, "link", "add", "br0", "type", "bridge"])?;
+        net::ip(&["-n", &fabric, "link", "set", "br0", "up"])?;
+        Ok(bed)
+    }
+
+    pub fn id(&self) -> &str {
+        &self.inner.id
+    }
+
+    /// Directory for this testbed's files (configs, logs); removed on drop.
+    pub fn state_dir(&self) -> &Path {
+        &self.inner.state_dir
+    }
+
+    /// Adds a node: netns `…-<name>`, uplink 172.18.0.<index+2> on the fabric, pod bridge cni0 with
+    /// 10.244.<index>.1/24, routes to every other node's pod range.
+    pub fn add_node(&self, name: &str) -> Result<Node> {
+        let mut nodes = self.inner.nodes.lock().unwrap();
+        let index = u8::try_from(nodes.len()).context("too many nodes")?;
+        if index > 200 {
+            bail!("too many nodes");
+        }
+        let netns = format!("{}-{name}", self.inner.id);
+        let ip = Ipv4Addr::new(172, 18, 0, index + 2);
+        net::add_netns(&netns)?;
+        nodes.push(NodeRecord { name: name.to_string(), netns: netns.clone(), pods: vec![] });
+        let fabric = &self.inner.fabric;
+        let uplink = format!("n{index}");
+        net::ip(&["-n", fabric, "link", "add", &uplink, "type", "veth", "peer", "name", "eth0", "netns", &netns])?;
+        net::ip(&["-n", fabric, "link", "set", &uplink, "master", "br0", "up"])?;
+        net::ip(&["-n", &netns, "addr", "add", &format!("{ip}/16"), "dev", "eth0"])?;
+        net::ip(&["-n", &netns, "link", "set", "eth0", "up"])?;
+        net::ip(&["-n", &netns, "link", "set", "lo", "up"])?;
+        net::ip(&["-n", &netns, "link", "add", "cni0", "type", "bridge"])?;
+        net::ip(&["-n", &netns, "addr", "add", &format!("10.244.{index}.1/24"), "dev", "cni0"])?;
+        net::ip(&["-n", &netns, "link", "set", "cni0", "up"])?;
+        net::sysctl_in(&netns, "net/ipv4/ip_forward", "1")?;
+        // Routes between this node and every earlier one, both ways.
+        for (other_index, other) in nodes.iter().enumerate().take(index as usize) {
+            let other_ip = Ipv4Addr::new(172, 18, 0, other_index as u8 + 2);
+            net::ip(&["-n", &netns, "route", "add", &format!("10.244.{other_index}.0/24"), "via", &other_ip.to_string()])?;
+            net::ip(&["-n", &other.netns, "route", "add", &format!("10.244.{index}.0/24"), "via", &ip.to_string()])?;
+        }
+        let cgroup = self.inner.cgroup.join(name);
+        fs::create_dir_all(&cgroup).with_context(|| format!("creating cgroup {}", cgroup.display()))?;
+        Ok(Node {
+            bed: self.inner.clone(),
+            name: name.to_string(),
+            index,
+            netns,
+            ip,
+            cgroup,
+            pods: Arc::default(),
+        })
+    }
+
+    /// Runs `f` in a thread inside the fabric netns (which reaches every node's uplink).
+    pub fn in_fabric<R: Send>(&self, f: impl FnOnce() -> R + Send) -> Result<R> {
+        in_netns(&self.inner.fabric, f)
+    }
+}
+
+impl Node {
+    /// Adds a pod on this node, with eth0 on the node's bridge and lo up.
+    pub fn add_pod(&self, name: &str, enrolled: bool) -> Result<Pod> {
+        let mut pods = self.pods.lock().unwrap();
+        let host = u8::try_from(pods.len() + 2).ok().filter(|h| *h < 250).context("too many pods")?;
+        let netns = format!("{}-{name}", self.netns);
+        let ip = Ipv4Addr::new(10, 244, self.index, host);
+        net::add_netns(&netns)?;
+        {
+            let mut nodes = self.bed.nodes.lock().unwrap();
+            if let Some(n) = nodes.iter_mut().find(|n| n.netns == self.netns) {
+                n.pods.push(netns.clone());
+            }
+        }
+        let host_side = format!("veth{host}");
+        net::ip(&["-n", &self.netns, "link", "add", &host_side, "type", "veth", "peer", "name", "eth0", "netns", &netns])?;
+        net::ip(&["-n", &self.netns, "link", "set", &host_side, "master", "cni0", "up"])?;
+        net::ip(&["-n", &netns, "addr", "add", &format!("{ip}/24"), "dev", "eth0"])?;
+        net::ip(&["-n", &netns, "link", "set", "eth0", "up"])?;
+        // `ip netns add` leaves lo down; the redirect target 127.0.0.1 needs it.
+        net::ip(&["-n", &netns, "link", "set", "lo", "up"])?;
+        net::ip(&["-n", &netns, "route", "add", "default", "via", &format!("10.244.{}.1", self.index)])?;
+        let cgroup = self.cgroup.join(name);
+        fs::create_dir_all(&cgroup).with_context(|| format!("creating cgroup {}", cgroup.display()))?;
+        let pod = Pod {
+            name: name.to_string(),
+            namespace: "default".to_string(),
+            netns,
+            ip,
+            cgroup,
+            enrolled,
+            bed_processes: self.bed.clone(),
+        };
+        pods.push(pod.clone());
+        Ok(pod)
+    }
+
+    pub fn pods(&self) -> Vec<Pod> {
+        self.pods.lock().unwrap().clone()
+    }
+
+    pub fn state_dir(&self) -> PathBuf {
+        self.bed.state_dir.join(&self.name)
+    }
+
+    /// Where this node's agent pins its maps.
+    pub fn pin_dir(&self) -> PathBuf {
+        pin_dir(&self.bed.id, &self.name)
+    }
+
+    /// Starts warren-agent in this node's netns, configured with this node's pods; waits until ready.
+    pub fn start_agent(&self) -> Result<Agent> {
+        self.start_agent_with(AgentOptions::default())
+    }
+
+    pub fn start_agent_with(&self, options: AgentOptions) -> Result<Agent> {
+        Agent::start(self, options)
+    }
+
+    /// Spawns a process in this node's netns (not in any pod cgroup), tracked for teardown.
+    pub fn spawn(&self, command: std::process::Command) -> Result<Process> {
+        Process::spawn(&self.bed, command, &self.netns, None)
+    }
+}
+
+impl Pod {
+    /// `ip:port` of this pod.
+    pub fn socket(&self, port: u16) -> SocketAddr {
+        SocketAddr::new(IpAddr::V4(self.ip), port)
+    }
+
+    pub fn netns_path(&self) -> PathBuf {
+        Path::new("/run/netns").join(&self.netns)
+    }
+
+    /// Spawns a process inside this pod (its netns and cgroup), tracked for teardown.
+    pub fn spawn(&self, command: std::process::Command) -> Result<Process> {
+        Process::spawn(&self.bed_processes, command, &self.netns, Some(&self.cgroup))
+    }
+
+    /// Runs a command inside this pod to completion.
+    pub fn run(&self, command: std::process::Command) -> Result<std::process::Output> {
+        self.spawn(command)?.wait_with_output()
+    }
+
+    /// Starts warren-testapp's echo (7000) and HTTP (8080) servers here, reporting `version`; returns
+    /// once both listen.
+    pub fn serve(&self, version: &str) -> Result<Process> {
+        let mut cmd = std::process::Command::new(bin_path("warren-testapp")?);
+        cmd.args(["serve", "--name", &self.name, "--version", version]);
+        let mut process = self.spawn(cmd)?;
+        process.wait_for_line("ready", std::time::Duration::from_secs(10))?;
+        Ok(process)
+    }
+
+    /// Sends `bytes` pseudo-random bytes to `to` from inside this pod and checks the echo is byte-exact.
+    pub fn send(&self, to: SocketAddr, bytes: usize) -> Result<SendResult> {
+        let mut cmd = std::process::Command::new(bin_path("warren-testapp")?);
+        cmd.args(["send", "--to", &to.to_string(), "--bytes", &bytes.to_string()]);
+        let out = self.run(cmd)?;
+        SendResult::parse(&out)
+    }
+}
+
+impl Drop for Testbed {
+    fn drop(&mut self) {
+        let inner = &self.inner;
+        for process in inner.processes.lock().unwrap().drain(..) {
+            process::terminate(&process);
+        }
+        let nodes = std::mem::take(&mut *inner.nodes.lock().unwrap());
+        for node in &nodes {
+            let _ = std::fs::remove_dir_all(pin_dir(&inner.id, &node.name));
+        }
+        remove_cgroup_tree(&inner.cgroup);
+        for node in &nodes {
+            for pod in &node.pods {
+                net::del_netns(pod);
+            }
+            net::del_netns(&node.netns);
+        }
+        for netns in inner.extra_netns.lock().unwrap().drain(..) {
+            net::del_netns(&netns);
+        }
+        let _ = std::fs::remove_dir_all(&inner.state_dir);
+    }
+}
+
+fn pin_dir(testbed_id: &str, node: &str) -> PathBuf {
+    Path::new(PIN_PARENT).join(format!("{testbed_id}-{node}"))
+}
+
+fn cgroup2_root() -> Result<PathBuf> {
+    let info = fs::read_to_string("/proc/self/mountinfo")?;
+    info.lines()
+        .find_map(|line| {
+            let (left, right) = line.split_once(" - ")?;
+            if right.split_whitespace().next()? != "cgroup2" {
+                return None;
+            }
+            left.split_whitespace().nth(4).map(PathBuf::from)
+        })
+        .context("no cgroup2 mount")
+}
+
+/// Kills every process in a cgroup subtree and removes it, leaves first.
+fn remove_cgroup_tree(root: &Path) {
+    if !root.is_dir() {
+        return;
+    }
+    // cgroup.kill (5.14+) kills the whole subtree at once.
+    let _ = fs::write(root.join("cgroup.kill"), "1");
+    let mut dirs = vec![];
+    let mut stack = vec![root.to_path_buf()];
+    while let Some(dir) = stack.pop() {
+        if let Ok(entries) = fs::read_dir(&dir) {
+            stack.extend(entries.flatten().filter(|e| e.file_type().map(|t| t.is_dir()).unwrap_or(false)).map(|e| e.path()));
+        }
+        dirs.push(dir);
+    }
+    for dir in dirs.iter().rev() {
+        for _ in 0..50 {
+            if fs::remove_dir(dir).is_ok() || !dir.exists() {
+                break;
+            }
+            std::thread::sleep(std::time::Duration::from_millis(20));
+        }
+    }
+}
+
+/// Removes what testbeds of dead processes left behind (netns, cgroups, pin dirs, state dirs).
+fn sweep_stale() {
+    let dead = |name: &str| -> bool {
+        let mut parts = name.split('-');
+        parts.next() == Some(PREFIX)
+            && parts.next().and_then(|p| p.parse::<i32>().ok()).is_some_and(|pid| {
+                pid != std::process::id() as i32 && !Path::new(&format!("/proc/{pid}")).exists()
+            })
+    };
+    if let Ok(entries) = fs::read_dir("/run/netns") {
+        for e in entries.flatten() {
+            let name = e.file_name().to_string_lossy().to_string();
+            if dead(&name) {
+                net::del_netns(&name);
+            }
+        }
+    }
+    if let Ok(root) = cgroup2_root() {
+        if let Ok(entries) = fs::read_dir(root.join(CGROUP_PARENT)) {
+            for e in entries.flatten() {
+                if dead(&e.file_name().to_string_lossy()) {
+                    remove_cgroup_tree(&e.path());
+                }
+            }
+        }
+    }
+    for dir in [PathBuf::from(PIN_PARENT), std::env::temp_dir().join("warren-testbed")] {
+        if let Ok(entries) = fs::read_dir(&dir) {
+            for e in entries.flatten() {
+                if dead(&e.file_name().to_string_lossy()) {
+                    let _ = fs::remove_dir_all(e.path());
+                }
+            }
+        }
+    }
+}

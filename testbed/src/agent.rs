@@ -1,0 +1,166 @@
+//! warren-agent running on a testbed node.
+use std::{
+    io::{Read, Write},
+    net::TcpStream,
+    path::PathBuf,
+    process::{Command, Output},
+    time::{Duration, Instant},
+};
+
+use anyhow::{Context, Result, bail};
+
+use crate::{Node, Process, bin_path, in_netns, process::tail};
+
+pub const ADMIN_ADDR: &str = "127.0.0.1:15000";
+
+#[derive(Debug, Clone)]
+pub struct AgentOptions {
+    /// aya-log level of the eBPF programs (debug shows one line per redirected connect).
+    pub ebpf_log_level: &'static str,
+}
+
+impl Default for AgentOptions {
+    fn default() -> Self {
+        AgentOptions { ebpf_log_level: "debug" }
+    }
+}
+
+/// A running warren-agent. Stopped (SIGTERM) on drop; the testbed removes its pinned maps.
+pub struct Agent {
+    pub process: Process,
+    pub config_path: PathBuf,
+    pub pin_dir: PathBuf,
+    pub run_dir: PathBuf,
+    node_netns: String,
+}
+
+impl Agent {
+    pub(crate) fn start(node: &Node, options: AgentOptions) -> Result<Agent> {
+        let dir = node.state_dir();
+        std::fs::create_dir_all(&dir)?;
+        let (pin_dir, run_dir) = (node.pin_dir(), dir.join("run"));
+        let pods: Vec<_> = node
+            .pods()
+            .iter()
+            .map(|p| {
+                serde_json::json!({
+                    "name": p.name, "namespace": p.namespace, "netns": p.netns_path(),
+                    "cgroup": p.cgroup, "ip": p.ip, "enrolled": p.enrolled,
+                })
+            })
+            .collect();
+        let config = serde_json::json!({
+            "nodeName": node.name,
+            "pinDir": pin_dir,
+            "runDir": run_dir,
+            "cgroupAttach": node.cgroup,
+            "adminAddr": ADMIN_ADDR,
+            "ebpfLogLevel": options.ebpf_log_level,
+            "pods": pods,
+        });
+        let config_path = dir.join("agent.yaml");
+        std::fs::write(&config_path, serde_yaml::to_string(&config)?)?;
+        let mut cmd = Command::new(bin_path("warren-agent")?);
+        cmd.args(["run", "--config"]).arg(&config_path).env("WARREN_LOG", "info,warren_agent=debug");
+        let process = node.spawn(cmd)?;
+        let agent = Agent { process, config_path, pin_dir, run_dir, node_netns: node.netns.clone() };
+        agent.wait_ready(Duration::from_secs(20))?;
+        Ok(agent)
+    }
+
+    fn wait_ready(&self, timeout: Duration) -> Result<()> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            if self.get("/ready").is_ok_and(|body| body.trim() == "ready") {
+                return Ok(());
+            }
+            if let Some(status) = self.process.exited() {
+                bail!("warren-agent exited ({status}) before it was ready:\n{}", tail(&self.log(), 30));
+            }
+            if Instant::now() > deadline {
+                bail!("warren-agent not ready after {timeout:?}:\n{}", tail(&self.log(), 30));
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    /// The agent's log (stderr) so far.
+    pub fn log(&self) -> String {
+        self.process.stderr()
+    }
+
+    /// GET on the admin endpoint (from inside the node's netns); the body of a 200 response.
+    pub fn get(&self, path: &str) -> Result<String> {
+        let path = path.to_string();
+        in_netns(&self.node_netns, move || http_get(ADMIN_ADDR, &path))?
+    }
+
+    /// Sum of the samples of a Prometheus metric whose labels include every `labels` pair.
+    pub fn metric(&self, name: &str, labels: &[(&str, &str)]) -> Result<f64> {
+        let text = self.get("/metrics")?;
+        Ok(sum_metric(&text, name, labels))
+    }
+
+    /// The admin endpoint's /connections, parsed.
+    pub fn connections(&self) -> Result<serde_json::Value> {
+        Ok(serde_json::from_str(&self.get("/connections")?)?)
+    }
+
+    /// Runs `warren-agent inspect ARGS… --pin-dir … --run-dir …` against this agent.
+    pub fn inspect(&self, args: &[&str]) -> Result<Output> {
+        let mut cmd = Command::new(bin_path("warren-agent")?);
+        cmd.arg("inspect").args(args).arg("--pin-dir").arg(&self.pin_dir).arg("--run-dir").arg(&self.run_dir);
+        Ok(cmd.output()?)
+    }
+
+    /// Stops the agent with SIGTERM and returns its exit status.
+    pub fn stop(&self) -> Option<std::process::ExitStatus> {
+        self.process.terminate()
+    }
+}
+
+impl Drop for Agent {
+    fn drop(&mut self) {
+        self.process.terminate();
+    }
+}
+
+/// Minimal HTTP/1.0 GET for the tests' admin queries.
+pub(crate) fn http_get(addr: &str, path: &str) -> Result<String> {
+    let mut stream = TcpStream::connect(addr).with_context(|| format!("connecting to {addr}"))?;
+    stream.set_read_timeout(Some(Duration::from_secs(5)))?;
+    write!(stream, "GET {path} HTTP/1.0\r\nHost: {addr}\r\n\r\n")?;
+    let mut response = String::new();
+    stream.read_to_string(&mut response)?;
+    let (head, body) = response.split_once("\r\n\r\n").context("malformed HTTP response")?;
+    if !head.starts_with("HTTP/1.1 200") && !head.starts_with("HTTP/1.0 200") {
+        bail!("GET {path}: {}", head.lines().next().unwrap_or(""));
+    }
+    Ok(body.to_string())
+}
+
+pub(crate) fn sum_metric(text: &str, name: &str, labels: &[(&str, &str)]) -> f64 {
+    text.lines()
+        .filter(|l| !l.starts_with('#'))
+        .filter_map(|l| {
+            let (series, value) = l.rsplit_once(' ')?;
+            let (metric, label_text) = match series.split_once('{') {
+                Some((m, rest)) => (m, rest.trim_end_matches('}')),
+                None => (series, ""),
+            };
+            let matches = metric == name && labels.iter().all(|(k, v)| label_text.contains(&format!("{k}=\"{v}\"")));
+            matches.then(|| value.parse::<f64>().ok()).flatten()
+        })
+        .sum()
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn sums_matching_series_only() {
+        let text = "# TYPE x counter\nx_total{direction=\"outbound\"} 3\nx_total{direction=\"inbound\"} 4\ny_total 9\n";
+        assert_eq!(super::sum_metric(text, "x_total", &[("direction", "outbound")]), 3.0);
+        assert_eq!(super::sum_metric(text, "x_total", &[]), 7.0);
+        assert_eq!(super::sum_metric(text, "z_total", &[]), 0.0);
+    }
+}

@@ -1,0 +1,175 @@
+//! Real processes inside pods and nodes: spawned into a netns (and cgroup), output captured, killed on
+//! teardown.
+use std::{
+    fs::{File, OpenOptions},
+    io::Read,
+    os::{fd::AsRawFd, unix::process::CommandExt},
+    path::Path,
+    process::{Child, Command, ExitStatus, Output, Stdio},
+    sync::{Arc, Mutex},
+    thread::JoinHandle,
+    time::{Duration, Instant},
+};
+
+use anyhow::{Context, Result, bail};
+use serde::Deserialize;
+
+use crate::Inner;
+
+/// A process the testbed started; its stdout and stderr are captured as they arrive.
+pub struct Process {
+    child: Arc<Mutex<Child>>,
+    pub pid: u32,
+    stdout: Arc<Mutex<Vec<u8>>>,
+    stderr: Arc<Mutex<Vec<u8>>>,
+    readers: Vec<JoinHandle<()>>,
+}
+
+impl Process {
+    pub(crate) fn spawn(bed: &Arc<Inner>, mut command: Command, netns: &str, cgroup: Option<&Path>) -> Result<Process> {
+        // Open everything before fork: between fork and exec only setns() and write() run.
+        let netns_file = File::open(Path::new("/run/netns").join(netns)).with_context(|| format!("netns {netns}"))?;
+        let procs = match cgroup {
+            Some(dir) => Some(
+                OpenOptions::new().write(true).open(dir.join("cgroup.procs")).with_context(|| format!("cgroup {}", dir.display()))?,
+            ),
+            None => None,
+        };
+        let (ns_fd, procs_fd) = (netns_file.as_raw_fd(), procs.as_ref().map(|f| f.as_raw_fd()));
+        unsafe {
+            command.pre_exec(move || {
+                if let Some(fd) = procs_fd {
+                    // "0" moves the writing process itself.
+                    if libc::write(fd, b"0".as_ptr().cast(), 1) != 1 {
+                        return Err(std::io::Error::last_os_error());
+                    }
+                }
+                if libc::setns(ns_fd, libc::CLONE_NEWNET) != 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+                Ok(())
+            });
+        }
+        command.stdin(Stdio::null()).stdout(Stdio::piped()).stderr(Stdio::piped());
+        let mut child = command.spawn().with_context(|| format!("spawning {:?} in {netns}", command.get_program()))?;
+        drop((netns_file, procs));
+        let pid = child.id();
+        let (stdout, stderr) = (Arc::new(Mutex::new(vec![])), Arc::new(Mutex::new(vec![])));
+        let readers = vec![
+            pump(child.stdout.take().expect("piped"), stdout.clone()),
+            pump(child.stderr.take().expect("piped"), stderr.clone()),
+        ];
+        let child = Arc::new(Mutex::new(child));
+        bed.processes.lock().unwrap().push(child.clone());
+        Ok(Process { child, pid, stdout, stderr, readers })
+    }
+
+    pub fn stdout(&self) -> String {
+        String::from_utf8_lossy(&self.stdout.lock().unwrap()).into_owned()
+    }
+
+    pub fn stderr(&self) -> String {
+        String::from_utf8_lossy(&self.stderr.lock().unwrap()).into_owned()
+    }
+
+    /// `Some(status)` once the process has exited.
+    pub fn exited(&self) -> Option<ExitStatus> {
+        self.child.lock().unwrap().try_wait().ok().flatten()
+    }
+
+    /// Waits until stdout has a line equal to `line`; fails if the process exits first or on timeout.
+    pub fn wait_for_line(&mut self, line: &str, timeout: Duration) -> Result<()> {
+        self.wait_for(timeout, |out, _| out.lines().any(|l| l.trim() == line)).with_context(|| format!("waiting for {line:?}"))
+    }
+
+    /// Waits until `done(stdout, stderr)` holds; fails if the process exits first or on timeout.
+    pub fn wait_for(&self, timeout: Duration, done: impl Fn(&str, &str) -> bool) -> Result<()> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            if done(&self.stdout(), &self.stderr()) {
+                return Ok(());
+            }
+            if let Some(status) = self.exited() {
+                bail!("process {} exited ({status}); stderr:\n{}", self.pid, tail(&self.stderr(), 40));
+            }
+            if Instant::now() > deadline {
+                bail!("timed out after {timeout:?}; stderr:\n{}", tail(&self.stderr(), 40));
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
+
+    pub fn wait_with_output(mut self) -> Result<Output> {
+        let status = self.child.lock().unwrap().wait()?;
+        for reader in self.readers.drain(..) {
+            let _ = reader.join();
+        }
+        Ok(Output { status, stdout: self.stdout.lock().unwrap().clone(), stderr: self.stderr.lock().unwrap().clone() })
+    }
+
+    /// SIGTERM, then SIGKILL after 5 s; returns the exit status.
+    pub fn terminate(&self) -> Option<ExitStatus> {
+        terminate(&self.child)
+    }
+
+    pub fn signal(&self, signal: i32) {
+        unsafe { libc::kill(self.pid as i32, signal) };
+    }
+}
+
+fn pump(mut from: impl Read + Send + 'static, into: Arc<Mutex<Vec<u8>>>) -> JoinHandle<()> {
+    std::thread::spawn(move || {
+        let mut buf = [0u8; 8192];
+        while let Ok(n) = from.read(&mut buf) {
+            if n == 0 {
+                break;
+            }
+            into.lock().unwrap().extend_from_slice(&buf[..n]);
+        }
+    })
+}
+
+pub(crate) fn terminate(child: &Arc<Mutex<Child>>) -> Option<ExitStatus> {
+    let mut child = child.lock().unwrap();
+    if let Ok(Some(status)) = child.try_wait() {
+        return Some(status);
+    }
+    unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while Instant::now() < deadline {
+        if let Ok(Some(status)) = child.try_wait() {
+            return Some(status);
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    let _ = child.kill();
+    child.wait().ok()
+}
+
+pub(crate) fn tail(text: &str, lines: usize) -> String {
+    let all: Vec<&str> = text.lines().collect();
+    all[all.len().saturating_sub(lines)..].join("\n")
+}
+
+/// What `warren-testapp send` reports.
+#[derive(Debug, Clone, Deserialize)]
+pub struct SendResult {
+    /// Every byte came back, in order.
+    pub ok: bool,
+    pub sent: u64,
+    pub received: u64,
+    /// The client's local address and the peer address it saw.
+    pub local: Option<String>,
+    pub peer: Option<String>,
+    pub error: Option<String>,
+}
+
+impl SendResult {
+    pub(crate) fn parse(out: &Output) -> Result<SendResult> {
+        let stdout = String::from_utf8_lossy(&out.stdout);
+        let line = stdout.lines().rev().find(|l| l.starts_with('{')).with_context(|| {
+            format!("warren-testapp send printed no result ({}); stderr: {}", out.status, String::from_utf8_lossy(&out.stderr))
+        })?;
+        Ok(serde_json::from_str(line)?)
+    }
+}

@@ -1,0 +1,104 @@
+//! `warren-agent inspect maps` against a live agent, and its errors.
+use std::process::Command;
+
+use warren_testbed::{ECHO_PORT, Testbed, bin_path, require_privileges};
+
+fn stdout(out: &std::process::Output) -> String {
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+fn stderr(out: &std::process::Output) -> String {
+    String::from_utf8_lossy(&out.stderr).into_owned()
+}
+
+#[test]
+fn inspect_maps_shows_enrolled_cgroups_and_original_destinations() {
+    require_privileges!();
+    let bed = Testbed::new("inspect").unwrap();
+    let node = bed.add_node("node-1").unwrap();
+    let client = node.add_pod("a", true).unwrap();
+    let server = node.add_pod("b", false).unwrap();
+    server.serve("v1").unwrap();
+    let agent = node.start_agent().unwrap();
+    assert!(client.send(server.socket(ECHO_PORT), 1024).unwrap().ok);
+
+    let table = agent.inspect(&["maps"]).unwrap();
+    assert!(table.status.success(), "{}", stderr(&table));
+    let text = stdout(&table);
+    assert!(text.contains("ENROLLED CGROUPS"), "{text}");
+    assert!(text.contains(&client.cgroup.display().to_string()), "enrolled pod's cgroup path listed:\n{text}");
+    assert!(text.contains(&server.socket(ECHO_PORT).to_string()), "original destination listed:\n{text}");
+    assert!(!text.contains(&server.cgroup.display().to_string()), "a pod that is not enrolled is not listed:\n{text}");
+
+    let json = agent.inspect(&["maps", "-o", "json"]).unwrap();
+    assert!(json.status.success(), "{}", stderr(&json));
+    let view: serde_json::Value = serde_json::from_slice(&json.stdout).unwrap();
+    let enrolled = view["enrolled_cgroups"].as_array().unwrap();
+    assert_eq!(enrolled.len(), 1);
+    assert_eq!(enrolled[0]["cgroup"], client.cgroup.display().to_string());
+    assert_eq!(enrolled[0]["outbound_port"], 15001);
+    let destinations = view["original_destinations"].as_array().unwrap();
+    assert!(destinations.iter().any(|d| d["original_dst"] == server.socket(ECHO_PORT).to_string()), "{view:#}");
+    assert_eq!(view["counters"]["connect4_redirected"], 1);
+}
+
+#[test]
+fn inspect_maps_without_a_running_agent_fails_with_one_line() {
+    require_privileges!();
+    let bed = Testbed::new("inspect-stopped").unwrap();
+    let node = bed.add_node("node-1").unwrap();
+    node.add_pod("a", true).unwrap();
+    let agent = node.start_agent().unwrap();
+    agent.stop();
+
+    let out = agent.inspect(&["maps"]).unwrap();
+    assert!(!out.status.success());
+    let err = stderr(&out);
+    assert_eq!(err.lines().count(), 1, "one line: {err}");
+    assert!(err.contains("warren-agent is not running"), "{err}");
+
+    // Never started at all: no pid file, no pinned maps.
+    let out = Command::new(bin_path("warren-agent").unwrap())
+        .args(["inspect", "maps", "--pin-dir", "/sys/fs/bpf/warren-no-such-dir", "--run-dir", "/nonexistent/warren"])
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    assert_eq!(stderr(&out).lines().count(), 1, "{}", stderr(&out));
+}
+
+#[test]
+fn inspect_maps_without_bpf_rights_fails_with_one_line() {
+    require_privileges!();
+    let bed = Testbed::new("inspect-unprivileged").unwrap();
+    let node = bed.add_node("node-1").unwrap();
+    node.add_pod("a", true).unwrap();
+    let agent = node.start_agent().unwrap();
+
+    let mut cmd = Command::new(bin_path("warren-agent").unwrap());
+    cmd.args(["inspect", "maps", "--pin-dir"]).arg(&agent.pin_dir).arg("--run-dir").arg(&agent.run_dir);
+    // Drop to nobody: no CAP_BPF, no access to bpffs.
+    unsafe {
+        use std::os::unix::process::CommandExt;
+        cmd.pre_exec(|| {
+            if libc::setgid(65534) != 0 || libc::setuid(65534) != 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
+    let out = cmd.output().unwrap();
+    assert!(!out.status.success(), "{}", stdout(&out));
+    let err = stderr(&out);
+    assert_eq!(err.lines().count(), 1, "one line: {err}");
+    assert!(err.to_lowercase().contains("permission denied"), "{err}");
+}
+
+#[test]
+fn unknown_subcommand_prints_usage() {
+    let Ok(agent) = bin_path("warren-agent") else {
+        panic!("warren-agent is not built: run `cargo build --workspace --bins` first");
+    };
+    let out = Command::new(agent).args(["inspect", "mapz"]).output().unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    let err = stderr(&out);
+    assert!(err.contains("unrecognized subcommand 'mapz'") && err.contains("Usage:"), "{err}");
+}
