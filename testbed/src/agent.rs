@@ -17,11 +17,15 @@ pub const ADMIN_ADDR: &str = "127.0.0.1:15000";
 pub struct AgentOptions {
     /// aya-log level of the eBPF programs (debug shows one line per redirected connect).
     pub ebpf_log_level: &'static str,
+    /// bpffs pin directory; default: one of this testbed's own.
+    pub pin_dir: Option<PathBuf>,
+    /// Runtime directory (agent.pid); default: in the testbed's state directory.
+    pub run_dir: Option<PathBuf>,
 }
 
 impl Default for AgentOptions {
     fn default() -> Self {
-        AgentOptions { ebpf_log_level: "debug" }
+        AgentOptions { ebpf_log_level: "debug", pin_dir: None, run_dir: None }
     }
 }
 
@@ -38,7 +42,8 @@ impl Agent {
     pub(crate) fn start(node: &Node, options: AgentOptions) -> Result<Agent> {
         let dir = node.state_dir();
         std::fs::create_dir_all(&dir)?;
-        let (pin_dir, run_dir) = (node.pin_dir(), dir.join("run"));
+        let pin_dir = options.pin_dir.clone().unwrap_or_else(|| node.pin_dir());
+        let run_dir = options.run_dir.clone().unwrap_or_else(|| dir.join("run"));
         let pods: Vec<_> = node
             .pods()
             .iter()

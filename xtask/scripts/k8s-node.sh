@@ -43,8 +43,8 @@ state = "$N/containerd/state"
     conf_dir = "$N/cni-conf"
 TOML
   cat > $N/cni-conf/10-bridge.conflist <<JSON
-{"cniVersion":"0.4.0","name":"probe","plugins":[
- {"type":"bridge","bridge":"probe0","isGateway":true,"ipMasq":false,
+{"cniVersion":"0.4.0","name":"warren-local","plugins":[
+ {"type":"bridge","bridge":"wrnk8s0","isGateway":true,"ipMasq":false,
   "ipam":{"type":"host-local","ranges":[[{"subnet":"10.244.0.0/24"}]],"dataDir":"$N/cni-ipam"}},
  {"type":"loopback"}]}
 JSON

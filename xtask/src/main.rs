@@ -1,1 +1,109 @@
-fn main(){}
+use std::process::ExitCode;
+
+use anyhow::Result;
+use clap::{Parser, Subcommand};
+use xtask::{build_binaries, cargo, cluster, demo, run, setup};
+
+/// Warren's project tooling.
+#[derive(Parser)]
+#[command(name = "cargo xtask")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Install what the build needs (Debian packages, bpf-linker; with --kubernetes the local cluster).
+    Setup {
+        #[arg(long)]
+        kubernetes: bool,
+    },
+    /// Build every binary (warren-agent embeds the eBPF programs).
+    Build {
+        #[arg(long)]
+        release: bool,
+    },
+    /// Set up, build, and run a local single-node mesh of netns pods: traffic through the agent, its view.
+    Demo {
+        /// Keep the mesh running until Ctrl-C.
+        #[arg(long)]
+        keep: bool,
+    },
+    /// Set up, build, and run every test (unit, eBPF/netns scenarios, local Kubernetes).
+    Test {
+        /// Extra arguments for `cargo test` (e.g. a test name filter).
+        #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
+        args: Vec<String>,
+    },
+    /// Local Kubernetes v1.20 (etcd, kube-apiserver, controller-manager, scheduler; --node: containerd + kubelet).
+    Cluster {
+        #[command(subcommand)]
+        action: ClusterAction,
+    },
+}
+
+#[derive(Subcommand)]
+enum ClusterAction {
+    /// Build (once, cached) and start; prints the kubeconfig path.
+    Up {
+        #[arg(long)]
+        node: bool,
+    },
+    /// Stop everything and remove what the node left on the host.
+    Down,
+    /// Which components run.
+    Status,
+}
+
+fn main() -> ExitCode {
+    match dispatch(Cli::parse().command) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("xtask: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn dispatch(command: Command) -> Result<()> {
+    match command {
+        Command::Setup { kubernetes } => setup::setup(kubernetes),
+        Command::Build { release } => {
+            setup::setup(false)?;
+            build_binaries(release)
+        }
+        Command::Demo { keep } => {
+            setup::setup(false)?;
+            build_binaries(false)?;
+            // Run the demo from the freshly built xtask binary's directory so it finds the other binaries.
+            demo::run(keep)
+        }
+        Command::Test { args } => {
+            let started = std::time::Instant::now();
+            setup::setup(true)?;
+            build_binaries(false)?;
+            let result = run(cargo().args(["test", "--workspace"]).args(&args));
+            eprintln!("xtask: tests took {:.0?} (setup and build included)", started.elapsed());
+            result
+        }
+        Command::Cluster { action } => match action {
+            ClusterAction::Up { node } => {
+                let kubeconfig = cluster::up(node)?;
+                println!("export KUBECONFIG={}", kubeconfig.display());
+                Ok(())
+            }
+            ClusterAction::Down => cluster::down(),
+            ClusterAction::Status => {
+                for (component, pid) in cluster::status() {
+                    match pid {
+                        Some(pid) => println!("{component:<24} running (pid {pid})"),
+                        None => println!("{component:<24} stopped"),
+                    }
+                }
+                println!("kubeconfig               {}", cluster::kubeconfig().display());
+                Ok(())
+            }
+        },
+    }
+}
