@@ -21,6 +21,9 @@ enum Command {
         /// Override the config's eBPF log level (off, error, warn, info, debug, trace).
         #[arg(long)]
         ebpf_log_level: Option<warren_agent::config::EbpfLogLevel>,
+        /// Override the config's node name (a DaemonSet passes spec.nodeName).
+        #[arg(long, env = "WARREN_NODE_NAME")]
+        node_name: Option<String>,
     },
     /// Show what the agent on this node holds.
     Inspect {
@@ -47,7 +50,7 @@ enum Inspect {
 fn main() -> ExitCode {
     let cli = Cli::parse();
     let result = match cli.command {
-        Command::Run { config, ebpf_log_level } => run(config, ebpf_log_level),
+        Command::Run { config, ebpf_log_level, node_name } => run(config, ebpf_log_level, node_name),
         Command::Inspect { what: Inspect::Maps { pin_dir, run_dir, output } } => {
             inspect::require_running_agent(&run_dir)
                 .and_then(|_| inspect::maps::render(&pin_dir, output))
@@ -64,10 +67,18 @@ fn main() -> ExitCode {
     }
 }
 
-fn run(config_path: PathBuf, ebpf_log_level: Option<warren_agent::config::EbpfLogLevel>) -> anyhow::Result<()> {
+fn run(
+    config_path: PathBuf,
+    ebpf_log_level: Option<warren_agent::config::EbpfLogLevel>,
+    node_name: Option<String>,
+) -> anyhow::Result<()> {
     let mut config = AgentConfig::load(&config_path)?;
     if let Some(level) = ebpf_log_level {
         config.ebpf_log_level = level;
+    }
+    if let Some(name) = node_name {
+        config.node_name = name;
+        config.validate()?;
     }
     init_logging();
     tokio::runtime::Builder::new_multi_thread()

@@ -1,0 +1,188 @@
+//! The local Kubernetes: `cluster up --node` starts a real control plane and node, kube-rs works against
+//! it (CRD established, custom resources created, validated and watched, a pod runs), and `cluster down`
+//! leaves no process, mount, netns, cgroup or link behind.
+use std::{
+    collections::{BTreeMap, BTreeSet},
+    path::Path,
+    time::Duration,
+};
+
+use futures::{StreamExt, TryStreamExt};
+use k8s_openapi::{
+    api::core::v1::{Namespace, Pod},
+    apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition,
+};
+use kube::{
+    Client, Config, CustomResource, CustomResourceExt, ResourceExt,
+    api::{Api, DeleteParams, ObjectMeta, Patch, PatchParams, PostParams},
+    config::{KubeConfigOptions, Kubeconfig},
+    runtime::{WatchStreamExt, conditions, wait::await_condition, watcher},
+};
+use schemars::JsonSchema;
+use serde::{Deserialize, Serialize};
+use warren_testbed::{in_ci, require_privileges};
+
+/// A throwaway CRD for the lifecycle test (Warren's own CRDs are tested with the controller).
+#[derive(CustomResource, Deserialize, Serialize, Clone, Debug, JsonSchema)]
+#[kube(group = "e2e.warren.dev", version = "v1", kind = "Canary", namespaced)]
+pub struct CanarySpec {
+    service: String,
+    weight: u32,
+}
+
+/// What the host has that a cluster could leave behind.
+#[derive(Debug, PartialEq)]
+struct HostSnapshot {
+    processes: BTreeSet<String>,
+    mounts: BTreeSet<String>,
+    netns: BTreeSet<String>,
+    cgroups: BTreeSet<String>,
+    links: BTreeSet<String>,
+}
+
+impl HostSnapshot {
+    fn take(cluster_prefix: &Path) -> HostSnapshot {
+        let prefix = cluster_prefix.display().to_string();
+        let processes = std::fs::read_dir("/proc")
+            .unwrap()
+            .flatten()
+            .filter_map(|e| {
+                let cmdline = std::fs::read(e.path().join("cmdline")).ok()?;
+                let cmdline = String::from_utf8_lossy(&cmdline).replace('\0', " ");
+                let ours = cmdline.contains(&prefix) || cmdline.contains("containerd-shim") || cmdline.contains("/pause");
+                ours.then(|| format!("{} {}", e.file_name().to_string_lossy(), cmdline.trim()))
+            })
+            .collect();
+        let mountinfo = std::fs::read_to_string("/proc/self/mountinfo").unwrap();
+        let mounts: BTreeSet<String> = mountinfo.lines().filter_map(|l| l.split_whitespace().nth(4)).map(String::from).collect();
+        let netns = std::fs::read_dir("/run/netns")
+            .map(|d| d.flatten().map(|e| e.file_name().to_string_lossy().into_owned()).collect())
+            .unwrap_or_default();
+        let mut cgroups = BTreeSet::new();
+        let mut stack = vec![std::path::PathBuf::from("/sys/fs/cgroup")];
+        while let Some(dir) = stack.pop() {
+            for entry in std::fs::read_dir(&dir).into_iter().flatten().flatten() {
+                if entry.file_type().is_ok_and(|t| t.is_dir()) {
+                    cgroups.insert(entry.path().display().to_string());
+                    stack.push(entry.path());
+                }
+            }
+        }
+        let links = std::fs::read_dir("/sys/class/net")
+            .map(|d| d.flatten().map(|e| e.file_name().to_string_lossy().into_owned()).collect())
+            .unwrap_or_default();
+        HostSnapshot { processes, mounts, netns, cgroups, links }
+    }
+
+    /// What `self` has that `before` did not.
+    fn added_since(&self, before: &HostSnapshot) -> BTreeMap<&'static str, Vec<String>> {
+        let diff = |a: &BTreeSet<String>, b: &BTreeSet<String>| a.difference(b).cloned().collect::<Vec<_>>();
+        [
+            ("processes", diff(&self.processes, &before.processes)),
+            ("mounts", diff(&self.mounts, &before.mounts)),
+            ("netns", diff(&self.netns, &before.netns)),
+            ("cgroups", diff(&self.cgroups, &before.cgroups)),
+            ("links", diff(&self.links, &before.links)),
+        ]
+        .into_iter()
+        .filter(|(_, added)| !added.is_empty())
+        .collect()
+    }
+}
+
+#[test]
+fn cluster_up_serves_crds_and_pods_and_cluster_down_leaves_nothing_behind() {
+    require_privileges!();
+    if !xtask::cluster::is_built() {
+        let reason = "the local Kubernetes is not built (cargo xtask setup --kubernetes)";
+        assert!(!in_ci(), "CI=true, but {reason}");
+        eprintln!("SKIPPED: {reason}");
+        return;
+    }
+    // A cluster left running by hand would blur the before/after comparison.
+    xtask::cluster::down().unwrap();
+    let before = HostSnapshot::take(&xtask::cluster::prefix());
+
+    let kubeconfig = xtask::cluster::up(true).unwrap();
+    let in_cluster = tokio::runtime::Runtime::new().unwrap().block_on(exercise_cluster(&kubeconfig));
+    let during = HostSnapshot::take(&xtask::cluster::prefix());
+    xtask::cluster::down().unwrap();
+    let after = HostSnapshot::take(&xtask::cluster::prefix());
+    in_cluster.unwrap();
+
+    // The comparison can fail: the cluster really did add processes, mounts and cgroups while it ran.
+    let added_while_up = during.added_since(&before);
+    assert!(added_while_up.contains_key("processes") && added_while_up.contains_key("cgroups"), "{added_while_up:#?}");
+    let left_behind = after.added_since(&before);
+    assert!(left_behind.is_empty(), "cluster down left behind: {left_behind:#?}");
+}
+
+async fn exercise_cluster(kubeconfig: &Path) -> anyhow::Result<()> {
+    let config = Config::from_custom_kubeconfig(Kubeconfig::read_from(kubeconfig)?, &KubeConfigOptions::default()).await?;
+    let client = Client::try_from(config)?;
+    let version = client.apiserver_version().await?;
+    assert_eq!(version.minor, "20", "the local cluster is Kubernetes 1.20");
+
+    // CRD: apply, wait for Established.
+    let crds: Api<CustomResourceDefinition> = Api::all(client.clone());
+    let crd = Canary::crd();
+    crds.patch(&crd.name_any(), &PatchParams::apply("warren-e2e").force(), &Patch::Apply(&crd)).await?;
+    tokio::time::timeout(Duration::from_secs(30), await_condition(crds.clone(), &crd.name_any(), conditions::is_crd_established()))
+        .await??;
+
+    let ns_name = format!("warren-e2e-{}", std::process::id());
+    let namespaces: Api<Namespace> = Api::all(client.clone());
+    let ns = Namespace { metadata: ObjectMeta { name: Some(ns_name.clone()), ..Default::default() }, ..Default::default() };
+    namespaces.create(&PostParams::default(), &ns).await?;
+
+    // Watch, then create: the watcher must see the object.
+    let canaries: Api<Canary> = Api::namespaced(client.clone(), &ns_name);
+    let mut events = watcher(canaries.clone(), watcher::Config::default()).applied_objects().boxed();
+    canaries.create(&PostParams::default(), &Canary::new("reviews", CanarySpec { service: "reviews".into(), weight: 20 })).await?;
+    let seen = tokio::time::timeout(Duration::from_secs(20), async {
+        while let Some(obj) = events.try_next().await? {
+            if obj.name_any() == "reviews" {
+                return anyhow::Ok(obj);
+            }
+        }
+        anyhow::bail!("watch ended")
+    })
+    .await??;
+    assert_eq!(seen.spec.weight, 20);
+
+    // The structural schema rejects a wrongly typed field.
+    let raw: Api<kube::api::DynamicObject> =
+        Api::namespaced_with(client.clone(), &ns_name, &kube::api::ApiResource::erase::<Canary>(&()));
+    let bad: kube::api::DynamicObject = serde_json::from_value(serde_json::json!({
+        "apiVersion": "e2e.warren.dev/v1", "kind": "Canary", "metadata": {"name": "bad"},
+        "spec": {"service": "reviews", "weight": "twenty"}
+    }))?;
+    let rejected = raw.create(&PostParams::default(), &bad).await.expect_err("schema must reject weight: \"twenty\"");
+    assert!(rejected.to_string().contains("spec.weight"), "{rejected}");
+
+    // A pod really runs on the node (creates netns, mounts and cgroups that `down` must remove).
+    let pods: Api<Pod> = Api::namespaced(client.clone(), &ns_name);
+    let pod: Pod = serde_json::from_value(serde_json::json!({
+        "apiVersion": "v1", "kind": "Pod", "metadata": {"name": "sleeper"},
+        "spec": {"containers": [{"name": "c", "image": "docker.io/library/busybox:1.35-local",
+                 "imagePullPolicy": "Never", "command": ["sleep", "3600"]}],
+                 "terminationGracePeriodSeconds": 1}
+    }))?;
+    // The namespace's default ServiceAccount appears shortly after the namespace.
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    loop {
+        match pods.create(&PostParams::default(), &pod).await {
+            Ok(_) => break,
+            Err(e) if tokio::time::Instant::now() < deadline && e.to_string().contains("serviceaccount") => {
+                tokio::time::sleep(Duration::from_millis(300)).await
+            }
+            Err(e) => return Err(e.into()),
+        }
+    }
+    tokio::time::timeout(Duration::from_secs(120), await_condition(pods.clone(), "sleeper", conditions::is_pod_running()))
+        .await
+        .map_err(|_| anyhow::anyhow!("pod sleeper not Running within 120 s"))??;
+
+    namespaces.delete(&ns_name, &DeleteParams::default()).await?;
+    Ok(())
+}
