@@ -36,11 +36,24 @@ enum Command {
         #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
         args: Vec<String>,
     },
+    /// kind (needs a Docker engine): build the image, create the cluster, deploy the agent DaemonSet.
+    Kind {
+        #[command(subcommand)]
+        action: KindAction,
+    },
     /// Local Kubernetes v1.20 (etcd, kube-apiserver, controller-manager, scheduler; --node: containerd + kubelet).
     Cluster {
         #[command(subcommand)]
         action: ClusterAction,
     },
+}
+
+#[derive(Subcommand)]
+enum KindAction {
+    /// Build release binaries and the image, create cluster "warren", deploy deploy/daemonset.yaml.
+    Up,
+    /// Delete the cluster.
+    Down,
 }
 
 #[derive(Subcommand)]
@@ -86,6 +99,17 @@ fn dispatch(command: Command) -> Result<()> {
             let result = run(cargo().args(["test", "--workspace"]).args(&args));
             eprintln!("xtask: tests took {:.0?} (setup and build included)", started.elapsed());
             result
+        }
+        Command::Kind { action } => {
+            let script = setup::scripts_dir().join("kind.sh");
+            match action {
+                KindAction::Up => {
+                    setup::setup(false)?;
+                    build_binaries(true)?;
+                    run(std::process::Command::new("bash").arg(script).arg("up").current_dir(xtask::workspace_root()))
+                }
+                KindAction::Down => run(std::process::Command::new("bash").arg(script).arg("down")),
+            }
         }
         Command::Cluster { action } => match action {
             ClusterAction::Up { node } => {
