@@ -28,7 +28,7 @@ fn main() {
                 Ok(object) => object,
                 Err(reason) => {
                     eprintln!("error: {reason}");
-                    panic!("warren-agent needs its eBPF object: {}", reason.lines().next().unwrap_or(""));
+                    panic!("warren-agent needs its eBPF object: {} (details above)", reason.lines().next().unwrap_or(""));
                 }
             }
         }

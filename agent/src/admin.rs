@@ -1,5 +1,9 @@
-//! Admin endpoint: `/metrics` (Prometheus), `/connections` (JSON), `/ready`.
-use std::{convert::Infallible, net::SocketAddr, sync::Arc};
+//! Admin endpoint: `/metrics` (Prometheus), `/connections` and `/workloads` (JSON), `/ready`.
+use std::{
+    convert::Infallible,
+    net::SocketAddr,
+    sync::{Arc, Mutex},
+};
 
 use anyhow::{Context, Result};
 use bytes::Bytes;
@@ -9,11 +13,12 @@ use hyper_util::rt::TokioIo;
 use prometheus_client::registry::Registry;
 use tokio::net::TcpListener;
 
-use crate::proxy::ConnectionTable;
+use crate::{inpod::PodStatus, proxy::ConnectionTable};
 
 pub struct AdminState {
     pub registry: Registry,
     pub connections: ConnectionTable,
+    pub workloads: Arc<Mutex<Vec<PodStatus>>>,
 }
 
 pub async fn bind(addr: SocketAddr) -> Result<TcpListener> {
@@ -46,7 +51,12 @@ async fn handle(req: Request<Incoming>, state: Arc<AdminState>) -> Result<Respon
             "application/json",
             serde_json::to_string_pretty(&state.connections.snapshot()).unwrap_or_default(),
         ),
-        _ => (StatusCode::NOT_FOUND, "text/plain", "endpoints: /ready /metrics /connections\n".to_string()),
+        "/workloads" => (
+            StatusCode::OK,
+            "application/json",
+            serde_json::to_string_pretty(&*state.workloads.lock().unwrap()).unwrap_or_default(),
+        ),
+        _ => (StatusCode::NOT_FOUND, "text/plain", "endpoints: /ready /metrics /connections /workloads\n".to_string()),
     };
     Ok(Response::builder()
         .status(status)

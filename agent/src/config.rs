@@ -1,8 +1,7 @@
 //! The agent's configuration: which node it runs on, where its state lives, and (until the controller
 //! pushes workloads) which pods on this node exist and whether they are enrolled.
 use std::{
-    collections::HashSet,
-    net::{IpAddr, SocketAddr},
+    net::SocketAddr,
     path::{Path, PathBuf},
 };
 
@@ -13,48 +12,46 @@ pub const DEFAULT_ADMIN_ADDR: &str = "127.0.0.1:15000";
 pub const DEFAULT_RUN_DIR: &str = "/run/warren";
 /// Outbound capture port inside each enrolled pod (as ztunnel's 15001).
 pub const DEFAULT_OUTBOUND_PORT: u16 = 15001;
+/// Inbound capture port inside each enrolled pod (15006).
+pub const DEFAULT_INBOUND_PORT: u16 = 15006;
+/// HBONE (mTLS HTTP/2 CONNECT) port, 15008 as in Istio.
+pub const DEFAULT_HBONE_PORT: u16 = 15008;
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct AgentConfig {
     /// The Kubernetes node this agent serves.
     pub node_name: String,
-    /// bpffs directory for the pinned maps.
+    /// bpffs directory for the pinned maps and links.
     #[serde(default = "default_pin_dir")]
     pub pin_dir: PathBuf,
     /// Runtime state: the pid file `inspect` checks for a live agent.
     #[serde(default = "default_run_dir")]
     pub run_dir: PathBuf,
-    /// cgroup (v2) the programs attach to; every enrolled pod's cgroup must be below it. Default: the
-    /// cgroup2 root, as Cilium does.
+    /// cgroup (v2) the programs attach to; every enrolled pod's cgroup — and the agent's own, for socket
+    /// acceleration — must be below it. Default: the cgroup2 root, as Cilium does.
     #[serde(default)]
     pub cgroup_attach: Option<PathBuf>,
-    /// Admin HTTP endpoint (/metrics, /stats, /ready), in the agent's own network namespace.
+    /// Admin HTTP endpoint (/metrics, /connections, /workloads, /ready), in the agent's network namespace.
     #[serde(default = "default_admin_addr")]
     pub admin_addr: SocketAddr,
     #[serde(default = "default_outbound_port")]
     pub outbound_port: u16,
+    #[serde(default = "default_inbound_port")]
+    pub inbound_port: u16,
+    #[serde(default = "default_hbone_port")]
+    pub hbone_port: u16,
+    /// sockops + sk_msg short-circuit of the app ↔ agent loopback legs.
+    #[serde(default = "yes")]
+    pub socket_acceleration: bool,
+    /// On SIGTERM, how long open connections may take to finish.
+    #[serde(default = "default_drain_seconds")]
+    pub drain_timeout_seconds: u64,
     /// Level of the eBPF programs' own log lines (aya-log): off, error, warn, info, debug, trace.
     #[serde(default)]
     pub ebpf_log_level: EbpfLogLevel,
-    #[serde(default)]
-    pub pods: Vec<PodConfig>,
-}
-
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
-#[serde(rename_all = "camelCase", deny_unknown_fields)]
-pub struct PodConfig {
-    pub name: String,
-    #[serde(default = "default_namespace")]
-    pub namespace: String,
-    /// Path of the pod's network namespace (e.g. /run/netns/NAME or /proc/PID/ns/net).
-    pub netns: PathBuf,
-    /// The pod's cgroup (v2) directory.
-    pub cgroup: PathBuf,
-    #[serde(default)]
-    pub ip: Option<IpAddr>,
-    #[serde(default = "yes")]
-    pub enrolled: bool,
+    /// The local workloads file (namespaces and pods of this node), watched for changes.
+    pub workloads_file: Option<PathBuf>,
 }
 
 #[derive(Debug, Clone, Copy, Default, Serialize, Deserialize, PartialEq, Eq)]
@@ -104,8 +101,14 @@ fn default_admin_addr() -> SocketAddr {
 fn default_outbound_port() -> u16 {
     DEFAULT_OUTBOUND_PORT
 }
-fn default_namespace() -> String {
-    "default".into()
+fn default_inbound_port() -> u16 {
+    DEFAULT_INBOUND_PORT
+}
+fn default_hbone_port() -> u16 {
+    DEFAULT_HBONE_PORT
+}
+fn default_drain_seconds() -> u64 {
+    10
 }
 fn yes() -> bool {
     true
@@ -125,25 +128,31 @@ impl AgentConfig {
         if self.node_name.trim().is_empty() {
             bail!("nodeName: must not be empty");
         }
-        if self.outbound_port == 0 {
-            bail!("outboundPort: 0 is not a port");
+        let ports = [("outboundPort", self.outbound_port), ("inboundPort", self.inbound_port), ("hbonePort", self.hbone_port)];
+        for (i, (field, port)) in ports.iter().enumerate() {
+            if *port == 0 {
+                bail!("{field}: 0 is not a port");
+            }
+            if let Some((other, _)) = ports[..i].iter().find(|(_, p)| p == port) {
+                bail!("{field}: {port} is already {other}");
+            }
         }
-        let mut seen = HashSet::new();
-        for (i, pod) in self.pods.iter().enumerate() {
-            if pod.name.is_empty() {
-                bail!("pods[{i}].name: must not be empty");
-            }
-            if !seen.insert((pod.namespace.as_str(), pod.name.as_str())) {
-                bail!("pods[{i}].name: {}/{} is listed twice", pod.namespace, pod.name);
-            }
-            if !pod.netns.exists() {
-                bail!("pods[{i}].netns: {} does not exist", pod.netns.display());
-            }
-            if !pod.cgroup.is_dir() {
-                bail!("pods[{i}].cgroup: {} is not a directory", pod.cgroup.display());
+        if let Some(file) = &self.workloads_file {
+            if !file.is_file() {
+                bail!("workloadsFile: {} does not exist", file.display());
             }
         }
         Ok(())
+    }
+
+    /// The ports and switches the eBPF programs read.
+    pub fn ebpf_settings(&self) -> warren_maps::Settings {
+        warren_maps::Settings {
+            outbound_port: self.outbound_port,
+            inbound_port: self.inbound_port,
+            hbone_port: self.hbone_port,
+            socket_acceleration: u16::from(self.socket_acceleration),
+        }
     }
 
     pub fn pid_file(&self) -> PathBuf {
@@ -167,12 +176,10 @@ mod tests {
 
     #[test]
     fn validation_names_field_and_value() {
-        let c: AgentConfig = serde_yaml::from_str(
-            "nodeName: n1\npods:\n- name: a\n  netns: /nonexistent/ns\n  cgroup: /tmp\n",
-        )
-        .unwrap();
-        let err = c.validate().unwrap_err().to_string();
-        assert_eq!(err, "pods[0].netns: /nonexistent/ns does not exist");
+        let c: AgentConfig = serde_yaml::from_str("nodeName: n1\nworkloadsFile: /nonexistent/pods.yaml\n").unwrap();
+        assert_eq!(c.validate().unwrap_err().to_string(), "workloadsFile: /nonexistent/pods.yaml does not exist");
+        let c: AgentConfig = serde_yaml::from_str("nodeName: n1\ninboundPort: 15001\n").unwrap();
+        assert_eq!(c.validate().unwrap_err().to_string(), "inboundPort: 15001 is already outboundPort");
         assert_eq!(
             "verbose".parse::<EbpfLogLevel>().unwrap_err(),
             "unknown eBPF log level \"verbose\" (expected off, error, warn, info, debug or trace)"

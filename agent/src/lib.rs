@@ -1,8 +1,9 @@
 //! warren-agent: the per-node half of Warren.
 //!
-//! Data flows one way: [`config`] (today a local file; later the controller's push) → [`ebpf`] maps that
-//! steer enrolled pods' sockets → the [`proxy`] listeners that [`inpod`] opens inside each pod's network
-//! namespace. [`admin`] exposes metrics and state; [`inspect`] is the CLI that reads them back.
+//! Data flows one way: a workload [`sources`] (a local file today; the Kubernetes API and the controller's
+//! push next) → [`state`] (which pods, enrolled or not) → [`inpod`] reconciles: [`ebpf`] maps that steer
+//! enrolled pods' sockets, and the [`proxy`] listeners inside each pod's network namespace. [`admin`]
+//! exposes metrics and state; [`inspect`] is the CLI that reads them back.
 pub mod admin;
 pub mod config;
 pub mod ebpf;
@@ -11,4 +12,6 @@ pub mod inspect;
 pub mod metrics;
 pub mod proxy;
 pub mod run;
+pub mod sources;
+pub mod state;
 pub mod sys;

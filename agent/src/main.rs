@@ -34,6 +34,21 @@ enum Command {
 
 #[derive(Subcommand)]
 enum Inspect {
+    /// Connections the proxy carries now and the ones it closed last.
+    Connections {
+        /// The agent's admin endpoint.
+        #[arg(long, default_value = warren_agent::config::DEFAULT_ADMIN_ADDR)]
+        admin_addr: std::net::SocketAddr,
+        #[arg(short, long, value_enum, default_value = "table")]
+        output: inspect::Output,
+    },
+    /// Pods on this node: enrolled or not, their cgroup, why enrollment failed.
+    Workloads {
+        #[arg(long, default_value = warren_agent::config::DEFAULT_ADMIN_ADDR)]
+        admin_addr: std::net::SocketAddr,
+        #[arg(short, long, value_enum, default_value = "table")]
+        output: inspect::Output,
+    },
     /// The pinned eBPF maps: enrolled cgroups, original destinations, program counters.
     Maps {
         /// bpffs directory the agent pinned its maps in.
@@ -51,6 +66,12 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     let result = match cli.command {
         Command::Run { config, ebpf_log_level, node_name } => run(config, ebpf_log_level, node_name),
+        Command::Inspect { what: Inspect::Connections { admin_addr, output } } => {
+            inspect::live::connections(admin_addr, output).map(|text| print!("{text}"))
+        }
+        Command::Inspect { what: Inspect::Workloads { admin_addr, output } } => {
+            inspect::live::workloads(admin_addr, output).map(|text| print!("{text}"))
+        }
         Command::Inspect { what: Inspect::Maps { pin_dir, run_dir, output } } => {
             inspect::require_running_agent(&run_dir)
                 .and_then(|_| inspect::maps::render(&pin_dir, output))

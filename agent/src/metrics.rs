@@ -14,8 +14,6 @@ pub struct DirectionLabels {
     pub direction: &'static str,
 }
 
-pub const OUTBOUND: DirectionLabels = DirectionLabels { direction: "outbound" };
-
 #[derive(Default)]
 pub struct Metrics {
     pub connections_opened: Family<DirectionLabels, Counter>,

@@ -1,31 +1,32 @@
-//! `warren-agent run`: load the datapath, enroll the configured pods, proxy until SIGTERM.
-use std::{collections::BTreeSet, sync::Arc};
+//! `warren-agent run`: load the datapath, keep enrollment in line with the workload source, proxy, and on
+//! SIGTERM drain.
+use std::{
+    sync::{Arc, Mutex},
+    time::{Duration, Instant},
+};
 
 use anyhow::{Context, Result};
 use prometheus_client::registry::Registry;
 use tokio::signal::unix::{SignalKind, signal};
 use tracing::info;
-use warren_maps::EnrolledCgroup;
 
 use crate::{
     admin::{self, AdminState},
     config::AgentConfig,
     ebpf::Datapath,
-    inpod::Netns,
+    inpod::{InpodManager, PortConfig},
     metrics::{EbpfEventsCollector, Metrics},
-    proxy::{
-        ConnectionTable,
-        outbound::{OutboundPod, ProxyShared},
-    },
-    sys,
+    proxy::{ConnectionTable, ProxyShared},
+    sources, sys,
 };
 
+/// How often enrollment is re-checked even without a change (pods whose processes were not there yet).
+const RESYNC: Duration = Duration::from_secs(1);
+
 pub async fn run(config: AgentConfig) -> Result<()> {
-    let attach_cgroup = match &config.cgroup_attach {
-        Some(path) => path.clone(),
-        None => sys::cgroup2_mount()?,
-    };
-    let mut datapath = Datapath::load(&config.pin_dir, &attach_cgroup, config.ebpf_log_level)?;
+    let cgroup2 = sys::cgroup2_mount()?;
+    let attach_cgroup = config.cgroup_attach.clone().unwrap_or_else(|| cgroup2.clone());
+    let datapath = Datapath::load(&config.pin_dir, &attach_cgroup, config.ebpf_log_level, config.ebpf_settings())?;
 
     let metrics = Arc::new(Metrics::default());
     let connections = ConnectionTable::default();
@@ -33,37 +34,54 @@ pub async fn run(config: AgentConfig) -> Result<()> {
     metrics.register(&mut registry);
     registry.register_collector(Box::new(EbpfEventsCollector(datapath.counters())));
     let shared = ProxyShared { original_dst: datapath.original_dst_lookup(), metrics, connections: connections.clone() };
+    let datapath = Arc::new(Mutex::new(datapath));
 
-    // Listeners first, then the map entry: a pod is redirected only once the agent can accept for it.
-    let mut enrolled = BTreeSet::new();
-    for pod in config.pods.iter().filter(|p| p.enrolled) {
-        let name = format!("{}/{}", pod.namespace, pod.name);
-        let netns = Arc::new(Netns::open(&pod.netns)?);
-        let outbound = OutboundPod::bind(name.clone(), netns, config.outbound_port)?;
-        tokio::spawn(outbound.serve(shared.clone()));
-        let cgroup_id = sys::cgroup_id(&pod.cgroup)?;
-        datapath.enroll(cgroup_id, EnrolledCgroup { outbound_port: config.outbound_port, ..Default::default() })?;
-        enrolled.insert(cgroup_id);
-        info!(pod = %name, cgroup_id, cgroup = %pod.cgroup.display(), "pod enrolled");
-    }
-    datapath.retain_enrolled(&enrolled)?;
+    let ports = PortConfig { outbound: config.outbound_port, inbound: config.inbound_port };
+    let mut manager = InpodManager::new(datapath.clone(), ports, cgroup2, shared);
+    let mut workloads = match &config.workloads_file {
+        Some(path) => sources::file::watch(path.clone())?,
+        None => tokio::sync::watch::channel(Default::default()).1,
+    };
+    manager.reconcile(&workloads.borrow_and_update().clone()).await;
+    manager.drop_stale_state()?;
 
     let admin_listener = admin::bind(config.admin_addr).await?;
-    tokio::spawn(admin::serve(admin_listener, Arc::new(AdminState { registry, connections })));
+    let state = Arc::new(AdminState { registry, connections: connections.clone(), workloads: manager.status_handle() });
+    tokio::spawn(admin::serve(admin_listener, state));
 
     std::fs::create_dir_all(&config.run_dir).with_context(|| format!("creating {}", config.run_dir.display()))?;
     std::fs::write(config.pid_file(), std::process::id().to_string())
         .with_context(|| format!("writing {}", config.pid_file().display()))?;
-    info!(node = %config.node_name, admin = %config.admin_addr, pods = enrolled.len(), "warren-agent ready");
+    info!(node = %config.node_name, admin = %config.admin_addr, "warren-agent ready");
 
     let mut term = signal(SignalKind::terminate())?;
     let mut int = signal(SignalKind::interrupt())?;
-    tokio::select! {
-        _ = term.recv() => info!("SIGTERM: shutting down"),
-        _ = int.recv() => info!("SIGINT: shutting down"),
+    let mut resync = tokio::time::interval(RESYNC);
+    loop {
+        tokio::select! {
+            _ = term.recv() => { info!("SIGTERM: draining"); break; }
+            _ = int.recv() => { info!("SIGINT: draining"); break; }
+            changed = workloads.changed() => {
+                if changed.is_err() { continue; }
+                let current = workloads.borrow_and_update().clone();
+                manager.reconcile(&current).await;
+            }
+            _ = resync.tick() => {
+                let current = workloads.borrow().clone();
+                manager.reconcile(&current).await;
+            }
+        }
     }
-    // The pinned maps stay for the next agent; the programs detach with this process.
+
+    // Stop accepting; let open connections finish. Pinned maps and links stay, so redirect continues
+    // for the next agent.
+    manager.stop_listening();
+    let deadline = Instant::now() + Duration::from_secs(config.drain_timeout_seconds);
+    while Instant::now() < deadline && connections.open_count() > 0 {
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let left = connections.open_count();
+    info!(open_connections = left, "drained; exiting");
     let _ = std::fs::remove_file(config.pid_file());
-    drop(datapath);
     Ok(())
 }

@@ -21,6 +21,51 @@ pub mod names {
     pub const ORIGINAL_DST: &str = "ORIGINAL_DST";
     /// Per-CPU event counters, indexed by [`Counter`](super::Counter).
     pub const COUNTERS: &str = "COUNTERS";
+    /// [`ListenerKey`](super::ListenerKey) (an enrolled pod's IP) → the agent's inbound listener in that pod.
+    pub const INBOUND_LISTENERS: &str = "INBOUND_LISTENERS";
+    /// [`SocketKey`](super::SocketKey) → the local sockets whose bytes sk_msg short-circuits.
+    pub const LOCAL_SOCKETS: &str = "LOCAL_SOCKETS";
+    /// Index 0: the agent's [`Settings`](super::Settings).
+    pub const SETTINGS: &str = "SETTINGS";
+}
+
+/// Where pinned links live, below the pin directory.
+pub const LINKS_DIR: &str = "links";
+
+/// Value of [`names::SETTINGS`] (one entry).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Settings {
+    /// Outbound capture port (the agent's listener on loopback in every enrolled pod).
+    pub outbound_port: u16,
+    /// Inbound capture port (the agent's listener on every address in every enrolled pod).
+    pub inbound_port: u16,
+    /// HBONE port, never captured on inbound.
+    pub hbone_port: u16,
+    /// 1: sockops/sk_msg short-circuit the app ↔ agent loopback legs.
+    pub socket_acceleration: u16,
+}
+
+/// Key of [`names::INBOUND_LISTENERS`].
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct ListenerKey {
+    pub ip: [u32; 4],
+    pub family: u16,
+    pub _pad: u16,
+}
+
+/// Key of [`names::LOCAL_SOCKETS`]: one end of a local TCP connection, qualified by its netns.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct SocketKey {
+    pub netns_cookie: u64,
+    pub local_ip: [u32; 4],
+    pub remote_ip: [u32; 4],
+    pub local_port: u16,
+    pub remote_port: u16,
+    pub family: u16,
+    pub _pad: u16,
 }
 
 pub const AF_INET: u16 = 2;
@@ -77,16 +122,31 @@ pub enum Counter {
     Connect4Redirected = 1,
     /// sockops moved an original destination from the cookie map to the connection map.
     OriginalDstRecorded = 2,
-    /// connect4 found an enrolled cgroup but could not record the original destination (map full).
+    /// connect4/6 found an enrolled cgroup but could not record the original destination (map full).
     OriginalDstRecordFailed = 3,
+    /// connect6 ran for a TCP socket.
+    Connect6 = 4,
+    /// connect6 rewrote the destination to the agent.
+    Connect6Redirected = 5,
+    /// sk_lookup steered an inbound connection to the agent's inbound listener.
+    InboundCaptured = 6,
+    /// sockops added a socket to the acceleration map.
+    AcceleratedSocket = 7,
+    /// sk_msg handed a message straight to the peer socket.
+    SkMsgRedirected = 8,
 }
 
 impl Counter {
-    pub const ALL: [Counter; 4] = [
+    pub const ALL: [Counter; 9] = [
         Counter::Connect4,
         Counter::Connect4Redirected,
         Counter::OriginalDstRecorded,
         Counter::OriginalDstRecordFailed,
+        Counter::Connect6,
+        Counter::Connect6Redirected,
+        Counter::InboundCaptured,
+        Counter::AcceleratedSocket,
+        Counter::SkMsgRedirected,
     ];
     pub const fn name(self) -> &'static str {
         match self {
@@ -94,11 +154,16 @@ impl Counter {
             Counter::Connect4Redirected => "connect4_redirected",
             Counter::OriginalDstRecorded => "original_dst_recorded",
             Counter::OriginalDstRecordFailed => "original_dst_record_failed",
+            Counter::Connect6 => "connect6",
+            Counter::Connect6Redirected => "connect6_redirected",
+            Counter::InboundCaptured => "inbound_captured",
+            Counter::AcceleratedSocket => "accelerated_socket",
+            Counter::SkMsgRedirected => "sk_msg_redirected",
         }
     }
 }
 
-pub const NUM_COUNTERS: u32 = 8;
+pub const NUM_COUNTERS: u32 = 16;
 
 #[cfg(feature = "user")]
 mod user {
@@ -109,6 +174,16 @@ mod user {
     unsafe impl aya::Pod for EnrolledCgroup {}
     unsafe impl aya::Pod for ConnectionKey {}
     unsafe impl aya::Pod for OriginalDst {}
+    unsafe impl aya::Pod for Settings {}
+    unsafe impl aya::Pod for ListenerKey {}
+    unsafe impl aya::Pod for SocketKey {}
+
+    impl ListenerKey {
+        pub fn new(ip: IpAddr) -> Self {
+            let (ip, family) = ip_to_words(ip);
+            ListenerKey { ip, family, _pad: 0 }
+        }
+    }
 
     /// Converts an address to the map representation (network-order words).
     pub fn ip_to_words(ip: IpAddr) -> ([u32; 4], u16) {
@@ -162,6 +237,9 @@ mod user {
             assert_eq!(core::mem::size_of::<EnrolledCgroup>(), 8);
             assert_eq!(core::mem::size_of::<ConnectionKey>(), 32);
             assert_eq!(core::mem::size_of::<OriginalDst>(), 32);
+            assert_eq!(core::mem::size_of::<Settings>(), 8);
+            assert_eq!(core::mem::size_of::<ListenerKey>(), 20);
+            assert_eq!(core::mem::size_of::<SocketKey>(), 48);
         }
 
         #[test]

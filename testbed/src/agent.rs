@@ -21,11 +21,15 @@ pub struct AgentOptions {
     pub pin_dir: Option<PathBuf>,
     /// Runtime directory (agent.pid); default: in the testbed's state directory.
     pub run_dir: Option<PathBuf>,
+    /// sockops/sk_msg acceleration of the app ↔ agent legs.
+    pub socket_acceleration: bool,
+    /// How long the agent drains open connections on SIGTERM.
+    pub drain_timeout_seconds: u64,
 }
 
 impl Default for AgentOptions {
     fn default() -> Self {
-        AgentOptions { ebpf_log_level: "debug", pin_dir: None, run_dir: None }
+        AgentOptions { ebpf_log_level: "debug", pin_dir: None, run_dir: None, socket_acceleration: true, drain_timeout_seconds: 2 }
     }
 }
 
@@ -44,16 +48,6 @@ impl Agent {
         std::fs::create_dir_all(&dir)?;
         let pin_dir = options.pin_dir.clone().unwrap_or_else(|| node.pin_dir());
         let run_dir = options.run_dir.clone().unwrap_or_else(|| dir.join("run"));
-        let pods: Vec<_> = node
-            .pods()
-            .iter()
-            .map(|p| {
-                serde_json::json!({
-                    "name": p.name, "namespace": p.namespace, "netns": p.netns_path(),
-                    "cgroup": p.cgroup, "ip": p.ip, "enrolled": p.enrolled,
-                })
-            })
-            .collect();
         let config = serde_json::json!({
             "nodeName": node.name,
             "pinDir": pin_dir,
@@ -61,13 +55,17 @@ impl Agent {
             "cgroupAttach": node.cgroup,
             "adminAddr": ADMIN_ADDR,
             "ebpfLogLevel": options.ebpf_log_level,
-            "pods": pods,
+            "socketAcceleration": options.socket_acceleration,
+            "drainTimeoutSeconds": options.drain_timeout_seconds,
+            "workloadsFile": node.workloads_file(),
         });
         let config_path = dir.join("agent.yaml");
         std::fs::write(&config_path, serde_yaml::to_string(&config)?)?;
         let mut cmd = Command::new(bin_path("warren-agent")?);
         cmd.args(["run", "--config"]).arg(&config_path).env("WARREN_LOG", "info,warren_agent=debug");
-        let process = node.spawn(cmd)?;
+        // In its own cgroup below the node's, as a DaemonSet pod is below the node's root: the programs
+        // attached at the node's cgroup see the agent's sockets (socket acceleration needs both ends).
+        let process = node.spawn_in_cgroup(cmd, "warren-agent")?;
         let agent = Agent { process, config_path, pin_dir, run_dir, node_netns: node.netns.clone() };
         agent.wait_ready(Duration::from_secs(20))?;
         Ok(agent)
@@ -121,6 +119,35 @@ impl Agent {
     /// Stops the agent with SIGTERM and returns its exit status.
     pub fn stop(&self) -> Option<std::process::ExitStatus> {
         self.process.terminate()
+    }
+
+    /// Kills the agent without letting it drain (a crash).
+    pub fn kill(&self) {
+        self.process.signal(libc::SIGKILL);
+        let _ = self.process.wait_exit(Duration::from_secs(5));
+    }
+
+    /// The pods the agent reports (/workloads), parsed.
+    pub fn workloads(&self) -> Result<serde_json::Value> {
+        Ok(serde_json::from_str(&self.get("/workloads")?)?)
+    }
+
+    /// Waits until the agent reports `pod` as enrolled (`true`) or not (`false`).
+    pub fn wait_enrolled(&self, pod: &crate::Pod, enrolled: bool, timeout: Duration) -> Result<()> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            let workloads = self.workloads()?;
+            let state = workloads.as_array().and_then(|pods| {
+                pods.iter().find(|p| p["uid"] == pod.uid.as_str()).map(|p| p["enrolled"] == serde_json::Value::Bool(true))
+            });
+            if state == Some(enrolled) {
+                return Ok(());
+            }
+            if Instant::now() > deadline {
+                bail!("{} not {} after {timeout:?}: {workloads:#}", pod.name, if enrolled { "enrolled" } else { "un-enrolled" });
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
     }
 }
 

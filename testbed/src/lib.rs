@@ -40,7 +40,7 @@ pub use process::{Process, SendResult};
 
 use std::{
     fs,
-    net::{IpAddr, Ipv4Addr, SocketAddr},
+    net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr},
     path::{Path, PathBuf},
     sync::{
         Arc, Mutex,
@@ -107,18 +107,23 @@ pub struct Node {
     pub netns: String,
     pub ip: Ipv4Addr,
     pub cgroup: PathBuf,
-    pods: Arc<Mutex<Vec<Pod>>>,
+    pub ip6: Ipv6Addr,
+    /// The node's pods and whether each is enrolled (written to the workloads file the agent watches).
+    pods: Arc<Mutex<Vec<(Pod, bool)>>>,
 }
 
-/// A pod: its own netns (eth0 on the node's bridge, lo up) and its own cgroup under the node's.
+/// A pod: its own netns (eth0 on the node's bridge, lo up, IPv4 and IPv6) and its own cgroup
+/// `pod<uid>` under the node's (as kubelet names them), with a pause process in it, so the agent finds
+/// it by UID in /proc like on a real node.
 #[derive(Clone, Debug)]
 pub struct Pod {
     pub name: String,
     pub namespace: String,
+    pub uid: String,
     pub netns: String,
     pub ip: Ipv4Addr,
+    pub ip6: Ipv6Addr,
     pub cgroup: PathBuf,
-    pub enrolled: bool,
     bed_processes: Arc<Inner>,
 }
 
@@ -177,6 +182,7 @@ impl Testbed {
         }
         let netns = format!("{}-{name}", self.inner.id);
         let ip = Ipv4Addr::new(172, 18, 0, index + 2);
+        let ip6: Ipv6Addr = format!("fd00:172:18::{:x}", index + 2).parse()?;
         net::add_netns(&netns)?;
         nodes.push(NodeRecord { name: name.to_string(), netns: netns.clone(), pods: vec![] });
         let fabric = &self.inner.fabric;
@@ -184,17 +190,23 @@ impl Testbed {
         net::ip(&["-n", fabric, "link", "add", &uplink, "type", "veth", "peer", "name", "eth0", "netns", &netns])?;
         net::ip(&["-n", fabric, "link", "set", &uplink, "master", "br0", "up"])?;
         net::ip(&["-n", &netns, "addr", "add", &format!("{ip}/16"), "dev", "eth0"])?;
+        net::ip(&["-n", &netns, "addr", "add", &format!("{ip6}/64"), "dev", "eth0", "nodad"])?;
         net::ip(&["-n", &netns, "link", "set", "eth0", "up"])?;
         net::ip(&["-n", &netns, "link", "set", "lo", "up"])?;
         net::ip(&["-n", &netns, "link", "add", "cni0", "type", "bridge"])?;
         net::ip(&["-n", &netns, "addr", "add", &format!("10.244.{index}.1/24"), "dev", "cni0"])?;
+        net::ip(&["-n", &netns, "addr", "add", &format!("fd00:10:244:{index:x}::1/64"), "dev", "cni0", "nodad"])?;
         net::ip(&["-n", &netns, "link", "set", "cni0", "up"])?;
         net::sysctl_in(&netns, "net/ipv4/ip_forward", "1")?;
+        net::sysctl_in(&netns, "net/ipv6/conf/all/forwarding", "1")?;
         // Routes between this node and every earlier one, both ways.
         for (other_index, other) in nodes.iter().enumerate().take(index as usize) {
             let other_ip = Ipv4Addr::new(172, 18, 0, other_index as u8 + 2);
+            let other_ip6 = format!("fd00:172:18::{:x}", other_index + 2);
             net::ip(&["-n", &netns, "route", "add", &format!("10.244.{other_index}.0/24"), "via", &other_ip.to_string()])?;
             net::ip(&["-n", &other.netns, "route", "add", &format!("10.244.{index}.0/24"), "via", &ip.to_string()])?;
+            net::ip(&["-n", &netns, "route", "add", &format!("fd00:10:244:{other_index:x}::/64"), "via", &other_ip6])?;
+            net::ip(&["-n", &other.netns, "route", "add", &format!("fd00:10:244:{index:x}::/64"), "via", &ip6.to_string()])?;
         }
         let cgroup = self.inner.cgroup.join(name);
         fs::create_dir_all(&cgroup).with_context(|| format!("creating cgroup {}", cgroup.display()))?;
@@ -204,6 +216,7 @@ impl Testbed {
             index,
             netns,
             ip,
+            ip6,
             cgroup,
             pods: Arc::default(),
         })
@@ -216,12 +229,15 @@ impl Testbed {
 }
 
 impl Node {
-    /// Adds a pod on this node, with eth0 on the node's bridge and lo up.
+    /// Adds a pod on this node (enrolled or not), with eth0 on the node's bridge and lo up, and a pause
+    /// process in its cgroup. A running agent picks it up from the workloads file.
     pub fn add_pod(&self, name: &str, enrolled: bool) -> Result<Pod> {
         let mut pods = self.pods.lock().unwrap();
         let host = u8::try_from(pods.len() + 2).ok().filter(|h| *h < 250).context("too many pods")?;
         let netns = format!("{}-{name}", self.netns);
         let ip = Ipv4Addr::new(10, 244, self.index, host);
+        let ip6: Ipv6Addr = format!("fd00:10:244:{:x}::{:x}", self.index, host).parse()?;
+        let uid = pod_uid(self.index, host);
         net::add_netns(&netns)?;
         {
             let mut nodes = self.bed.nodes.lock().unwrap();
@@ -233,27 +249,81 @@ impl Node {
         net::ip(&["-n", &self.netns, "link", "add", &host_side, "type", "veth", "peer", "name", "eth0", "netns", &netns])?;
         net::ip(&["-n", &self.netns, "link", "set", &host_side, "master", "cni0", "up"])?;
         net::ip(&["-n", &netns, "addr", "add", &format!("{ip}/24"), "dev", "eth0"])?;
+        net::ip(&["-n", &netns, "addr", "add", &format!("{ip6}/64"), "dev", "eth0", "nodad"])?;
         net::ip(&["-n", &netns, "link", "set", "eth0", "up"])?;
-        // `ip netns add` leaves lo down; the redirect target 127.0.0.1 needs it.
+        // `ip netns add` leaves lo down; the redirect targets 127.0.0.1 and ::1 need it.
         net::ip(&["-n", &netns, "link", "set", "lo", "up"])?;
         net::ip(&["-n", &netns, "route", "add", "default", "via", &format!("10.244.{}.1", self.index)])?;
-        let cgroup = self.cgroup.join(name);
+        net::ip(&["-n", &netns, "-6", "route", "add", "default", "via", &format!("fd00:10:244:{:x}::1", self.index)])?;
+        let cgroup = self.cgroup.join(format!("pod{uid}"));
         fs::create_dir_all(&cgroup).with_context(|| format!("creating cgroup {}", cgroup.display()))?;
         let pod = Pod {
             name: name.to_string(),
             namespace: "default".to_string(),
+            uid,
             netns,
             ip,
+            ip6,
             cgroup,
-            enrolled,
             bed_processes: self.bed.clone(),
         };
-        pods.push(pod.clone());
+        // The pod's "pause container": the process the agent finds the pod through.
+        let mut pause = std::process::Command::new(bin_path("warren-testapp")?);
+        pause.arg("pause");
+        pod.spawn(pause)?;
+        pods.push((pod.clone(), enrolled));
+        self.write_workloads(&pods)?;
         Ok(pod)
     }
 
     pub fn pods(&self) -> Vec<Pod> {
-        self.pods.lock().unwrap().clone()
+        self.pods.lock().unwrap().iter().map(|(p, _)| p.clone()).collect()
+    }
+
+    pub fn is_enrolled(&self, pod: &Pod) -> bool {
+        self.pods.lock().unwrap().iter().any(|(p, enrolled)| p.uid == pod.uid && *enrolled)
+    }
+
+    /// Enrolls or un-enrolls a pod live: flips its `warren.dev/mesh` label in the workloads file.
+    pub fn set_enrolled(&self, pod: &Pod, enrolled: bool) -> Result<()> {
+        let mut pods = self.pods.lock().unwrap();
+        for (p, e) in pods.iter_mut() {
+            if p.uid == pod.uid {
+                *e = enrolled;
+            }
+        }
+        self.write_workloads(&pods)
+    }
+
+    /// Where the agent reads this node's workloads.
+    pub fn workloads_file(&self) -> PathBuf {
+        self.state_dir().join("workloads.yaml")
+    }
+
+    /// Namespace `default` is enrolled (`warren.dev/mesh=enabled`); pods that must not be are labelled
+    /// `warren.dev/mesh=disabled`, the opt-out a user would use. Written atomically (rename).
+    fn write_workloads(&self, pods: &[(Pod, bool)]) -> Result<()> {
+        let pods: Vec<_> = pods
+            .iter()
+            .map(|(p, enrolled)| {
+                let labels = if *enrolled {
+                    serde_json::json!({"app": p.name})
+                } else {
+                    serde_json::json!({"app": p.name, "warren.dev/mesh": "disabled"})
+                };
+                serde_json::json!({"name": p.name, "namespace": p.namespace, "uid": p.uid, "ips": [p.ip, p.ip6], "labels": labels})
+            })
+            .collect();
+        let doc = serde_json::json!({
+            "namespaces": [{"name": "default", "labels": {"warren.dev/mesh": "enabled"}}],
+            "pods": pods,
+        });
+        let path = self.workloads_file();
+        fs::create_dir_all(self.state_dir())?;
+        let tmp = path.with_extension("yaml.tmp");
+        fs::write(&tmp, serde_yaml::to_string(&doc)?)?;
+        fs::rename(&tmp, &path)?;
+        Ok(())
     }
 
     pub fn state_dir(&self) -> PathBuf {
@@ -278,12 +348,30 @@ impl Node {
     pub fn spawn(&self, command: std::process::Command) -> Result<Process> {
         Process::spawn(&self.bed, command, &self.netns, None)
     }
+
+    /// Spawns a process in this node's netns, in cgroup `<node cgroup>/<name>` (created if missing).
+    pub fn spawn_in_cgroup(&self, command: std::process::Command, name: &str) -> Result<Process> {
+        let cgroup = self.cgroup.join(name);
+        fs::create_dir_all(&cgroup).with_context(|| format!("creating cgroup {}", cgroup.display()))?;
+        Process::spawn(&self.bed, command, &self.netns, Some(&cgroup))
+    }
+}
+
+/// A pod UID in Kubernetes' format, unique per testbed process.
+fn pod_uid(node: u8, host: u8) -> String {
+    let nanos = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.subsec_nanos()).unwrap_or(0);
+    format!("{:08x}-{:04x}-4{:03x}-8{:03x}-{:012x}", std::process::id(), SEQUENCE.load(Ordering::Relaxed), node, host, nanos)
 }
 
 impl Pod {
-    /// `ip:port` of this pod.
+    /// `ip:port` of this pod (IPv4).
     pub fn socket(&self, port: u16) -> SocketAddr {
         SocketAddr::new(IpAddr::V4(self.ip), port)
+    }
+
+    /// `[ip6]:port` of this pod.
+    pub fn socket6(&self, port: u16) -> SocketAddr {
+        SocketAddr::new(IpAddr::V6(self.ip6), port)
     }
 
     pub fn netns_path(&self) -> PathBuf {

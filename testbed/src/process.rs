@@ -112,6 +112,18 @@ impl Process {
         terminate(&self.child)
     }
 
+    /// Waits up to `timeout` for the process to exit.
+    pub fn wait_exit(&self, timeout: Duration) -> Option<ExitStatus> {
+        let deadline = Instant::now() + timeout;
+        while Instant::now() < deadline {
+            if let Some(status) = self.exited() {
+                return Some(status);
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        None
+    }
+
     pub fn signal(&self, signal: i32) {
         unsafe { libc::kill(self.pid as i32, signal) };
     }

@@ -16,7 +16,7 @@ pub fn run(keep: bool) -> Result<()> {
     let legacy = node.add_pod("legacy", false)?;
     println!("Warren demo — node {} ({}), pods as network namespaces + cgroups:", node.name, node.ip);
     for pod in node.pods() {
-        println!("  {:<12} {:<12} {}", pod.name, pod.ip, if pod.enrolled { "enrolled" } else { "not enrolled" });
+        println!("  {:<12} {:<12} {:<18} {}", pod.name, pod.ip, pod.ip6, if node.is_enrolled(&pod) { "enrolled" } else { "not enrolled" });
     }
     reviews.serve("v1")?;
     // The default pin and run directories, so `warren-agent inspect maps` works from another shell.

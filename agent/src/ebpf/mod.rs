@@ -1,5 +1,11 @@
-//! Loads Warren's eBPF object, pins its maps, attaches the cgroup programs, and gives the rest of the agent
-//! typed access to the maps. The map layouts live in the `warren-maps` crate.
+//! Loads Warren's eBPF object, pins its maps and links, attaches the programs, and gives the rest of the
+//! agent typed access to the maps. The map layouts live in the `warren-maps` crate.
+//!
+//! Everything the kernel needs to keep redirecting is pinned under the pin directory: the maps, and the
+//! links of the cgroup programs and of every enrolled pod's sk_lookup. A restarted agent loads its
+//! programs again, re-using the pinned maps, attaches new links and then swaps the pins — so redirect
+//! never stops for lack of an attached program. (Between the two, both run; the second sees a loopback
+//! destination and leaves it alone.)
 mod pinned;
 
 pub use pinned::PinnedMaps;
@@ -7,7 +13,7 @@ pub use pinned::PinnedMaps;
 use std::{
     collections::BTreeSet,
     fs::File,
-    os::fd::AsFd,
+    os::fd::{AsFd, AsRawFd},
     path::{Path, PathBuf},
     sync::Arc,
 };
@@ -15,20 +21,25 @@ use std::{
 use anyhow::{Context, Result, anyhow};
 use aya::{
     Ebpf, EbpfLoader,
-    maps::{HashMap, MapData, PerCpuArray},
-    programs::{CgroupAttachMode, CgroupSockAddr, SockOps},
+    maps::{Array, HashMap, MapData, PerCpuArray, SockHash},
+    programs::{
+        CgroupAttachMode, CgroupSockAddr, SkLookup, SkMsg, SockOps,
+        links::{FdLink, PinnedLink},
+    },
 };
-use warren_maps::{ConnectionKey, Counter, EnrolledCgroup, OriginalDst, names};
+use warren_maps::{ConnectionKey, Counter, EnrolledCgroup, ListenerKey, OriginalDst, Settings, names};
 
 use crate::config::EbpfLogLevel;
 
 /// The object compiled from agent-ebpf by build.rs.
 static EBPF_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/warren-ebpf.o"));
 
-/// The loaded programs (attached for as long as this value lives) and the maps the agent writes.
+/// The loaded programs and the maps the agent writes.
 pub struct Datapath {
-    _ebpf: Ebpf,
+    ebpf: Ebpf,
     enrolled: HashMap<MapData, u64, EnrolledCgroup>,
+    inbound_listeners: SockHash<MapData, ListenerKey>,
+    settings: Array<MapData, Settings>,
     original_dst: OriginalDstLookup,
     counters: EbpfCounters,
     pub pin_dir: PathBuf,
@@ -36,10 +47,11 @@ pub struct Datapath {
 }
 
 impl Datapath {
-    /// Loads the programs, pinning (or re-using already pinned) maps in `pin_dir`, and attaches
-    /// connect4 and sockops to `attach_cgroup`.
-    pub fn load(pin_dir: &Path, attach_cgroup: &Path, log_level: EbpfLogLevel) -> Result<Self> {
+    /// Loads the programs (re-using pinned maps in `pin_dir`), writes `settings`, and attaches the cgroup
+    /// programs to `attach_cgroup`, pinning their links.
+    pub fn load(pin_dir: &Path, attach_cgroup: &Path, log_level: EbpfLogLevel, settings: Settings) -> Result<Self> {
         crate::sys::ensure_bpffs(pin_dir)?;
+        std::fs::create_dir_all(links_dir(pin_dir).join("pods"))?;
         let level = log_level.as_aya_level();
         let mut ebpf = EbpfLoader::new()
             .default_map_pin_directory(pin_dir)
@@ -54,35 +66,64 @@ impl Datapath {
             }
         }
 
+        let mut settings_map: Array<MapData, Settings> = Array::try_from(take_map(&mut ebpf, names::SETTINGS)?)?;
+        settings_map.set(0, settings, 0).context("writing settings")?;
+
         let cgroup = File::open(attach_cgroup)
             .with_context(|| format!("opening cgroup {} to attach to", attach_cgroup.display()))?;
-        let connect4: &mut CgroupSockAddr = program(&mut ebpf, "connect4")?.try_into()?;
-        connect4.load().context("verifying connect4")?;
-        connect4
+        for name in ["connect4", "connect6"] {
+            let program: &mut CgroupSockAddr = program(&mut ebpf, name)?.try_into()?;
+            program.load().with_context(|| format!("verifying {name}"))?;
+            let id = program
+                .attach(cgroup.as_fd(), CgroupAttachMode::Single)
+                .with_context(|| format!("attaching {name} to {}", attach_cgroup.display()))?;
+            let link: FdLink = program.take_link(id)?.try_into()?;
+            replace_pin(link, &links_dir(pin_dir).join(name))?;
+        }
+        let sockops: &mut SockOps = program(&mut ebpf, "track_sockets")?.try_into()?;
+        sockops.load().context("verifying track_sockets (sock_ops)")?;
+        let id = sockops
             .attach(cgroup.as_fd(), CgroupAttachMode::Single)
-            .with_context(|| format!("attaching connect4 to {}", attach_cgroup.display()))?;
-        let sockops: &mut SockOps = program(&mut ebpf, "record_original_dst")?.try_into()?;
-        sockops.load().context("verifying record_original_dst (sockops)")?;
-        sockops
-            .attach(cgroup.as_fd(), CgroupAttachMode::Single)
-            .with_context(|| format!("attaching sockops to {}", attach_cgroup.display()))?;
+            .with_context(|| format!("attaching track_sockets to {}", attach_cgroup.display()))?;
+        let link: FdLink = sockops.take_link(id)?.try_into()?;
+        replace_pin(link, &links_dir(pin_dir).join("track_sockets"))?;
+
+        // sk_msg attaches to the sockhash itself (and stays attached while the pinned map lives).
+        let local_sockets: SockHash<MapData, warren_maps::SocketKey> =
+            SockHash::try_from(take_map(&mut ebpf, names::LOCAL_SOCKETS)?)?;
+        let sk_msg: &mut SkMsg = program(&mut ebpf, "redirect_to_peer")?.try_into()?;
+        sk_msg.load().context("verifying redirect_to_peer (sk_msg)")?;
+        let id = sk_msg.attach(local_sockets.fd()).context("attaching redirect_to_peer to LOCAL_SOCKETS")?;
+        // Keep the attachment when this agent exits, like the pinned links.
+        std::mem::forget(sk_msg.take_link(id)?);
+
+        let sk_lookup: &mut SkLookup = program(&mut ebpf, "capture_inbound")?.try_into()?;
+        sk_lookup.load().context("verifying capture_inbound (sk_lookup)")?;
 
         let enrolled = HashMap::try_from(take_map(&mut ebpf, names::ENROLLED_CGROUPS)?)?;
+        let inbound_listeners = SockHash::try_from(take_map(&mut ebpf, names::INBOUND_LISTENERS)?)?;
         let original_dst =
             OriginalDstLookup(Arc::new(HashMap::try_from(take_map(&mut ebpf, names::ORIGINAL_DST)?)?));
         let counters = EbpfCounters(Arc::new(PerCpuArray::try_from(take_map(&mut ebpf, names::COUNTERS)?)?));
         tracing::info!(
             pin_dir = %pin_dir.display(), cgroup = %attach_cgroup.display(),
-            "eBPF programs attached (connect4, sockops)"
+            socket_acceleration = settings.socket_acceleration == 1,
+            "eBPF programs attached (connect4, connect6, track_sockets, redirect_to_peer)"
         );
         Ok(Datapath {
-            _ebpf: ebpf,
+            ebpf,
             enrolled,
+            inbound_listeners,
+            settings: settings_map,
             original_dst,
             counters,
             pin_dir: pin_dir.to_path_buf(),
             attach_cgroup: attach_cgroup.to_path_buf(),
         })
+    }
+
+    pub fn set_settings(&mut self, settings: Settings) -> Result<()> {
+        Ok(self.settings.set(0, settings, 0)?)
     }
 
     /// Redirects the sockets of `cgroup_id` (and its descendants) into the agent.
@@ -92,8 +133,7 @@ impl Datapath {
 
     pub fn unenroll(&mut self, cgroup_id: u64) -> Result<()> {
         match self.enrolled.remove(&cgroup_id) {
-            Ok(()) => Ok(()),
-            Err(aya::maps::MapError::KeyNotFound) => Ok(()),
+            Ok(()) | Err(aya::maps::MapError::KeyNotFound) => Ok(()),
             Err(e) => Err(e).with_context(|| format!("un-enrolling cgroup {cgroup_id}")),
         }
     }
@@ -108,6 +148,44 @@ impl Datapath {
         Ok(())
     }
 
+    /// Makes `listener` the target of inbound connections to `key`'s address.
+    pub fn add_inbound_listener(&mut self, key: ListenerKey, listener: &impl AsRawFd) -> Result<()> {
+        self.inbound_listeners.insert(key, listener.as_raw_fd(), 0).context("adding an inbound listener")
+    }
+
+    pub fn remove_inbound_listener(&mut self, key: &ListenerKey) {
+        let _ = self.inbound_listeners.remove(key);
+    }
+
+    /// Attaches inbound capture to a pod's netns and pins the link as `links/pods/<uid>`.
+    pub fn attach_inbound_capture(&mut self, netns: &File, uid: &str) -> Result<()> {
+        let sk_lookup: &mut SkLookup = program(&mut self.ebpf, "capture_inbound")?.try_into()?;
+        let id = sk_lookup.attach(netns.as_fd()).context("attaching capture_inbound (sk_lookup) to the pod's netns")?;
+        let link: FdLink = sk_lookup.take_link(id)?.into();
+        replace_pin(link, &self.pod_link(uid))
+    }
+
+    /// Detaches inbound capture from a pod (removes its pinned link).
+    pub fn detach_inbound_capture(&mut self, uid: &str) {
+        let _ = std::fs::remove_file(self.pod_link(uid));
+    }
+
+    /// Removes pinned per-pod links of pods not in `keep` (an earlier agent's pods that are gone).
+    pub fn retain_pod_links(&mut self, keep: &BTreeSet<String>) {
+        let dir = links_dir(&self.pin_dir).join("pods");
+        for entry in std::fs::read_dir(&dir).into_iter().flatten().flatten() {
+            let uid = entry.file_name().to_string_lossy().into_owned();
+            if !keep.contains(&uid) {
+                tracing::info!(uid, "removing stale inbound capture link");
+                let _ = std::fs::remove_file(entry.path());
+            }
+        }
+    }
+
+    fn pod_link(&self, uid: &str) -> PathBuf {
+        links_dir(&self.pin_dir).join("pods").join(uid)
+    }
+
     /// A shareable handle for the proxy's per-connection lookups.
     pub fn original_dst_lookup(&self) -> OriginalDstLookup {
         self.original_dst.clone()
@@ -116,6 +194,19 @@ impl Datapath {
     pub fn counters(&self) -> EbpfCounters {
         self.counters.clone()
     }
+}
+
+fn links_dir(pin_dir: &Path) -> PathBuf {
+    pin_dir.join(warren_maps::LINKS_DIR)
+}
+
+/// Pins `link` at `path`, replacing (and so detaching) whatever an earlier agent pinned there.
+fn replace_pin(link: FdLink, path: &Path) -> Result<()> {
+    let _ = std::fs::remove_file(path);
+    let pinned: PinnedLink = link.pin(path).with_context(|| format!("pinning link {}", path.display()))?;
+    // The pin keeps the link; this process's fd is not needed.
+    drop(pinned);
+    Ok(())
 }
 
 /// Looks up what a redirected client had dialed (one map lookup per accepted connection).

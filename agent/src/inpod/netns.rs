@@ -16,16 +16,25 @@ type Job = Box<dyn FnOnce() + Send>;
 pub struct Netns {
     path: PathBuf,
     jobs: mpsc::Sender<Job>,
+    /// Kept open: the fd sk_lookup attaches to, and proof the netns still exists.
+    file: File,
 }
 
 impl Netns {
     pub fn open(path: &Path) -> Result<Self> {
         let file = File::open(path).with_context(|| format!("opening network namespace {}", path.display()))?;
+        Self::from_file(file, path)
+    }
+
+    /// Uses an already open netns file; `label` names it in messages.
+    pub fn from_file(file: File, label: &Path) -> Result<Self> {
+        let path = label.to_path_buf();
+        let thread_file = file.try_clone()?;
         let (jobs, inbox) = mpsc::channel::<Job>();
         let (entered_tx, entered_rx) = mpsc::channel();
-        let name = format!("netns-{}", path.file_name().map(|n| n.to_string_lossy()).unwrap_or_default());
+        let name = "netns".to_string();
         thread::Builder::new().name(name).spawn(move || {
-            let entered = if unsafe { libc::setns(file.as_raw_fd(), libc::CLONE_NEWNET) } == 0 {
+            let entered = if unsafe { libc::setns(thread_file.as_raw_fd(), libc::CLONE_NEWNET) } == 0 {
                 Ok(())
             } else {
                 Err(std::io::Error::last_os_error())
@@ -42,7 +51,11 @@ impl Netns {
             .recv()
             .map_err(|_| anyhow!("netns thread exited"))?
             .with_context(|| format!("entering network namespace {}", path.display()))?;
-        Ok(Netns { path: path.to_path_buf(), jobs })
+        Ok(Netns { path, jobs, file })
+    }
+
+    pub fn file(&self) -> &File {
+        &self.file
     }
 
     pub fn path(&self) -> &Path {

@@ -1,4 +1,5 @@
 //! `warren-agent inspect …`: the agent's state, read back for people (tables) and tools (`-o json`).
+pub mod live;
 pub mod maps;
 
 use std::path::Path;

@@ -85,6 +85,10 @@ impl ConnectionTable {
         }
     }
 
+    pub fn open_count(&self) -> usize {
+        self.inner.lock().unwrap().open.len()
+    }
+
     pub fn snapshot(&self) -> Snapshot {
         let inner = self.inner.lock().unwrap();
         Snapshot {

@@ -4,6 +4,7 @@
 //! - `send`: streams N pseudo-random bytes to an echo server while reading them back, and reports (JSON)
 //!   whether every byte returned in order.
 //! - `http-get`: one request, prints the body.
+//! - `pause`: sleeps; a testbed pod's first process, as Kubernetes' pause container.
 use std::{
     io::{BufRead, BufReader, Read, Write},
     net::{Shutdown, SocketAddr, TcpListener, TcpStream},
@@ -44,6 +45,8 @@ enum Cmd {
         #[arg(long, default_value = "/")]
         path: String,
     },
+    /// Sleep until killed (a pod's pause process).
+    Pause,
 }
 
 fn main() -> ExitCode {
@@ -51,11 +54,15 @@ fn main() -> ExitCode {
         Cmd::Serve { name, version, echo_port, http_port } => serve(name, version, echo_port, http_port),
         Cmd::Send { to, bytes } => send(to, bytes),
         Cmd::HttpGet { to, path } => http_get(to, &path),
+        Cmd::Pause => loop {
+            std::thread::park();
+        },
     }
 }
 
 fn serve(name: String, version: String, echo_port: u16, http_port: u16) -> ExitCode {
-    let bind = |port| TcpListener::bind(("0.0.0.0", port)).unwrap_or_else(|e| panic!("bind :{port}: {e}"));
+    // [::] is dual-stack: one listener for IPv4 and IPv6 clients.
+    let bind = |port| TcpListener::bind(("::", port)).unwrap_or_else(|e| panic!("bind :{port}: {e}"));
     let (echo, http) = (bind(echo_port), bind(http_port));
     println!("ready");
     let _ = std::io::stdout().flush();
@@ -71,6 +78,14 @@ fn serve(name: String, version: String, echo_port: u16, http_port: u16) -> ExitC
     ExitCode::SUCCESS
 }
 
+/// An IPv4 client of a dual-stack listener shows as ::ffff:a.b.c.d; report it as IPv4.
+fn unmapped(addr: SocketAddr) -> SocketAddr {
+    match addr {
+        SocketAddr::V6(v6) => v6.ip().to_ipv4_mapped().map_or(addr, |v4| SocketAddr::new(v4.into(), v6.port())),
+        v4 => v4,
+    }
+}
+
 fn echo_connection(stream: TcpStream) {
     let mut reader = stream.try_clone().expect("clone");
     let mut writer = stream;
@@ -79,7 +94,7 @@ fn echo_connection(stream: TcpStream) {
 }
 
 fn http_connection(stream: TcpStream, name: &str, version: &str) {
-    let client = stream.peer_addr().map(|a| a.to_string()).unwrap_or_default();
+    let client = stream.peer_addr().map(|a| unmapped(a).to_string()).unwrap_or_default();
     let mut reader = BufReader::new(stream.try_clone().expect("clone"));
     let mut request_line = String::new();
     if reader.read_line(&mut request_line).is_err() {

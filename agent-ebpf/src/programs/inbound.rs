@@ -1,0 +1,46 @@
+//! Inbound capture: attached to each enrolled pod's network namespace, `sk_lookup` hands TCP connections
+//! arriving for the pod's addresses to the agent's inbound listener there (no iptables). The agent
+//! recovers the original destination with getsockname() on the accepted socket.
+use aya_ebpf::{macros::sk_lookup, programs::SkLookupContext};
+use warren_maps::{Counter, ListenerKey};
+
+use core::ptr::read_volatile;
+
+use super::{AF_INET, AF_INET6, INBOUND_LISTENERS, count, read_ip6, settings};
+
+const IPPROTO_TCP: u32 = 6;
+/// The loopback device is ifindex 1 in every network namespace.
+const LOOPBACK_IFINDEX: u32 = 1;
+const SK_PASS: u32 = 1;
+
+#[sk_lookup]
+pub fn capture_inbound(ctx: SkLookupContext) -> u32 {
+    let lookup = ctx.lookup;
+    let (protocol, ingress_ifindex, local_port, family) = unsafe {
+        (
+            read_volatile(&(*lookup).protocol),
+            read_volatile(&(*lookup).ingress_ifindex),
+            read_volatile(&(*lookup).local_port),
+            read_volatile(&(*lookup).family),
+        )
+    };
+    // Only traffic arriving from outside the pod: the pod's own loopback traffic, including the agent's
+    // connections to the workload, is never captured.
+    if protocol != IPPROTO_TCP || ingress_ifindex == LOOPBACK_IFINDEX {
+        return SK_PASS;
+    }
+    let port = local_port as u16;
+    let settings = settings();
+    if port == settings.inbound_port || port == settings.outbound_port || port == settings.hbone_port {
+        return SK_PASS;
+    }
+    let key = match family {
+        AF_INET => ListenerKey { ip: [unsafe { read_volatile(&(*lookup).local_ip4) }, 0, 0, 0], family: AF_INET as u16, _pad: 0 },
+        AF_INET6 => ListenerKey { ip: unsafe { read_ip6(&(*lookup).local_ip6) }, family: AF_INET6 as u16, _pad: 0 },
+        _ => return SK_PASS,
+    };
+    if INBOUND_LISTENERS.redirect_sk_lookup(&ctx, key, 0).is_ok() {
+        count(Counter::InboundCaptured);
+    }
+    SK_PASS
+}

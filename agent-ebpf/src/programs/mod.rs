@@ -1,0 +1,80 @@
+//! Maps shared by the programs, and small helpers. Layouts: the `warren-maps` crate.
+mod accelerate;
+mod inbound;
+mod outbound;
+
+use aya_ebpf::{
+    macros::map,
+    maps::{Array, HashMap, LruHashMap, PerCpuArray, SockHash},
+};
+use warren_maps::{
+    ConnectionKey, Counter, EnrolledCgroup, ListenerKey, NUM_COUNTERS, OriginalDst, Settings, SocketKey,
+};
+
+pub(crate) const AF_INET: u32 = warren_maps::AF_INET as u32;
+pub(crate) const AF_INET6: u32 = warren_maps::AF_INET6 as u32;
+
+#[map(name = "ENROLLED_CGROUPS")]
+pub(crate) static ENROLLED_CGROUPS: HashMap<u64, EnrolledCgroup> = HashMap::pinned(16384, 0);
+
+/// Short-lived: lives from connect() until the handshake completes (LRU so that connects that never
+/// establish cannot fill it).
+#[map(name = "ORIGINAL_DST_BY_COOKIE")]
+pub(crate) static ORIGINAL_DST_BY_COOKIE: LruHashMap<u64, OriginalDst> = LruHashMap::pinned(65536, 0);
+
+/// Read by the agent on accept. LRU: entries age out instead of needing a close hook on every socket.
+#[map(name = "ORIGINAL_DST")]
+pub(crate) static ORIGINAL_DST: LruHashMap<ConnectionKey, OriginalDst> = LruHashMap::pinned(65536, 0);
+
+#[map(name = "INBOUND_LISTENERS")]
+pub(crate) static INBOUND_LISTENERS: SockHash<ListenerKey> = SockHash::pinned(16384, 0);
+
+#[map(name = "LOCAL_SOCKETS")]
+pub(crate) static LOCAL_SOCKETS: SockHash<SocketKey> = SockHash::pinned(131072, 0);
+
+#[map(name = "SETTINGS")]
+pub(crate) static SETTINGS: Array<Settings> = Array::pinned(1, 0);
+
+#[map(name = "COUNTERS")]
+pub(crate) static COUNTERS: PerCpuArray<u64> = PerCpuArray::pinned(NUM_COUNTERS, 0);
+
+/// Reads an IPv6 address field of a program context.
+///
+/// Context fields are read with read_volatile, one load per field at a fixed offset: otherwise LLVM may
+/// merge the IPv4 and IPv6 branches' loads, or copy the array through a computed context pointer, which
+/// the verifier rejects ("dereference of modified ctx ptr").
+#[inline(always)]
+pub(crate) unsafe fn read_ip6(words: *const [u32; 4]) -> [u32; 4] {
+    let w = words as *const u32;
+    unsafe {
+        [
+            core::ptr::read_volatile(w),
+            core::ptr::read_volatile(w.add(1)),
+            core::ptr::read_volatile(w.add(2)),
+            core::ptr::read_volatile(w.add(3)),
+        ]
+    }
+}
+
+#[inline(always)]
+pub(crate) fn count(counter: Counter) {
+    if let Some(slot) = COUNTERS.get_ptr_mut(counter as u32) {
+        // Per-CPU slot: no other writer, a plain add is exact.
+        unsafe { *slot += 1 };
+    }
+}
+
+/// The agent's settings; all zero (capture ports unknown, acceleration off) until the agent writes them.
+#[inline(always)]
+pub(crate) fn settings() -> Settings {
+    SETTINGS.get(0).copied().unwrap_or_default()
+}
+
+#[panic_handler]
+fn panic(_info: &core::panic::PanicInfo) -> ! {
+    loop {}
+}
+
+#[unsafe(link_section = "license")]
+#[unsafe(no_mangle)]
+static LICENSE: [u8; 4] = *b"GPL\0";

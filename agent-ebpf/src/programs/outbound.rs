@@ -1,0 +1,154 @@
+//! Outbound redirect of enrolled workloads into the node agent.
+//!
+//! 1. `connect4`/`connect6`: a TCP connect() from a socket whose cgroup (or an ancestor) is in
+//!    `ENROLLED_CGROUPS` is rewritten to the agent's listener on loopback inside the same netns. The
+//!    destination the workload dialed is stored under the socket cookie.
+//! 2. `track_sockets` (sock_ops ACTIVE_ESTABLISHED, in accelerate.rs): once the client's source port is
+//!    known, [`record_original_dst`] re-keys it by (netns cookie, client ip, client port) — what the agent
+//!    sees as the peer of the accepted connection — so the agent recovers it with one lookup.
+use aya_ebpf::{
+    EbpfContext,
+    helpers::{bpf_get_current_ancestor_cgroup_id, bpf_get_current_cgroup_id, bpf_get_netns_cookie, bpf_get_socket_cookie},
+    macros::cgroup_sock_addr,
+    programs::{SockAddrContext, SockOpsContext},
+};
+use aya_log_ebpf::{debug, warn};
+use warren_maps::{ConnectionKey, Counter, EnrolledCgroup, MAX_CGROUP_DEPTH, OriginalDst};
+
+use super::{AF_INET, AF_INET6, ENROLLED_CGROUPS, ORIGINAL_DST, ORIGINAL_DST_BY_COOKIE, count};
+
+const SOCK_STREAM: u32 = 1;
+/// Return value of cgroup sock_addr programs that lets the syscall proceed.
+const ALLOW: i32 = 1;
+
+/// The enrollment of the calling task's cgroup, or of its nearest enrolled ancestor.
+#[inline(always)]
+fn enrolled_cgroup() -> Option<(u64, EnrolledCgroup)> {
+    let own = unsafe { bpf_get_current_cgroup_id() };
+    if let Some(e) = unsafe { ENROLLED_CGROUPS.get(&own) } {
+        return Some((own, *e));
+    }
+    let mut level = 1;
+    while level <= MAX_CGROUP_DEPTH {
+        let id = unsafe { bpf_get_current_ancestor_cgroup_id(level as i32) };
+        if id == 0 || id == own {
+            // Past the task's own depth: nothing above matched either.
+            return None;
+        }
+        if let Some(e) = unsafe { ENROLLED_CGROUPS.get(&id) } {
+            return Some((id, *e));
+        }
+        level += 1;
+    }
+    None
+}
+
+/// Stores what the socket dialed; false when the map refused (then the connect must not be redirected).
+#[inline(always)]
+fn remember(ctx: &SockAddrContext, original: &OriginalDst) -> bool {
+    let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
+    if ORIGINAL_DST_BY_COOKIE.insert(&cookie, original, 0).is_err() {
+        count(Counter::OriginalDstRecordFailed);
+        warn!(ctx, "connect: cannot record original destination, not redirecting cookie={}", cookie);
+        return false;
+    }
+    true
+}
+
+#[cgroup_sock_addr(connect4)]
+pub fn connect4(ctx: SockAddrContext) -> i32 {
+    let addr = unsafe { &mut *ctx.sock_addr };
+    if addr.type_ != SOCK_STREAM {
+        return ALLOW; // UDP (DNS included) is never touched
+    }
+    count(Counter::Connect4);
+    let Some((cgroup_id, enrolled)) = enrolled_cgroup() else {
+        return ALLOW;
+    };
+    let dst_ip = addr.user_ip4; // network byte order
+    // A workload talking to itself over loopback stays local (this also covers the redirect target).
+    if u32::from_be(dst_ip) >> 24 == 127 {
+        return ALLOW;
+    }
+    let dst_port = u16::from_be(addr.user_port as u16);
+    let original = OriginalDst { ip: [dst_ip, 0, 0, 0], port: dst_port, family: AF_INET as u16, _pad: 0, cgroup_id };
+    if !remember(&ctx, &original) {
+        return ALLOW;
+    }
+    unsafe {
+        core::ptr::write_volatile(&mut addr.user_ip4, u32::to_be(0x7f00_0001));
+        core::ptr::write_volatile(&mut addr.user_port, u16::to_be(enrolled.outbound_port) as u32);
+    }
+    count(Counter::Connect4Redirected);
+    debug!(
+        &ctx,
+        "connect4: cgroup {} dialed {:i}:{}, redirected to 127.0.0.1:{}",
+        cgroup_id,
+        u32::from_be(dst_ip),
+        dst_port,
+        enrolled.outbound_port
+    );
+    ALLOW
+}
+
+#[cgroup_sock_addr(connect6)]
+pub fn connect6(ctx: SockAddrContext) -> i32 {
+    let addr = unsafe { &mut *ctx.sock_addr };
+    if addr.type_ != SOCK_STREAM {
+        return ALLOW;
+    }
+    count(Counter::Connect6);
+    let Some((cgroup_id, enrolled)) = enrolled_cgroup() else {
+        return ALLOW;
+    };
+    let dst = unsafe { super::read_ip6(&addr.user_ip6) }; // four network-order words
+    let is_loopback = dst[0] == 0 && dst[1] == 0 && dst[2] == 0 && dst[3] == u32::to_be(1);
+    let is_v4_mapped_loopback = dst[0] == 0 && dst[1] == 0 && dst[2] == u32::to_be(0xffff) && u32::from_be(dst[3]) >> 24 == 127;
+    if is_loopback || is_v4_mapped_loopback {
+        return ALLOW;
+    }
+    let dst_port = u16::from_be(addr.user_port as u16);
+    let original = OriginalDst { ip: dst, port: dst_port, family: AF_INET6 as u16, _pad: 0, cgroup_id };
+    if !remember(&ctx, &original) {
+        return ALLOW;
+    }
+    unsafe {
+        core::ptr::write_volatile(&mut addr.user_ip6[0], 0);
+        core::ptr::write_volatile(&mut addr.user_ip6[1], 0);
+        core::ptr::write_volatile(&mut addr.user_ip6[2], 0);
+        core::ptr::write_volatile(&mut addr.user_ip6[3], u32::to_be(1));
+        core::ptr::write_volatile(&mut addr.user_port, u16::to_be(enrolled.outbound_port) as u32);
+    }
+    count(Counter::Connect6Redirected);
+    // The words are in network order, so their in-memory bytes are the address's bytes.
+    let dst_bytes: [u8; 16] = unsafe { core::mem::transmute(dst) };
+    debug!(
+        &ctx,
+        "connect6: cgroup {} dialed [{:i}]:{}, redirected to [::1]:{}",
+        cgroup_id,
+        dst_bytes,
+        dst_port,
+        enrolled.outbound_port
+    );
+    ALLOW
+}
+
+/// sockops ACTIVE_ESTABLISHED: move the original destination from the socket cookie to the client tuple.
+#[inline(always)]
+pub(crate) fn record_original_dst(ctx: &SockOpsContext, family: u32, local_ip: [u32; 4]) {
+    let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
+    let Some(original) = (unsafe { ORIGINAL_DST_BY_COOKIE.get(&cookie) }).copied() else {
+        return;
+    };
+    let key = ConnectionKey {
+        netns_cookie: unsafe { bpf_get_netns_cookie(ctx.as_ptr()) },
+        ip: local_ip,
+        port: ctx.local_port() as u16, // host byte order in bpf_sock_ops
+        family: family as u16,
+        _pad: 0,
+    };
+    if ORIGINAL_DST.insert(&key, &original, 0).is_ok() {
+        count(Counter::OriginalDstRecorded);
+    }
+    let _ = ORIGINAL_DST_BY_COOKIE.remove(&cookie);
+}

@@ -1,0 +1,244 @@
+//! Keeps the enrolled pods on this node in line with the workloads a source reports: enrolls new ones,
+//! un-enrolls the ones that left, live and without touching the pods.
+//!
+//! Enroll, in this order so that no connection meets a half-built path: find the pod (cgroup, netns) →
+//! open the agent's listeners in its netns → register the inbound listener and attach sk_lookup → put its
+//! cgroup in ENROLLED_CGROUPS. Un-enroll in reverse: map entry and sk_lookup first (new connections go
+//! around the agent at once), listeners a moment later (a connect already redirected still lands).
+use std::{
+    collections::{BTreeMap, BTreeSet},
+    net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr},
+    os::fd::AsRawFd,
+    path::PathBuf,
+    sync::{Arc, Mutex},
+    time::Duration,
+};
+
+use anyhow::{Context, Result};
+use serde::Serialize;
+use tokio::{net::TcpSocket, task::JoinHandle};
+use tracing::{info, warn};
+use warren_maps::{EnrolledCgroup, ListenerKey};
+
+use super::{Netns, discover};
+use crate::{
+    ebpf::Datapath,
+    proxy::{self, ProxyShared},
+    state::{Pod, Workloads},
+};
+
+/// How long listeners of an un-enrolled pod stay open for connects redirected just before.
+const UNENROLL_GRACE: Duration = Duration::from_millis(500);
+
+pub struct PortConfig {
+    pub outbound: u16,
+    pub inbound: u16,
+}
+
+struct EnrolledPod {
+    key: String,
+    cgroup_id: u64,
+    cgroup: PathBuf,
+    ips: Vec<IpAddr>,
+    listener_keys: Vec<ListenerKey>,
+    listeners: Vec<JoinHandle<()>>,
+}
+
+/// What `inspect workloads` shows of a pod.
+#[derive(Debug, Clone, Serialize)]
+pub struct PodStatus {
+    pub pod: String,
+    pub uid: String,
+    pub ips: Vec<IpAddr>,
+    pub enrolled: bool,
+    pub cgroup: Option<PathBuf>,
+    pub cgroup_id: Option<u64>,
+    /// Why a pod that should be enrolled is not (yet).
+    pub error: Option<String>,
+}
+
+pub struct InpodManager {
+    datapath: Arc<Mutex<Datapath>>,
+    ports: PortConfig,
+    cgroup2_mount: PathBuf,
+    shared: ProxyShared,
+    enrolled: BTreeMap<String, EnrolledPod>,
+    status: Arc<Mutex<Vec<PodStatus>>>,
+}
+
+impl InpodManager {
+    pub fn new(datapath: Arc<Mutex<Datapath>>, ports: PortConfig, cgroup2_mount: PathBuf, shared: ProxyShared) -> Self {
+        InpodManager { datapath, ports, cgroup2_mount, shared, enrolled: BTreeMap::new(), status: Arc::default() }
+    }
+
+    /// A live view of every known pod's enrollment, for the admin endpoint.
+    pub fn status_handle(&self) -> Arc<Mutex<Vec<PodStatus>>> {
+        self.status.clone()
+    }
+
+    /// Brings enrollment in line with `workloads`. Pods that cannot be enrolled yet (no process found)
+    /// are reported in the status and retried on the next call.
+    pub async fn reconcile(&mut self, workloads: &Workloads) {
+        let wanted: BTreeMap<&str, &Pod> = workloads.enrolled_pods().into_iter().map(|p| (p.uid.as_str(), p)).collect();
+        let leaving: Vec<String> = self.enrolled.keys().filter(|uid| !wanted.contains_key(uid.as_str())).cloned().collect();
+        for uid in leaving {
+            self.unenroll(&uid);
+        }
+        let mut errors = BTreeMap::new();
+        for (uid, pod) in &wanted {
+            if self.enrolled.contains_key(*uid) {
+                continue;
+            }
+            if let Err(e) = self.enroll(pod).await {
+                warn!(pod = %pod.key(), uid, "cannot enroll: {e:#}");
+                errors.insert(uid.to_string(), format!("{e:#}"));
+            }
+        }
+        *self.status.lock().unwrap() = workloads
+            .pods
+            .iter()
+            .map(|p| {
+                let enrolled = self.enrolled.get(&p.uid);
+                PodStatus {
+                    pod: p.key(),
+                    uid: p.uid.clone(),
+                    ips: p.ips.clone(),
+                    enrolled: enrolled.is_some(),
+                    cgroup: enrolled.map(|e| e.cgroup.clone()),
+                    cgroup_id: enrolled.map(|e| e.cgroup_id),
+                    error: errors.get(&p.uid).cloned(),
+                }
+            })
+            .collect();
+    }
+
+    /// Removes what an earlier agent left for pods that are not enrolled now (call after the first
+    /// reconcile).
+    pub fn drop_stale_state(&self) -> Result<()> {
+        let cgroups: BTreeSet<u64> = self.enrolled.values().map(|p| p.cgroup_id).collect();
+        let uids: BTreeSet<String> = self.enrolled.keys().cloned().collect();
+        let mut datapath = self.datapath.lock().unwrap();
+        datapath.retain_enrolled(&cgroups)?;
+        datapath.retain_pod_links(&uids);
+        Ok(())
+    }
+
+    async fn enroll(&mut self, pod: &Pod) -> Result<()> {
+        let location = discover::find_pod(&pod.uid, std::path::Path::new("/proc"), &self.cgroup2_mount)?;
+        let cgroup_id = crate::sys::cgroup_id(&location.cgroup)?;
+        let label = PathBuf::from(format!("/proc/{}/ns/net", location.pid));
+        let netns = Arc::new(Netns::from_file(location.netns, &label)?);
+        let key = Arc::new(pod.key());
+        let has_v6 = pod.ips.iter().any(IpAddr::is_ipv6);
+
+        // Outbound: loopback listeners for redirected connects.
+        let mut outbound = vec![bind(&netns, SocketAddr::new(Ipv4Addr::LOCALHOST.into(), self.ports.outbound)).await?];
+        if has_v6 {
+            outbound.push(bind(&netns, SocketAddr::new(Ipv6Addr::LOCALHOST.into(), self.ports.outbound)).await?);
+        }
+        // Inbound: any-address listeners that sk_lookup assigns connections to, whatever their port.
+        let inbound_v4 = bind(&netns, SocketAddr::new(Ipv4Addr::UNSPECIFIED.into(), self.ports.inbound)).await?;
+        let inbound_v6 = if has_v6 {
+            Some(bind(&netns, SocketAddr::new(Ipv6Addr::UNSPECIFIED.into(), self.ports.inbound)).await?)
+        } else {
+            None
+        };
+        let netns_cookie = crate::sys::socket_netns_cookie(&outbound[0]).context("SO_NETNS_COOKIE")?;
+
+        let mut listener_keys = vec![];
+        {
+            let mut datapath = self.datapath.lock().unwrap();
+            for ip in &pod.ips {
+                let listener = if ip.is_ipv4() { Some(&inbound_v4) } else { inbound_v6.as_ref() };
+                if let Some(listener) = listener {
+                    let listener_key = ListenerKey::new(*ip);
+                    datapath.add_inbound_listener(listener_key, listener)?;
+                    listener_keys.push(listener_key);
+                }
+            }
+            datapath.attach_inbound_capture(netns.file(), &pod.uid)?;
+            datapath.enroll(cgroup_id, EnrolledCgroup { outbound_port: self.ports.outbound, ..Default::default() })?;
+        }
+
+        let mut listeners = vec![];
+        for listener in outbound {
+            listeners.push(tokio::spawn(proxy::outbound::serve(
+                listener,
+                netns_cookie,
+                netns.clone(),
+                key.clone(),
+                self.shared.clone(),
+            )));
+        }
+        for listener in std::iter::once(inbound_v4).chain(inbound_v6) {
+            listeners.push(tokio::spawn(proxy::inbound::serve(listener, netns.clone(), key.clone(), self.shared.clone())));
+        }
+        info!(pod = %key, uid = %pod.uid, cgroup_id, cgroup = %location.cgroup.display(), "pod enrolled");
+        self.enrolled.insert(
+            pod.uid.clone(),
+            EnrolledPod { key: key.to_string(), cgroup_id, cgroup: location.cgroup, ips: pod.ips.clone(), listener_keys, listeners },
+        );
+        Ok(())
+    }
+
+    fn unenroll(&mut self, uid: &str) {
+        let Some(pod) = self.enrolled.remove(uid) else { return };
+        {
+            let mut datapath = self.datapath.lock().unwrap();
+            if let Err(e) = datapath.unenroll(pod.cgroup_id) {
+                warn!(pod = %pod.key, "{e:#}");
+            }
+            datapath.detach_inbound_capture(uid);
+            for key in &pod.listener_keys {
+                datapath.remove_inbound_listener(key);
+            }
+        }
+        info!(pod = %pod.key, uid, ips = ?pod.ips, "pod un-enrolled");
+        let listeners = pod.listeners;
+        tokio::spawn(async move {
+            tokio::time::sleep(UNENROLL_GRACE).await;
+            for listener in listeners {
+                listener.abort();
+            }
+        });
+    }
+
+    /// Stops accepting new connections in every pod (connections in flight continue).
+    pub fn stop_listening(&mut self) {
+        for pod in self.enrolled.values() {
+            for listener in &pod.listeners {
+                listener.abort();
+            }
+        }
+    }
+}
+
+/// Binds (in the pod's netns) and listens on `addr`; IPv6 listeners are v6-only so that the v4 and v6
+/// listeners on the same port coexist.
+async fn bind(netns: &Netns, addr: SocketAddr) -> Result<tokio::net::TcpListener> {
+    let socket = netns
+        .run(move || -> std::io::Result<TcpSocket> {
+            let socket = if addr.is_ipv4() { TcpSocket::new_v4()? } else { TcpSocket::new_v6()? };
+            socket.set_reuseaddr(true)?;
+            if addr.is_ipv6() {
+                let on: libc::c_int = 1;
+                let rc = unsafe {
+                    libc::setsockopt(
+                        socket.as_raw_fd(),
+                        libc::IPPROTO_IPV6,
+                        libc::IPV6_V6ONLY,
+                        (&on as *const libc::c_int).cast(),
+                        std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+                    )
+                };
+                if rc != 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+            }
+            socket.bind(addr)?;
+            Ok(socket)
+        })
+        .await?
+        .with_context(|| format!("binding {addr} in the pod's netns"))?;
+    Ok(socket.listen(4096)?)
+}

@@ -1,0 +1,55 @@
+//! Which pods the mesh takes: the same rule for every source (Kubernetes, local file).
+
+use std::collections::BTreeMap;
+
+use super::Pod;
+
+/// Namespace label `warren.dev/mesh=enabled` enrolls; pod label `warren.dev/mesh=disabled` opts out.
+pub const MESH_LABEL: &str = "warren.dev/mesh";
+/// Istio ambient's namespace label, accepted as well: `istio.io/dataplane-mode=ambient`.
+pub const ISTIO_AMBIENT_LABEL: &str = "istio.io/dataplane-mode";
+
+pub fn is_enrolled(pod: &Pod, namespace_labels: Option<&BTreeMap<String, String>>) -> bool {
+    if pod.host_network || pod.ips.is_empty() {
+        return false; // host-network pods share the node's netns; a pod without IPs has no netns yet
+    }
+    let pod_label = |key: &str| pod.labels.get(key).map(String::as_str);
+    if pod_label(MESH_LABEL) == Some("disabled") || pod_label(ISTIO_AMBIENT_LABEL) == Some("none") {
+        return false;
+    }
+    let Some(ns) = namespace_labels else { return false };
+    ns.get(MESH_LABEL).is_some_and(|v| v == "enabled") || ns.get(ISTIO_AMBIENT_LABEL).is_some_and(|v| v == "ambient")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn pod(labels: &[(&str, &str)]) -> Pod {
+        Pod {
+            name: "a".into(),
+            namespace: "ns".into(),
+            uid: "u".into(),
+            ips: vec!["10.0.0.1".parse().unwrap()],
+            labels: labels.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect(),
+            host_network: false,
+        }
+    }
+    fn labels(pairs: &[(&str, &str)]) -> BTreeMap<String, String> {
+        pairs.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect()
+    }
+
+    #[test]
+    fn namespace_label_enrolls_and_pod_label_opts_out() {
+        let mesh = labels(&[(MESH_LABEL, "enabled")]);
+        assert!(is_enrolled(&pod(&[]), Some(&mesh)));
+        assert!(!is_enrolled(&pod(&[(MESH_LABEL, "disabled")]), Some(&mesh)));
+        assert!(is_enrolled(&pod(&[]), Some(&labels(&[(ISTIO_AMBIENT_LABEL, "ambient")]))));
+        assert!(!is_enrolled(&pod(&[]), Some(&labels(&[(MESH_LABEL, "disabled")]))));
+        assert!(!is_enrolled(&pod(&[]), Some(&BTreeMap::new())));
+        assert!(!is_enrolled(&pod(&[]), None), "unknown namespace");
+        let mut host = pod(&[]);
+        host.host_network = true;
+        assert!(!is_enrolled(&host, Some(&mesh)), "host-network pods are never enrolled");
+    }
+}

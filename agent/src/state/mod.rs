@@ -1,0 +1,78 @@
+//! What the agent knows about the workloads on its node, whichever source it came from.
+mod enrollment;
+
+pub use enrollment::{is_enrolled, ISTIO_AMBIENT_LABEL, MESH_LABEL};
+
+use std::{collections::BTreeMap, net::IpAddr};
+
+use serde::{Deserialize, Serialize};
+
+/// A pod on this node, as a source reports it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct Pod {
+    pub name: String,
+    #[serde(default = "default_namespace")]
+    pub namespace: String,
+    /// metadata.uid: how the agent finds the pod's cgroup and netns in /proc.
+    pub uid: String,
+    #[serde(default)]
+    pub ips: Vec<IpAddr>,
+    #[serde(default)]
+    pub labels: BTreeMap<String, String>,
+    #[serde(default)]
+    pub host_network: bool,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct Namespace {
+    pub name: String,
+    #[serde(default)]
+    pub labels: BTreeMap<String, String>,
+}
+
+fn default_namespace() -> String {
+    "default".into()
+}
+
+/// Everything a source knows, replaced whole on every change.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct Workloads {
+    #[serde(default)]
+    pub namespaces: Vec<Namespace>,
+    #[serde(default)]
+    pub pods: Vec<Pod>,
+}
+
+impl Pod {
+    pub fn key(&self) -> String {
+        format!("{}/{}", self.namespace, self.name)
+    }
+}
+
+impl Workloads {
+    /// The pods that must be enrolled now.
+    pub fn enrolled_pods(&self) -> Vec<&Pod> {
+        let labels_of = |ns: &str| self.namespaces.iter().find(|n| n.name == ns).map(|n| &n.labels);
+        self.pods.iter().filter(|p| is_enrolled(p, labels_of(&p.namespace))).collect()
+    }
+
+    /// Field-named problems, for a source that reads user input.
+    pub fn validate(&self) -> Result<(), String> {
+        let mut seen = std::collections::HashSet::new();
+        for (i, pod) in self.pods.iter().enumerate() {
+            if pod.name.is_empty() {
+                return Err(format!("pods[{i}].name: must not be empty"));
+            }
+            if pod.uid.trim().is_empty() {
+                return Err(format!("pods[{i}].uid: must not be empty ({})", pod.key()));
+            }
+            if !seen.insert(pod.uid.clone()) {
+                return Err(format!("pods[{i}].uid: {} is used by another pod", pod.uid));
+            }
+        }
+        Ok(())
+    }
+}
