@@ -24,6 +24,8 @@ use crate::{
 const RESYNC: Duration = Duration::from_secs(1);
 
 pub async fn run(config: AgentConfig) -> Result<()> {
+    let open_files = sys::raise_fd_limit();
+    info!(open_files, "file descriptor limit");
     let cgroup2 = sys::cgroup2_mount()?;
     let attach_cgroup = config.cgroup_attach.clone().unwrap_or_else(|| cgroup2.clone());
     let datapath = Datapath::load(&config.pin_dir, &attach_cgroup, config.ebpf_log_level, config.ebpf_settings())?;
@@ -57,6 +59,7 @@ pub async fn run(config: AgentConfig) -> Result<()> {
     let mut term = signal(SignalKind::terminate())?;
     let mut int = signal(SignalKind::interrupt())?;
     let mut resync = tokio::time::interval(RESYNC);
+    let mut idle_memory = IdleMemory::default();
     loop {
         tokio::select! {
             _ = term.recv() => { info!("SIGTERM: draining"); break; }
@@ -69,6 +72,7 @@ pub async fn run(config: AgentConfig) -> Result<()> {
             _ = resync.tick() => {
                 let current = workloads.borrow().clone();
                 manager.reconcile(&current).await;
+                idle_memory.release_if_idle(&connections);
             }
         }
     }
@@ -84,4 +88,22 @@ pub async fn run(config: AgentConfig) -> Result<()> {
     info!(open_connections = left, "drained; exiting");
     let _ = std::fs::remove_file(config.pid_file());
     Ok(())
+}
+
+/// Gives freed heap back to the OS once the proxy goes idle after carrying connections: glibc keeps the
+/// buffers of a burst of connections in its per-thread arenas otherwise, and RSS would stay at the peak.
+#[derive(Default)]
+struct IdleMemory {
+    trimmed_at_total: u64,
+}
+
+impl IdleMemory {
+    fn release_if_idle(&mut self, connections: &ConnectionTable) {
+        let total = connections.total();
+        if connections.open_count() == 0 && total != self.trimmed_at_total {
+            self.trimmed_at_total = total;
+            // SAFETY: malloc_trim only releases free memory; it has no preconditions.
+            unsafe { libc::malloc_trim(0) };
+        }
+    }
 }

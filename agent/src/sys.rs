@@ -76,6 +76,18 @@ pub fn socket_netns_cookie(sock: &impl AsRawFd) -> std::io::Result<u64> {
     if rc == 0 { Ok(cookie) } else { Err(std::io::Error::last_os_error()) }
 }
 
+/// Raises the soft limit on open files to the hard limit: every proxied connection holds two sockets.
+pub fn raise_fd_limit() -> u64 {
+    let mut limit = libc::rlimit { rlim_cur: 0, rlim_max: 0 };
+    unsafe {
+        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit) == 0 && limit.rlim_cur < limit.rlim_max {
+            limit.rlim_cur = limit.rlim_max;
+            libc::setrlimit(libc::RLIMIT_NOFILE, &limit);
+        }
+    }
+    limit.rlim_cur as u64
+}
+
 /// Whether a process with this pid exists.
 pub fn process_alive(pid: i32) -> bool {
     pid > 0 && (unsafe { libc::kill(pid, 0) } == 0 || std::io::Error::last_os_error().raw_os_error() == Some(libc::EPERM))

@@ -36,7 +36,7 @@ pub use agent::{Agent, AgentOptions};
 pub use bins::bin_path;
 pub use net::in_netns;
 pub use privileges::{check_privileges, in_ci};
-pub use process::{Process, SendResult};
+pub use process::{Attempt, ConnectLoop, Process, SendResult, now_ms};
 
 use std::{
     fs,
@@ -396,6 +396,35 @@ impl Pod {
         let mut process = self.spawn(cmd)?;
         process.wait_for_line("ready", std::time::Duration::from_secs(10))?;
         Ok(process)
+    }
+
+    /// Opens `connections` connections to `to` from inside this pod (all open at once), then exchanges
+    /// `bytes` on each and checks every echo.
+    pub fn send_concurrently(&self, to: SocketAddr, bytes: usize, connections: usize) -> Result<serde_json::Value> {
+        let mut cmd = std::process::Command::new(bin_path("warren-testapp")?);
+        cmd.args(["send", "--to", &to.to_string(), "--bytes", &bytes.to_string(), "--connections", &connections.to_string()]);
+        let out = self.run(cmd)?;
+        let stdout = String::from_utf8_lossy(&out.stdout);
+        let line = stdout.lines().rev().find(|l| l.starts_with('{')).with_context(|| {
+            format!("no result ({}); stderr: {}", out.status, String::from_utf8_lossy(&out.stderr))
+        })?;
+        Ok(serde_json::from_str(line)?)
+    }
+
+    /// Starts a client loop in this pod: connect to `to`, exchange 1 KiB, close, every `interval_ms`
+    /// for `duration_ms`. [`ConnectLoop::attempts`] reads the results once it finished.
+    pub fn connect_loop(&self, to: SocketAddr, interval_ms: u64, duration_ms: u64) -> Result<ConnectLoop> {
+        let mut cmd = std::process::Command::new(bin_path("warren-testapp")?);
+        cmd.args([
+            "loop",
+            "--to",
+            &to.to_string(),
+            "--interval-ms",
+            &interval_ms.to_string(),
+            "--duration-ms",
+            &duration_ms.to_string(),
+        ]);
+        Ok(ConnectLoop { process: self.spawn(cmd)? })
     }
 
     /// Sends `bytes` pseudo-random bytes to `to` from inside this pod and checks the echo is byte-exact.

@@ -185,3 +185,36 @@ impl SendResult {
         Ok(serde_json::from_str(line)?)
     }
 }
+
+/// One connect-exchange-close of a [`ConnectLoop`].
+#[derive(Debug, Clone, Deserialize)]
+pub struct Attempt {
+    /// Wall clock (ms since the epoch) when the attempt started.
+    pub at_ms: u128,
+    pub ok: bool,
+    /// The address the client's socket was connected to (127.0.0.1:15001 when redirected).
+    pub peer: Option<String>,
+    pub error: Option<String>,
+}
+
+/// A client looping connects inside a pod.
+pub struct ConnectLoop {
+    pub process: Process,
+}
+
+impl ConnectLoop {
+    /// Waits for the loop to finish and returns every attempt.
+    pub fn attempts(self) -> Result<Vec<Attempt>> {
+        let out = self.process.wait_with_output()?;
+        String::from_utf8_lossy(&out.stdout)
+            .lines()
+            .filter(|l| l.starts_with('{'))
+            .map(|l| serde_json::from_str(l).with_context(|| format!("attempt record {l}")))
+            .collect()
+    }
+}
+
+/// Wall clock in ms since the epoch (to compare with [`Attempt::at_ms`]).
+pub fn now_ms() -> u128 {
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_millis()).unwrap_or(0)
+}

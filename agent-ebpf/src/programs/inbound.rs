@@ -24,8 +24,6 @@ pub fn capture_inbound(ctx: SkLookupContext) -> u32 {
             read_volatile(&(*lookup).family),
         )
     };
-    // Only traffic arriving from outside the pod: the pod's own loopback traffic, including the agent's
-    // connections to the workload, is never captured.
     if protocol != IPPROTO_TCP || ingress_ifindex == LOOPBACK_IFINDEX {
         return SK_PASS;
     }
@@ -34,11 +32,20 @@ pub fn capture_inbound(ctx: SkLookupContext) -> u32 {
     if port == settings.inbound_port || port == settings.outbound_port || port == settings.hbone_port {
         return SK_PASS;
     }
-    let key = match family {
-        AF_INET => ListenerKey { ip: [unsafe { read_volatile(&(*lookup).local_ip4) }, 0, 0, 0], family: AF_INET as u16, _pad: 0 },
-        AF_INET6 => ListenerKey { ip: unsafe { read_ip6(&(*lookup).local_ip6) }, family: AF_INET6 as u16, _pad: 0 },
-        _ => return SK_PASS,
+    let (local, remote) = unsafe {
+        match family {
+            AF_INET => ([read_volatile(&(*lookup).local_ip4), 0, 0, 0], [read_volatile(&(*lookup).remote_ip4), 0, 0, 0]),
+            AF_INET6 => (read_ip6(&(*lookup).local_ip6), read_ip6(&(*lookup).remote_ip6)),
+            _ => return SK_PASS,
+        }
     };
+    // Only traffic from outside the pod is captured. A connection from the pod's address to itself — the
+    // agent's own connection to the workload among them — never is. (Such traffic travels over `lo`, but
+    // the kernel reports the address's device as ingress_ifindex, so that check alone is not enough.)
+    if local == remote {
+        return SK_PASS;
+    }
+    let key = ListenerKey { ip: local, family: family as u16, _pad: 0 };
     if INBOUND_LISTENERS.redirect_sk_lookup(&ctx, key, 0).is_ok() {
         count(Counter::InboundCaptured);
     }

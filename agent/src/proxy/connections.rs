@@ -85,6 +85,11 @@ impl ConnectionTable {
         }
     }
 
+    /// Connections opened since start.
+    pub fn total(&self) -> u64 {
+        self.next_id.load(Ordering::Relaxed)
+    }
+
     pub fn open_count(&self) -> usize {
         self.inner.lock().unwrap().open.len()
     }

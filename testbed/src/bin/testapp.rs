@@ -38,6 +38,20 @@ enum Cmd {
         to: SocketAddr,
         #[arg(long, default_value_t = 65536)]
         bytes: u64,
+        /// Open this many connections first (all open at once), then exchange `bytes` on each.
+        #[arg(long, default_value_t = 1)]
+        connections: usize,
+    },
+    /// Connect, exchange `bytes`, close — every `interval-ms` for `duration-ms`; one JSON line per attempt.
+    Loop {
+        #[arg(long)]
+        to: SocketAddr,
+        #[arg(long, default_value_t = 1024)]
+        bytes: u64,
+        #[arg(long, default_value_t = 20)]
+        interval_ms: u64,
+        #[arg(long)]
+        duration_ms: u64,
     },
     HttpGet {
         #[arg(long)]
@@ -50,9 +64,12 @@ enum Cmd {
 }
 
 fn main() -> ExitCode {
+    raise_fd_limit();
     match Cli::parse().command {
         Cmd::Serve { name, version, echo_port, http_port } => serve(name, version, echo_port, http_port),
-        Cmd::Send { to, bytes } => send(to, bytes),
+        Cmd::Send { to, bytes, connections: 1 } => send(to, bytes),
+        Cmd::Send { to, bytes, connections } => send_concurrently(to, bytes, connections),
+        Cmd::Loop { to, bytes, interval_ms, duration_ms } => connect_loop(to, bytes, interval_ms, duration_ms),
         Cmd::HttpGet { to, path } => http_get(to, &path),
         Cmd::Pause => loop {
             std::thread::park();
@@ -78,6 +95,17 @@ fn serve(name: String, version: String, echo_port: u16, http_port: u16) -> ExitC
     ExitCode::SUCCESS
 }
 
+/// Many connections at once need more than the default 1024 descriptors.
+fn raise_fd_limit() {
+    let mut limit = libc::rlimit { rlim_cur: 0, rlim_max: 0 };
+    unsafe {
+        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit) == 0 {
+            limit.rlim_cur = limit.rlim_max;
+            libc::setrlimit(libc::RLIMIT_NOFILE, &limit);
+        }
+    }
+}
+
 /// An IPv4 client of a dual-stack listener shows as ::ffff:a.b.c.d; report it as IPv4.
 fn unmapped(addr: SocketAddr) -> SocketAddr {
     match addr {
@@ -86,10 +114,33 @@ fn unmapped(addr: SocketAddr) -> SocketAddr {
     }
 }
 
+/// A blocking read that retries spurious EAGAIN. On a socket that socket acceleration (sockmap) put in
+/// the kernel's sockhash, a blocking reader woken without data — e.g. by its own socket's write-space
+/// wakeup while another thread writes — gets EAGAIN instead of sleeping again. POSIX only allows EAGAIN
+/// for a blocking read after SO_RCVTIMEO, so a retry is correct; `spurious` counts them. `deadline` is the
+/// read timeout we set.
+fn read_retrying(stream: &mut TcpStream, buf: &mut [u8], spurious: &mut u64, timeout: Duration) -> std::io::Result<usize> {
+    let started = std::time::Instant::now();
+    loop {
+        match stream.read(buf) {
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock && started.elapsed() < timeout => {
+                *spurious += 1;
+                std::thread::yield_now();
+            }
+            other => return other,
+        }
+    }
+}
+
 fn echo_connection(stream: TcpStream) {
     let mut reader = stream.try_clone().expect("clone");
     let mut writer = stream;
-    let _ = std::io::copy(&mut reader, &mut writer);
+    let (mut buf, mut spurious) = (vec![0u8; 64 * 1024], 0);
+    while let Ok(n) = read_retrying(&mut reader, &mut buf, &mut spurious, Duration::from_secs(3600)) {
+        if n == 0 || writer.write_all(&buf[..n]).is_err() {
+            break;
+        }
+    }
     let _ = writer.shutdown(Shutdown::Write);
 }
 
@@ -127,20 +178,16 @@ impl Pattern {
     }
 }
 
-fn send(to: SocketAddr, bytes: u64) -> ExitCode {
-    let report = |ok: bool, sent: u64, received: u64, local: Option<String>, peer: Option<String>, error: Option<String>| {
-        println!("{}", serde_json::json!({"ok": ok, "sent": sent, "received": received, "local": local, "peer": peer, "error": error}));
-        if ok { ExitCode::SUCCESS } else { ExitCode::FAILURE }
+const READ_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// One connection's exchange: stream `bytes` while reading the echo back; (received, first problem).
+fn exchange(stream: TcpStream, bytes: u64) -> (u64, Option<String>) {
+    let _ = stream.set_read_timeout(Some(READ_TIMEOUT));
+    let mut writer = match stream.try_clone() {
+        Ok(w) => w,
+        Err(e) => return (0, Some(format!("clone: {e}"))),
     };
-    let stream = match TcpStream::connect_timeout(&to, Duration::from_secs(5)) {
-        Ok(s) => s,
-        Err(e) => return report(false, 0, 0, None, None, Some(format!("connect {to}: {e}"))),
-    };
-    let local = stream.local_addr().ok().map(|a| a.to_string());
-    let peer = stream.peer_addr().ok().map(|a| a.to_string());
-    let _ = stream.set_read_timeout(Some(Duration::from_secs(30)));
-    let mut writer = stream.try_clone().expect("clone");
-    let sender = std::thread::spawn(move || -> std::io::Result<u64> {
+    let sender = std::thread::spawn(move || -> std::io::Result<()> {
         let (mut pattern, mut buf, mut left) = (Pattern(0x9e37_79b9_7f4a_7c15), vec![0u8; 64 * 1024], bytes);
         while left > 0 {
             let n = left.min(buf.len() as u64) as usize;
@@ -148,35 +195,107 @@ fn send(to: SocketAddr, bytes: u64) -> ExitCode {
             writer.write_all(&buf[..n])?;
             left -= n as u64;
         }
-        writer.shutdown(Shutdown::Write)?;
-        Ok(bytes)
+        writer.shutdown(Shutdown::Write)
     });
-    let (mut expected, mut want, mut got, mut received, mut mismatch) =
+    let (mut expected, mut want, mut got, mut received, mut problem) =
         (Pattern(0x9e37_79b9_7f4a_7c15), vec![0u8; 64 * 1024], vec![0u8; 64 * 1024], 0u64, None);
-    let mut reader = stream;
+    let (mut reader, mut spurious) = (stream, 0);
     loop {
-        match reader.read(&mut got) {
+        match read_retrying(&mut reader, &mut got, &mut spurious, READ_TIMEOUT) {
             Ok(0) => break,
             Ok(n) => {
                 expected.fill(&mut want[..n]);
-                if mismatch.is_none() && want[..n] != got[..n] {
-                    mismatch = Some(format!("echo differs within bytes {received}..{}", received + n as u64));
+                if problem.is_none() && want[..n] != got[..n] {
+                    problem = Some(format!("echo differs within bytes {received}..{}", received + n as u64));
                 }
                 received += n as u64;
             }
             Err(e) => {
-                mismatch.get_or_insert(format!("read: {e}"));
+                problem.get_or_insert(format!("read: {e}"));
                 break;
             }
         }
     }
-    let sent = match sender.join().expect("sender thread") {
-        Ok(n) => n,
-        Err(e) => return report(false, 0, received, local, peer, Some(format!("write: {e}"))),
+    if let Ok(Err(e)) = sender.join() {
+        problem.get_or_insert(format!("write: {e}"));
+    }
+    if problem.is_none() && received != bytes {
+        problem = Some(format!("sent {bytes} bytes, {received} came back"));
+    }
+    (received, problem)
+}
+
+fn send_concurrently(to: SocketAddr, bytes: u64, connections: usize) -> ExitCode {
+    let mut streams = Vec::with_capacity(connections);
+    for i in 0..connections {
+        match TcpStream::connect_timeout(&to, Duration::from_secs(10)) {
+            Ok(s) => streams.push(s),
+            Err(e) => {
+                println!("{}", serde_json::json!({"ok": false, "connections": i, "error": format!("connect #{i}: {e}")}));
+                return ExitCode::FAILURE;
+            }
+        }
+    }
+    // Every connection is open now; exchange on all of them from a pool of threads.
+    let workers = 32.min(connections);
+    let chunks: Vec<Vec<TcpStream>> = {
+        let mut chunks: Vec<Vec<TcpStream>> = (0..workers).map(|_| vec![]).collect();
+        for (i, s) in streams.into_iter().enumerate() {
+            chunks[i % workers].push(s);
+        }
+        chunks
     };
-    let ok = mismatch.is_none() && received == sent;
-    let error = mismatch.or_else(|| (received != sent).then(|| format!("sent {sent} bytes, {received} came back")));
-    report(ok, sent, received, local, peer, error)
+    let handles: Vec<_> = chunks
+        .into_iter()
+        .map(|chunk| std::thread::spawn(move || chunk.into_iter().map(|s| exchange(s, bytes)).collect::<Vec<_>>()))
+        .collect();
+    let results: Vec<(u64, Option<String>)> = handles.into_iter().flat_map(|h| h.join().expect("worker")).collect();
+    let failed: Vec<&String> = results.iter().filter_map(|(_, p)| p.as_ref()).collect();
+    let received: u64 = results.iter().map(|(r, _)| r).sum();
+    let ok = failed.is_empty() && results.len() == connections;
+    println!(
+        "{}",
+        serde_json::json!({"ok": ok, "connections": connections, "sent": bytes * connections as u64, "received": received,
+                            "failed": failed.len(), "error": failed.first()})
+    );
+    if ok { ExitCode::SUCCESS } else { ExitCode::FAILURE }
+}
+
+fn connect_loop(to: SocketAddr, bytes: u64, interval_ms: u64, duration_ms: u64) -> ExitCode {
+    let start = std::time::Instant::now();
+    while start.elapsed() < Duration::from_millis(duration_ms) {
+        let at = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_millis()).unwrap_or(0);
+        let record = match TcpStream::connect_timeout(&to, Duration::from_secs(2)) {
+            Ok(stream) => {
+                let peer = stream.peer_addr().ok().map(|a| a.to_string());
+                let (received, problem) = exchange(stream, bytes);
+                serde_json::json!({"at_ms": at, "ok": problem.is_none(), "peer": peer, "received": received, "error": problem})
+            }
+            Err(e) => serde_json::json!({"at_ms": at, "ok": false, "peer": null, "received": 0, "error": format!("connect: {e}")}),
+        };
+        println!("{record}");
+        std::thread::sleep(Duration::from_millis(interval_ms));
+    }
+    ExitCode::SUCCESS
+}
+
+fn send(to: SocketAddr, bytes: u64) -> ExitCode {
+    let stream = match TcpStream::connect_timeout(&to, Duration::from_secs(5)) {
+        Ok(s) => s,
+        Err(e) => {
+            println!("{}", serde_json::json!({"ok": false, "sent": 0, "received": 0, "error": format!("connect {to}: {e}")}));
+            return ExitCode::FAILURE;
+        }
+    };
+    let local = stream.local_addr().ok().map(|a| a.to_string());
+    let peer = stream.peer_addr().ok().map(|a| a.to_string());
+    let (received, problem) = exchange(stream, bytes);
+    let ok = problem.is_none();
+    println!(
+        "{}",
+        serde_json::json!({"ok": ok, "sent": bytes, "received": received, "local": local, "peer": peer, "error": problem})
+    );
+    if ok { ExitCode::SUCCESS } else { ExitCode::FAILURE }
 }
 
 fn http_get(to: SocketAddr, path: &str) -> ExitCode {
