@@ -378,6 +378,22 @@ impl Pod {
         Path::new("/run/netns").join(&self.netns)
     }
 
+    /// Opens a TCP connection from this process as if from a process of this pod: the socket is made in
+    /// the pod's netns while this process sits in the pod's cgroup (cgroup hooks follow the creating
+    /// task's cgroup), then the process moves back. For benchmarks that time the client themselves; any
+    /// socket another thread creates meanwhile would count as the pod's too.
+    pub fn connect(&self, to: SocketAddr) -> Result<std::net::TcpStream> {
+        let own = fs::read_to_string("/proc/self/cgroup")?
+            .lines()
+            .find_map(|l| l.strip_prefix("0::").map(|p| p.trim().trim_start_matches('/').to_string()))
+            .context("this process has no cgroup v2 membership")?;
+        let home = cgroup2_root()?.join(own).join("cgroup.procs");
+        fs::write(self.cgroup.join("cgroup.procs"), "0").context("joining the pod's cgroup")?;
+        let stream = in_netns(&self.netns, || std::net::TcpStream::connect(to));
+        fs::write(&home, "0").context("leaving the pod's cgroup")?;
+        Ok(stream??)
+    }
+
     /// Spawns a process inside this pod (its netns and cgroup), tracked for teardown.
     pub fn spawn(&self, command: std::process::Command) -> Result<Process> {
         Process::spawn(&self.bed_processes, command, &self.netns, Some(&self.cgroup))

@@ -41,6 +41,14 @@ enum Command {
         #[command(subcommand)]
         action: KindAction,
     },
+    /// Benchmarks (release build, real eBPF): `l4` — no mesh vs agent vs agent with sk_msg.
+    Bench {
+        #[arg(value_parser = ["l4"])]
+        suite: String,
+        /// Extra arguments for the benchmark (e.g. a criterion filter).
+        #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
+        args: Vec<String>,
+    },
     /// Local Kubernetes v1.20 (etcd, kube-apiserver, controller-manager, scheduler; --node: containerd + kubelet).
     Cluster {
         #[command(subcommand)]
@@ -99,6 +107,11 @@ fn dispatch(command: Command) -> Result<()> {
             let result = run(cargo().args(["test", "--workspace"]).args(&args));
             eprintln!("xtask: tests took {:.0?} (setup and build included)", started.elapsed());
             result
+        }
+        Command::Bench { suite, args } => {
+            setup::setup(false)?;
+            build_binaries(true)?;
+            run(cargo().args(["bench", "--package", "warren-e2e", "--bench", &suite, "--"]).args(&args))
         }
         Command::Kind { action } => {
             let script = setup::scripts_dir().join("kind.sh");

@@ -1,0 +1,113 @@
+//! `cargo xtask bench l4`: the L4 path in one run — no mesh, through the agent, and through the agent with
+//! sockops/sk_msg acceleration. Client and server are pods on one node (both enrolled in the meshed
+//! cases, so a byte crosses the agent's outbound and inbound legs). Criterion measures echo throughput
+//! (256 KiB each way per iteration) and 64-byte round trips; then a fixed run of round trips gives p50/p99
+//! and a table with ratios against the no-mesh baseline of the same run.
+use std::{
+    io::{ErrorKind, Read, Write},
+    net::TcpStream,
+    time::{Duration, Instant},
+};
+
+use criterion::{Criterion, Throughput};
+use warren_testbed::{AgentOptions, ECHO_PORT, Testbed, check_privileges};
+
+const CHUNK: usize = 256 * 1024;
+const PING: usize = 64;
+const ROUND_TRIPS: usize = 20_000;
+const STREAM_BYTES: usize = 256 << 20;
+
+/// Blocking read of exactly `buf.len()` bytes that retries the spurious EAGAIN an accelerated socket
+/// can return (see docs/architecture.md, "Socket acceleration").
+fn read_full(stream: &mut TcpStream, buf: &mut [u8]) {
+    let mut done = 0;
+    while done < buf.len() {
+        match stream.read(&mut buf[done..]) {
+            Ok(0) => panic!("echo server closed"),
+            Ok(n) => done += n,
+            Err(e) if e.kind() == ErrorKind::WouldBlock || e.kind() == ErrorKind::Interrupted => {}
+            Err(e) => panic!("read: {e}"),
+        }
+    }
+}
+
+fn echo(stream: &mut TcpStream, out: &[u8], back: &mut [u8]) {
+    stream.write_all(out).unwrap();
+    read_full(stream, back);
+}
+
+struct Figures {
+    name: &'static str,
+    mib_per_s: f64,
+    p50_us: f64,
+    p99_us: f64,
+}
+
+fn main() {
+    if let Err(reason) = check_privileges() {
+        eprintln!("l4 bench skipped: needs root, BPF, cgroup2 and netns ({reason})");
+        return;
+    }
+    let mut criterion = Criterion::default()
+        .configure_from_args()
+        .sample_size(20)
+        .warm_up_time(Duration::from_secs(1))
+        .measurement_time(Duration::from_secs(3));
+    let mut figures = vec![];
+    for (name, acceleration) in [("no mesh", None), ("agent", Some(false)), ("agent + sk_msg", Some(true))] {
+        let bed = Testbed::new("bench-l4").unwrap();
+        let node = bed.add_node("node-1").unwrap();
+        let meshed = acceleration.is_some();
+        let client = node.add_pod("client", meshed).unwrap();
+        let server = node.add_pod("server", meshed).unwrap();
+        server.serve("v1").unwrap();
+        let _agent = acceleration.map(|socket_acceleration| {
+            node.start_agent_with(AgentOptions { socket_acceleration, ebpf_log_level: "info", ..AgentOptions::default() })
+                .unwrap()
+        });
+        let mut stream = client.connect(server.socket(ECHO_PORT)).unwrap();
+        stream.set_nodelay(true).unwrap();
+        let (out, mut back) = (vec![0x5au8; CHUNK], vec![0u8; CHUNK]);
+
+        let mut group = criterion.benchmark_group("l4/echo-throughput");
+        group.throughput(Throughput::Bytes(2 * CHUNK as u64));
+        group.bench_function(name, |b| b.iter(|| echo(&mut stream, &out, &mut back)));
+        group.finish();
+        let mut group = criterion.benchmark_group("l4/round-trip-64B");
+        group.bench_function(name, |b| b.iter(|| echo(&mut stream, &out[..PING], &mut back[..PING])));
+        group.finish();
+
+        // Fixed runs for the summary: percentiles need every sample.
+        let mut samples: Vec<Duration> = (0..ROUND_TRIPS)
+            .map(|_| {
+                let t = Instant::now();
+                echo(&mut stream, &out[..PING], &mut back[..PING]);
+                t.elapsed()
+            })
+            .collect();
+        samples.sort();
+        let started = Instant::now();
+        for _ in 0..STREAM_BYTES / CHUNK {
+            echo(&mut stream, &out, &mut back);
+        }
+        let mib_per_s = (2 * STREAM_BYTES) as f64 / (1 << 20) as f64 / started.elapsed().as_secs_f64();
+        let percentile = |p: f64| samples[((samples.len() as f64 * p) as usize).min(samples.len() - 1)].as_secs_f64() * 1e6;
+        figures.push(Figures { name, mib_per_s, p50_us: percentile(0.50), p99_us: percentile(0.99) });
+    }
+
+    let base = &figures[0];
+    println!("\nL4 summary ({} round trips of {PING} B; {} MiB echoed each way):", ROUND_TRIPS, STREAM_BYTES >> 20);
+    println!("{:<16} {:>12} {:>9} {:>10} {:>9} {:>10} {:>9}", "path", "MiB/s", "× base", "p50 µs", "× base", "p99 µs", "× base");
+    for f in &figures {
+        println!(
+            "{:<16} {:>12.0} {:>9.2} {:>10.1} {:>9.2} {:>10.1} {:>9.2}",
+            f.name,
+            f.mib_per_s,
+            f.mib_per_s / base.mib_per_s,
+            f.p50_us,
+            f.p50_us / base.p50_us,
+            f.p99_us,
+            f.p99_us / base.p99_us
+        );
+    }
+}
