@@ -236,3 +236,38 @@ fn socket_acceleration_carries_the_local_legs_and_can_be_turned_off() {
         }
     }
 }
+
+/// SIGTERM: the agent stops accepting but lets a connection in flight finish (within the drain timeout).
+#[test]
+fn sigterm_drains_open_connections() {
+    require_privileges!();
+    let bed = Testbed::new("drain").unwrap();
+    let node = bed.add_node("node-1").unwrap();
+    let client = node.add_pod("client", true).unwrap();
+    let server = node.add_pod("server", false).unwrap();
+    server.serve("v1").unwrap();
+    let agent = node.start_agent_with(AgentOptions { drain_timeout_seconds: 10, ..AgentOptions::default() }).unwrap();
+
+    // A connection that stays open for a while: a large exchange from another thread.
+    let target = server.socket(ECHO_PORT);
+    let long = std::thread::spawn({
+        let client = client.clone();
+        move || client.send(target, 512 * MIB)
+    });
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while agent.metric("warren_tcp_active_connections", &[]).unwrap() < 1.0 {
+        assert!(Instant::now() < deadline, "the long connection never became active");
+        sleep(Duration::from_millis(10));
+    }
+    agent.process.signal(libc::SIGTERM);
+    sleep(Duration::from_millis(200));
+    // New connections are refused while draining...
+    let refused = client.send(target, 1024).unwrap();
+    assert!(!refused.ok, "a new connection was accepted during drain: {refused:?}");
+    // ...while the one in flight completes byte-exact, and then the agent exits cleanly.
+    let result = long.join().unwrap().unwrap();
+    assert!(result.ok, "{result:?}");
+    let status = agent.process.wait_exit(Duration::from_secs(10)).expect("agent exited after draining");
+    assert!(status.success(), "{status}");
+    assert!(agent.log().contains("drained; exiting open_connections=0"), "{}", agent.log());
+}

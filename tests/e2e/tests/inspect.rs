@@ -102,3 +102,44 @@ fn unknown_subcommand_prints_usage() {
     let err = stderr(&out);
     assert!(err.contains("unrecognized subcommand 'mapz'") && err.contains("Usage:"), "{err}");
 }
+
+#[test]
+fn inspect_connections_and_workloads_show_the_agents_view() {
+    require_privileges!();
+    let bed = Testbed::new("inspect-live").unwrap();
+    let node = bed.add_node("node-1").unwrap();
+    let client = node.add_pod("a", true).unwrap();
+    let server = node.add_pod("b", false).unwrap();
+    server.serve("v1").unwrap();
+    let agent = node.start_agent().unwrap();
+    assert!(client.send(server.socket(ECHO_PORT), 4096).unwrap().ok);
+
+    // The CLI talks to the admin endpoint, which listens in the node's netns: run it there.
+    let run = |args: &[&str]| {
+        let mut cmd = Command::new(bin_path("warren-agent").unwrap());
+        cmd.arg("inspect").args(args);
+        node.spawn(cmd).unwrap().wait_with_output().unwrap()
+    };
+    let table = run(&["connections"]);
+    assert!(table.status.success(), "{}", stderr(&table));
+    let text = stdout(&table);
+    assert!(text.contains("DESTINATION") && text.contains(&server.socket(ECHO_PORT).to_string()), "{text}");
+    assert!(text.contains("default/a") && text.contains("outbound") && text.contains("closed"), "{text}");
+
+    let json = run(&["workloads", "-o", "json"]);
+    assert!(json.status.success(), "{}", stderr(&json));
+    let pods: serde_json::Value = serde_json::from_slice(&json.stdout).unwrap();
+    let enrolled: Vec<_> = pods.as_array().unwrap().iter().filter(|p| p["enrolled"] == true).map(|p| p["pod"].clone()).collect();
+    assert_eq!(enrolled, vec![serde_json::json!("default/a")]);
+    let table = run(&["workloads"]);
+    assert!(stdout(&table).contains(&client.uid), "{}", stdout(&table));
+
+    // No agent on the admin address: one line, non-zero.
+    let out = Command::new(bin_path("warren-agent").unwrap())
+        .args(["inspect", "connections", "--admin-addr", "127.0.0.1:1"])
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    assert_eq!(stderr(&out).lines().count(), 1, "{}", stderr(&out));
+    assert!(stderr(&out).contains("not answering on 127.0.0.1:1"), "{}", stderr(&out));
+}
