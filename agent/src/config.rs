@@ -52,6 +52,15 @@ pub struct AgentConfig {
     pub ebpf_log_level: EbpfLogLevel,
     /// The local workloads file (namespaces and pods of this node), watched for changes.
     pub workloads_file: Option<PathBuf>,
+    /// Take workloads from the Kubernetes API (pods on `nodeName`, namespaces' labels).
+    pub kubernetes: Option<KubernetesSource>,
+}
+
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct KubernetesSource {
+    /// Default: in-cluster service account, else $KUBECONFIG.
+    pub kubeconfig: Option<PathBuf>,
 }
 
 #[derive(Debug, Clone, Copy, Default, Serialize, Deserialize, PartialEq, Eq)]
@@ -140,6 +149,14 @@ impl AgentConfig {
         if let Some(file) = &self.workloads_file {
             if !file.is_file() {
                 bail!("workloadsFile: {} does not exist", file.display());
+            }
+            if self.kubernetes.is_some() {
+                bail!("workloadsFile: set together with kubernetes; choose one workload source");
+            }
+        }
+        if let Some(KubernetesSource { kubeconfig: Some(path) }) = &self.kubernetes {
+            if !path.is_file() {
+                bail!("kubernetes.kubeconfig: {} does not exist", path.display());
             }
         }
         Ok(())

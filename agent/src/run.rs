@@ -40,9 +40,13 @@ pub async fn run(config: AgentConfig) -> Result<()> {
 
     let ports = PortConfig { outbound: config.outbound_port, inbound: config.inbound_port };
     let mut manager = InpodManager::new(datapath.clone(), ports, cgroup2, shared);
-    let mut workloads = match &config.workloads_file {
-        Some(path) => sources::file::watch(path.clone())?,
-        None => tokio::sync::watch::channel(Default::default()).1,
+    let mut workloads = match (&config.workloads_file, &config.kubernetes) {
+        (Some(path), _) => sources::file::watch(path.clone())?,
+        (None, Some(kubernetes)) => {
+            let client = sources::kubernetes::client(kubernetes.kubeconfig.as_deref()).await?;
+            sources::kubernetes::watch(client, config.node_name.clone()).await?
+        }
+        (None, None) => tokio::sync::watch::channel(Default::default()).1,
     };
     manager.reconcile(&workloads.borrow_and_update().clone()).await;
     manager.drop_stale_state()?;

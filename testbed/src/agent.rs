@@ -25,11 +25,23 @@ pub struct AgentOptions {
     pub socket_acceleration: bool,
     /// How long the agent drains open connections on SIGTERM.
     pub drain_timeout_seconds: u64,
+    /// Take workloads from this Kubernetes API (instead of the node's workloads file).
+    pub kubeconfig: Option<PathBuf>,
+    /// The Kubernetes node name the agent serves (default: the testbed node's name).
+    pub node_name: Option<String>,
 }
 
 impl Default for AgentOptions {
     fn default() -> Self {
-        AgentOptions { ebpf_log_level: "debug", pin_dir: None, run_dir: None, socket_acceleration: true, drain_timeout_seconds: 2 }
+        AgentOptions {
+            ebpf_log_level: "debug",
+            pin_dir: None,
+            run_dir: None,
+            socket_acceleration: true,
+            drain_timeout_seconds: 2,
+            kubeconfig: None,
+            node_name: None,
+        }
     }
 }
 
@@ -48,8 +60,8 @@ impl Agent {
         std::fs::create_dir_all(&dir)?;
         let pin_dir = options.pin_dir.clone().unwrap_or_else(|| node.pin_dir());
         let run_dir = options.run_dir.clone().unwrap_or_else(|| dir.join("run"));
-        let config = serde_json::json!({
-            "nodeName": node.name,
+        let mut config = serde_json::json!({
+            "nodeName": options.node_name.clone().unwrap_or_else(|| node.name.clone()),
             "pinDir": pin_dir,
             "runDir": run_dir,
             "cgroupAttach": node.cgroup,
@@ -59,6 +71,10 @@ impl Agent {
             "drainTimeoutSeconds": options.drain_timeout_seconds,
             "workloadsFile": node.workloads_file(),
         });
+        if let Some(kubeconfig) = &options.kubeconfig {
+            config["workloadsFile"] = serde_json::Value::Null;
+            config["kubernetes"] = serde_json::json!({ "kubeconfig": kubeconfig });
+        }
         let config_path = dir.join("agent.yaml");
         std::fs::write(&config_path, serde_yaml::to_string(&config)?)?;
         let mut cmd = Command::new(bin_path("warren-agent")?);

@@ -90,6 +90,8 @@ struct Inner {
     nodes: Mutex<Vec<NodeRecord>>,
     processes: Mutex<Vec<Arc<Mutex<std::process::Child>>>>,
     extra_netns: Mutex<Vec<String>>,
+    /// Listening sockets of host-port forwarders, shut down on teardown (they pin their netns).
+    forwarders: Mutex<Vec<std::net::TcpListener>>,
 }
 
 struct NodeRecord {
@@ -155,6 +157,7 @@ impl Testbed {
             nodes: Mutex::default(),
             processes: Mutex::default(),
             extra_netns: Mutex::new(vec![fabric.clone()]),
+            forwarders: Mutex::default(),
         });
         let bed = Testbed { inner };
         net::add_netns(&fabric)?;
@@ -232,12 +235,17 @@ impl Node {
     /// Adds a pod on this node (enrolled or not), with eth0 on the node's bridge and lo up, and a pause
     /// process in its cgroup. A running agent picks it up from the workloads file.
     pub fn add_pod(&self, name: &str, enrolled: bool) -> Result<Pod> {
+        self.add_pod_with_uid(name, enrolled, None)
+    }
+
+    /// [`Node::add_pod`] with a given UID (e.g. the UID the API server gave a Pod object).
+    pub fn add_pod_with_uid(&self, name: &str, enrolled: bool, uid: Option<&str>) -> Result<Pod> {
         let mut pods = self.pods.lock().unwrap();
         let host = u8::try_from(pods.len() + 2).ok().filter(|h| *h < 250).context("too many pods")?;
         let netns = format!("{}-{name}", self.netns);
         let ip = Ipv4Addr::new(10, 244, self.index, host);
         let ip6: Ipv6Addr = format!("fd00:10:244:{:x}::{:x}", self.index, host).parse()?;
-        let uid = pod_uid(self.index, host);
+        let uid = uid.map(str::to_string).unwrap_or_else(|| pod_uid(self.index, host));
         net::add_netns(&netns)?;
         {
             let mut nodes = self.bed.nodes.lock().unwrap();
@@ -342,6 +350,30 @@ impl Node {
 
     pub fn start_agent_with(&self, options: AgentOptions) -> Result<Agent> {
         Agent::start(self, options)
+    }
+
+    /// Makes the host's `127.0.0.1:port` reachable at `127.0.0.1:port` inside this node's netns, as a
+    /// node reaches its control plane (the local API server listens on the host's loopback only).
+    pub fn reach_host_port(&self, port: u16) -> Result<()> {
+        let listener = in_netns(&self.netns, || std::net::TcpListener::bind(("127.0.0.1", port)))??;
+        self.bed.forwarders.lock().unwrap().push(listener.try_clone()?);
+        std::thread::spawn(move || {
+            for inbound in listener.incoming() {
+                let Ok(inbound) = inbound else { return };
+                // This thread is in the test process's own (host) netns.
+                let Ok(host) = std::net::TcpStream::connect(("127.0.0.1", port)) else { continue };
+                for (mut from, mut to) in [(inbound.try_clone(), host.try_clone()), (host.try_clone(), inbound.try_clone())]
+                    .into_iter()
+                    .filter_map(|(a, b)| Some((a.ok()?, b.ok()?)))
+                {
+                    std::thread::spawn(move || {
+                        let _ = std::io::copy(&mut from, &mut to);
+                        let _ = to.shutdown(std::net::Shutdown::Write);
+                    });
+                }
+            }
+        });
+        Ok(())
     }
 
     /// Spawns a process in this node's netns (not in any pod cgroup), tracked for teardown.
@@ -457,6 +489,10 @@ impl Drop for Testbed {
         let inner = &self.inner;
         for process in inner.processes.lock().unwrap().drain(..) {
             process::terminate(&process);
+        }
+        for listener in inner.forwarders.lock().unwrap().drain(..) {
+            // Wakes the accept loop, which then drops its handle.
+            unsafe { libc::shutdown(std::os::fd::AsRawFd::as_raw_fd(&listener), libc::SHUT_RDWR) };
         }
         let nodes = std::mem::take(&mut *inner.nodes.lock().unwrap());
         for node in &nodes {

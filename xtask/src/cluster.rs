@@ -7,6 +7,9 @@ use anyhow::{Context, Result};
 
 use crate::{run, setup::scripts_dir};
 
+/// Where kube-apiserver listens (127.0.0.1), as xtask/scripts/k8s-control-plane.sh starts it.
+pub const API_PORT: u16 = 16443;
+
 pub const COMPONENTS: [&str; 4] = ["kube-apiserver", "kube-controller-manager", "kube-scheduler", "kubelet"];
 
 pub fn prefix() -> PathBuf {

@@ -1,6 +1,8 @@
 //! The local Kubernetes: `cluster up --node` starts a real control plane and node, kube-rs works against
 //! it (CRD established, custom resources created, validated and watched, a pod runs), and `cluster down`
-//! leaves no process, mount, netns, cgroup or link behind.
+//! leaves no process, mount, netns, cgroup or link behind. And warren-agent enrolls pods from the API.
+//!
+//! Tests here share the one local cluster, so they run one after another (CLUSTER lock).
 use std::{
     collections::{BTreeMap, BTreeSet},
     path::Path,
@@ -20,7 +22,20 @@ use kube::{
 };
 use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
-use warren_testbed::{in_ci, require_privileges};
+use warren_testbed::{ECHO_PORT, Testbed, in_ci, require_privileges};
+
+static CLUSTER: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
+/// Skips (or under CI fails) when the local cluster is not built.
+fn cluster_built() -> bool {
+    if xtask::cluster::is_built() {
+        return true;
+    }
+    let reason = "the local Kubernetes is not built (cargo xtask setup --kubernetes)";
+    assert!(!in_ci(), "CI=true, but {reason}");
+    eprintln!("SKIPPED: {reason}");
+    false
+}
 
 /// A throwaway CRD for the lifecycle test (Warren's own CRDs are tested with the controller).
 #[derive(CustomResource, Deserialize, Serialize, Clone, Debug, JsonSchema)]
@@ -93,12 +108,10 @@ impl HostSnapshot {
 #[test]
 fn cluster_up_serves_crds_and_pods_and_cluster_down_leaves_nothing_behind() {
     require_privileges!();
-    if !xtask::cluster::is_built() {
-        let reason = "the local Kubernetes is not built (cargo xtask setup --kubernetes)";
-        assert!(!in_ci(), "CI=true, but {reason}");
-        eprintln!("SKIPPED: {reason}");
+    if !cluster_built() {
         return;
     }
+    let _cluster = CLUSTER.lock().unwrap_or_else(|e| e.into_inner());
     // A cluster left running by hand would blur the before/after comparison.
     xtask::cluster::down().unwrap();
     let before = HostSnapshot::take(&xtask::cluster::prefix());
@@ -115,6 +128,21 @@ fn cluster_up_serves_crds_and_pods_and_cluster_down_leaves_nothing_behind() {
     assert!(added_while_up.contains_key("processes") && added_while_up.contains_key("cgroups"), "{added_while_up:#?}");
     let left_behind = after.added_since(&before);
     assert!(left_behind.is_empty(), "cluster down left behind: {left_behind:#?}");
+}
+
+/// Creates a pod once its namespace's default ServiceAccount exists (the controller-manager makes it
+/// shortly after the namespace; admission refuses pods until then).
+async fn create_pod(api: &Api<Pod>, pod: &Pod) -> anyhow::Result<Pod> {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    loop {
+        match api.create(&PostParams::default(), pod).await {
+            Ok(created) => return Ok(created),
+            Err(e) if tokio::time::Instant::now() < deadline && e.to_string().contains("serviceaccount") => {
+                tokio::time::sleep(Duration::from_millis(300)).await
+            }
+            Err(e) => return Err(e.into()),
+        }
+    }
 }
 
 async fn exercise_cluster(kubeconfig: &Path) -> anyhow::Result<()> {
@@ -168,21 +196,92 @@ async fn exercise_cluster(kubeconfig: &Path) -> anyhow::Result<()> {
                  "imagePullPolicy": "Never", "command": ["sleep", "3600"]}],
                  "terminationGracePeriodSeconds": 1}
     }))?;
-    // The namespace's default ServiceAccount appears shortly after the namespace.
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
-    loop {
-        match pods.create(&PostParams::default(), &pod).await {
-            Ok(_) => break,
-            Err(e) if tokio::time::Instant::now() < deadline && e.to_string().contains("serviceaccount") => {
-                tokio::time::sleep(Duration::from_millis(300)).await
-            }
-            Err(e) => return Err(e.into()),
-        }
-    }
+    create_pod(&pods, &pod).await?;
     tokio::time::timeout(Duration::from_secs(120), await_condition(pods.clone(), "sleeper", conditions::is_pod_running()))
         .await
         .map_err(|_| anyhow::anyhow!("pod sleeper not Running within 120 s"))??;
 
     namespaces.delete(&ns_name, &DeleteParams::default()).await?;
+    Ok(())
+}
+
+/// The agent takes its workloads from the API server: pods on its node, enrolled by their namespace's
+/// label (Warren's or Istio ambient's), opted out by a pod label — all live.
+#[test]
+fn agent_enrolls_pods_from_the_kubernetes_api() {
+    require_privileges!();
+    if !cluster_built() {
+        return;
+    }
+    let _cluster = CLUSTER.lock().unwrap_or_else(|e| e.into_inner());
+    let kubeconfig = xtask::cluster::up(false).unwrap();
+    let result = tokio::runtime::Runtime::new().unwrap().block_on(enrollment_scenario(&kubeconfig));
+    xtask::cluster::down().unwrap();
+    result.unwrap();
+}
+
+async fn enrollment_scenario(kubeconfig: &Path) -> anyhow::Result<()> {
+    use k8s_openapi::api::core::v1::Node;
+    let config = Config::from_custom_kubeconfig(Kubeconfig::read_from(kubeconfig)?, &KubeConfigOptions::default()).await?;
+    let client = Client::try_from(config)?;
+    let suffix = std::process::id();
+    let (mesh_ns, plain_ns) = (format!("mesh-{suffix}"), format!("plain-{suffix}"));
+    let node_name = format!("warren-node-{suffix}");
+
+    // The node object, so that the pod GC keeps pods bound to it.
+    let nodes: Api<Node> = Api::all(client.clone());
+    nodes.create(&PostParams::default(), &serde_json::from_value(serde_json::json!({"metadata": {"name": node_name}}))?).await?;
+    let namespaces: Api<Namespace> = Api::all(client.clone());
+    for (name, labels) in [(&mesh_ns, serde_json::json!({"warren.dev/mesh": "enabled"})), (&plain_ns, serde_json::json!({}))] {
+        namespaces.create(&PostParams::default(), &serde_json::from_value(serde_json::json!({"metadata": {"name": name, "labels": labels}}))?).await?;
+    }
+
+    // Pods as the API knows them; the testbed gives each a netns and cgroup under the same UID, and we
+    // write their status as a kubelet would.
+    let bed = Testbed::new("k8s-enroll")?;
+    let node = bed.add_node("node-1")?;
+    let mut pods = vec![];
+    for (name, ns) in [("client", &mesh_ns), ("server", &plain_ns)] {
+        let api: Api<Pod> = Api::namespaced(client.clone(), ns);
+        let object: Pod = serde_json::from_value(serde_json::json!({
+            "metadata": {"name": name, "labels": {"app": name}},
+            "spec": {"nodeName": node_name, "containers": [{"name": "app", "image": "warren-testapp:local"}]}
+        }))?;
+        let created = create_pod(&api, &object).await?;
+        let pod = node.add_pod_with_uid(name, false, created.metadata.uid.as_deref())?;
+        let status = serde_json::json!({"status": {"phase": "Running", "podIP": pod.ip.to_string(),
+            "podIPs": [{"ip": pod.ip.to_string()}, {"ip": pod.ip6.to_string()}]}});
+        api.patch_status(name, &PatchParams::default(), &Patch::Merge(&status)).await?;
+        pods.push((api, pod));
+    }
+    let (client_pod, server_pod) = (pods[0].1.clone(), pods[1].1.clone());
+    server_pod.serve("v1")?;
+    node.reach_host_port(xtask::cluster::API_PORT)?;
+    let agent = node.start_agent_with(warren_testbed::AgentOptions {
+        kubeconfig: Some(kubeconfig.to_path_buf()),
+        node_name: Some(node_name.clone()),
+        ..Default::default()
+    })?;
+    let timeout = Duration::from_secs(10);
+
+    // client: namespace labelled warren.dev/mesh=enabled → enrolled; server: plain namespace → not.
+    agent.wait_enrolled(&client_pod, true, timeout)?;
+    agent.wait_enrolled(&server_pod, false, timeout)?;
+    let sent = client_pod.send(server_pod.socket(ECHO_PORT), 1 << 20)?;
+    assert!(sent.ok && sent.peer.as_deref() == Some("127.0.0.1:15001"), "{sent:?}");
+
+    // Istio ambient's namespace label enrolls too.
+    let ambient = serde_json::json!({"metadata": {"labels": {"istio.io/dataplane-mode": "ambient"}}});
+    namespaces.patch(&plain_ns, &PatchParams::default(), &Patch::Merge(&ambient)).await?;
+    agent.wait_enrolled(&server_pod, true, timeout)?;
+
+    // A pod label opts a pod out, live.
+    let opt_out = serde_json::json!({"metadata": {"labels": {"warren.dev/mesh": "disabled"}}});
+    pods[0].0.patch("client", &PatchParams::default(), &Patch::Merge(&opt_out)).await?;
+    agent.wait_enrolled(&client_pod, false, timeout)?;
+    let direct = client_pod.send(server_pod.socket(ECHO_PORT), 1 << 20)?;
+    assert!(direct.ok && direct.peer.as_deref() == Some(server_pod.socket(ECHO_PORT).to_string().as_str()), "{direct:?}");
+    assert_eq!(agent.metric("warren_tcp_connections_opened_total", &[("direction", "outbound")])?, 1.0);
+    assert_eq!(agent.metric("warren_tcp_connections_opened_total", &[("direction", "inbound")])?, 1.0);
     Ok(())
 }
