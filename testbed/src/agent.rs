@@ -52,6 +52,7 @@ pub struct Agent {
     pub pin_dir: PathBuf,
     pub run_dir: PathBuf,
     node_netns: String,
+    bed: std::sync::Arc<crate::Inner>,
 }
 
 impl Agent {
@@ -82,7 +83,7 @@ impl Agent {
         // In its own cgroup below the node's, as a DaemonSet pod is below the node's root: the programs
         // attached at the node's cgroup see the agent's sockets (socket acceleration needs both ends).
         let process = node.spawn_in_cgroup(cmd, "warren-agent")?;
-        let agent = Agent { process, config_path, pin_dir, run_dir, node_netns: node.netns.clone() };
+        let agent = Agent { process, config_path, pin_dir, run_dir, node_netns: node.netns.clone(), bed: node.bed.clone() };
         agent.wait_ready(Duration::from_secs(20))?;
         Ok(agent)
     }
@@ -130,6 +131,18 @@ impl Agent {
         let mut cmd = Command::new(bin_path("warren-agent")?);
         cmd.arg("inspect").args(args).arg("--pin-dir").arg(&self.pin_dir).arg("--run-dir").arg(&self.run_dir);
         Ok(cmd.output()?)
+    }
+
+    /// Runs `warren-agent inspect ARGS…` in the node's netns (where the admin endpoint listens) and
+    /// returns its stdout; fails with its stderr.
+    pub fn inspect_live(&self, args: &[&str]) -> Result<String> {
+        let mut cmd = Command::new(bin_path("warren-agent")?);
+        cmd.arg("inspect").args(args);
+        let out = crate::Process::spawn(&self.bed, cmd, &self.node_netns, None)?.wait_with_output()?;
+        if !out.status.success() {
+            bail!("warren-agent inspect {}: {}", args.join(" "), String::from_utf8_lossy(&out.stderr));
+        }
+        Ok(String::from_utf8_lossy(&out.stdout).into_owned())
     }
 
     /// Stops the agent with SIGTERM and returns its exit status.

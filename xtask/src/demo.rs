@@ -12,7 +12,7 @@ pub fn run(keep: bool) -> Result<()> {
     let bed = Testbed::new("demo")?;
     let node = bed.add_node("node-1")?;
     let productpage = node.add_pod("productpage", true)?;
-    let reviews = node.add_pod("reviews", false)?;
+    let reviews = node.add_pod("reviews", true)?;
     let legacy = node.add_pod("legacy", false)?;
     println!("Warren demo — node {} ({}), pods as network namespaces + cgroups:", node.name, node.ip);
     for pod in node.pods() {
@@ -42,13 +42,23 @@ pub fn run(keep: bool) -> Result<()> {
         if direct.ok { "byte-exact" } else { "MISMATCH" },
         direct.peer.as_deref().unwrap_or("?")
     );
+    let dst6 = reviews.socket6(ECHO_PORT);
+    let over_v6 = productpage.send(dst6, 1 << 20)?;
+    println!(
+        "productpage → {dst6}: {} of 1 MiB echoed back, {} (client's peer: {})",
+        over_v6.received,
+        if over_v6.ok { "byte-exact" } else { "MISMATCH" },
+        over_v6.peer.as_deref().unwrap_or("?")
+    );
+    println!("(productpage is enrolled: its connects go to the agent on loopback; reviews is enrolled: the agent");
+    println!(" captures connections to it with sk_lookup; legacy is not enrolled: only the inbound end is meshed.)");
 
     std::thread::sleep(Duration::from_millis(200)); // let the eBPF log lines arrive
     println!("\n== the agent's connections (/connections)");
     let connections = agent.connections()?;
     for c in connections["recently_closed"].as_array().into_iter().flatten() {
         println!(
-            "  {} {} client={} original_dst={} sent={}B received={}B",
+            "  {:<8} {:<20} client={:<24} destination={:<26} sent={}B received={}B",
             c["direction"].as_str().unwrap_or(""),
             c["pod"].as_str().unwrap_or(""),
             c["client"].as_str().unwrap_or(""),
@@ -57,6 +67,8 @@ pub fn run(keep: bool) -> Result<()> {
             c["received_bytes"]
         );
     }
+    println!("\n== warren-agent inspect workloads");
+    print!("{}", agent.inspect_live(&["workloads"])?);
     println!("\n== the agent's metrics (/metrics, warren_*)");
     for line in agent.get("/metrics")?.lines().filter(|l| l.starts_with("warren_") && !l.ends_with(" 0")) {
         println!("  {line}");
@@ -71,7 +83,7 @@ pub fn run(keep: bool) -> Result<()> {
     if !inspect.status.success() {
         bail!("inspect maps failed: {}", String::from_utf8_lossy(&inspect.stderr));
     }
-    if !(through.ok && direct.ok) {
+    if !(through.ok && direct.ok && over_v6.ok) {
         bail!("traffic was not byte-exact");
     }
     if keep {
