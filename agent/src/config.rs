@@ -41,8 +41,9 @@ pub struct AgentConfig {
     pub inbound_port: u16,
     #[serde(default = "default_hbone_port")]
     pub hbone_port: u16,
-    /// sockops + sk_msg short-circuit of the app ↔ agent loopback legs.
-    #[serde(default = "yes")]
+    /// sockops + sk_msg short-circuit of the app ↔ agent local legs. Off by default: see
+    /// docs/architecture.md ("Socket acceleration") for the kernel behaviour that makes it opt-in.
+    #[serde(default)]
     pub socket_acceleration: bool,
     /// On SIGTERM, how long open connections may take to finish.
     #[serde(default = "default_drain_seconds")]
@@ -118,9 +119,6 @@ fn default_hbone_port() -> u16 {
 }
 fn default_drain_seconds() -> u64 {
     10
-}
-fn yes() -> bool {
-    true
 }
 
 impl AgentConfig {

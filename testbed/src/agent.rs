@@ -21,7 +21,7 @@ pub struct AgentOptions {
     pub pin_dir: Option<PathBuf>,
     /// Runtime directory (agent.pid); default: in the testbed's state directory.
     pub run_dir: Option<PathBuf>,
-    /// sockops/sk_msg acceleration of the app ↔ agent legs.
+    /// sockops/sk_msg acceleration of the app ↔ agent legs (the agent's default: off).
     pub socket_acceleration: bool,
     /// How long the agent drains open connections on SIGTERM.
     pub drain_timeout_seconds: u64,
@@ -37,7 +37,7 @@ impl Default for AgentOptions {
             ebpf_log_level: "debug",
             pin_dir: None,
             run_dir: None,
-            socket_acceleration: true,
+            socket_acceleration: false,
             drain_timeout_seconds: 2,
             kubeconfig: None,
             node_name: None,

@@ -23,6 +23,8 @@ pub fn run(keep: bool) -> Result<()> {
     let agent = node.start_agent_with(AgentOptions {
         pin_dir: Some(warren_maps_default_pin_dir()),
         run_dir: Some("/run/warren".into()),
+        // Opt-in (see docs/architecture.md); on here to show its counters.
+        socket_acceleration: true,
         ..AgentOptions::default()
     })?;
     println!("\nwarren-agent is running (maps pinned at {})\n", agent.pin_dir.display());

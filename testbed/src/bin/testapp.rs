@@ -136,9 +136,19 @@ fn echo_connection(stream: TcpStream) {
     let mut reader = stream.try_clone().expect("clone");
     let mut writer = stream;
     let (mut buf, mut spurious) = (vec![0u8; 64 * 1024], 0);
-    while let Ok(n) = read_retrying(&mut reader, &mut buf, &mut spurious, Duration::from_secs(3600)) {
-        if n == 0 || writer.write_all(&buf[..n]).is_err() {
-            break;
+    loop {
+        match read_retrying(&mut reader, &mut buf, &mut spurious, Duration::from_secs(3600)) {
+            Ok(0) => break,
+            Ok(n) => {
+                if let Err(e) = writer.write_all(&buf[..n]) {
+                    eprintln!("echo: write: {e} ({:?})", e.kind());
+                    break;
+                }
+            }
+            Err(e) => {
+                eprintln!("echo: read: {e} ({:?})", e.kind());
+                break;
+            }
         }
     }
     let _ = writer.shutdown(Shutdown::Write);
