@@ -7,6 +7,7 @@
 //!   pod's loopback (which sk_lookup never captures).
 pub mod connections;
 pub mod copy;
+pub mod hbone;
 pub mod inbound;
 pub mod outbound;
 
