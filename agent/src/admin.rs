@@ -13,12 +13,13 @@ use hyper_util::rt::TokioIo;
 use prometheus_client::registry::Registry;
 use tokio::net::TcpListener;
 
-use crate::{inpod::PodStatus, proxy::ConnectionTable};
+use crate::{identity::Certificates, inpod::PodStatus, proxy::ConnectionTable};
 
 pub struct AdminState {
     pub registry: Registry,
     pub connections: ConnectionTable,
     pub workloads: Arc<Mutex<Vec<PodStatus>>>,
+    pub certificates: Option<Arc<Certificates>>,
 }
 
 pub async fn bind(addr: SocketAddr) -> Result<TcpListener> {
@@ -56,7 +57,17 @@ async fn handle(req: Request<Incoming>, state: Arc<AdminState>) -> Result<Respon
             "application/json",
             serde_json::to_string_pretty(&*state.workloads.lock().unwrap()).unwrap_or_default(),
         ),
-        _ => (StatusCode::NOT_FOUND, "text/plain", "endpoints: /ready /metrics /connections /workloads\n".to_string()),
+        "/certificates" => (
+            StatusCode::OK,
+            "application/json",
+            serde_json::to_string_pretty(&state.certificates.as_ref().map(|c| c.snapshot()).unwrap_or_default())
+                .unwrap_or_default(),
+        ),
+        _ => (
+            StatusCode::NOT_FOUND,
+            "text/plain",
+            "endpoints: /ready /metrics /connections /workloads /certificates\n".to_string(),
+        ),
     };
     Ok(Response::builder()
         .status(status)

@@ -55,6 +55,8 @@ pub struct AgentConfig {
     pub workloads_file: Option<PathBuf>,
     /// Take workloads from the Kubernetes API (pods on `nodeName`, namespaces' labels).
     pub kubernetes: Option<KubernetesSource>,
+    /// Workload identities and mTLS (HBONE between enrolled pods). Without it: plain L4.
+    pub identity: Option<crate::identity::IdentityConfig>,
 }
 
 #[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]

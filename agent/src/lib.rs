@@ -6,6 +6,7 @@
 //! exposes metrics and state; [`inspect`] is the CLI that reads them back.
 pub mod admin;
 pub mod config;
+pub mod identity;
 pub mod ebpf;
 pub mod inpod;
 pub mod inspect;

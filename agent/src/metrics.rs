@@ -26,6 +26,8 @@ pub struct Metrics {
     pub received_bytes: Family<DirectionLabels, Counter>,
     /// Accepted connections whose original destination was not in the map (not forwarded).
     pub original_dst_missing: Counter,
+    /// HBONE connections whose mTLS handshake failed (untrusted, expired or foreign certificate…).
+    pub mtls_refused: Counter,
 }
 
 impl Metrics {
@@ -47,6 +49,11 @@ impl Metrics {
             "warren_tcp_received_bytes",
             "Bytes proxied from server to client",
             self.received_bytes.clone(),
+        );
+        registry.register(
+            "warren_hbone_mtls_refused",
+            "HBONE connections refused in the mTLS handshake",
+            self.mtls_refused.clone(),
         );
         registry.register(
             "warren_original_dst_missing",

@@ -14,9 +14,10 @@ use crate::{
     admin::{self, AdminState},
     config::AgentConfig,
     ebpf::Datapath,
+    identity::Certificates,
     inpod::{InpodManager, PortConfig},
     metrics::{EbpfEventsCollector, Metrics},
-    proxy::{ConnectionTable, ProxyShared},
+    proxy::{ConnectionTable, ProxyShared, hbone::pool::Pool},
     sources, sys,
 };
 
@@ -35,11 +36,22 @@ pub async fn run(config: AgentConfig) -> Result<()> {
     let mut registry = Registry::default();
     metrics.register(&mut registry);
     registry.register_collector(Box::new(EbpfEventsCollector(datapath.counters())));
-    let shared = ProxyShared { original_dst: datapath.original_dst_lookup(), metrics, connections: connections.clone() };
+    let hbone = match &config.identity {
+        Some(identity) => Some(Arc::new(Pool::new(Arc::new(Certificates::load(identity)?)))),
+        None => None,
+    };
+    let certificates = hbone.as_ref().map(|pool| pool.certificates().clone());
+    let shared = ProxyShared {
+        original_dst: datapath.original_dst_lookup(),
+        metrics,
+        connections: connections.clone(),
+        mesh: Arc::default(),
+        hbone,
+    };
     let datapath = Arc::new(Mutex::new(datapath));
 
     let ports = PortConfig { outbound: config.outbound_port, inbound: config.inbound_port };
-    let mut manager = InpodManager::new(datapath.clone(), ports, cgroup2, shared);
+    let mut manager = InpodManager::new(datapath.clone(), config.node_name.clone(), ports, cgroup2, shared);
     let mut workloads = match (&config.workloads_file, &config.kubernetes) {
         (Some(path), _) => sources::file::watch(path.clone())?,
         (None, Some(kubernetes)) => {
@@ -52,7 +64,12 @@ pub async fn run(config: AgentConfig) -> Result<()> {
     manager.drop_stale_state()?;
 
     let admin_listener = admin::bind(config.admin_addr).await?;
-    let state = Arc::new(AdminState { registry, connections: connections.clone(), workloads: manager.status_handle() });
+    let state = Arc::new(AdminState {
+        registry,
+        connections: connections.clone(),
+        workloads: manager.status_handle(),
+        certificates,
+    });
     tokio::spawn(admin::serve(admin_listener, state));
 
     std::fs::create_dir_all(&config.run_dir).with_context(|| format!("creating {}", config.run_dir.display()))?;

@@ -29,6 +29,8 @@ pub struct AgentOptions {
     pub kubeconfig: Option<PathBuf>,
     /// The Kubernetes node name the agent serves (default: the testbed node's name).
     pub node_name: Option<String>,
+    /// Workload identities from the testbed's CA: HBONE (mTLS) between enrolled pods.
+    pub mtls: bool,
 }
 
 impl Default for AgentOptions {
@@ -41,6 +43,7 @@ impl Default for AgentOptions {
             drain_timeout_seconds: 2,
             kubeconfig: None,
             node_name: None,
+            mtls: false,
         }
     }
 }
@@ -72,6 +75,10 @@ impl Agent {
             "drainTimeoutSeconds": options.drain_timeout_seconds,
             "workloadsFile": node.workloads_file(),
         });
+        if options.mtls {
+            let (cert, key) = node.ca_files()?;
+            config["identity"] = serde_json::json!({ "trustDomain": "cluster.local", "caCertFile": cert, "caKeyFile": key });
+        }
         if let Some(kubeconfig) = &options.kubeconfig {
             config["workloadsFile"] = serde_json::Value::Null;
             config["kubernetes"] = serde_json::json!({ "kubeconfig": kubeconfig });

@@ -28,12 +28,14 @@
 //! ```
 mod agent;
 mod bins;
+mod capture;
 mod net;
 mod privileges;
 mod process;
 
 pub use agent::{Agent, AgentOptions};
 pub use bins::bin_path;
+pub use capture::{Capture, testapp_payload};
 pub use net::in_netns;
 pub use privileges::{check_privileges, in_ci};
 pub use process::{Attempt, ConnectLoop, Process, SendResult, now_ms};
@@ -92,6 +94,9 @@ struct Inner {
     extra_netns: Mutex<Vec<String>>,
     /// Listening sockets of host-port forwarders, shut down on teardown (they pin their netns).
     forwarders: Mutex<Vec<std::net::TcpListener>>,
+    /// Every pod of every node, with its node and whether it is enrolled: the workloads file all agents
+    /// read (each enrolls its own node's pods and routes to the others').
+    pods: Mutex<Vec<(String, Pod, bool)>>,
 }
 
 struct NodeRecord {
@@ -110,8 +115,6 @@ pub struct Node {
     pub ip: Ipv4Addr,
     pub cgroup: PathBuf,
     pub ip6: Ipv6Addr,
-    /// The node's pods and whether each is enrolled (written to the workloads file the agent watches).
-    pods: Arc<Mutex<Vec<(Pod, bool)>>>,
 }
 
 /// A pod: its own netns (eth0 on the node's bridge, lo up, IPv4 and IPv6) and its own cgroup
@@ -158,6 +161,7 @@ impl Testbed {
             processes: Mutex::default(),
             extra_netns: Mutex::new(vec![fabric.clone()]),
             forwarders: Mutex::default(),
+            pods: Mutex::default(),
         });
         let bed = Testbed { inner };
         net::add_netns(&fabric)?;
@@ -221,8 +225,18 @@ impl Testbed {
             ip,
             ip6,
             cgroup,
-            pods: Arc::default(),
         })
+    }
+
+    /// The testbed's certificate authority (made on first use): root and key PEM files an agent with
+    /// `AgentOptions::mtls` signs its pods' certificates with.
+    pub fn ca_files(&self) -> Result<(PathBuf, PathBuf)> {
+        ca_files(&self.inner)
+    }
+
+    /// Starts capturing every frame between the nodes.
+    pub fn capture_fabric(&self) -> Result<Capture> {
+        Capture::start(&self.inner.fabric)
     }
 
     /// Runs `f` in a thread inside the fabric netns (which reaches every node's uplink).
@@ -240,8 +254,9 @@ impl Node {
 
     /// [`Node::add_pod`] with a given UID (e.g. the UID the API server gave a Pod object).
     pub fn add_pod_with_uid(&self, name: &str, enrolled: bool, uid: Option<&str>) -> Result<Pod> {
-        let mut pods = self.pods.lock().unwrap();
-        let host = u8::try_from(pods.len() + 2).ok().filter(|h| *h < 250).context("too many pods")?;
+        let mut pods = self.bed.pods.lock().unwrap();
+        let on_node = pods.iter().filter(|(node, _, _)| *node == self.name).count();
+        let host = u8::try_from(on_node + 2).ok().filter(|h| *h < 250).context("too many pods")?;
         let netns = format!("{}-{name}", self.netns);
         let ip = Ipv4Addr::new(10, 244, self.index, host);
         let ip6: Ipv6Addr = format!("fd00:10:244:{:x}::{:x}", self.index, host).parse()?;
@@ -279,23 +294,23 @@ impl Node {
         let mut pause = std::process::Command::new(bin_path("warren-testapp")?);
         pause.arg("pause");
         pod.spawn(pause)?;
-        pods.push((pod.clone(), enrolled));
+        pods.push((self.name.clone(), pod.clone(), enrolled));
         self.write_workloads(&pods)?;
         Ok(pod)
     }
 
     pub fn pods(&self) -> Vec<Pod> {
-        self.pods.lock().unwrap().iter().map(|(p, _)| p.clone()).collect()
+        self.bed.pods.lock().unwrap().iter().filter(|(n, _, _)| *n == self.name).map(|(_, p, _)| p.clone()).collect()
     }
 
     pub fn is_enrolled(&self, pod: &Pod) -> bool {
-        self.pods.lock().unwrap().iter().any(|(p, enrolled)| p.uid == pod.uid && *enrolled)
+        self.bed.pods.lock().unwrap().iter().any(|(_, p, enrolled)| p.uid == pod.uid && *enrolled)
     }
 
     /// Enrolls or un-enrolls a pod live: flips its `warren.dev/mesh` label in the workloads file.
     pub fn set_enrolled(&self, pod: &Pod, enrolled: bool) -> Result<()> {
-        let mut pods = self.pods.lock().unwrap();
-        for (p, e) in pods.iter_mut() {
+        let mut pods = self.bed.pods.lock().unwrap();
+        for (_, p, e) in pods.iter_mut() {
             if p.uid == pod.uid {
                 *e = enrolled;
             }
@@ -303,23 +318,25 @@ impl Node {
         self.write_workloads(&pods)
     }
 
-    /// Where the agent reads this node's workloads.
+    /// Where the agents read the workloads (one file for the whole testbed, as the API server is one).
     pub fn workloads_file(&self) -> PathBuf {
-        self.state_dir().join("workloads.yaml")
+        self.bed.state_dir.join("workloads.yaml")
     }
 
     /// Namespace `default` is enrolled (`warren.dev/mesh=enabled`); pods that must not be are labelled
-    /// `warren.dev/mesh=disabled`, the opt-out a user would use. Written atomically (rename).
-    fn write_workloads(&self, pods: &[(Pod, bool)]) -> Result<()> {
+    /// `warren.dev/mesh=disabled`, the opt-out a user would use. Each pod's service account is its name,
+    /// so its identity is spiffe://cluster.local/ns/default/sa/<pod>. Written atomically (rename).
+    fn write_workloads(&self, pods: &[(String, Pod, bool)]) -> Result<()> {
         let pods: Vec<_> = pods
             .iter()
-            .map(|(p, enrolled)| {
+            .map(|(node, p, enrolled)| {
                 let labels = if *enrolled {
                     serde_json::json!({"app": p.name})
                 } else {
                     serde_json::json!({"app": p.name, "warren.dev/mesh": "disabled"})
                 };
-                serde_json::json!({"name": p.name, "namespace": p.namespace, "uid": p.uid, "ips": [p.ip, p.ip6], "labels": labels})
+                serde_json::json!({"name": p.name, "namespace": p.namespace, "uid": p.uid, "ips": [p.ip, p.ip6],
+                    "labels": labels, "node": node, "serviceAccount": p.name})
             })
             .collect();
         let doc = serde_json::json!({
@@ -327,7 +344,6 @@ impl Node {
             "pods": pods,
         });
         let path = self.workloads_file();
-        fs::create_dir_all(self.state_dir())?;
         let tmp = path.with_extension("yaml.tmp");
         fs::write(&tmp, serde_yaml::to_string(&doc)?)?;
         fs::rename(&tmp, &path)?;
@@ -346,6 +362,10 @@ impl Node {
     /// Starts warren-agent in this node's netns, configured with this node's pods; waits until ready.
     pub fn start_agent(&self) -> Result<Agent> {
         self.start_agent_with(AgentOptions::default())
+    }
+
+    pub(crate) fn ca_files(&self) -> Result<(PathBuf, PathBuf)> {
+        ca_files(&self.bed)
     }
 
     pub fn start_agent_with(&self, options: AgentOptions) -> Result<Agent> {
@@ -510,6 +530,16 @@ impl Drop for Testbed {
         }
         let _ = std::fs::remove_dir_all(&inner.state_dir);
     }
+}
+
+fn ca_files(bed: &Inner) -> Result<(PathBuf, PathBuf)> {
+    let (cert, key) = (bed.state_dir.join("ca.pem"), bed.state_dir.join("ca-key.pem"));
+    if !cert.is_file() {
+        let ca = warren_identity::CertificateAuthority::generate("cluster.local", std::time::Duration::from_secs(24 * 3600))?;
+        fs::write(&key, ca.key_pem())?;
+        fs::write(&cert, ca.root_pem())?;
+    }
+    Ok((cert, key))
 }
 
 fn pin_dir(testbed_id: &str, node: &str) -> PathBuf {

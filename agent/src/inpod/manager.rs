@@ -23,8 +23,8 @@ use warren_maps::{EnrolledCgroup, ListenerKey};
 use super::{Netns, discover};
 use crate::{
     ebpf::Datapath,
-    proxy::{self, ProxyShared},
-    state::{Pod, Workloads},
+    proxy::{self, ProxyShared, hbone::HBONE_PORT},
+    state::{MeshIndex, Pod, Workloads},
 };
 
 /// How long listeners of an un-enrolled pod stay open for connects redirected just before.
@@ -59,6 +59,7 @@ pub struct PodStatus {
 
 pub struct InpodManager {
     datapath: Arc<Mutex<Datapath>>,
+    node_name: String,
     ports: PortConfig,
     cgroup2_mount: PathBuf,
     shared: ProxyShared,
@@ -67,8 +68,14 @@ pub struct InpodManager {
 }
 
 impl InpodManager {
-    pub fn new(datapath: Arc<Mutex<Datapath>>, ports: PortConfig, cgroup2_mount: PathBuf, shared: ProxyShared) -> Self {
-        InpodManager { datapath, ports, cgroup2_mount, shared, enrolled: BTreeMap::new(), status: Arc::default() }
+    pub fn new(
+        datapath: Arc<Mutex<Datapath>>,
+        node_name: String,
+        ports: PortConfig,
+        cgroup2_mount: PathBuf,
+        shared: ProxyShared,
+    ) -> Self {
+        InpodManager { datapath, node_name, ports, cgroup2_mount, shared, enrolled: BTreeMap::new(), status: Arc::default() }
     }
 
     /// A live view of every known pod's enrollment, for the admin endpoint.
@@ -79,7 +86,13 @@ impl InpodManager {
     /// Brings enrollment in line with `workloads`. Pods that cannot be enrolled yet (no process found)
     /// are reported in the status and retried on the next call.
     pub async fn reconcile(&mut self, workloads: &Workloads) {
-        let wanted: BTreeMap<&str, &Pod> = workloads.enrolled_pods().into_iter().map(|p| (p.uid.as_str(), p)).collect();
+        *self.shared.mesh.write().unwrap() = MeshIndex::new(workloads);
+        let wanted: BTreeMap<&str, &Pod> = workloads
+            .enrolled_pods()
+            .into_iter()
+            .filter(|p| p.is_on(&self.node_name))
+            .map(|p| (p.uid.as_str(), p))
+            .collect();
         let leaving: Vec<String> = self.enrolled.keys().filter(|uid| !wanted.contains_key(uid.as_str())).cloned().collect();
         for uid in leaving {
             self.unenroll(&uid);
@@ -97,6 +110,7 @@ impl InpodManager {
         *self.status.lock().unwrap() = workloads
             .pods
             .iter()
+            .filter(|p| p.is_on(&self.node_name))
             .map(|p| {
                 let enrolled = self.enrolled.get(&p.uid);
                 PodStatus {
@@ -143,6 +157,15 @@ impl InpodManager {
         } else {
             None
         };
+        // HBONE, when the agent has identities to give: the pod's own 15008, presenting its identity.
+        let identity = self.shared.hbone.as_ref().map(|pool| pod.identity(pool.certificates().trust_domain()));
+        let mut hbone = vec![];
+        if identity.is_some() {
+            hbone.push(bind(&netns, SocketAddr::new(Ipv4Addr::UNSPECIFIED.into(), HBONE_PORT)).await?);
+            if has_v6 {
+                hbone.push(bind(&netns, SocketAddr::new(Ipv6Addr::UNSPECIFIED.into(), HBONE_PORT)).await?);
+            }
+        }
         let netns_cookie = crate::sys::socket_netns_cookie(&outbound[0]).context("SO_NETNS_COOKIE")?;
 
         let mut listener_keys = vec![];
@@ -167,6 +190,19 @@ impl InpodManager {
                 netns_cookie,
                 netns.clone(),
                 key.clone(),
+                identity.clone(),
+                self.shared.clone(),
+            )));
+        }
+        let pod_ips = Arc::new(pod.ips.clone());
+        for listener in hbone {
+            let identity = identity.clone().expect("HBONE listeners only with an identity");
+            listeners.push(tokio::spawn(proxy::inbound::serve_hbone(
+                listener,
+                netns.clone(),
+                key.clone(),
+                identity,
+                pod_ips.clone(),
                 self.shared.clone(),
             )));
         }

@@ -23,6 +23,10 @@ pub struct ConnectionInfo {
     pub client: SocketAddr,
     /// Where the workload wanted to go, recovered from the eBPF map.
     pub original_dst: SocketAddr,
+    /// "tcp" (plain L4) or "hbone" (mTLS tunnel).
+    pub protocol: &'static str,
+    /// The peer workload's SPIFFE identity, when mTLS proved it.
+    pub peer_identity: Option<String>,
     pub opened_unix_ms: u128,
     pub sent_bytes: u64,
     pub received_bytes: u64,
@@ -49,7 +53,15 @@ pub struct Snapshot {
 }
 
 impl ConnectionTable {
-    pub fn open(&self, direction: &'static str, pod: String, client: SocketAddr, original_dst: SocketAddr) -> u64 {
+    pub fn open(
+        &self,
+        direction: &'static str,
+        pod: String,
+        client: SocketAddr,
+        original_dst: SocketAddr,
+        protocol: &'static str,
+        peer_identity: Option<String>,
+    ) -> u64 {
         let id = self.next_id.fetch_add(1, Ordering::Relaxed) + 1;
         let opened_unix_ms = SystemTime::now()
             .duration_since(SystemTime::UNIX_EPOCH)
@@ -61,6 +73,8 @@ impl ConnectionTable {
             pod,
             client,
             original_dst,
+            protocol,
+            peer_identity,
             opened_unix_ms,
             sent_bytes: 0,
             received_bytes: 0,

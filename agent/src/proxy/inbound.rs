@@ -1,11 +1,18 @@
-//! Inbound: connections for an enrolled pod's addresses, handed to the agent's inbound listener in the
-//! pod's netns by sk_lookup. The accepted socket's local address is where the client was going.
-use std::sync::Arc;
+//! Inbound, two ways into an enrolled pod:
+//! - plain TCP that sk_lookup hands to the agent's inbound listener (15006); the accepted socket's local
+//!   address is where the client was going;
+//! - HBONE on the pod's port 15008 (never captured): mTLS proves the peer's identity, each CONNECT names
+//!   the destination, which must be one of the pod's own addresses.
+//! Either way the agent dials the workload inside the pod (a self-addressed connection sk_lookup lets by).
+use std::{net::IpAddr, sync::Arc};
 
+use http::StatusCode;
 use tokio::net::TcpListener;
+use tokio_rustls::TlsAcceptor;
 use tracing::{info, warn};
+use warren_identity::Identity;
 
-use super::{Direction, ProxyShared, forward};
+use super::{Direction, ProxyShared, Record, connect_from, forward, hbone};
 use crate::inpod::Netns;
 
 pub async fn serve(listener: TcpListener, netns: Arc<Netns>, pod: Arc<String>, shared: ProxyShared) {
@@ -20,7 +27,81 @@ pub async fn serve(listener: TcpListener, netns: Arc<Netns>, pod: Arc<String>, s
         };
         let _ = client.set_nodelay(true);
         let Ok(destination) = client.local_addr() else { continue };
-        let (netns, shared, pod) = (netns.clone(), shared.clone(), pod.clone());
-        tokio::spawn(forward(client, peer, destination, Direction::Inbound, netns, shared, pod));
+        let record = Record { direction: Direction::Inbound, pod: pod.clone(), client: peer, destination, protocol: "tcp", peer_identity: None };
+        let (netns, shared) = (netns.clone(), shared.clone());
+        tokio::spawn(async move { forward(client, record, shared, connect_from(&netns, destination)).await });
+    }
+}
+
+/// The pod's HBONE server, presenting the pod's own identity.
+pub async fn serve_hbone(
+    listener: TcpListener,
+    netns: Arc<Netns>,
+    pod: Arc<String>,
+    identity: Identity,
+    pod_ips: Arc<Vec<IpAddr>>,
+    shared: ProxyShared,
+) {
+    info!(pod = %pod, addr = ?listener.local_addr().ok(), identity = %identity, "HBONE listener ready");
+    let Some(pool) = shared.hbone.clone() else { return };
+    loop {
+        let (tcp, remote) = match listener.accept().await {
+            Ok(accepted) => accepted,
+            Err(e) => {
+                warn!(pod = %pod, "HBONE accept failed: {e}");
+                continue;
+            }
+        };
+        let config = match pool.certificates().server_config(&identity) {
+            Ok(config) => config,
+            Err(e) => {
+                warn!(pod = %pod, "no certificate for {identity}: {e:#}");
+                continue;
+            }
+        };
+        let (netns, pod, pod_ips, shared) = (netns.clone(), pod.clone(), pod_ips.clone(), shared.clone());
+        tokio::spawn(async move {
+            let tls = match TlsAcceptor::from(config).accept(tcp).await {
+                Ok(tls) => tls,
+                Err(e) => {
+                    warn!(pod = %pod, client = %remote, "HBONE mTLS refused: {e}");
+                    shared.metrics.mtls_refused.inc();
+                    return;
+                }
+            };
+            let Some(peer) = warren_identity::tls::peer_identity(tls.get_ref().1) else { return };
+            let result = hbone::server::serve(tls, peer, move |destination, peer, tunnel| {
+                let (netns, pod, pod_ips, shared) = (netns.clone(), pod.clone(), pod_ips.clone(), shared.clone());
+                async move {
+                    if !pod_ips.contains(&destination.ip()) {
+                        warn!(pod = %pod, peer = %peer, %destination, "HBONE CONNECT for an address that is not this pod's");
+                        tunnel.refuse(StatusCode::BAD_REQUEST);
+                        return;
+                    }
+                    let upstream = match connect_from(&netns, destination).await {
+                        Ok(upstream) => upstream,
+                        Err(e) => {
+                            warn!(pod = %pod, peer = %peer, %destination, "HBONE: workload unreachable: {e:#}");
+                            tunnel.refuse(StatusCode::SERVICE_UNAVAILABLE);
+                            return;
+                        }
+                    };
+                    let Ok(stream) = tunnel.accept() else { return };
+                    let record = Record {
+                        direction: Direction::Inbound,
+                        pod,
+                        client: remote,
+                        destination,
+                        protocol: "hbone",
+                        peer_identity: Some(peer.to_string()),
+                    };
+                    forward(stream, record, shared, async { Ok(upstream) }).await
+                }
+            })
+            .await;
+            if let Err(e) = result {
+                warn!(client = %remote, "HBONE connection: {e:#}");
+            }
+        });
     }
 }

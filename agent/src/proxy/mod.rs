@@ -5,24 +5,36 @@
 //! - inbound: sk_lookup hands connections for the pod's addresses to the agent's inbound listener; the
 //!   original destination is the accepted socket's local address; the agent dials the workload over the
 //!   pod's loopback (which sk_lookup never captures).
+//! - between enrolled pods, with an identity configuration: HBONE ([`hbone`]) — the outbound side
+//!   tunnels to the destination pod's port 15008 as its workload identity, the inbound side serves
+//!   15008 in each enrolled pod and delivers to the workload, knowing the peer's identity.
 pub mod connections;
 pub mod copy;
 pub mod hbone;
 pub mod inbound;
 pub mod outbound;
 
-use std::{net::SocketAddr, sync::Arc};
+use std::{
+    future::Future,
+    net::SocketAddr,
+    sync::{Arc, RwLock},
+};
 
 use anyhow::Result;
-use tokio::net::{TcpSocket, TcpStream};
+use tokio::{
+    io::{AsyncRead, AsyncWrite},
+    net::{TcpSocket, TcpStream},
+};
 use tracing::{debug, warn};
 
 pub use connections::{ConnectionInfo, ConnectionTable};
 
+use self::hbone::pool::Pool;
 use crate::{
     ebpf::OriginalDstLookup,
     inpod::Netns,
     metrics::{DirectionLabels, Metrics},
+    state::MeshIndex,
 };
 
 /// What every listener task shares.
@@ -31,6 +43,10 @@ pub struct ProxyShared {
     pub original_dst: OriginalDstLookup,
     pub metrics: Arc<Metrics>,
     pub connections: ConnectionTable,
+    /// Every enrolled workload by IP: destinations that take HBONE.
+    pub mesh: Arc<RwLock<MeshIndex>>,
+    /// HBONE connections; `None` when the agent has no identity configuration (plain L4 only).
+    pub hbone: Option<Arc<Pool>>,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -51,22 +67,38 @@ impl Direction {
     }
 }
 
-/// Proxies one accepted connection to `destination`, dialed from the pod's netns; records it.
-pub(crate) async fn forward(
-    client: TcpStream,
-    peer: SocketAddr,
-    destination: SocketAddr,
-    direction: Direction,
-    netns: Arc<Netns>,
-    shared: ProxyShared,
-    pod: Arc<String>,
-) {
+/// What the connection table and metrics say about a proxied connection.
+pub(crate) struct Record {
+    pub direction: Direction,
+    pub pod: Arc<String>,
+    pub client: SocketAddr,
+    pub destination: SocketAddr,
+    /// "tcp" or "hbone".
+    pub protocol: &'static str,
+    /// The peer workload's SPIFFE identity, when mTLS proved it.
+    pub peer_identity: Option<String>,
+}
+
+/// Proxies `client` to the upstream `open` establishes, and records it.
+pub(crate) async fn forward<C, U>(client: C, record: Record, shared: ProxyShared, open: impl Future<Output = Result<U>>)
+where
+    C: AsyncRead + AsyncWrite + Unpin,
+    U: AsyncRead + AsyncWrite + Unpin,
+{
     let metrics = &shared.metrics;
-    let labels = direction.labels();
+    let labels = record.direction.labels();
     metrics.connections_opened.get_or_create(&labels).inc();
-    let id = shared.connections.open(direction.as_str(), pod.to_string(), peer, destination);
-    debug!(pod = %pod, client = %peer, destination = %destination, id, direction = direction.as_str(), "connection");
-    let (sent, received, error) = match connect_from(&netns, destination).await {
+    let id = shared.connections.open(
+        record.direction.as_str(),
+        record.pod.to_string(),
+        record.client,
+        record.destination,
+        record.protocol,
+        record.peer_identity.clone(),
+    );
+    debug!(pod = %record.pod, client = %record.client, destination = %record.destination, id,
+        direction = record.direction.as_str(), protocol = record.protocol, peer = ?record.peer_identity, "connection");
+    let (sent, received, error) = match open.await {
         Ok(upstream) => {
             metrics.active_connections.get_or_create(&labels).inc();
             let (transferred, error) = copy::copy_bidirectional(client, upstream).await;
@@ -75,20 +107,21 @@ pub(crate) async fn forward(
         }
         Err(e) => {
             metrics.connections_failed.get_or_create(&labels).inc();
-            (0, 0, Some(format!("connect {destination}: {e:#}")))
+            (0, 0, Some(format!("connect {} ({}): {e:#}", record.destination, record.protocol)))
         }
     };
     metrics.sent_bytes.get_or_create(&labels).inc_by(sent);
     metrics.received_bytes.get_or_create(&labels).inc_by(received);
     metrics.connections_closed.get_or_create(&labels).inc();
     if let Some(e) = &error {
-        warn!(pod = %pod, client = %peer, destination = %destination, direction = direction.as_str(), "{e}");
+        warn!(pod = %record.pod, client = %record.client, destination = %record.destination,
+            direction = record.direction.as_str(), "{e}");
     }
     shared.connections.close(id, sent, received, error);
 }
 
 /// Opens a connection from inside the pod's netns, so it carries the pod's source address.
-async fn connect_from(netns: &Netns, dst: SocketAddr) -> Result<TcpStream> {
+pub(crate) async fn connect_from(netns: &Netns, dst: SocketAddr) -> Result<TcpStream> {
     let socket = netns.run(move || if dst.is_ipv4() { TcpSocket::new_v4() } else { TcpSocket::new_v6() }).await??;
     socket.set_nodelay(true)?;
     Ok(socket.connect(dst).await?)

@@ -1,15 +1,24 @@
 //! Outbound: connections an enrolled workload opened, redirected by connect4/6 to the agent's loopback
-//! listener inside the workload's own netns.
+//! listener inside the workload's own netns. To another enrolled workload they go as HBONE (when the
+//! agent has an identity configuration); anywhere else as plain TCP from the pod's netns.
 use std::{net::SocketAddr, sync::Arc};
 
 use tokio::net::TcpListener;
 use tracing::{info, warn};
+use warren_identity::Identity;
 use warren_maps::ConnectionKey;
 
-use super::{Direction, ProxyShared, forward};
+use super::{Direction, ProxyShared, Record, connect_from, forward};
 use crate::inpod::Netns;
 
-pub async fn serve(listener: TcpListener, netns_cookie: u64, netns: Arc<Netns>, pod: Arc<String>, shared: ProxyShared) {
+pub async fn serve(
+    listener: TcpListener,
+    netns_cookie: u64,
+    netns: Arc<Netns>,
+    pod: Arc<String>,
+    source: Option<Identity>,
+    shared: ProxyShared,
+) {
     info!(pod = %pod, addr = ?listener.local_addr().ok(), "outbound listener ready");
     loop {
         let (client, peer) = match listener.accept().await {
@@ -26,8 +35,33 @@ pub async fn serve(listener: TcpListener, netns_cookie: u64, netns: Arc<Netns>, 
             warn!(pod = %pod, client = %peer, "no original destination recorded; closing");
             continue;
         };
+        let hbone = shared.hbone.clone().zip(source.clone()).and_then(|(pool, source)| {
+            let mesh = shared.mesh.read().unwrap();
+            let peer = mesh.enrolled(&original.ip())?.identity(pool.certificates().trust_domain());
+            Some((pool, source, peer))
+        });
         let (netns, shared, pod) = (netns.clone(), shared.clone(), pod.clone());
-        tokio::spawn(forward(client, peer, original, Direction::Outbound, netns, shared, pod));
+        match hbone {
+            Some((pool, source, peer_identity)) => {
+                let record = Record {
+                    direction: Direction::Outbound,
+                    pod,
+                    client: peer,
+                    destination: original,
+                    protocol: "hbone",
+                    peer_identity: Some(peer_identity.to_string()),
+                };
+                tokio::spawn(async move {
+                    let open = async { pool.connect(&netns, &source, &peer_identity, original).await };
+                    forward(client, record, shared, open).await
+                });
+            }
+            None => {
+                let record =
+                    Record { direction: Direction::Outbound, pod, client: peer, destination: original, protocol: "tcp", peer_identity: None };
+                tokio::spawn(async move { forward(client, record, shared, connect_from(&netns, original)).await });
+            }
+        }
     }
 }
 

@@ -105,5 +105,7 @@ fn to_pod(pod: &Pod) -> Option<state::Pod> {
         ips,
         labels: pod.labels().iter().map(|(k, v)| (k.clone(), v.clone())).collect::<BTreeMap<_, _>>(),
         host_network: pod.spec.as_ref().and_then(|s| s.host_network).unwrap_or(false),
+        service_account: pod.spec.as_ref().and_then(|s| s.service_account_name.clone()).unwrap_or_else(|| "default".into()),
+        node: pod.spec.as_ref().and_then(|s| s.node_name.clone()),
     })
 }

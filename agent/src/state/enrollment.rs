@@ -33,6 +33,8 @@ mod tests {
             ips: vec!["10.0.0.1".parse().unwrap()],
             labels: labels.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect(),
             host_network: false,
+            service_account: "default".into(),
+            node: None,
         }
     }
     fn labels(pairs: &[(&str, &str)]) -> BTreeMap<String, String> {

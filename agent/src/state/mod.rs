@@ -22,6 +22,16 @@ pub struct Pod {
     pub labels: BTreeMap<String, String>,
     #[serde(default)]
     pub host_network: bool,
+    /// spec.serviceAccountName: the workload's identity.
+    #[serde(default = "default_service_account")]
+    pub service_account: String,
+    /// spec.nodeName; a pod without one is taken to be on this agent's node.
+    #[serde(default)]
+    pub node: Option<String>,
+}
+
+fn default_service_account() -> String {
+    "default".into()
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -50,10 +60,36 @@ impl Pod {
     pub fn key(&self) -> String {
         format!("{}/{}", self.namespace, self.name)
     }
+
+    pub fn identity(&self, trust_domain: &str) -> warren_identity::Identity {
+        warren_identity::Identity::new(trust_domain, &self.namespace, &self.service_account)
+    }
+
+    pub fn is_on(&self, node: &str) -> bool {
+        self.node.as_deref().is_none_or(|n| n == node)
+    }
+}
+
+/// Every enrolled workload in the mesh by IP: where HBONE can go, and whom to expect there.
+#[derive(Debug, Clone, Default)]
+pub struct MeshIndex {
+    by_ip: std::collections::HashMap<IpAddr, Pod>,
+}
+
+impl MeshIndex {
+    pub fn new(workloads: &Workloads) -> Self {
+        let by_ip = workloads.enrolled_pods().into_iter().flat_map(|p| p.ips.iter().map(move |ip| (*ip, p.clone()))).collect();
+        MeshIndex { by_ip }
+    }
+
+    /// The enrolled pod that owns `ip`, if any.
+    pub fn enrolled(&self, ip: &IpAddr) -> Option<&Pod> {
+        self.by_ip.get(ip)
+    }
 }
 
 impl Workloads {
-    /// The pods that must be enrolled now.
+    /// The pods that must be enrolled now, on any node.
     pub fn enrolled_pods(&self) -> Vec<&Pod> {
         let labels_of = |ns: &str| self.namespaces.iter().find(|n| n.name == ns).map(|n| &n.labels);
         self.pods.iter().filter(|p| is_enrolled(p, labels_of(&p.namespace))).collect()

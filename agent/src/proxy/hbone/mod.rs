@@ -7,6 +7,7 @@
 //! - [`server`]: accept streams and hand each, with the peer's identity, to a connector.
 //! - [`H2Stream`]: an h2 stream as `AsyncRead + AsyncWrite`, so the proxy's copy works unchanged.
 pub mod client;
+pub mod pool;
 pub mod server;
 mod stream;
 

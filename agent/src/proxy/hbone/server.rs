@@ -1,26 +1,43 @@
 //! Serving HBONE: accept CONNECT streams on an mTLS connection and hand each — with its destination and
-//! the peer's verified identity — to a connector that opens the connection to the workload.
+//! the peer's verified identity — to a handler that opens the upstream and then accepts or refuses it.
 use std::{future::Future, net::SocketAddr, sync::Arc};
 
 use anyhow::{Context, Result};
 use bytes::Bytes;
+use h2::{RecvStream, server::SendResponse};
 use http::{Method, Response, StatusCode};
 use tokio::io::{AsyncRead, AsyncWrite};
 use tracing::{debug, warn};
 use warren_identity::Identity;
 
 use super::{CONNECTION_WINDOW, H2Stream, MAX_FRAME, STREAM_WINDOW};
-use crate::proxy::copy;
 
-/// Serves one mTLS connection from `peer` until it closes. For each CONNECT, `connect(destination,
-/// peer)` opens the upstream; the stream is answered 200 and copied both ways, or refused with
-/// 400 (not a CONNECT to ip:port) / 503 (upstream failed).
-pub async fn serve<IO, C, F, U>(io: IO, peer: Identity, connect: C) -> Result<()>
+/// A CONNECT the handler has not answered yet.
+pub struct PendingTunnel {
+    respond: SendResponse<Bytes>,
+    body: RecvStream,
+}
+
+impl PendingTunnel {
+    /// Answers 200: the tunnel is open.
+    pub fn accept(mut self) -> Result<H2Stream> {
+        let send = self.respond.send_response(status(StatusCode::OK), false).context("answering CONNECT")?;
+        Ok(H2Stream::new(send, self.body))
+    }
+
+    /// Answers with an error status and ends the stream.
+    pub fn refuse(mut self, code: StatusCode) {
+        let _ = self.respond.send_response(status(code), true);
+    }
+}
+
+/// Serves one mTLS connection from `peer` until it closes: every CONNECT to `ip:port` goes to
+/// `handle(destination, peer, tunnel)` on a task of its own; anything else is answered 400.
+pub async fn serve<IO, H, F>(io: IO, peer: Identity, handle: H) -> Result<()>
 where
     IO: AsyncRead + AsyncWrite + Unpin + Send + 'static,
-    C: Fn(SocketAddr, Identity) -> F + Send + Sync + 'static,
-    F: Future<Output = Result<U>> + Send + 'static,
-    U: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+    H: Fn(SocketAddr, Identity, PendingTunnel) -> F + Send + Sync + 'static,
+    F: Future<Output = ()> + Send + 'static,
 {
     let mut connection = h2::server::Builder::new()
         .initial_window_size(STREAM_WINDOW)
@@ -29,7 +46,7 @@ where
         .handshake::<_, Bytes>(io)
         .await
         .context("HBONE HTTP/2 handshake")?;
-    let connect = Arc::new(connect);
+    let handle = Arc::new(handle);
     while let Some(request) = connection.accept().await {
         let (request, mut respond) = match request {
             Ok(r) => r,
@@ -46,21 +63,8 @@ where
             let _ = respond.send_response(status(StatusCode::BAD_REQUEST), true);
             continue;
         };
-        let (connect, peer) = (connect.clone(), peer.clone());
-        tokio::spawn(async move {
-            let upstream = match connect(destination, peer.clone()).await {
-                Ok(upstream) => upstream,
-                Err(e) => {
-                    warn!(peer = %peer, destination = %destination, "HBONE: upstream failed: {e:#}");
-                    let _ = respond.send_response(status(StatusCode::SERVICE_UNAVAILABLE), true);
-                    return;
-                }
-            };
-            let Ok(send) = respond.send_response(status(StatusCode::OK), false) else { return };
-            let tunnel = H2Stream::new(send, request.into_body());
-            let (transferred, error) = copy::copy_bidirectional(tunnel, upstream).await;
-            debug!(peer = %peer, destination = %destination, ?transferred, ?error, "HBONE stream closed");
-        });
+        let tunnel = PendingTunnel { respond, body: request.into_body() };
+        tokio::spawn(handle(destination, peer.clone(), tunnel));
     }
     Ok(())
 }

@@ -67,9 +67,17 @@ async fn hbone_server(mesh: &Mesh) -> (SocketAddr, Arc<Mutex<Vec<(SocketAddr, Id
             tokio::spawn(async move {
                 let tls = acceptor.accept(tcp).await.unwrap();
                 let peer = tls::peer_identity(tls.get_ref().1).unwrap();
-                server::serve(tls, peer, move |destination, peer| {
+                server::serve(tls, peer, move |destination, peer, tunnel| {
                     record.lock().unwrap().push((destination, peer));
-                    async move { Ok(TcpStream::connect(destination).await?) }
+                    async move {
+                        match TcpStream::connect(destination).await {
+                            Ok(upstream) => {
+                                let stream = tunnel.accept().unwrap();
+                                let _ = crate::proxy::copy::copy_bidirectional(stream, upstream).await;
+                            }
+                            Err(_) => tunnel.refuse(http::StatusCode::SERVICE_UNAVAILABLE),
+                        }
+                    }
                 })
                 .await
                 .unwrap();

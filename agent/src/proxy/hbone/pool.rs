@@ -1,0 +1,61 @@
+//! HBONE connections, pooled per (source identity, destination address): the first tunnel between two
+//! workloads dials destination:15008 from the source pod's netns and runs the mTLS + HTTP/2 handshakes;
+//! later tunnels are new streams on the same connection.
+use std::{
+    collections::HashMap,
+    net::{IpAddr, SocketAddr},
+    sync::{Arc, Mutex},
+};
+
+use anyhow::{Context, Result};
+use tokio::net::TcpSocket;
+use tokio_rustls::{TlsConnector, rustls::pki_types::ServerName};
+use warren_identity::Identity;
+
+use super::{H2Stream, HBONE_PORT, client::Connection};
+use crate::{identity::Certificates, inpod::Netns};
+
+pub struct Pool {
+    certificates: Arc<Certificates>,
+    connections: Mutex<HashMap<(Identity, IpAddr), Connection>>,
+}
+
+impl Pool {
+    pub fn new(certificates: Arc<Certificates>) -> Self {
+        Pool { certificates, connections: Mutex::default() }
+    }
+
+    pub fn certificates(&self) -> &Arc<Certificates> {
+        &self.certificates
+    }
+
+    /// A tunnel from `source` (a pod in `netns`) to `destination`, whose workload is `peer`.
+    pub async fn connect(&self, netns: &Netns, source: &Identity, peer: &Identity, destination: SocketAddr) -> Result<H2Stream> {
+        let key = (source.clone(), destination.ip());
+        let pooled = self.connections.lock().unwrap().get(&key).cloned();
+        if let Some(connection) = pooled {
+            match connection.connect(destination).await {
+                Ok(stream) => return Ok(stream),
+                // The connection went away (peer restarted, idle close): dial again below.
+                Err(e) => tracing::debug!(%destination, "pooled HBONE connection unusable: {e:#}"),
+            }
+        }
+        let connection = self.dial(netns, source, peer, destination.ip()).await?;
+        self.connections.lock().unwrap().insert(key, connection.clone());
+        connection.connect(destination).await
+    }
+
+    async fn dial(&self, netns: &Netns, source: &Identity, peer: &Identity, ip: IpAddr) -> Result<Connection> {
+        let config = self.certificates.client_config(source, peer)?;
+        let address = SocketAddr::new(ip, HBONE_PORT);
+        let socket = netns.run(move || if ip.is_ipv4() { TcpSocket::new_v4() } else { TcpSocket::new_v6() }).await??;
+        socket.set_nodelay(true)?;
+        let tcp = socket.connect(address).await.with_context(|| format!("connecting to HBONE {address}"))?;
+        // The peer is named by its SPIFFE identity, which the verifier checks; SNI carries nothing.
+        let tls = TlsConnector::from(config)
+            .connect(ServerName::try_from("hbone.warren").expect("valid name"), tcp)
+            .await
+            .with_context(|| format!("mTLS to {address} as {source}, expecting {peer}"))?;
+        Connection::handshake(tls).await
+    }
+}
