@@ -28,6 +28,8 @@ pub struct Metrics {
     pub original_dst_missing: Counter,
     /// HBONE connections whose mTLS handshake failed (untrusted, expired or foreign certificate…).
     pub mtls_refused: Counter,
+    /// Plaintext connections refused by PeerAuthentication STRICT.
+    pub plaintext_refused: Counter,
 }
 
 impl Metrics {
@@ -54,6 +56,11 @@ impl Metrics {
             "warren_hbone_mtls_refused",
             "HBONE connections refused in the mTLS handshake",
             self.mtls_refused.clone(),
+        );
+        registry.register(
+            "warren_inbound_plaintext_refused",
+            "Plaintext connections refused by PeerAuthentication STRICT",
+            self.plaintext_refused.clone(),
         );
         registry.register(
             "warren_original_dst_missing",

@@ -97,6 +97,8 @@ struct Inner {
     /// Every pod of every node, with its node and whether it is enrolled: the workloads file all agents
     /// read (each enrolls its own node's pods and routes to the others').
     pods: Mutex<Vec<(String, Pod, bool)>>,
+    /// Istio PeerAuthentication objects applied to the testbed, as users write them.
+    peer_authentications: Mutex<Vec<serde_json::Value>>,
 }
 
 struct NodeRecord {
@@ -162,6 +164,7 @@ impl Testbed {
             extra_netns: Mutex::new(vec![fabric.clone()]),
             forwarders: Mutex::default(),
             pods: Mutex::default(),
+            peer_authentications: Mutex::default(),
         });
         let bed = Testbed { inner };
         net::add_netns(&fabric)?;
@@ -234,6 +237,14 @@ impl Testbed {
         ca_files(&self.inner)
     }
 
+    /// Applies an Istio PeerAuthentication (YAML as users write it); running agents follow live.
+    pub fn apply_peer_authentication(&self, yaml: &str) -> Result<()> {
+        let object: serde_json::Value = serde_yaml::from_str(yaml)?;
+        self.inner.peer_authentications.lock().unwrap().push(object);
+        let pods = self.inner.pods.lock().unwrap();
+        write_workloads(&self.inner, &pods)
+    }
+
     /// Starts capturing every frame between the nodes.
     pub fn capture_fabric(&self) -> Result<Capture> {
         Capture::start(&self.inner.fabric)
@@ -295,7 +306,7 @@ impl Node {
         pause.arg("pause");
         pod.spawn(pause)?;
         pods.push((self.name.clone(), pod.clone(), enrolled));
-        self.write_workloads(&pods)?;
+        write_workloads(&self.bed, &pods)?;
         Ok(pod)
     }
 
@@ -315,39 +326,12 @@ impl Node {
                 *e = enrolled;
             }
         }
-        self.write_workloads(&pods)
+        write_workloads(&self.bed, &pods)
     }
 
     /// Where the agents read the workloads (one file for the whole testbed, as the API server is one).
     pub fn workloads_file(&self) -> PathBuf {
         self.bed.state_dir.join("workloads.yaml")
-    }
-
-    /// Namespace `default` is enrolled (`warren.dev/mesh=enabled`); pods that must not be are labelled
-    /// `warren.dev/mesh=disabled`, the opt-out a user would use. Each pod's service account is its name,
-    /// so its identity is spiffe://cluster.local/ns/default/sa/<pod>. Written atomically (rename).
-    fn write_workloads(&self, pods: &[(String, Pod, bool)]) -> Result<()> {
-        let pods: Vec<_> = pods
-            .iter()
-            .map(|(node, p, enrolled)| {
-                let labels = if *enrolled {
-                    serde_json::json!({"app": p.name})
-                } else {
-                    serde_json::json!({"app": p.name, "warren.dev/mesh": "disabled"})
-                };
-                serde_json::json!({"name": p.name, "namespace": p.namespace, "uid": p.uid, "ips": [p.ip, p.ip6],
-                    "labels": labels, "node": node, "serviceAccount": p.name})
-            })
-            .collect();
-        let doc = serde_json::json!({
-            "namespaces": [{"name": "default", "labels": {"warren.dev/mesh": "enabled"}}],
-            "pods": pods,
-        });
-        let path = self.workloads_file();
-        let tmp = path.with_extension("yaml.tmp");
-        fs::write(&tmp, serde_yaml::to_string(&doc)?)?;
-        fs::rename(&tmp, &path)?;
-        Ok(())
     }
 
     pub fn state_dir(&self) -> PathBuf {
@@ -530,6 +514,34 @@ impl Drop for Testbed {
         }
         let _ = std::fs::remove_dir_all(&inner.state_dir);
     }
+}
+
+/// Namespace `default` is enrolled (`warren.dev/mesh=enabled`); pods that must not be are labelled
+/// `warren.dev/mesh=disabled`, the opt-out a user would use. Each pod's service account is its name,
+/// so its identity is spiffe://cluster.local/ns/default/sa/<pod>. Written atomically (rename).
+fn write_workloads(bed: &Inner, pods: &[(String, Pod, bool)]) -> Result<()> {
+    let pods: Vec<_> = pods
+        .iter()
+        .map(|(node, p, enrolled)| {
+            let labels = if *enrolled {
+                serde_json::json!({"app": p.name})
+            } else {
+                serde_json::json!({"app": p.name, "warren.dev/mesh": "disabled"})
+            };
+            serde_json::json!({"name": p.name, "namespace": p.namespace, "uid": p.uid, "ips": [p.ip, p.ip6],
+                "labels": labels, "node": node, "serviceAccount": p.name})
+        })
+        .collect();
+    let doc = serde_json::json!({
+        "namespaces": [{"name": "default", "labels": {"warren.dev/mesh": "enabled"}}],
+        "pods": pods,
+        "peerAuthentications": *bed.peer_authentications.lock().unwrap(),
+    });
+    let path = bed.state_dir.join("workloads.yaml");
+    let tmp = path.with_extension("yaml.tmp");
+    fs::write(&tmp, serde_yaml::to_string(&doc)?)?;
+    fs::rename(&tmp, &path)?;
+    Ok(())
 }
 
 fn ca_files(bed: &Inner) -> Result<(PathBuf, PathBuf)> {

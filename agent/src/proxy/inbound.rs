@@ -13,7 +13,7 @@ use tracing::{info, warn};
 use warren_identity::Identity;
 
 use super::{Direction, ProxyShared, Record, connect_from, forward, hbone};
-use crate::inpod::Netns;
+use crate::{inpod::Netns, state::peer_authentication::Mode};
 
 pub async fn serve(listener: TcpListener, netns: Arc<Netns>, pod: Arc<String>, shared: ProxyShared) {
     info!(pod = %pod, addr = ?listener.local_addr().ok(), "inbound listener ready");
@@ -27,6 +27,15 @@ pub async fn serve(listener: TcpListener, netns: Arc<Netns>, pod: Arc<String>, s
         };
         let _ = client.set_nodelay(true);
         let Ok(destination) = client.local_addr() else { continue };
+        // PeerAuthentication: STRICT takes mTLS (HBONE) only; plaintext is closed at once.
+        if shared.mesh.read().unwrap().inbound_mode(&destination) == Mode::Strict {
+            shared.metrics.plaintext_refused.inc();
+            warn!(pod = %pod, client = %peer, %destination, "plaintext refused: PeerAuthentication STRICT");
+            // A zero linger resets the connection (no blocking on drop, unlike a positive linger).
+            #[allow(deprecated)]
+            let _ = client.set_linger(Some(std::time::Duration::ZERO));
+            continue;
+        }
         let record = Record { direction: Direction::Inbound, pod: pod.clone(), client: peer, destination, protocol: "tcp", peer_identity: None };
         let (netns, shared) = (netns.clone(), shared.clone());
         tokio::spawn(async move { forward(client, record, shared, connect_from(&netns, destination)).await });

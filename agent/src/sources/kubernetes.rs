@@ -67,6 +67,8 @@ pub async fn watch(client: Client, node_name: String) -> Result<watch::Receiver<
             .map(|ns| state::Namespace { name: ns.name_any(), labels: ns.labels().clone() })
             .collect(),
         pods: pod_store.state().iter().filter_map(|p| to_pod(p)).collect(),
+        // PeerAuthentication objects reach agents through the controller (its CRDs and push).
+        peer_authentications: Vec::new(),
     };
     let initial = snapshot();
     info!(node = %node_name, pods = initial.pods.len(), "watching this node's pods and all namespaces");

@@ -1,5 +1,6 @@
 //! What the agent knows about the workloads on its node, whichever source it came from.
 mod enrollment;
+pub mod peer_authentication;
 
 pub use enrollment::{is_enrolled, ISTIO_AMBIENT_LABEL, MESH_LABEL};
 
@@ -54,6 +55,9 @@ pub struct Workloads {
     pub namespaces: Vec<Namespace>,
     #[serde(default)]
     pub pods: Vec<Pod>,
+    /// Istio PeerAuthentication objects, unchanged from users' YAML.
+    #[serde(default)]
+    pub peer_authentications: Vec<peer_authentication::PeerAuthentication>,
 }
 
 impl Pod {
@@ -74,12 +78,21 @@ impl Pod {
 #[derive(Debug, Clone, Default)]
 pub struct MeshIndex {
     by_ip: std::collections::HashMap<IpAddr, Pod>,
+    peer_authentications: Vec<peer_authentication::PeerAuthentication>,
 }
 
 impl MeshIndex {
     pub fn new(workloads: &Workloads) -> Self {
         let by_ip = workloads.enrolled_pods().into_iter().flat_map(|p| p.ips.iter().map(move |ip| (*ip, p.clone()))).collect();
-        MeshIndex { by_ip }
+        MeshIndex { by_ip, peer_authentications: workloads.peer_authentications.clone() }
+    }
+
+    /// The PeerAuthentication mode for inbound traffic to `destination` (an enrolled pod's address).
+    pub fn inbound_mode(&self, destination: &std::net::SocketAddr) -> peer_authentication::Mode {
+        match self.by_ip.get(&destination.ip()) {
+            Some(pod) => peer_authentication::effective_mode(pod, destination.port(), &self.peer_authentications),
+            None => peer_authentication::Mode::Permissive,
+        }
     }
 
     /// The enrolled pod that owns `ip`, if any.

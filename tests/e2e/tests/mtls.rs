@@ -57,3 +57,62 @@ fn enrolled_pods_talk_mtls_across_nodes_and_know_each_other() {
     let certificates: serde_json::Value = serde_json::from_str(&agent2.get("/certificates").unwrap()).unwrap();
     assert_eq!(certificates[0]["identity"], "spiffe://cluster.local/ns/default/sa/b", "{certificates:#}");
 }
+
+/// PeerAuthentication: STRICT refuses plaintext into an enrolled pod, PERMISSIVE (the default) accepts it,
+/// and enrolled peers still get in over HBONE under STRICT. Applied live, as users' Istio YAML.
+#[test]
+fn peer_authentication_strict_refuses_plaintext_permissive_accepts() {
+    require_privileges!();
+    let bed = Testbed::new("peer-authn").unwrap();
+    let node = bed.add_node("node-1").unwrap();
+    let server = node.add_pod("reviews", true).unwrap();
+    let outsider = node.add_pod("legacy", false).unwrap();
+    let member = node.add_pod("productpage", true).unwrap();
+    server.serve("v1").unwrap();
+    let agent = node.start_agent_with(AgentOptions { mtls: true, ..AgentOptions::default() }).unwrap();
+    let target = server.socket(ECHO_PORT);
+
+    // Default PERMISSIVE: plaintext from a pod outside the mesh gets in.
+    assert!(outsider.send(target, 64 * 1024).unwrap().ok, "PERMISSIVE accepts plaintext");
+
+    bed.apply_peer_authentication(
+        "apiVersion: security.istio.io/v1\nkind: PeerAuthentication\nmetadata: {name: default, namespace: default}\n\
+         spec: {mtls: {mode: STRICT}}\n",
+    )
+    .unwrap();
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+    loop {
+        let refused = outsider.send(target, 64 * 1024).unwrap();
+        if !refused.ok {
+            break;
+        }
+        assert!(std::time::Instant::now() < deadline, "STRICT never took effect");
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
+    assert!(agent.metric("warren_inbound_plaintext_refused_total", &[]).unwrap() >= 1.0);
+    // A mesh member still gets in: over HBONE, with its identity.
+    assert!(member.send(target, 64 * 1024).unwrap().ok, "mTLS is accepted under STRICT");
+    // The same agent carries both ends here; the inbound one knows the client's identity.
+    let last = agent.connections().unwrap()["recently_closed"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .rev()
+        .find(|c| c["direction"] == "inbound")
+        .unwrap()
+        .clone();
+    assert_eq!((last["protocol"].as_str(), last["peer_identity"].as_str()),
+        (Some("hbone"), Some("spiffe://cluster.local/ns/default/sa/productpage")));
+
+    // A port-level PERMISSIVE exception for this workload lets plaintext in again on that port.
+    bed.apply_peer_authentication(&format!(
+        "apiVersion: security.istio.io/v1\nkind: PeerAuthentication\nmetadata: {{name: reviews, namespace: default}}\n\
+         spec:\n  selector: {{matchLabels: {{app: reviews}}}}\n  mtls: {{mode: STRICT}}\n  portLevelMtls:\n    \"{ECHO_PORT}\": {{mode: PERMISSIVE}}\n"
+    ))
+    .unwrap();
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+    while !outsider.send(target, 64 * 1024).unwrap().ok {
+        assert!(std::time::Instant::now() < deadline, "port-level PERMISSIVE never took effect");
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
+}
