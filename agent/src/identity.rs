@@ -104,6 +104,17 @@ impl Certificates {
         f(issued.get_mut(identity).expect("just ensured"))
     }
 
+    /// Renews every certificate past half its lifetime (called periodically, so certificates rotate
+    /// even while no new connection asks for one).
+    pub fn renew_due(&self) {
+        let identities: Vec<Identity> = self.issued.lock().unwrap().keys().cloned().collect();
+        for identity in identities {
+            if let Err(e) = self.with_issued(&identity, |_| Ok(())) {
+                tracing::warn!(identity = %identity, "certificate renewal failed: {e:#}");
+            }
+        }
+    }
+
     /// TLS server config presenting `identity` (HBONE inbound).
     pub fn server_config(&self, identity: &Identity) -> Result<Arc<ServerConfig>> {
         self.with_issued(identity, |i| Ok(i.server.clone()))

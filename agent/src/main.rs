@@ -42,6 +42,13 @@ enum Inspect {
         #[arg(short, long, value_enum, default_value = "table")]
         output: inspect::Output,
     },
+    /// Workload certificates the agent holds: identity, serial, validity, time to rotation, chain.
+    Certs {
+        #[arg(long, default_value = warren_agent::config::DEFAULT_ADMIN_ADDR)]
+        admin_addr: std::net::SocketAddr,
+        #[arg(short, long, value_enum, default_value = "table")]
+        output: inspect::Output,
+    },
     /// Pods on this node: enrolled or not, their cgroup, why enrollment failed.
     Workloads {
         #[arg(long, default_value = warren_agent::config::DEFAULT_ADMIN_ADDR)]
@@ -68,6 +75,9 @@ fn main() -> ExitCode {
         Command::Run { config, ebpf_log_level, node_name } => run(config, ebpf_log_level, node_name),
         Command::Inspect { what: Inspect::Connections { admin_addr, output } } => {
             inspect::live::connections(admin_addr, output).map(|text| print!("{text}"))
+        }
+        Command::Inspect { what: Inspect::Certs { admin_addr, output } } => {
+            inspect::live::certificates(admin_addr, output).map(|text| print!("{text}"))
         }
         Command::Inspect { what: Inspect::Workloads { admin_addr, output } } => {
             inspect::live::workloads(admin_addr, output).map(|text| print!("{text}"))

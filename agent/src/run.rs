@@ -41,6 +41,15 @@ pub async fn run(config: AgentConfig) -> Result<()> {
         None => None,
     };
     let certificates = hbone.as_ref().map(|pool| pool.certificates().clone());
+    if let Some(certificates) = certificates.clone() {
+        tokio::spawn(async move {
+            let mut tick = tokio::time::interval(Duration::from_millis(500));
+            loop {
+                tick.tick().await;
+                certificates.renew_due();
+            }
+        });
+    }
     let shared = ProxyShared {
         original_dst: datapath.original_dst_lookup(),
         metrics,

@@ -31,6 +31,8 @@ pub struct AgentOptions {
     pub node_name: Option<String>,
     /// Workload identities from the testbed's CA: HBONE (mTLS) between enrolled pods.
     pub mtls: bool,
+    /// Workload certificate lifetime (default: the agent's, 24 h).
+    pub certificate_lifetime_seconds: Option<u64>,
 }
 
 impl Default for AgentOptions {
@@ -44,6 +46,7 @@ impl Default for AgentOptions {
             kubeconfig: None,
             node_name: None,
             mtls: false,
+            certificate_lifetime_seconds: None,
         }
     }
 }
@@ -78,6 +81,9 @@ impl Agent {
         if options.mtls {
             let (cert, key) = node.ca_files()?;
             config["identity"] = serde_json::json!({ "trustDomain": "cluster.local", "caCertFile": cert, "caKeyFile": key });
+            if let Some(seconds) = options.certificate_lifetime_seconds {
+                config["identity"]["certificateLifetimeSeconds"] = seconds.into();
+            }
         }
         if let Some(kubeconfig) = &options.kubeconfig {
             config["workloadsFile"] = serde_json::Value::Null;

@@ -479,6 +479,14 @@ impl Pod {
         Ok(ConnectLoop { process: self.spawn(cmd)? })
     }
 
+    /// [`Pod::send`] on a connection kept open for `hold` halfway through (a long-lived connection).
+    pub fn send_holding(&self, to: SocketAddr, bytes: usize, hold: std::time::Duration) -> Result<SendResult> {
+        let mut cmd = std::process::Command::new(bin_path("warren-testapp")?);
+        cmd.args(["send", "--to", &to.to_string(), "--bytes", &bytes.to_string(), "--hold-ms", &hold.as_millis().to_string()]);
+        let out = self.run(cmd)?;
+        SendResult::parse(&out)
+    }
+
     /// Sends `bytes` pseudo-random bytes to `to` from inside this pod and checks the echo is byte-exact.
     pub fn send(&self, to: SocketAddr, bytes: usize) -> Result<SendResult> {
         let mut cmd = std::process::Command::new(bin_path("warren-testapp")?);

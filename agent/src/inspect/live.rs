@@ -83,3 +83,31 @@ pub fn workloads(admin: SocketAddr, output: Output) -> Result<String> {
         .collect();
     Ok(table(&["POD", "UID", "IPS", "ENROLLED", "CGROUP", "ERROR"], &rows))
 }
+
+pub fn certificates(admin: SocketAddr, output: Output) -> Result<String> {
+    let view = fetch(admin, "/certificates")?;
+    if output == Output::Json {
+        return Ok(serde_json::to_string_pretty(&view)? + "\n");
+    }
+    let when = |v: &Value| {
+        let secs = v.as_u64().unwrap_or(0);
+        let (days, rest) = (secs / 86_400, secs % 86_400);
+        format!("{days}d{:02}:{:02}:{:02} since epoch", rest / 3600, rest % 3600 / 60, rest % 60)
+    };
+    let rows: Vec<Vec<String>> = view
+        .as_array()
+        .into_iter()
+        .flatten()
+        .map(|c| {
+            vec![
+                text(&c["identity"]),
+                text(&c["serial"]),
+                when(&c["not_before_unix"]),
+                when(&c["not_after_unix"]),
+                format!("{}s", c["renews_in_seconds"].as_u64().unwrap_or(0)),
+                format!("{} certificates", c["chain"].as_array().map_or(0, Vec::len)),
+            ]
+        })
+        .collect();
+    Ok(table(&["IDENTITY", "SERIAL", "NOT BEFORE", "NOT AFTER", "ROTATES IN", "CHAIN"], &rows))
+}

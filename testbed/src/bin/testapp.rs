@@ -41,6 +41,9 @@ enum Cmd {
         /// Open this many connections first (all open at once), then exchange `bytes` on each.
         #[arg(long, default_value_t = 1)]
         connections: usize,
+        /// Pause this long halfway through sending (a long-lived connection).
+        #[arg(long, default_value_t = 0)]
+        hold_ms: u64,
     },
     /// Connect, exchange `bytes`, close — every `interval-ms` for `duration-ms`; one JSON line per attempt.
     Loop {
@@ -67,8 +70,8 @@ fn main() -> ExitCode {
     raise_fd_limit();
     match Cli::parse().command {
         Cmd::Serve { name, version, echo_port, http_port } => serve(name, version, echo_port, http_port),
-        Cmd::Send { to, bytes, connections: 1 } => send(to, bytes),
-        Cmd::Send { to, bytes, connections } => send_concurrently(to, bytes, connections),
+        Cmd::Send { to, bytes, connections: 1, hold_ms } => send(to, bytes, Duration::from_millis(hold_ms)),
+        Cmd::Send { to, bytes, connections, .. } => send_concurrently(to, bytes, connections),
         Cmd::Loop { to, bytes, interval_ms, duration_ms } => connect_loop(to, bytes, interval_ms, duration_ms),
         Cmd::HttpGet { to, path } => http_get(to, &path),
         Cmd::Pause => loop {
@@ -192,6 +195,11 @@ const READ_TIMEOUT: Duration = Duration::from_secs(30);
 
 /// One connection's exchange: stream `bytes` while reading the echo back; (received, first problem).
 fn exchange(stream: TcpStream, bytes: u64) -> (u64, Option<String>) {
+    exchange_holding(stream, bytes, Duration::ZERO)
+}
+
+/// [`exchange`] that pauses `hold` halfway through sending.
+fn exchange_holding(stream: TcpStream, bytes: u64, hold: Duration) -> (u64, Option<String>) {
     let _ = stream.set_read_timeout(Some(READ_TIMEOUT));
     let mut writer = match stream.try_clone() {
         Ok(w) => w,
@@ -199,7 +207,12 @@ fn exchange(stream: TcpStream, bytes: u64) -> (u64, Option<String>) {
     };
     let sender = std::thread::spawn(move || -> std::io::Result<()> {
         let (mut pattern, mut buf, mut left) = (Pattern(0x9e37_79b9_7f4a_7c15), vec![0u8; 64 * 1024], bytes);
+        let mut held = hold.is_zero();
         while left > 0 {
+            if !held && left <= bytes / 2 {
+                std::thread::sleep(hold);
+                held = true;
+            }
             let n = left.min(buf.len() as u64) as usize;
             pattern.fill(&mut buf[..n]);
             writer.write_all(&buf[..n])?;
@@ -289,7 +302,7 @@ fn connect_loop(to: SocketAddr, bytes: u64, interval_ms: u64, duration_ms: u64) 
     ExitCode::SUCCESS
 }
 
-fn send(to: SocketAddr, bytes: u64) -> ExitCode {
+fn send(to: SocketAddr, bytes: u64, hold: Duration) -> ExitCode {
     let stream = match TcpStream::connect_timeout(&to, Duration::from_secs(5)) {
         Ok(s) => s,
         Err(e) => {
@@ -299,7 +312,7 @@ fn send(to: SocketAddr, bytes: u64) -> ExitCode {
     };
     let local = stream.local_addr().ok().map(|a| a.to_string());
     let peer = stream.peer_addr().ok().map(|a| a.to_string());
-    let (received, problem) = exchange(stream, bytes);
+    let (received, problem) = exchange_holding(stream, bytes, hold);
     let ok = problem.is_none();
     println!(
         "{}",

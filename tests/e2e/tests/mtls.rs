@@ -116,3 +116,45 @@ fn peer_authentication_strict_refuses_plaintext_permissive_accepts() {
         std::thread::sleep(std::time::Duration::from_millis(100));
     }
 }
+
+/// Certificates rotate at half their lifetime; a long-lived HBONE connection opened before keeps
+/// working across two rotations, and `inspect certs` shows the identity, serial and time to rotation.
+#[test]
+fn a_long_lived_connection_survives_two_certificate_rotations() {
+    require_privileges!();
+    let bed = Testbed::new("rotation").unwrap();
+    let (node1, node2) = (bed.add_node("node-1").unwrap(), bed.add_node("node-2").unwrap());
+    let a = node1.add_pod("a", true).unwrap();
+    let b = node2.add_pod("b", true).unwrap();
+    b.serve("v1").unwrap();
+    let short = || AgentOptions { mtls: true, certificate_lifetime_seconds: Some(4), ..AgentOptions::default() };
+    let _agent1 = node1.start_agent_with(short()).unwrap();
+    let agent2 = node2.start_agent_with(short()).unwrap();
+
+    let serial = |agent: &warren_testbed::Agent| -> Option<String> {
+        let certs: serde_json::Value = serde_json::from_str(&agent.get("/certificates").ok()?).ok()?;
+        certs.as_array()?.iter().find(|c| c["identity"] == "spiffe://cluster.local/ns/default/sa/b")?["serial"].as_str().map(String::from)
+    };
+    let long = std::thread::spawn({
+        let (a, target) = (a.clone(), b.socket(ECHO_PORT));
+        move || a.send_holding(target, 4 * MIB, std::time::Duration::from_millis(6500))
+    });
+    let mut serials: Vec<String> = vec![];
+    while !long.is_finished() {
+        if let Some(s) = serial(&agent2) {
+            if serials.last() != Some(&s) {
+                serials.push(s);
+            }
+        }
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
+    let result = long.join().unwrap().unwrap();
+    assert!(result.ok, "the connection did not survive: {result:?}");
+    assert!(serials.len() >= 3, "expected two rotations during the connection, saw serials {serials:?}");
+    let connections = agent2.connections().unwrap();
+    let inbound = connections["recently_closed"].as_array().unwrap().iter().find(|c| c["direction"] == "inbound").unwrap().clone();
+    assert_eq!(inbound["protocol"], "hbone");
+
+    let table = agent2.inspect_live(&["certs"]).unwrap();
+    assert!(table.contains("IDENTITY") && table.contains("spiffe://cluster.local/ns/default/sa/b") && table.contains("2 certificates"), "{table}");
+}
