@@ -1,5 +1,5 @@
-//! `cargo xtask bench l4`: the L4 path in one run — no mesh, through the agent, and through the agent with
-//! sockops/sk_msg acceleration. Client and server are pods on one node (both enrolled in the meshed
+//! `cargo xtask bench l4`: the L4 path in one run — no mesh, through the agent (plain L4), through the agent
+//! with sockops/sk_msg acceleration, and through the agent as HBONE (mTLS HTTP/2 CONNECT). Client and server are pods on one node (both enrolled in the meshed
 //! cases, so a byte crosses the agent's outbound and inbound legs). Criterion measures echo throughput
 //! (256 KiB each way per iteration) and 64-byte round trips; then a fixed run of round trips gives p50/p99
 //! and a table with ratios against the no-mesh baseline of the same run.
@@ -54,15 +54,21 @@ fn main() {
         .warm_up_time(Duration::from_secs(1))
         .measurement_time(Duration::from_secs(3));
     let mut figures = vec![];
-    for (name, acceleration) in [("no mesh", None), ("agent", Some(false)), ("agent + sk_msg", Some(true))] {
+    let scenarios = [
+        ("no mesh", None),
+        ("agent", Some((false, false))),
+        ("agent + sk_msg", Some((true, false))),
+        ("agent + HBONE", Some((false, true))),
+    ];
+    for (name, agent) in scenarios {
         let bed = Testbed::new("bench-l4").unwrap();
         let node = bed.add_node("node-1").unwrap();
-        let meshed = acceleration.is_some();
+        let meshed = agent.is_some();
         let client = node.add_pod("client", meshed).unwrap();
         let server = node.add_pod("server", meshed).unwrap();
         server.serve("v1").unwrap();
-        let _agent = acceleration.map(|socket_acceleration| {
-            node.start_agent_with(AgentOptions { socket_acceleration, ebpf_log_level: "info", ..AgentOptions::default() })
+        let _agent = agent.map(|(socket_acceleration, mtls)| {
+            node.start_agent_with(AgentOptions { socket_acceleration, mtls, ebpf_log_level: "info", ..AgentOptions::default() })
                 .unwrap()
         });
         let mut stream = client.connect(server.socket(ECHO_PORT)).unwrap();
