@@ -61,6 +61,9 @@ pub async fn serve_hbone(
                 continue;
             }
         };
+        // HTTP/2 sends small control frames (WINDOW_UPDATE, SETTINGS ACK) while data is in flight: without
+        // NODELAY they wait for delayed ACKs and the tunnel crawls.
+        let _ = tcp.set_nodelay(true);
         let config = match pool.certificates().server_config(&identity) {
             Ok(config) => config,
             Err(e) => {
