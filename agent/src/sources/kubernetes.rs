@@ -1,5 +1,7 @@
-//! Workloads from the Kubernetes API: the pods scheduled on this node and every namespace (for the
-//! enrollment labels), kept by kube-rs reflectors; each change republishes the whole snapshot.
+//! Workloads from the Kubernetes API: every pod (the agent enrolls those on its node and sends HBONE to
+//! enrolled ones anywhere) and every namespace (for the enrollment labels), kept by kube-rs reflectors;
+//! each change republishes the whole snapshot. (The controller's per-node push replaces this with just
+//! what a node needs.)
 use std::{collections::BTreeMap, net::IpAddr, path::Path};
 
 use anyhow::{Context, Result};
@@ -36,10 +38,10 @@ pub async fn watch(client: Client, node_name: String) -> Result<watch::Receiver<
     let (ns_store, ns_writer) = reflector::store();
     let (changed_tx, mut changed) = mpsc::channel::<()>(1);
 
-    let on_node = watcher::Config::default().fields(&format!("spec.nodeName={node_name}"));
     let pod_changes = changed_tx.clone();
     tokio::spawn(async move {
-        let mut stream = reflector(pod_writer, watcher(pods, on_node)).default_backoff().touched_objects().boxed();
+        let mut stream =
+            reflector(pod_writer, watcher(pods, watcher::Config::default())).default_backoff().touched_objects().boxed();
         while let Some(event) = stream.next().await {
             if let Err(e) = event {
                 warn!("pod watch: {e}");
@@ -71,7 +73,8 @@ pub async fn watch(client: Client, node_name: String) -> Result<watch::Receiver<
         peer_authentications: Vec::new(),
     };
     let initial = snapshot();
-    info!(node = %node_name, pods = initial.pods.len(), "watching this node's pods and all namespaces");
+    let local = initial.pods.iter().filter(|p| p.is_on(&node_name)).count();
+    info!(node = %node_name, pods = initial.pods.len(), on_this_node = local, "watching pods and namespaces");
     let (tx, rx) = watch::channel(initial);
     tokio::spawn(async move {
         while changed.recv().await.is_some() {
@@ -108,6 +111,7 @@ fn to_pod(pod: &Pod) -> Option<state::Pod> {
         labels: pod.labels().iter().map(|(k, v)| (k.clone(), v.clone())).collect::<BTreeMap<_, _>>(),
         host_network: pod.spec.as_ref().and_then(|s| s.host_network).unwrap_or(false),
         service_account: pod.spec.as_ref().and_then(|s| s.service_account_name.clone()).unwrap_or_else(|| "default".into()),
-        node: pod.spec.as_ref().and_then(|s| s.node_name.clone()),
+        // Unscheduled pods are on no node (an empty name), never this one.
+        node: Some(pod.spec.as_ref().and_then(|s| s.node_name.clone()).unwrap_or_default()),
     })
 }
