@@ -140,6 +140,31 @@ pub fn client_config(
     Ok(config)
 }
 
+/// Server side of the CA service: presents `cert`, asks no client certificate (agents authenticate with
+/// a ServiceAccount token: they have no certificate before they ask for one).
+pub fn server_config_without_client_auth(cert: &WorkloadCertificate, key_pem: &str) -> Result<ServerConfig, Error> {
+    let (chain, key) = chain_and_key(cert, key_pem)?;
+    ServerConfig::builder_with_provider(provider())
+        .with_protocol_versions(&[&rustls::version::TLS13])?
+        .with_no_client_auth()
+        .with_single_cert(chain, key)
+}
+
+/// Client side of the CA service: no client certificate; accepts only a server with `expected` identity.
+pub fn client_config_without_client_auth(bundle: &TrustBundle, expected: Identity) -> Result<ClientConfig, Error> {
+    let provider = provider();
+    let verifier = Arc::new(SpiffeServerVerifier {
+        bundle: bundle.clone(),
+        expected: vec![expected],
+        algorithms: provider.signature_verification_algorithms,
+    });
+    Ok(ClientConfig::builder_with_provider(provider)
+        .with_protocol_versions(&[&rustls::version::TLS13])?
+        .dangerous()
+        .with_custom_certificate_verifier(verifier)
+        .with_no_client_auth())
+}
+
 #[derive(Debug)]
 struct SpiffeClientVerifier {
     bundle: TrustBundle,

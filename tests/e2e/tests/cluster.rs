@@ -285,3 +285,160 @@ async fn enrollment_scenario(kubeconfig: &Path) -> anyhow::Result<()> {
     assert_eq!(agent.metric("warren_tcp_connections_opened_total", &[("direction", "inbound")])?, 1.0);
     Ok(())
 }
+
+/// The controller's CA: root stored in a Secret (and kept across restarts), published in a ConfigMap;
+/// an agent authenticated by a token bound to its pod gets certificates only for identities of pods on
+/// its own node.
+#[test]
+fn controller_ca_issues_only_for_pods_on_the_agents_node() {
+    require_privileges!();
+    if !cluster_built() {
+        return;
+    }
+    let _cluster = CLUSTER.lock().unwrap_or_else(|e| e.into_inner());
+    let kubeconfig = xtask::cluster::up(false).unwrap();
+    let result = tokio::runtime::Runtime::new().unwrap().block_on(ca_scenario(&kubeconfig));
+    xtask::cluster::down().unwrap();
+    result.unwrap();
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+}
+
+struct Controller(std::process::Child);
+impl Drop for Controller {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+async fn start_controller(kubeconfig: &Path, port: u16) -> anyhow::Result<Controller> {
+    let child = std::process::Command::new(warren_testbed::bin_path("warren-controller")?)
+        .args(["run", "--kubeconfig"])
+        .arg(kubeconfig)
+        .args(["--ca-listen", &format!("127.0.0.1:{port}")])
+        .stderr(std::process::Stdio::null())
+        .spawn()?;
+    let controller = Controller(child);
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+    while tokio::net::TcpStream::connect(("127.0.0.1", port)).await.is_err() {
+        anyhow::ensure!(tokio::time::Instant::now() < deadline, "the controller did not listen on {port}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    Ok(controller)
+}
+
+/// POST /v1/certificates as an agent would (no client certificate; verifies the controller's identity).
+async fn request_certificate(port: u16, root_pem: &str, token: &str, identity: &str) -> anyhow::Result<(u16, serde_json::Value)> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let bundle = warren_identity::tls::TrustBundle::from_pem("cluster.local", root_pem)?;
+    let expected = warren_identity::Identity::new("cluster.local", "warren-system", "warren-controller");
+    let config = warren_identity::tls::client_config_without_client_auth(&bundle, expected)?;
+    let key = rcgen::KeyPair::generate()?;
+    let csr = rcgen::CertificateParams::default().serialize_request(&key)?.pem()?;
+    let body = serde_json::json!({ "identity": identity, "csr": csr }).to_string();
+    let tcp = tokio::net::TcpStream::connect(("127.0.0.1", port)).await?;
+    let mut tls = tokio_rustls::TlsConnector::from(std::sync::Arc::new(config))
+        .connect(tokio_rustls::rustls::pki_types::ServerName::try_from("warren-controller")?, tcp)
+        .await?;
+    let request = format!(
+        "POST /v1/certificates HTTP/1.1\r\nhost: warren-controller\r\nauthorization: Bearer {token}\r\n\
+         content-type: application/json\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{body}",
+        body.len()
+    );
+    tls.write_all(request.as_bytes()).await?;
+    let mut response = String::new();
+    tls.read_to_string(&mut response).await?;
+    let status: u16 = response.split_whitespace().nth(1).unwrap_or("0").parse()?;
+    let json = response.split_once("\r\n\r\n").map(|(_, b)| b).unwrap_or("null");
+    Ok((status, serde_json::from_str(json)?))
+}
+
+async fn ca_scenario(kubeconfig: &Path) -> anyhow::Result<()> {
+    use k8s_openapi::api::{
+        authentication::v1::TokenRequest,
+        core::v1::{ConfigMap, Node, Secret, ServiceAccount},
+    };
+    let config = Config::from_custom_kubeconfig(Kubeconfig::read_from(kubeconfig)?, &KubeConfigOptions::default()).await?;
+    let client = Client::try_from(config)?;
+    let namespaces: Api<Namespace> = Api::all(client.clone());
+    for ns in ["warren-system", "shop"] {
+        namespaces.create(&PostParams::default(), &serde_json::from_value(serde_json::json!({"metadata": {"name": ns}}))?).await?;
+    }
+    let nodes: Api<Node> = Api::all(client.clone());
+    for node in ["node-a", "node-b"] {
+        nodes.create(&PostParams::default(), &serde_json::from_value(serde_json::json!({"metadata": {"name": node}}))?).await?;
+    }
+    for (ns, sa) in [("warren-system", "warren-agent"), ("shop", "reviews"), ("shop", "ratings")] {
+        let accounts: Api<ServiceAccount> = Api::namespaced(client.clone(), ns);
+        accounts.create(&PostParams::default(), &serde_json::from_value(serde_json::json!({"metadata": {"name": sa}}))?).await?;
+    }
+    // Agent pods on each node, and one workload on each node.
+    let mut uids = std::collections::HashMap::new();
+    for (ns, name, sa, node) in [
+        ("warren-system", "agent-a", "warren-agent", "node-a"),
+        ("warren-system", "agent-b", "warren-agent", "node-b"),
+        ("shop", "reviews", "reviews", "node-a"),
+        ("shop", "ratings", "ratings", "node-b"),
+    ] {
+        let pods: Api<Pod> = Api::namespaced(client.clone(), ns);
+        let pod: Pod = serde_json::from_value(serde_json::json!({
+            "metadata": {"name": name},
+            "spec": {"nodeName": node, "serviceAccountName": sa, "containers": [{"name": "c", "image": "warren:local"}]}
+        }))?;
+        let created = create_pod(&pods, &pod).await?;
+        uids.insert(name, created.metadata.uid.unwrap_or_default());
+    }
+    // Projected-style tokens bound to a pod, as the kubelet gives a DaemonSet pod.
+    let token_for = |ns: &'static str, sa: &'static str, pod: &'static str| {
+        let (client, uid) = (client.clone(), uids[pod].clone());
+        async move {
+            let accounts: Api<ServiceAccount> = Api::namespaced(client, ns);
+            let request: TokenRequest = serde_json::from_value(serde_json::json!({
+                "spec": {"audiences": [], "expirationSeconds": 3600,
+                         "boundObjectRef": {"kind": "Pod", "apiVersion": "v1", "name": pod, "uid": uid}}
+            }))?;
+            let issued: TokenRequest = accounts.create_subresource("token", sa, &PostParams::default(), &request).await?;
+            anyhow::Ok(issued.status.and_then(|s| s.token).unwrap_or_default())
+        }
+    };
+    let agent_a = token_for("warren-system", "warren-agent", "agent-a").await?;
+    let workload_token = token_for("shop", "reviews", "reviews").await?;
+
+    let port = free_port();
+    let controller = start_controller(kubeconfig, port).await?;
+    let configmaps: Api<ConfigMap> = Api::namespaced(client.clone(), "warren-system");
+    let root = configmaps.get("warren-root-cert").await?.data.unwrap_or_default()["root-cert.pem"].clone();
+    let secrets: Api<Secret> = Api::namespaced(client.clone(), "warren-system");
+    assert!(secrets.get_opt("warren-ca").await?.is_some(), "the root is kept in Secret warren-ca");
+
+    // The agent of node-a gets the identity of a pod on node-a...
+    let (status, body) = request_certificate(port, &root, &agent_a, "spiffe://cluster.local/ns/shop/sa/reviews").await?;
+    assert_eq!(status, 200, "{body}");
+    let leaf = body["chain"][0].as_str().unwrap();
+    let der: tokio_rustls::rustls::pki_types::CertificateDer =
+        tokio_rustls::rustls::pki_types::pem::PemObject::from_pem_slice(leaf.as_bytes())?;
+    assert_eq!(warren_identity::tls::spiffe_identity(&der)?.to_string(), "spiffe://cluster.local/ns/shop/sa/reviews");
+    // ...but not that of a pod on node-b.
+    let (status, body) = request_certificate(port, &root, &agent_a, "spiffe://cluster.local/ns/shop/sa/ratings").await?;
+    assert_eq!(status, 403, "{body}");
+    assert_eq!(body["error"], "no pod on node node-a runs as spiffe://cluster.local/ns/shop/sa/ratings");
+    // A workload's own token is not an agent's; a made-up token is nobody's.
+    let (status, body) = request_certificate(port, &root, &workload_token, "spiffe://cluster.local/ns/shop/sa/reviews").await?;
+    assert_eq!(status, 403, "{body}");
+    assert!(body["error"].as_str().unwrap().contains("is not the agent's service account"), "{body}");
+    let (status, _) = request_certificate(port, &root, "not-a-token", "spiffe://cluster.local/ns/shop/sa/reviews").await?;
+    assert_eq!(status, 401);
+
+    // A restarted controller keeps the same root.
+    drop(controller);
+    let port = free_port();
+    let _controller = start_controller(kubeconfig, port).await?;
+    let again = configmaps.get("warren-root-cert").await?.data.unwrap_or_default()["root-cert.pem"].clone();
+    assert_eq!(again, root, "the root survives a restart");
+    let (status, body) = request_certificate(port, &root, &agent_a, "spiffe://cluster.local/ns/shop/sa/reviews").await?;
+    assert_eq!(status, 200, "{body}");
+    Ok(())
+}
