@@ -2,9 +2,10 @@
 //! half their lifetime has passed (existing connections keep the certificate they shook hands with;
 //! new handshakes get the new one), plus the rustls configs built from them.
 //!
-//! Certificates come from a [`CertificateAuthority`] the agent is given (`identity:` in its config: the
-//! embedded default). The controller's CA, which authenticates the node before signing CSRs, replaces
-//! this source.
+//! Certificates come from warren-controller's CA (`identity.controller`: the agent generates the key and
+//! sends a CSR with its pod-bound ServiceAccount token; the controller grants only identities of pods on
+//! this node) or, in the embedded default without a controller, from a CA key the agent is given
+//! (`identity.caKeyFile`).
 use std::{
     collections::HashMap,
     path::PathBuf,
@@ -22,12 +23,45 @@ use warren_identity::{CertificateAuthority, Identity, WorkloadCertificate, tls::
 pub struct IdentityConfig {
     #[serde(default = "default_trust_domain")]
     pub trust_domain: String,
-    /// The mesh's root certificate (PEM).
+    /// The mesh's root certificate (PEM; in a cluster, ConfigMap warren-root-cert).
     pub ca_cert_file: PathBuf,
-    /// Its key (PEM): with it the agent signs its own pods' certificates (embedded default).
-    pub ca_key_file: PathBuf,
+    /// The root's key: the agent signs its own pods' certificates (the embedded default, no controller).
+    #[serde(default)]
+    pub ca_key_file: Option<PathBuf>,
+    /// Or: ask warren-controller's CA, authenticated by the agent's pod-bound ServiceAccount token.
+    #[serde(default)]
+    pub controller: Option<ControllerCa>,
+    /// Lifetime of certificates the agent signs itself (the controller decides for its own).
     #[serde(default = "default_lifetime")]
     pub certificate_lifetime_seconds: u64,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct ControllerCa {
+    /// host:port of the controller's CA service.
+    pub address: String,
+    /// The agent's ServiceAccount token (projected, bound to the agent's pod).
+    #[serde(default = "default_token_file")]
+    pub token_file: PathBuf,
+    /// The controller's namespace (its identity is spiffe://<trust domain>/ns/<namespace>/sa/warren-controller).
+    #[serde(default = "default_controller_namespace")]
+    pub namespace: String,
+}
+
+fn default_token_file() -> PathBuf {
+    PathBuf::from("/var/run/secrets/kubernetes.io/serviceaccount/token")
+}
+fn default_controller_namespace() -> String {
+    "warren-system".into()
+}
+
+/// Where workload certificates come from.
+enum Source {
+    /// The agent holds the CA key (embedded default).
+    Local(CertificateAuthority),
+    /// warren-controller signs CSRs; keys stay here.
+    Controller { config: ControllerCa, tls: Arc<ClientConfig> },
 }
 
 fn default_trust_domain() -> String {
@@ -39,15 +73,16 @@ fn default_lifetime() -> u64 {
 
 struct Issued {
     certificate: WorkloadCertificate,
+    key_pem: String,
     server: Arc<ServerConfig>,
-    clients: HashMap<Identity, Arc<ClientConfig>>,
+    clients: Mutex<HashMap<Identity, Arc<ClientConfig>>>,
 }
 
 pub struct Certificates {
-    ca: CertificateAuthority,
+    source: Source,
     bundle: TrustBundle,
     lifetime: Duration,
-    issued: Mutex<HashMap<Identity, Issued>>,
+    issued: Mutex<HashMap<Identity, Arc<Issued>>>,
 }
 
 /// What `inspect certs` shows.
@@ -71,68 +106,81 @@ impl Certificates {
             std::fs::read_to_string(path).with_context(|| format!("identity.{field}: cannot read {}", path.display()))
         };
         let cert_pem = read(&config.ca_cert_file, "caCertFile")?;
-        let key_pem = read(&config.ca_key_file, "caKeyFile")?;
-        let ca = CertificateAuthority::from_pem(&config.trust_domain, &cert_pem, &key_pem).context("identity: loading the CA")?;
         let bundle = TrustBundle::from_pem(&config.trust_domain, &cert_pem).context("identity: trust bundle")?;
-        Ok(Certificates {
-            ca,
-            bundle,
-            lifetime: Duration::from_secs(config.certificate_lifetime_seconds),
-            issued: Mutex::default(),
-        })
+        let source = match (&config.ca_key_file, &config.controller) {
+            (Some(key), None) => Source::Local(
+                CertificateAuthority::from_pem(&config.trust_domain, &cert_pem, &read(key, "caKeyFile")?)
+                    .context("identity: loading the CA")?,
+            ),
+            (None, Some(controller)) => {
+                let expected = Identity::new(&config.trust_domain, &controller.namespace, "warren-controller");
+                let tls = warren_identity::tls::client_config_without_client_auth(&bundle, expected)?;
+                Source::Controller { config: controller.clone(), tls: Arc::new(tls) }
+            }
+            (Some(_), Some(_)) => anyhow::bail!("identity: set caKeyFile or controller, not both"),
+            (None, None) => anyhow::bail!("identity: set caKeyFile (sign locally) or controller (ask warren-controller)"),
+        };
+        Ok(Certificates { source, bundle, lifetime: Duration::from_secs(config.certificate_lifetime_seconds), issued: Mutex::default() })
     }
 
     pub fn trust_domain(&self) -> &str {
         &self.bundle.trust_domain
     }
 
-    /// Runs `f` on the current certificate for `identity`, issuing or renewing it first when needed.
-    fn with_issued<R>(&self, identity: &Identity, f: impl FnOnce(&mut Issued) -> Result<R>) -> Result<R> {
-        let mut issued = self.issued.lock().unwrap();
+    /// The current certificate for `identity`, issued or renewed (past half its lifetime) first if needed.
+    async fn current(&self, identity: &Identity) -> Result<Arc<Issued>> {
         let now = SystemTime::now();
-        let stale = issued.get(identity).is_none_or(|i| {
-            let half = i.certificate.not_before + (i.certificate.not_after.duration_since(i.certificate.not_before).unwrap_or_default() / 2);
-            now >= half
-        });
-        if stale {
-            let certificate = self.ca.issue(identity, self.lifetime, now)?;
-            let key = certificate.key_pem.clone().expect("the CA generated the key");
-            let server = Arc::new(warren_identity::tls::server_config(&certificate, &key, &self.bundle)?);
-            tracing::info!(identity = %identity, serial = %certificate.serial, "workload certificate issued");
-            issued.insert(identity.clone(), Issued { certificate, server, clients: HashMap::new() });
+        if let Some(issued) = self.issued.lock().unwrap().get(identity) {
+            let c = &issued.certificate;
+            if now < c.not_before + c.not_after.duration_since(c.not_before).unwrap_or_default() / 2 {
+                return Ok(issued.clone());
+            }
         }
-        f(issued.get_mut(identity).expect("just ensured"))
+        let (certificate, key_pem) = match &self.source {
+            Source::Local(ca) => {
+                let certificate = ca.issue(identity, self.lifetime, now)?;
+                let key = certificate.key_pem.clone().expect("the CA generated the key");
+                (certificate, key)
+            }
+            Source::Controller { config, tls } => controller::request(config, tls.clone(), identity).await?,
+        };
+        let server = Arc::new(warren_identity::tls::server_config(&certificate, &key_pem, &self.bundle)?);
+        tracing::info!(identity = %identity, serial = %certificate.serial, "workload certificate issued");
+        let issued = Arc::new(Issued { certificate, key_pem, server, clients: Mutex::default() });
+        self.issued.lock().unwrap().insert(identity.clone(), issued.clone());
+        Ok(issued)
     }
 
     /// Renews every certificate past half its lifetime (called periodically, so certificates rotate
     /// even while no new connection asks for one).
-    pub fn renew_due(&self) {
+    pub async fn renew_due(&self) {
         let identities: Vec<Identity> = self.issued.lock().unwrap().keys().cloned().collect();
         for identity in identities {
-            if let Err(e) = self.with_issued(&identity, |_| Ok(())) {
+            if let Err(e) = self.current(&identity).await {
                 tracing::warn!(identity = %identity, "certificate renewal failed: {e:#}");
             }
         }
     }
 
     /// TLS server config presenting `identity` (HBONE inbound).
-    pub fn server_config(&self, identity: &Identity) -> Result<Arc<ServerConfig>> {
-        self.with_issued(identity, |i| Ok(i.server.clone()))
+    pub async fn server_config(&self, identity: &Identity) -> Result<Arc<ServerConfig>> {
+        Ok(self.current(identity).await?.server.clone())
     }
 
     /// TLS client config presenting `source` and accepting only `destination` (HBONE outbound).
-    pub fn client_config(&self, source: &Identity, destination: &Identity) -> Result<Arc<ClientConfig>> {
-        let bundle = self.bundle.clone();
-        self.with_issued(source, |i| {
-            if let Some(config) = i.clients.get(destination) {
-                return Ok(config.clone());
-            }
-            let key = i.certificate.key_pem.as_deref().expect("the CA generated the key");
-            let config =
-                Arc::new(warren_identity::tls::client_config(&i.certificate, key, &bundle, vec![destination.clone()])?);
-            i.clients.insert(destination.clone(), config.clone());
-            Ok(config)
-        })
+    pub async fn client_config(&self, source: &Identity, destination: &Identity) -> Result<Arc<ClientConfig>> {
+        let issued = self.current(source).await?;
+        if let Some(config) = issued.clients.lock().unwrap().get(destination) {
+            return Ok(config.clone());
+        }
+        let config = Arc::new(warren_identity::tls::client_config(
+            &issued.certificate,
+            &issued.key_pem,
+            &self.bundle,
+            vec![destination.clone()],
+        )?);
+        issued.clients.lock().unwrap().insert(destination.clone(), config.clone());
+        Ok(config)
     }
 
     pub fn snapshot(&self) -> Vec<CertificateInfo> {
@@ -155,5 +203,64 @@ impl Certificates {
             .collect();
         infos.sort_by(|a, b| a.identity.cmp(&b.identity));
         infos
+    }
+}
+
+/// The agent's side of warren-controller's CA service.
+mod controller {
+    use std::{sync::Arc, time::{Duration, SystemTime}};
+
+    use anyhow::{Context, Result, bail};
+    use rustls::ClientConfig;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    use tokio_rustls::{TlsConnector, rustls::pki_types::ServerName};
+    use warren_identity::{Identity, WorkloadCertificate};
+
+    use super::ControllerCa;
+
+    /// Generates a key, sends a CSR for `identity` with the agent's token; returns the certificate and key.
+    pub async fn request(config: &ControllerCa, tls: Arc<ClientConfig>, identity: &Identity) -> Result<(WorkloadCertificate, String)> {
+        let token = std::fs::read_to_string(&config.token_file)
+            .with_context(|| format!("identity.controller.tokenFile: cannot read {}", config.token_file.display()))?;
+        let key = rcgen::KeyPair::generate()?;
+        let csr = rcgen::CertificateParams::default().serialize_request(&key)?.pem()?;
+        let body = serde_json::json!({ "identity": identity.to_string(), "csr": csr }).to_string();
+        let tcp = tokio::time::timeout(Duration::from_secs(10), tokio::net::TcpStream::connect(&config.address))
+            .await
+            .context("connecting to the controller's CA: timed out")?
+            .with_context(|| format!("connecting to the controller's CA at {}", config.address))?;
+        let mut stream = TlsConnector::from(tls)
+            .connect(ServerName::try_from("warren-controller").expect("valid name"), tcp)
+            .await
+            .context("TLS to the controller's CA")?;
+        let request = format!(
+            "POST /v1/certificates HTTP/1.1\r\nhost: warren-controller\r\nauthorization: Bearer {}\r\n\
+             content-type: application/json\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{body}",
+            token.trim(),
+            body.len()
+        );
+        stream.write_all(request.as_bytes()).await?;
+        let mut response = String::new();
+        tokio::time::timeout(Duration::from_secs(10), stream.read_to_string(&mut response))
+            .await
+            .context("the controller's CA did not answer")??;
+        let status: u16 = response.split_whitespace().nth(1).and_then(|s| s.parse().ok()).unwrap_or(0);
+        let json: serde_json::Value = serde_json::from_str(response.split_once("\r\n\r\n").map_or("null", |(_, b)| b))
+            .context("the controller's CA answered with no JSON")?;
+        if status != 200 {
+            bail!("the controller's CA refused {identity} ({status}): {}", json["error"].as_str().unwrap_or("?"));
+        }
+        let chain: Vec<String> =
+            json["chain"].as_array().map(|c| c.iter().filter_map(|p| p.as_str().map(String::from)).collect()).unwrap_or_default();
+        let not_after = SystemTime::UNIX_EPOCH + Duration::from_secs(json["notAfterUnix"].as_u64().unwrap_or(0));
+        let certificate = WorkloadCertificate {
+            identity: identity.clone(),
+            chain_pem: chain,
+            key_pem: None,
+            serial: json["serial"].as_str().unwrap_or_default().to_string(),
+            not_before: SystemTime::now(),
+            not_after,
+        };
+        Ok((certificate, key.serialize_pem()))
     }
 }

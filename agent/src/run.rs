@@ -46,7 +46,7 @@ pub async fn run(config: AgentConfig) -> Result<()> {
             let mut tick = tokio::time::interval(Duration::from_millis(500));
             loop {
                 tick.tick().await;
-                certificates.renew_due();
+                certificates.renew_due().await;
             }
         });
     }

@@ -64,15 +64,16 @@ pub async fn serve_hbone(
         // HTTP/2 sends small control frames (WINDOW_UPDATE, SETTINGS ACK) while data is in flight: without
         // NODELAY they wait for delayed ACKs and the tunnel crawls.
         let _ = tcp.set_nodelay(true);
-        let config = match pool.certificates().server_config(&identity) {
-            Ok(config) => config,
-            Err(e) => {
-                warn!(pod = %pod, "no certificate for {identity}: {e:#}");
-                continue;
-            }
-        };
-        let (netns, pod, pod_ips, shared) = (netns.clone(), pod.clone(), pod_ips.clone(), shared.clone());
+        let (netns, pod, pod_ips, shared, pool, identity) =
+            (netns.clone(), pod.clone(), pod_ips.clone(), shared.clone(), pool.clone(), identity.clone());
         tokio::spawn(async move {
+            let config = match pool.certificates().server_config(&identity).await {
+                Ok(config) => config,
+                Err(e) => {
+                    warn!(pod = %pod, "no certificate for {identity}: {e:#}");
+                    return;
+                }
+            };
             let tls = match TlsAcceptor::from(config).accept(tcp).await {
                 Ok(tls) => tls,
                 Err(e) => {

@@ -46,7 +46,7 @@ impl Pool {
     }
 
     async fn dial(&self, netns: &Netns, source: &Identity, peer: &Identity, ip: IpAddr) -> Result<Connection> {
-        let config = self.certificates.client_config(source, peer)?;
+        let config = self.certificates.client_config(source, peer).await?;
         let address = SocketAddr::new(ip, HBONE_PORT);
         let socket = netns.run(move || if ip.is_ipv4() { TcpSocket::new_v4() } else { TcpSocket::new_v6() }).await??;
         socket.set_nodelay(true)?;
