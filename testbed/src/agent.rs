@@ -33,6 +33,8 @@ pub struct AgentOptions {
     pub mtls: bool,
     /// Workload certificate lifetime (default: the agent's, 24 h).
     pub certificate_lifetime_seconds: Option<u64>,
+    /// The agent config's `identity` section verbatim (e.g. a controller CA), instead of `mtls`.
+    pub identity: Option<serde_json::Value>,
 }
 
 impl Default for AgentOptions {
@@ -47,6 +49,7 @@ impl Default for AgentOptions {
             node_name: None,
             mtls: false,
             certificate_lifetime_seconds: None,
+            identity: None,
         }
     }
 }
@@ -84,6 +87,9 @@ impl Agent {
             if let Some(seconds) = options.certificate_lifetime_seconds {
                 config["identity"]["certificateLifetimeSeconds"] = seconds.into();
             }
+        }
+        if let Some(identity) = &options.identity {
+            config["identity"] = identity.clone();
         }
         if let Some(kubeconfig) = &options.kubeconfig {
             config["workloadsFile"] = serde_json::Value::Null;

@@ -442,3 +442,108 @@ async fn ca_scenario(kubeconfig: &Path) -> anyhow::Result<()> {
     assert_eq!(status, 200, "{body}");
     Ok(())
 }
+
+/// The whole identity path: the agent enrolls pods from the API server, gets their certificates from the
+/// controller's CA (its key and CSR, its pod-bound token), and carries their traffic as HBONE.
+#[test]
+fn agent_gets_certificates_from_the_controller_and_carries_hbone() {
+    require_privileges!();
+    if !cluster_built() {
+        return;
+    }
+    let _cluster = CLUSTER.lock().unwrap_or_else(|e| e.into_inner());
+    let kubeconfig = xtask::cluster::up(false).unwrap();
+    let result = tokio::runtime::Runtime::new().unwrap().block_on(controller_identity_scenario(&kubeconfig));
+    xtask::cluster::down().unwrap();
+    result.unwrap();
+}
+
+async fn controller_identity_scenario(kubeconfig: &Path) -> anyhow::Result<()> {
+    use k8s_openapi::api::{
+        authentication::v1::TokenRequest,
+        core::v1::{ConfigMap, Node, ServiceAccount},
+    };
+    let config = Config::from_custom_kubeconfig(Kubeconfig::read_from(kubeconfig)?, &KubeConfigOptions::default()).await?;
+    let client = Client::try_from(config)?;
+    let node_name = format!("warren-node-{}", std::process::id());
+    let namespaces: Api<Namespace> = Api::all(client.clone());
+    for (ns, labels) in [("warren-system", serde_json::json!({})), ("shop", serde_json::json!({"warren.dev/mesh": "enabled"}))] {
+        namespaces
+            .create(&PostParams::default(), &serde_json::from_value(serde_json::json!({"metadata": {"name": ns, "labels": labels}}))?)
+            .await?;
+    }
+    let nodes: Api<Node> = Api::all(client.clone());
+    nodes.create(&PostParams::default(), &serde_json::from_value(serde_json::json!({"metadata": {"name": node_name}}))?).await?;
+    for (ns, sa) in [("warren-system", "warren-agent"), ("shop", "client"), ("shop", "server")] {
+        let accounts: Api<ServiceAccount> = Api::namespaced(client.clone(), ns);
+        accounts.create(&PostParams::default(), &serde_json::from_value(serde_json::json!({"metadata": {"name": sa}}))?).await?;
+    }
+    let pod_object = |name: &str, sa: &str| -> anyhow::Result<Pod> {
+        Ok(serde_json::from_value(serde_json::json!({
+            "metadata": {"name": name},
+            "spec": {"nodeName": node_name, "serviceAccountName": sa, "containers": [{"name": "c", "image": "warren:local"}]}
+        }))?)
+    };
+    // The agent's own pod (a DaemonSet pod on this node) and its token, bound to that pod.
+    let system_pods: Api<Pod> = Api::namespaced(client.clone(), "warren-system");
+    let agent_pod = create_pod(&system_pods, &pod_object("warren-agent-x", "warren-agent")?).await?;
+    let accounts: Api<ServiceAccount> = Api::namespaced(client.clone(), "warren-system");
+    let request: TokenRequest = serde_json::from_value(serde_json::json!({"spec": {"audiences": [], "expirationSeconds": 3600,
+        "boundObjectRef": {"kind": "Pod", "apiVersion": "v1", "name": "warren-agent-x", "uid": agent_pod.metadata.uid}}}))?;
+    let token: TokenRequest = accounts.create_subresource("token", "warren-agent", &PostParams::default(), &request).await?;
+    let token = token.status.and_then(|s| s.token).unwrap_or_default();
+
+    let ca_port = free_port();
+    let _controller = start_controller(kubeconfig, ca_port).await?;
+    let configmaps: Api<ConfigMap> = Api::namespaced(client.clone(), "warren-system");
+    let root = configmaps.get("warren-root-cert").await?.data.unwrap_or_default()["root-cert.pem"].clone();
+
+    let bed = Testbed::new("controller-identity")?;
+    let node = bed.add_node("node-1")?;
+    let shop_pods: Api<Pod> = Api::namespaced(client.clone(), "shop");
+    let mut pods = vec![];
+    for name in ["client", "server"] {
+        let created = create_pod(&shop_pods, &pod_object(name, name)?).await?;
+        let pod = node.add_pod_with_uid(name, true, created.metadata.uid.as_deref())?;
+        let status = serde_json::json!({"status": {"phase": "Running", "podIP": pod.ip.to_string(),
+            "podIPs": [{"ip": pod.ip.to_string()}, {"ip": pod.ip6.to_string()}]}});
+        shop_pods.patch_status(name, &PatchParams::default(), &Patch::Merge(&status)).await?;
+        pods.push(pod);
+    }
+    let (client_pod, server_pod) = (pods[0].clone(), pods[1].clone());
+    server_pod.serve("v1")?;
+    node.reach_host_port(xtask::cluster::API_PORT)?;
+    node.reach_host_port(ca_port)?;
+    let (root_file, token_file) = (bed.state_dir().join("root.pem"), bed.state_dir().join("agent-token"));
+    std::fs::write(&root_file, &root)?;
+    std::fs::write(&token_file, &token)?;
+    let agent = node.start_agent_with(warren_testbed::AgentOptions {
+        kubeconfig: Some(kubeconfig.to_path_buf()),
+        node_name: Some(node_name.clone()),
+        identity: Some(serde_json::json!({
+            "trustDomain": "cluster.local",
+            "caCertFile": root_file,
+            "controller": {"address": format!("127.0.0.1:{ca_port}"), "tokenFile": token_file},
+        })),
+        ..Default::default()
+    })?;
+    agent.wait_enrolled(&client_pod, true, Duration::from_secs(10))?;
+    agent.wait_enrolled(&server_pod, true, Duration::from_secs(10))?;
+
+    let sent = client_pod.send(server_pod.socket(ECHO_PORT), 1 << 20)?;
+    assert!(sent.ok, "{sent:?}\n{}", agent.log());
+    let connections = agent.connections()?;
+    let inbound = connections["recently_closed"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|c| c["direction"] == "inbound")
+        .cloned()
+        .ok_or_else(|| anyhow::anyhow!("no inbound connection: {connections:#}"))?;
+    assert_eq!(inbound["protocol"], "hbone");
+    assert_eq!(inbound["peer_identity"], "spiffe://cluster.local/ns/shop/sa/client");
+    let certificates: serde_json::Value = serde_json::from_str(&agent.get("/certificates")?)?;
+    let identities: Vec<&str> = certificates.as_array().unwrap().iter().filter_map(|c| c["identity"].as_str()).collect();
+    assert_eq!(identities, ["spiffe://cluster.local/ns/shop/sa/client", "spiffe://cluster.local/ns/shop/sa/server"]);
+    Ok(())
+}
