@@ -179,6 +179,8 @@ impl AgentConfig {
 
 #[cfg(test)]
 mod tests {
+    use serde::Deserialize;
+
     use super::*;
 
     #[test]
@@ -189,6 +191,21 @@ mod tests {
         assert_eq!(c.admin_addr.to_string(), "127.0.0.1:15000");
         let err = serde_yaml::from_str::<AgentConfig>("nodeName: n1\npinDri: /x\n").unwrap_err();
         assert!(err.to_string().contains("pinDri"), "{err}");
+    }
+
+    /// The config shipped in deploy/daemonset.yaml must be one the agent accepts.
+    #[test]
+    fn the_daemonsets_config_parses() {
+        let manifest = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../deploy/daemonset.yaml");
+        let text = std::fs::read_to_string(manifest).unwrap();
+        let configmap = serde_yaml::Deserializer::from_str(&text)
+            .map(|doc| serde_yaml::Value::deserialize(doc).unwrap())
+            .find(|doc| doc["kind"] == "ConfigMap")
+            .expect("a ConfigMap in deploy/daemonset.yaml");
+        let config: AgentConfig = serde_yaml::from_str(configmap["data"]["agent.yaml"].as_str().unwrap()).unwrap();
+        assert!(config.kubernetes.is_some());
+        let identity = config.identity.expect("identity section");
+        assert_eq!(identity.controller.unwrap().address, "warren-controller.warren-system.svc:15012");
     }
 
     #[test]
