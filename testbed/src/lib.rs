@@ -250,10 +250,6 @@ impl Testbed {
         Capture::start(&self.inner.fabric)
     }
 
-    /// Runs `f` in a thread inside the fabric netns (which reaches every node's uplink).
-    pub fn in_fabric<R: Send>(&self, f: impl FnOnce() -> R + Send) -> Result<R> {
-        in_netns(&self.inner.fabric, f)
-    }
 }
 
 impl Node {

@@ -39,7 +39,6 @@ pub struct Datapath {
     ebpf: Ebpf,
     enrolled: HashMap<MapData, u64, EnrolledCgroup>,
     inbound_listeners: SockHash<MapData, ListenerKey>,
-    settings: Array<MapData, Settings>,
     original_dst: OriginalDstLookup,
     counters: EbpfCounters,
     pub pin_dir: PathBuf,
@@ -66,8 +65,10 @@ impl Datapath {
             }
         }
 
+        // Written once: the pinned map keeps the value for the programs (and the next agent overwrites it).
         let mut settings_map: Array<MapData, Settings> = Array::try_from(take_map(&mut ebpf, names::SETTINGS)?)?;
         settings_map.set(0, settings, 0).context("writing settings")?;
+        drop(settings_map);
 
         let cgroup = File::open(attach_cgroup)
             .with_context(|| format!("opening cgroup {} to attach to", attach_cgroup.display()))?;
@@ -114,16 +115,11 @@ impl Datapath {
             ebpf,
             enrolled,
             inbound_listeners,
-            settings: settings_map,
             original_dst,
             counters,
             pin_dir: pin_dir.to_path_buf(),
             attach_cgroup: attach_cgroup.to_path_buf(),
         })
-    }
-
-    pub fn set_settings(&mut self, settings: Settings) -> Result<()> {
-        Ok(self.settings.set(0, settings, 0)?)
     }
 
     /// Redirects the sockets of `cgroup_id` (and its descendants) into the agent.

@@ -21,11 +21,6 @@ pub struct Netns {
 }
 
 impl Netns {
-    pub fn open(path: &Path) -> Result<Self> {
-        let file = File::open(path).with_context(|| format!("opening network namespace {}", path.display()))?;
-        Self::from_file(file, path)
-    }
-
     /// Uses an already open netns file; `label` names it in messages.
     pub fn from_file(file: File, label: &Path) -> Result<Self> {
         let path = label.to_path_buf();
@@ -56,19 +51,6 @@ impl Netns {
 
     pub fn file(&self) -> &File {
         &self.file
-    }
-
-    pub fn path(&self) -> &Path {
-        &self.path
-    }
-
-    /// Runs `f` inside the namespace and waits for its result (for setup paths).
-    pub fn run_blocking<R: Send + 'static>(&self, f: impl FnOnce() -> R + Send + 'static) -> Result<R> {
-        let (tx, rx) = mpsc::channel();
-        self.submit(Box::new(move || {
-            let _ = tx.send(f());
-        }))?;
-        rx.recv().map_err(|_| anyhow!("netns thread for {} stopped", self.path.display()))
     }
 
     /// Runs `f` inside the namespace without blocking the async runtime.
