@@ -39,6 +39,9 @@ pub struct Datapath {
     ebpf: Ebpf,
     enrolled: HashMap<MapData, u64, EnrolledCgroup>,
     inbound_listeners: SockHash<MapData, ListenerKey>,
+    /// Not read again, but its fd must stay open: aya relocates the map's fd into the programs, which
+    /// are verified after the maps are taken.
+    _settings: Array<MapData, Settings>,
     original_dst: OriginalDstLookup,
     counters: EbpfCounters,
     pub pin_dir: PathBuf,
@@ -65,10 +68,8 @@ impl Datapath {
             }
         }
 
-        // Written once: the pinned map keeps the value for the programs (and the next agent overwrites it).
         let mut settings_map: Array<MapData, Settings> = Array::try_from(take_map(&mut ebpf, names::SETTINGS)?)?;
         settings_map.set(0, settings, 0).context("writing settings")?;
-        drop(settings_map);
 
         let cgroup = File::open(attach_cgroup)
             .with_context(|| format!("opening cgroup {} to attach to", attach_cgroup.display()))?;
@@ -115,6 +116,7 @@ impl Datapath {
             ebpf,
             enrolled,
             inbound_listeners,
+            _settings: settings_map,
             original_dst,
             counters,
             pin_dir: pin_dir.to_path_buf(),

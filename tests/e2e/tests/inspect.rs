@@ -111,7 +111,7 @@ fn inspect_connections_and_workloads_show_the_agents_view() {
     let client = node.add_pod("a", true).unwrap();
     let server = node.add_pod("b", false).unwrap();
     server.serve("v1").unwrap();
-    let agent = node.start_agent().unwrap();
+    let _agent = node.start_agent().unwrap();
     assert!(client.send(server.socket(ECHO_PORT), 4096).unwrap().ok);
 
     // The CLI talks to the admin endpoint, which listens in the node's netns: run it there.
