@@ -1,4 +1,5 @@
-//! Admin endpoint: `/metrics` (Prometheus), `/connections` and `/workloads` (JSON), `/ready`.
+//! Admin endpoint: `/metrics` (Prometheus), `/connections`, `/workloads`, `/certificates` and `/config` (the
+//! pushed tables; JSON), `/ready`.
 use std::{
     convert::Infallible,
     net::SocketAddr,
@@ -13,13 +14,19 @@ use hyper_util::rt::TokioIo;
 use prometheus_client::registry::Registry;
 use tokio::net::TcpListener;
 
-use crate::{identity::Certificates, inpod::PodStatus, proxy::ConnectionTable};
+use crate::{
+    identity::Certificates, inpod::PodStatus, proxy::ConnectionTable, sources::controller::PushStatus, state::MeshTables,
+};
 
 pub struct AdminState {
     pub registry: Registry,
     pub connections: ConnectionTable,
     pub workloads: Arc<Mutex<Vec<PodStatus>>>,
     pub certificates: Option<Arc<Certificates>>,
+    pub tables: Arc<std::sync::RwLock<Arc<MeshTables>>>,
+    /// `None` unless the controller is the workload source.
+    pub push: Option<Arc<Mutex<PushStatus>>>,
+    pub node: String,
 }
 
 pub async fn bind(addr: SocketAddr) -> Result<TcpListener> {
@@ -63,10 +70,16 @@ async fn handle(req: Request<Incoming>, state: Arc<AdminState>) -> Result<Respon
             serde_json::to_string_pretty(&state.certificates.as_ref().map(|c| c.snapshot()).unwrap_or_default())
                 .unwrap_or_default(),
         ),
+        "/config" => {
+            let tables = state.tables.read().unwrap().clone();
+            let mut view = tables.view(&state.node);
+            view["push"] = serde_json::to_value(state.push.as_ref().map(|p| p.lock().unwrap().clone())).unwrap_or_default();
+            (StatusCode::OK, "application/json", serde_json::to_string_pretty(&view).unwrap_or_default())
+        }
         _ => (
             StatusCode::NOT_FOUND,
             "text/plain",
-            "endpoints: /ready /metrics /connections /workloads /certificates\n".to_string(),
+            "endpoints: /ready /metrics /connections /workloads /certificates /config\n".to_string(),
         ),
     };
     Ok(Response::builder()

@@ -55,6 +55,10 @@ pub struct AgentConfig {
     pub workloads_file: Option<PathBuf>,
     /// Take workloads from the Kubernetes API (pods on `nodeName`, namespaces' labels).
     pub kubernetes: Option<KubernetesSource>,
+    /// Take workloads, services, routes and policies from warren-controller's push (needs `identity`:
+    /// the stream is mTLS).
+    #[serde(default)]
+    pub controller: Option<crate::sources::controller::ControllerSource>,
     /// Workload identities and mTLS (HBONE between enrolled pods). Without it: plain L4.
     pub identity: Option<crate::identity::IdentityConfig>,
 }
@@ -150,8 +154,18 @@ impl AgentConfig {
             if !file.is_file() {
                 bail!("workloadsFile: {} does not exist", file.display());
             }
-            if self.kubernetes.is_some() {
-                bail!("workloadsFile: set together with kubernetes; choose one workload source");
+        }
+        let sources = [("workloadsFile", self.workloads_file.is_some()), ("kubernetes", self.kubernetes.is_some()), ("controller", self.controller.is_some())];
+        let chosen: Vec<&str> = sources.iter().filter(|(_, set)| *set).map(|(name, _)| *name).collect();
+        if chosen.len() > 1 {
+            bail!("{}: set together with {}; choose one workload source", chosen[1], chosen[0]);
+        }
+        if let Some(controller) = &self.controller {
+            if self.identity.is_none() {
+                bail!("controller: needs identity (the push stream is mTLS)");
+            }
+            if !controller.address.contains(':') {
+                bail!("controller.address: {:?} is not host:port", controller.address);
             }
         }
         if let Some(KubernetesSource { kubeconfig: Some(path) }) = &self.kubernetes {

@@ -56,6 +56,34 @@ enum Inspect {
         #[arg(short, long, value_enum, default_value = "table")]
         output: inspect::Output,
     },
+    /// Services the controller pushed: VIPs, ports, endpoints, subsets, the L4 route of each VIP:port.
+    Services {
+        #[arg(long, default_value = warren_agent::config::DEFAULT_ADMIN_ADDR)]
+        admin_addr: std::net::SocketAddr,
+        #[arg(short, long, value_enum, default_value = "table")]
+        output: inspect::Output,
+    },
+    /// Routes (VirtualServices) the controller pushed, rule by rule.
+    Routes {
+        #[arg(long, default_value = warren_agent::config::DEFAULT_ADMIN_ADDR)]
+        admin_addr: std::net::SocketAddr,
+        #[arg(short, long, value_enum, default_value = "table")]
+        output: inspect::Output,
+    },
+    /// Fault injection rules (delays, aborts) the controller pushed.
+    Faults {
+        #[arg(long, default_value = warren_agent::config::DEFAULT_ADMIN_ADDR)]
+        admin_addr: std::net::SocketAddr,
+        #[arg(short, long, value_enum, default_value = "table")]
+        output: inspect::Output,
+    },
+    /// Authorization policies the controller pushed, and the connections refused in the kernel (L4).
+    Policies {
+        #[arg(long, default_value = warren_agent::config::DEFAULT_ADMIN_ADDR)]
+        admin_addr: std::net::SocketAddr,
+        #[arg(short, long, value_enum, default_value = "table")]
+        output: inspect::Output,
+    },
     /// The pinned eBPF maps: enrolled cgroups, original destinations, program counters.
     Maps {
         /// bpffs directory the agent pinned its maps in.
@@ -81,6 +109,18 @@ fn main() -> ExitCode {
         }
         Command::Inspect { what: Inspect::Workloads { admin_addr, output } } => {
             inspect::live::workloads(admin_addr, output).map(|text| print!("{text}"))
+        }
+        Command::Inspect { what: Inspect::Services { admin_addr, output } } => {
+            inspect::live::config(admin_addr, inspect::live::ConfigView::Services, output).map(|text| print!("{text}"))
+        }
+        Command::Inspect { what: Inspect::Routes { admin_addr, output } } => {
+            inspect::live::config(admin_addr, inspect::live::ConfigView::Routes, output).map(|text| print!("{text}"))
+        }
+        Command::Inspect { what: Inspect::Faults { admin_addr, output } } => {
+            inspect::live::config(admin_addr, inspect::live::ConfigView::Faults, output).map(|text| print!("{text}"))
+        }
+        Command::Inspect { what: Inspect::Policies { admin_addr, output } } => {
+            inspect::live::config(admin_addr, inspect::live::ConfigView::Policies, output).map(|text| print!("{text}"))
         }
         Command::Inspect { what: Inspect::Maps { pin_dir, run_dir, output } } => {
             inspect::require_running_agent(&run_dir)

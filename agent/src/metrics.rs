@@ -30,6 +30,10 @@ pub struct Metrics {
     pub mtls_refused: Counter,
     /// Plaintext connections refused by PeerAuthentication STRICT.
     pub plaintext_refused: Counter,
+    /// Inbound connections AuthorizationPolicy refused (HBONE; plaintext ones are refused by sk_lookup).
+    pub policy_refused: Counter,
+    /// Outbound connections to a service address with no endpoint to route to.
+    pub no_endpoint: Counter,
 }
 
 impl Metrics {
@@ -61,6 +65,16 @@ impl Metrics {
             "warren_inbound_plaintext_refused",
             "Plaintext connections refused by PeerAuthentication STRICT",
             self.plaintext_refused.clone(),
+        );
+        registry.register(
+            "warren_inbound_policy_refused",
+            "Inbound connections refused by AuthorizationPolicy",
+            self.policy_refused.clone(),
+        );
+        registry.register(
+            "warren_outbound_no_endpoint",
+            "Connections to a service address that had no endpoint to route to",
+            self.no_endpoint.clone(),
         );
         registry.register(
             "warren_original_dst_missing",

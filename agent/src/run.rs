@@ -1,7 +1,7 @@
 //! `warren-agent run`: load the datapath, keep enrollment in line with the workload source, proxy, and on
 //! SIGTERM drain.
 use std::{
-    sync::{Arc, Mutex},
+    sync::{Arc, Mutex, RwLock},
     time::{Duration, Instant},
 };
 
@@ -18,7 +18,12 @@ use crate::{
     inpod::{InpodManager, PortConfig},
     metrics::{EbpfEventsCollector, Metrics},
     proxy::{ConnectionTable, ProxyShared, hbone::pool::Pool},
-    sources, sys,
+    sources::{
+        self,
+        controller::{Applier, PushStatus},
+    },
+    state::{MeshTables, Workloads},
+    sys,
 };
 
 /// How often enrollment is re-checked even without a change (pods whose processes were not there yet).
@@ -50,24 +55,40 @@ pub async fn run(config: AgentConfig) -> Result<()> {
             }
         });
     }
+    let tables: Arc<RwLock<Arc<MeshTables>>> = Arc::default();
     let shared = ProxyShared {
         original_dst: datapath.original_dst_lookup(),
         metrics,
         connections: connections.clone(),
         mesh: Arc::default(),
+        tables: tables.clone(),
         hbone,
     };
     let datapath = Arc::new(Mutex::new(datapath));
+    let push_status: Arc<Mutex<PushStatus>> = Arc::default();
 
     let ports = PortConfig { outbound: config.outbound_port, inbound: config.inbound_port };
     let mut manager = InpodManager::new(datapath.clone(), config.node_name.clone(), ports, cgroup2, shared);
-    let mut workloads = match (&config.workloads_file, &config.kubernetes) {
-        (Some(path), _) => sources::file::watch(path.clone())?,
-        (None, Some(kubernetes)) => {
+    let mut workloads = match (&config.workloads_file, &config.kubernetes, &config.controller) {
+        (Some(path), _, _) => sources::file::watch(path.clone())?,
+        (None, Some(kubernetes), _) => {
             let client = sources::kubernetes::client(kubernetes.kubeconfig.as_deref()).await?;
             sources::kubernetes::watch(client, config.node_name.clone()).await?
         }
-        (None, None) => tokio::sync::watch::channel(Default::default()).1,
+        (None, None, Some(controller)) => {
+            let (tx, rx) = tokio::sync::watch::channel(Workloads::default());
+            let applier = Arc::new(Applier {
+                node: config.node_name.clone(),
+                datapath: datapath.clone(),
+                tables: tables.clone(),
+                workloads: tx,
+                status: push_status.clone(),
+            });
+            let certificates = certificates.clone().context("controller: needs identity")?;
+            sources::controller::spawn(controller.clone(), certificates, applier);
+            rx
+        }
+        (None, None, None) => tokio::sync::watch::channel(Default::default()).1,
     };
     manager.reconcile(&workloads.borrow_and_update().clone()).await;
     manager.drop_stale_state()?;
@@ -78,6 +99,9 @@ pub async fn run(config: AgentConfig) -> Result<()> {
         connections: connections.clone(),
         workloads: manager.status_handle(),
         certificates,
+        tables,
+        push: config.controller.is_some().then_some(push_status),
+        node: config.node_name.clone(),
     });
     tokio::spawn(admin::serve(admin_listener, state));
 

@@ -1,12 +1,19 @@
-//! warren-controller: Warren's control plane. Today: the mesh's certificate authority (see `ca`); the
-//! watch → compile → push of Istio's APIs joins it (`run` will serve both).
+//! warren-controller: Warren's control plane. It watches Istio's APIs and the cluster (or reads a
+//! directory of YAML), validates and compiles them into per-node tables, pushes those to every agent
+//! (`push`), writes validation results back (`status`), and is the mesh's certificate authority (`ca`).
 mod ca;
+mod pipeline;
+mod push;
+mod sources;
+mod status;
 
 use std::{net::SocketAddr, path::PathBuf, process::ExitCode, sync::Arc, time::Duration};
 
-use anyhow::{Context, Result};
+use anyhow::{Context, Result, bail};
 use clap::{Parser, Subcommand};
 use kube::{Client, Config, config::{KubeConfigOptions, Kubeconfig}};
+use warren_config::{analyze, cluster::ClusterState};
+use warren_identity::{CertificateAuthority, Identity};
 
 #[derive(Parser)]
 #[command(name = "warren-controller", version)]
@@ -19,27 +26,43 @@ struct Cli {
 enum Command {
     /// Print the version.
     Version,
-    /// Run the controller (today: the CA service).
+    /// Run the controller: watch, validate, compile, push; and the CA service (Kubernetes mode).
     Run(RunArgs),
+    /// Report configuration problems, as `istioctl analyze` does; exits 1 when there are errors.
+    Analyze(Input),
+}
+
+/// Where the configuration comes from.
+#[derive(clap::Args)]
+struct Input {
+    /// Kubeconfig (default: in-cluster, else $KUBECONFIG).
+    #[arg(long, conflicts_with = "config_dir")]
+    kubeconfig: Option<PathBuf>,
+    /// Read Kubernetes and Istio objects from the YAML files in this directory instead of an API server
+    /// (the embedded default; re-read when a file changes).
+    #[arg(long)]
+    config_dir: Option<PathBuf>,
 }
 
 #[derive(clap::Args)]
 struct RunArgs {
-    /// Kubeconfig (default: in-cluster, else $KUBECONFIG).
-    #[arg(long)]
-    kubeconfig: Option<PathBuf>,
+    #[command(flatten)]
+    input: Input,
     /// The controller's namespace (holds Secret warren-ca and ConfigMap warren-root-cert).
     #[arg(long, default_value = "warren-system")]
     namespace: String,
     #[arg(long, default_value = warren_identity::DEFAULT_TRUST_DOMAIN)]
     trust_domain: String,
-    /// Where agents request certificates.
+    /// Where agents request certificates (Kubernetes mode).
     #[arg(long, default_value = "0.0.0.0:15012")]
     ca_listen: SocketAddr,
+    /// Where agents hold their push streams.
+    #[arg(long, default_value = "0.0.0.0:15010")]
+    push_listen: SocketAddr,
     /// The ServiceAccount (in --namespace) agents run as; only its tokens may request certificates.
     #[arg(long, default_value = "warren-agent")]
     agent_service_account: String,
-    /// A root you supply instead of the generated one (PEM; with --ca-key).
+    /// A root you supply instead of the generated one (PEM; with --ca-key; required with --config-dir).
     #[arg(long, requires = "ca_key")]
     ca_cert: Option<PathBuf>,
     #[arg(long, requires = "ca_cert")]
@@ -61,6 +84,13 @@ fn main() -> ExitCode {
             let _ = tracing_subscriber::fmt().with_env_filter(filter).with_ansi(ansi).with_writer(std::io::stderr).try_init();
             tokio::runtime::Runtime::new().map_err(anyhow::Error::from).and_then(|rt| rt.block_on(run(args)))
         }
+        Command::Analyze(input) => {
+            match tokio::runtime::Runtime::new().map_err(anyhow::Error::from).and_then(|rt| rt.block_on(run_analyze(input))) {
+                Ok(true) => Ok(()),
+                Ok(false) => return ExitCode::FAILURE,
+                Err(e) => Err(e),
+            }
+        }
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -71,34 +101,90 @@ fn main() -> ExitCode {
     }
 }
 
-async fn run(args: RunArgs) -> Result<()> {
-    let config = match &args.kubeconfig {
+async fn client(kubeconfig: Option<&PathBuf>) -> Result<Client> {
+    let config = match kubeconfig {
         Some(path) => {
             let file = Kubeconfig::read_from(path).with_context(|| format!("--kubeconfig {}", path.display()))?;
             Config::from_custom_kubeconfig(file, &KubeConfigOptions::default()).await?
         }
-        None => Config::infer().await.context("no Kubernetes configuration (in-cluster or $KUBECONFIG)")?,
+        None => Config::infer().await.context("no Kubernetes configuration (in-cluster or $KUBECONFIG; or use --config-dir)")?,
     };
-    let client = Client::try_from(config)?;
-    let source = match (&args.ca_cert, &args.ca_key) {
-        (Some(cert), Some(key)) => ca::RootSource::Supplied {
-            cert_pem: std::fs::read_to_string(cert).with_context(|| format!("--ca-cert {}", cert.display()))?,
-            key_pem: std::fs::read_to_string(key).with_context(|| format!("--ca-key {}", key.display()))?,
-        },
-        _ => ca::RootSource::Secret,
+    Ok(Client::try_from(config)?)
+}
+
+/// Prints every finding; `Ok(false)` when one is an error.
+async fn run_analyze(input: Input) -> Result<bool> {
+    let state: ClusterState = match &input.config_dir {
+        Some(dir) => ClusterState::from_dir(dir)?,
+        None => sources::kubernetes(client(input.kubeconfig.as_ref()).await?).await?.borrow().clone(),
     };
-    let authority = ca::load(&client, &args.namespace, &args.trust_domain, source).await?;
-    let service = Arc::new(ca::server::CaService {
-        ca: authority,
-        authorizer: ca::authorize::Authorizer {
-            client,
-            agent_namespace: args.namespace.clone(),
-            agent_service_account: args.agent_service_account,
-            trust_domain: args.trust_domain.clone(),
-        },
-        lifetime: Duration::from_secs(args.certificate_lifetime_seconds),
-    });
-    let listener = tokio::net::TcpListener::bind(args.ca_listen).await.with_context(|| format!("--ca-listen {}", args.ca_listen))?;
+    let findings = analyze::analyze(&state);
+    if findings.is_empty() {
+        println!("\u{2714} No validation issues found.");
+    }
+    for finding in &findings {
+        println!("{finding}");
+    }
+    Ok(!findings.iter().any(|f| f.level == analyze::Level::Error))
+}
+
+async fn run(args: RunArgs) -> Result<()> {
+    let read = |path: &PathBuf, flag: &str| std::fs::read_to_string(path).with_context(|| format!("{flag} {}", path.display()));
+    let supplied = match (&args.ca_cert, &args.ca_key) {
+        (Some(cert), Some(key)) => Some((read(cert, "--ca-cert")?, read(key, "--ca-key")?)),
+        _ => None,
+    };
+    let (verdicts_tx, verdicts_rx) = tokio::sync::watch::channel(Vec::new());
+    let (authority, states) = match &args.input.config_dir {
+        Some(dir) => {
+            let Some((cert_pem, key_pem)) = supplied else { bail!("--config-dir: needs --ca-cert and --ca-key (the mesh's root)") };
+            let authority = CertificateAuthority::from_pem(&args.trust_domain, &cert_pem, &key_pem).context("--ca-cert/--ca-key")?;
+            (authority, sources::directory(dir.clone())?)
+        }
+        None => {
+            let client = client(args.input.kubeconfig.as_ref()).await?;
+            let source = match supplied {
+                Some((cert_pem, key_pem)) => ca::RootSource::Supplied { cert_pem, key_pem },
+                None => ca::RootSource::Secret,
+            };
+            let authority = ca::load(&client, &args.namespace, &args.trust_domain, source).await?;
+            let states = sources::kubernetes(client.clone()).await?;
+            tokio::spawn(status::run(client.clone(), verdicts_rx));
+            // The CA service gets its own copy of the root.
+            let ca_copy = CertificateAuthority::from_pem(&args.trust_domain, authority.root_pem(), &authority.key_pem())?;
+            let service = Arc::new(ca::server::CaService {
+                ca: ca_copy,
+                authorizer: ca::authorize::Authorizer {
+                    client,
+                    agent_namespace: args.namespace.clone(),
+                    agent_service_account: args.agent_service_account.clone(),
+                    trust_domain: args.trust_domain.clone(),
+                },
+                lifetime: Duration::from_secs(args.certificate_lifetime_seconds),
+            });
+            let listener =
+                tokio::net::TcpListener::bind(args.ca_listen).await.with_context(|| format!("--ca-listen {}", args.ca_listen))?;
+            let identity = ca::server::controller_identity(&args.trust_domain, &args.namespace);
+            tokio::spawn(async move {
+                if let Err(e) = ca::server::serve(listener, service, identity).await {
+                    tracing::error!("CA service: {e:#}");
+                }
+            });
+            (authority, states)
+        }
+    };
+    let snapshots = pipeline::run(states, verdicts_tx);
+
     let identity = ca::server::controller_identity(&args.trust_domain, &args.namespace);
-    ca::server::serve(listener, service, identity).await
+    let serving = authority.issue(&identity, Duration::from_secs(365 * 24 * 3600), std::time::SystemTime::now())?;
+    let bundle = warren_identity::tls::TrustBundle::from_pem(&args.trust_domain, authority.root_pem())?;
+    let tls = warren_identity::tls::server_config(&serving, serving.key_pem.as_deref().expect("generated key"), &bundle)?;
+    let listener =
+        tokio::net::TcpListener::bind(args.push_listen).await.with_context(|| format!("--push-listen {}", args.push_listen))?;
+    let service = Arc::new(push::PushService {
+        snapshots,
+        agent_identity: Identity::new(&args.trust_domain, &args.namespace, &args.agent_service_account),
+        agents: Arc::default(),
+    });
+    push::serve(listener, Arc::new(tls), service).await
 }

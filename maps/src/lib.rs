@@ -27,6 +27,95 @@ pub mod names {
     pub const LOCAL_SOCKETS: &str = "LOCAL_SOCKETS";
     /// Index 0: the agent's [`Settings`](super::Settings).
     pub const SETTINGS: &str = "SETTINGS";
+    /// [`ServiceKey`](super::ServiceKey) (a service VIP and port) → [`ServiceRoute`](super::ServiceRoute):
+    /// the L4 route the controller pushed for it.
+    pub const SERVICE_ROUTES: &str = "SERVICE_ROUTES";
+    /// [`PolicyKey`](super::PolicyKey) (an enrolled pod's address, port or 0 for all) →
+    /// [`PolicyVerdict`](super::PolicyVerdict): connections AuthorizationPolicy refuses outright.
+    pub const L4_POLICY: &str = "L4_POLICY";
+}
+
+/// Capacity of [`names::SERVICE_ROUTES`] (VIP:port pairs).
+pub const MAX_SERVICE_ROUTES: u32 = 65536;
+/// Capacity of [`names::L4_POLICY`].
+pub const MAX_L4_POLICY: u32 = 16384;
+/// Weighted destinations one L4 route can hold.
+pub const MAX_ROUTE_DESTINATIONS: usize = 8;
+
+/// Key of [`names::SERVICE_ROUTES`].
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct ServiceKey {
+    pub ip: [u32; 4],
+    pub port: u16,
+    pub family: u16,
+}
+
+/// One weighted destination of a [`ServiceRoute`]: a service (or one of its subsets) by id. Ids are
+/// FNV-1a hashes of `namespace/name` and `namespace/name/subset`, so every agent computes the same.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct RouteDestination {
+    pub service_id: u32,
+    /// 0: every endpoint of the service.
+    pub subset_id: u32,
+    pub port: u16,
+    pub _pad: u16,
+    /// Percent.
+    pub weight: u32,
+}
+
+/// Value of [`names::SERVICE_ROUTES`].
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct ServiceRoute {
+    pub service_id: u32,
+    /// `ROUTE_*` bits.
+    pub flags: u32,
+    pub destination_count: u32,
+    pub _pad: u32,
+    pub destinations: [RouteDestination; MAX_ROUTE_DESTINATIONS],
+}
+
+/// A VirtualService routes this service (else: the service's own endpoints, weight 100).
+pub const ROUTE_FROM_VIRTUAL_SERVICE: u32 = 1;
+/// HTTP rules with match conditions exist (the L7 proxy decides per request).
+pub const ROUTE_HAS_HTTP_MATCHES: u32 = 2;
+/// HTTP fault injection is configured for this service.
+pub const ROUTE_HAS_FAULT: u32 = 4;
+
+/// Key of [`names::L4_POLICY`].
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct PolicyKey {
+    pub ip: [u32; 4],
+    /// 0: every port.
+    pub port: u16,
+    pub family: u16,
+}
+
+/// Value of [`names::L4_POLICY`].
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct PolicyVerdict {
+    /// `VERDICT_*`.
+    pub verdict: u32,
+    pub _pad: u32,
+}
+
+/// Refuse the connection (no rule of any policy could allow it).
+pub const VERDICT_DENY: u32 = 1;
+
+/// FNV-1a (32 bit): stable ids for service and subset names.
+pub const fn name_id(name: &[u8]) -> u32 {
+    let mut hash: u32 = 0x811c_9dc5;
+    let mut i = 0;
+    while i < name.len() {
+        hash ^= name[i] as u32;
+        hash = hash.wrapping_mul(0x0100_0193);
+        i += 1;
+    }
+    hash
 }
 
 /// Where pinned links live, below the pin directory.
@@ -134,10 +223,12 @@ pub enum Counter {
     AcceleratedSocket = 7,
     /// sk_msg handed a message straight to the peer socket.
     SkMsgRedirected = 8,
+    /// sk_lookup refused an inbound connection that L4 policy denies.
+    InboundDenied = 9,
 }
 
 impl Counter {
-    pub const ALL: [Counter; 9] = [
+    pub const ALL: [Counter; 10] = [
         Counter::Connect4,
         Counter::Connect4Redirected,
         Counter::OriginalDstRecorded,
@@ -147,6 +238,7 @@ impl Counter {
         Counter::InboundCaptured,
         Counter::AcceleratedSocket,
         Counter::SkMsgRedirected,
+        Counter::InboundDenied,
     ];
     pub const fn name(self) -> &'static str {
         match self {
@@ -159,6 +251,7 @@ impl Counter {
             Counter::InboundCaptured => "inbound_captured",
             Counter::AcceleratedSocket => "accelerated_socket",
             Counter::SkMsgRedirected => "sk_msg_redirected",
+            Counter::InboundDenied => "inbound_denied",
         }
     }
 }
@@ -177,6 +270,30 @@ mod user {
     unsafe impl aya::Pod for Settings {}
     unsafe impl aya::Pod for ListenerKey {}
     unsafe impl aya::Pod for SocketKey {}
+    unsafe impl aya::Pod for ServiceKey {}
+    unsafe impl aya::Pod for ServiceRoute {}
+    unsafe impl aya::Pod for PolicyKey {}
+    unsafe impl aya::Pod for PolicyVerdict {}
+
+    impl ServiceKey {
+        pub fn new(addr: SocketAddr) -> Self {
+            let (ip, family) = ip_to_words(addr.ip());
+            ServiceKey { ip, port: addr.port(), family }
+        }
+        pub fn socket_addr(&self) -> Option<SocketAddr> {
+            words_to_ip(self.ip, self.family).map(|ip| SocketAddr::new(ip, self.port))
+        }
+    }
+
+    impl PolicyKey {
+        pub fn new(ip: IpAddr, port: u16) -> Self {
+            let (ip, family) = ip_to_words(ip);
+            PolicyKey { ip, port, family }
+        }
+        pub fn ip_addr(&self) -> Option<IpAddr> {
+            words_to_ip(self.ip, self.family)
+        }
+    }
 
     impl ListenerKey {
         pub fn new(ip: IpAddr) -> Self {
@@ -240,6 +357,11 @@ mod user {
             assert_eq!(core::mem::size_of::<Settings>(), 8);
             assert_eq!(core::mem::size_of::<ListenerKey>(), 20);
             assert_eq!(core::mem::size_of::<SocketKey>(), 48);
+            assert_eq!(core::mem::size_of::<ServiceKey>(), 20);
+            assert_eq!(core::mem::size_of::<RouteDestination>(), 16);
+            assert_eq!(core::mem::size_of::<ServiceRoute>(), 16 + 16 * MAX_ROUTE_DESTINATIONS);
+            assert_eq!(core::mem::size_of::<PolicyKey>(), 20);
+            assert_eq!(core::mem::size_of::<PolicyVerdict>(), 8);
         }
 
         #[test]

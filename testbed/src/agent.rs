@@ -35,6 +35,8 @@ pub struct AgentOptions {
     pub certificate_lifetime_seconds: Option<u64>,
     /// The agent config's `identity` section verbatim (e.g. a controller CA), instead of `mtls`.
     pub identity: Option<serde_json::Value>,
+    /// Take everything from warren-controller's push at this `host:port` (needs `mtls` or `identity`).
+    pub controller: Option<String>,
 }
 
 impl Default for AgentOptions {
@@ -50,6 +52,7 @@ impl Default for AgentOptions {
             mtls: false,
             certificate_lifetime_seconds: None,
             identity: None,
+            controller: None,
         }
     }
 }
@@ -94,6 +97,10 @@ impl Agent {
         if let Some(kubeconfig) = &options.kubeconfig {
             config["workloadsFile"] = serde_json::Value::Null;
             config["kubernetes"] = serde_json::json!({ "kubeconfig": kubeconfig });
+        }
+        if let Some(address) = &options.controller {
+            config["workloadsFile"] = serde_json::Value::Null;
+            config["controller"] = serde_json::json!({ "address": address });
         }
         let config_path = dir.join("agent.yaml");
         std::fs::write(&config_path, serde_yaml::to_string(&config)?)?;
@@ -173,6 +180,26 @@ impl Agent {
     pub fn kill(&self) {
         self.process.signal(libc::SIGKILL);
         let _ = self.process.wait_exit(Duration::from_secs(5));
+    }
+
+    /// The pushed tables the agent holds (/config), parsed.
+    pub fn config(&self) -> Result<serde_json::Value> {
+        Ok(serde_json::from_str(&self.get("/config")?)?)
+    }
+
+    /// Waits until the agent holds pushed tables that satisfy `done`; returns them.
+    pub fn wait_config(&self, timeout: Duration, done: impl Fn(&serde_json::Value) -> bool) -> Result<serde_json::Value> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            let config = self.config()?;
+            if done(&config) {
+                return Ok(config);
+            }
+            if Instant::now() > deadline {
+                bail!("agent config not as expected after {timeout:?}: {config:#}\n{}", tail(&self.log(), 20));
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
     }
 
     /// The pods the agent reports (/workloads), parsed.

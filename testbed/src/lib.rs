@@ -29,6 +29,7 @@
 mod agent;
 mod bins;
 mod capture;
+mod controller;
 mod net;
 mod privileges;
 mod process;
@@ -36,6 +37,7 @@ mod process;
 pub use agent::{Agent, AgentOptions};
 pub use bins::bin_path;
 pub use capture::{Capture, testapp_payload};
+pub use controller::{Controller, ControllerOptions};
 pub use net::in_netns;
 pub use privileges::{check_privileges, in_ci};
 pub use process::{Attempt, ConnectLoop, Process, SendResult, now_ms};
@@ -243,6 +245,11 @@ impl Testbed {
         self.inner.peer_authentications.lock().unwrap().push(object);
         let pods = self.inner.pods.lock().unwrap();
         write_workloads(&self.inner, &pods)
+    }
+
+    /// Starts warren-controller in the host's netns with the testbed's CA; waits until it serves pushes.
+    pub fn start_controller(&self, options: ControllerOptions) -> Result<Controller> {
+        Controller::start(self, options)
     }
 
     /// Starts capturing every frame between the nodes.

@@ -28,14 +28,18 @@ pub struct Process {
 impl Process {
     pub(crate) fn spawn(bed: &Arc<Inner>, mut command: Command, netns: &str, cgroup: Option<&Path>) -> Result<Process> {
         // Open everything before fork: between fork and exec only setns() and write() run.
-        let netns_file = File::open(Path::new("/run/netns").join(netns)).with_context(|| format!("netns {netns}"))?;
+        // An empty name: the test process's own (host) netns.
+        let netns_file = match netns {
+            "" => None,
+            name => Some(File::open(Path::new("/run/netns").join(name)).with_context(|| format!("netns {name}"))?),
+        };
         let procs = match cgroup {
             Some(dir) => Some(
                 OpenOptions::new().write(true).open(dir.join("cgroup.procs")).with_context(|| format!("cgroup {}", dir.display()))?,
             ),
             None => None,
         };
-        let (ns_fd, procs_fd) = (netns_file.as_raw_fd(), procs.as_ref().map(|f| f.as_raw_fd()));
+        let (ns_fd, procs_fd) = (netns_file.as_ref().map(|f| f.as_raw_fd()), procs.as_ref().map(|f| f.as_raw_fd()));
         unsafe {
             command.pre_exec(move || {
                 if let Some(fd) = procs_fd {
@@ -44,7 +48,9 @@ impl Process {
                         return Err(std::io::Error::last_os_error());
                     }
                 }
-                if libc::setns(ns_fd, libc::CLONE_NEWNET) != 0 {
+                if let Some(ns_fd) = ns_fd
+                    && libc::setns(ns_fd, libc::CLONE_NEWNET) != 0
+                {
                     return Err(std::io::Error::last_os_error());
                 }
                 Ok(())

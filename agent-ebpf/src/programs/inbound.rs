@@ -2,16 +2,18 @@
 //! arriving for the pod's addresses to the agent's inbound listener there (no iptables). The agent
 //! recovers the original destination with getsockname() on the accepted socket.
 use aya_ebpf::{macros::sk_lookup, programs::SkLookupContext};
-use warren_maps::{Counter, ListenerKey};
+use warren_maps::{Counter, ListenerKey, PolicyKey, VERDICT_DENY};
 
 use core::ptr::read_volatile;
 
-use super::{AF_INET, AF_INET6, INBOUND_LISTENERS, count, read_ip6, settings};
+use super::{AF_INET, AF_INET6, INBOUND_LISTENERS, L4_POLICY, count, read_ip6, settings};
 
 const IPPROTO_TCP: u32 = 6;
 /// The loopback device is ifindex 1 in every network namespace.
 const LOOPBACK_IFINDEX: u32 = 1;
 const SK_PASS: u32 = 1;
+/// The lookup fails: TCP answers the SYN with a reset (the client sees "connection refused").
+const SK_DROP: u32 = 0;
 
 #[sk_lookup]
 pub fn capture_inbound(ctx: SkLookupContext) -> u32 {
@@ -44,6 +46,14 @@ pub fn capture_inbound(ctx: SkLookupContext) -> u32 {
     // the kernel reports the address's device as ingress_ifindex, so that check alone is not enough.)
     if local == remote {
         return SK_PASS;
+    }
+    let denied = |port: u16| {
+        let key = PolicyKey { ip: local, port, family: family as u16 };
+        unsafe { L4_POLICY.get(&key) }.is_some_and(|v| v.verdict == VERDICT_DENY)
+    };
+    if denied(port) || denied(0) {
+        count(Counter::InboundDenied);
+        return SK_DROP;
     }
     let key = ListenerKey { ip: local, family: family as u16, _pad: 0 };
     if INBOUND_LISTENERS.redirect_sk_lookup(&ctx, key, 0).is_ok() {

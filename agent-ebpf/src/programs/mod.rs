@@ -8,7 +8,8 @@ use aya_ebpf::{
     maps::{Array, HashMap, LruHashMap, PerCpuArray, SockHash},
 };
 use warren_maps::{
-    ConnectionKey, Counter, EnrolledCgroup, ListenerKey, NUM_COUNTERS, OriginalDst, Settings, SocketKey,
+    ConnectionKey, Counter, EnrolledCgroup, ListenerKey, MAX_L4_POLICY, MAX_SERVICE_ROUTES, NUM_COUNTERS, OriginalDst,
+    PolicyKey, PolicyVerdict, ServiceKey, ServiceRoute, Settings, SocketKey,
 };
 
 pub(crate) const AF_INET: u32 = warren_maps::AF_INET as u32;
@@ -34,6 +35,15 @@ pub(crate) static LOCAL_SOCKETS: SockHash<SocketKey> = SockHash::pinned(131072, 
 
 #[map(name = "SETTINGS")]
 pub(crate) static SETTINGS: Array<Settings> = Array::pinned(1, 0);
+
+/// Written by the agent from the controller's push. (connect4/6 do not translate VIPs: enrolled pods'
+/// connections all go to the agent, which picks the endpoint by this route.)
+#[map(name = "SERVICE_ROUTES")]
+pub(crate) static SERVICE_ROUTES: HashMap<ServiceKey, ServiceRoute> = HashMap::pinned(MAX_SERVICE_ROUTES, 0);
+
+/// Consulted by sk_lookup before capture: denied connections are refused in the kernel.
+#[map(name = "L4_POLICY")]
+pub(crate) static L4_POLICY: HashMap<PolicyKey, PolicyVerdict> = HashMap::pinned(MAX_L4_POLICY, 0);
 
 #[map(name = "COUNTERS")]
 pub(crate) static COUNTERS: PerCpuArray<u64> = PerCpuArray::pinned(NUM_COUNTERS, 0);

@@ -27,7 +27,10 @@ use aya::{
         links::{FdLink, PinnedLink},
     },
 };
-use warren_maps::{ConnectionKey, Counter, EnrolledCgroup, ListenerKey, OriginalDst, Settings, names};
+use warren_maps::{
+    ConnectionKey, Counter, EnrolledCgroup, ListenerKey, OriginalDst, PolicyKey, PolicyVerdict, ServiceKey, ServiceRoute,
+    Settings, names,
+};
 
 use crate::config::EbpfLogLevel;
 
@@ -44,6 +47,8 @@ pub struct Datapath {
     _settings: Array<MapData, Settings>,
     original_dst: OriginalDstLookup,
     counters: EbpfCounters,
+    service_routes: HashMap<MapData, ServiceKey, ServiceRoute>,
+    l4_policy: HashMap<MapData, PolicyKey, PolicyVerdict>,
     pub pin_dir: PathBuf,
     pub attach_cgroup: PathBuf,
 }
@@ -99,8 +104,10 @@ impl Datapath {
         // Keep the attachment when this agent exits, like the pinned links.
         std::mem::forget(sk_msg.take_link(id)?);
 
+        let l4_policy = HashMap::try_from(take_map(&mut ebpf, names::L4_POLICY)?)?;
         let sk_lookup: &mut SkLookup = program(&mut ebpf, "capture_inbound")?.try_into()?;
         sk_lookup.load().context("verifying capture_inbound (sk_lookup)")?;
+        let service_routes = HashMap::try_from(take_map(&mut ebpf, names::SERVICE_ROUTES)?)?;
 
         let enrolled = HashMap::try_from(take_map(&mut ebpf, names::ENROLLED_CGROUPS)?)?;
         let inbound_listeners = SockHash::try_from(take_map(&mut ebpf, names::INBOUND_LISTENERS)?)?;
@@ -119,6 +126,8 @@ impl Datapath {
             _settings: settings_map,
             original_dst,
             counters,
+            service_routes,
+            l4_policy,
             pin_dir: pin_dir.to_path_buf(),
             attach_cgroup: attach_cgroup.to_path_buf(),
         })
@@ -184,6 +193,16 @@ impl Datapath {
         links_dir(&self.pin_dir).join("pods").join(uid)
     }
 
+    /// Makes SERVICE_ROUTES hold exactly `want`; returns (written, removed).
+    pub fn sync_service_routes(&mut self, want: &std::collections::BTreeMap<ServiceKey, ServiceRoute>) -> Result<(usize, usize)> {
+        sync_map(&mut self.service_routes, want).context("writing SERVICE_ROUTES")
+    }
+
+    /// Makes L4_POLICY hold exactly `want`; returns (written, removed).
+    pub fn sync_l4_policy(&mut self, want: &std::collections::BTreeMap<PolicyKey, PolicyVerdict>) -> Result<(usize, usize)> {
+        sync_map(&mut self.l4_policy, want).context("writing L4_POLICY")
+    }
+
     /// A shareable handle for the proxy's per-connection lookups.
     pub fn original_dst_lookup(&self) -> OriginalDstLookup {
         self.original_dst.clone()
@@ -192,6 +211,30 @@ impl Datapath {
     pub fn counters(&self) -> EbpfCounters {
         self.counters.clone()
     }
+}
+
+/// Writes the entries of `want` that differ from the map, then removes what `want` lacks: a reader never
+/// sees a key missing that is present before and after.
+fn sync_map<K, V>(map: &mut HashMap<MapData, K, V>, want: &std::collections::BTreeMap<K, V>) -> Result<(usize, usize)>
+where
+    K: aya::Pod + Ord,
+    V: aya::Pod + PartialEq,
+{
+    let mut written = 0;
+    for (key, value) in want {
+        if map.get(key, 0).ok().as_ref() != Some(value) {
+            map.insert(key, value, 0)?;
+            written += 1;
+        }
+    }
+    let stale: Vec<K> = map.keys().filter_map(Result::ok).filter(|k| !want.contains_key(k)).collect();
+    for key in &stale {
+        match map.remove(key) {
+            Ok(()) | Err(aya::maps::MapError::KeyNotFound) => {}
+            Err(e) => return Err(e.into()),
+        }
+    }
+    Ok((written, stale.len()))
 }
 
 fn links_dir(pin_dir: &Path) -> PathBuf {

@@ -1,4 +1,5 @@
-//! `inspect connections` and `inspect workloads`: read from the running agent's admin endpoint.
+//! `inspect connections|workloads|certs|services|routes|faults|policies`: read from the running agent's
+//! admin endpoint.
 use std::{
     io::{Read, Write},
     net::{SocketAddr, TcpStream},
@@ -110,4 +111,125 @@ pub fn certificates(admin: SocketAddr, output: Output) -> Result<String> {
         })
         .collect();
     Ok(table(&["IDENTITY", "SERIAL", "NOT BEFORE", "NOT AFTER", "ROTATES IN", "CHAIN"], &rows))
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ConfigView {
+    Services,
+    Routes,
+    Faults,
+    Policies,
+}
+
+fn join(v: &Value) -> String {
+    match v.as_array() {
+        Some(items) if !items.is_empty() => items.iter().map(text).collect::<Vec<_>>().join(","),
+        _ => "-".into(),
+    }
+}
+
+fn destinations(v: &Value) -> String {
+    v.as_array()
+        .into_iter()
+        .flatten()
+        .map(|d| {
+            let subset = d["subset"].as_str().map(|s| format!("/{s}")).unwrap_or_default();
+            format!("{}{subset}:{}%", text(&d["service"]), text(&d["weight"]))
+        })
+        .collect::<Vec<_>>()
+        .join(" ")
+}
+
+/// The pushed tables, one view at a time; the header line says which version and whether the stream is up.
+pub fn config(admin: SocketAddr, what: ConfigView, output: Output) -> Result<String> {
+    let view = fetch(admin, "/config")?;
+    let key = match what {
+        ConfigView::Services => "services",
+        ConfigView::Routes => "routes",
+        ConfigView::Faults => "faults",
+        ConfigView::Policies => "policies",
+    };
+    if output == Output::Json {
+        let mut selected = serde_json::json!({"version": view["version"], "push": view["push"], key: view[key]});
+        if what == ConfigView::Policies {
+            selected["l4Deny"] = view["l4Deny"].clone();
+        }
+        return Ok(serde_json::to_string_pretty(&selected)? + "\n");
+    }
+    let push = &view["push"];
+    let mut out = if push.is_null() {
+        format!("version {} (no controller configured)\n", text(&view["version"]))
+    } else {
+        let state = if push["connected"] == Value::Bool(true) { "connected" } else { "disconnected, serving the last version" };
+        let nack = push["lastNack"].as_str().map(|n| format!("; last NACK: {n}")).unwrap_or_default();
+        format!("version {} from {} ({state}){nack}\n", text(&view["version"]), text(&push["controller"]))
+    };
+    let items = view[key].as_array().cloned().unwrap_or_default();
+    let rows: Vec<Vec<String>> = match what {
+        ConfigView::Services => items
+            .iter()
+            .flat_map(|s| {
+                let routes = s["l4Routes"].as_array().cloned().unwrap_or_default();
+                let base = vec![text(&s["name"]), join(&s["vips"]), text(&s["endpoints"]), join(&s["subsets"])];
+                let origin = text(&s["origin"]);
+                if routes.is_empty() {
+                    return vec![[base, vec!["-".into(), "-".into(), origin]].concat()];
+                }
+                routes
+                    .iter()
+                    .map(|r| {
+                        let route_origin = r["origin"].as_str().map(String::from).unwrap_or_else(|| origin.clone());
+                        [base.clone(), vec![text(&r["vip"]), destinations(&r["destinations"]), route_origin]].concat()
+                    })
+                    .collect()
+            })
+            .collect(),
+        ConfigView::Routes => items
+            .iter()
+            .flat_map(|r| {
+                let rules = r["http"].as_array().cloned().unwrap_or_default().into_iter().enumerate().map(|(i, h)| {
+                    let matched = if h["matches"].as_array().is_some_and(|m| !m.is_empty()) { h["matches"].to_string() } else { "*".into() };
+                    (format!("http[{i}]"), matched, destinations(&h["destinations"]))
+                });
+                let tcp = r["tcp"].as_array().cloned().unwrap_or_default().into_iter().enumerate().map(|(i, t)| {
+                    (format!("tcp[{i}]"), t["port"].as_u64().map(|p| format!("port {p}")).unwrap_or("*".into()), destinations(&t["destinations"]))
+                });
+                rules
+                    .chain(tcp)
+                    .map(|(rule, matched, to)| vec![join(&r["hosts"]), rule, matched, to, text(&r["origin"])])
+                    .collect::<Vec<_>>()
+            })
+            .collect(),
+        ConfigView::Faults => items
+            .iter()
+            .map(|f| {
+                let fault = &f["fault"];
+                let delay = fault["delayMs"].as_u64().map(|ms| format!("{ms}ms @{}%", text(&fault["delayPercent"]))).unwrap_or("-".into());
+                let abort = fault["abortHttpStatus"].as_u64().map(|s| format!("{s} @{}%", text(&fault["abortPercent"]))).unwrap_or("-".into());
+                vec![join(&f["services"]), text(&f["rule"]), delay, abort, f["matches"].to_string(), text(&f["origin"])]
+            })
+            .collect(),
+        ConfigView::Policies => items
+            .iter()
+            .map(|p| {
+                let rules = match p["rules"].as_array() {
+                    None => "(none)".to_string(),
+                    Some(r) => format!("{} rules", r.len()),
+                };
+                vec![text(&p["origin"]), text(&p["action"]), p["selector"].to_string(), rules, join(&p["appliesToLocal"])]
+            })
+            .collect(),
+    };
+    out += &match what {
+        ConfigView::Services => table(&["SERVICE", "VIPS", "ENDPOINTS", "SUBSETS", "VIP:PORT", "L4 ROUTE", "FROM"], &rows),
+        ConfigView::Routes => table(&["HOSTS", "RULE", "MATCH", "DESTINATIONS", "FROM"], &rows),
+        ConfigView::Faults => table(&["SERVICES", "RULE", "DELAY", "ABORT", "MATCH", "FROM"], &rows),
+        ConfigView::Policies => table(&["POLICY", "ACTION", "SELECTOR", "RULES", "LOCAL WORKLOADS"], &rows),
+    };
+    if what == ConfigView::Policies {
+        let denied: Vec<String> =
+            view["l4Deny"].as_array().into_iter().flatten().map(|d| format!("{}:{}", text(&d["ip"]), text(&d["port"]))).collect();
+        out += &format!("refused in the kernel (L4_POLICY): {}\n", if denied.is_empty() { "-".into() } else { denied.join(" ") });
+    }
+    Ok(out)
 }

@@ -91,6 +91,12 @@ pub async fn serve_hbone(
                         tunnel.refuse(StatusCode::BAD_REQUEST);
                         return;
                     }
+                    if shared.inbound_denied(&destination) {
+                        shared.metrics.policy_refused.inc();
+                        warn!(pod = %pod, peer = %peer, %destination, "HBONE CONNECT refused: AuthorizationPolicy");
+                        tunnel.refuse(StatusCode::FORBIDDEN);
+                        return;
+                    }
                     let upstream = match connect_from(&netns, destination).await {
                         Ok(upstream) => upstream,
                         Err(e) => {

@@ -34,7 +34,7 @@ use crate::{
     ebpf::OriginalDstLookup,
     inpod::Netns,
     metrics::{DirectionLabels, Metrics},
-    state::MeshIndex,
+    state::{MeshIndex, MeshTables},
 };
 
 /// What every listener task shares.
@@ -45,8 +45,20 @@ pub struct ProxyShared {
     pub connections: ConnectionTable,
     /// Every enrolled workload by IP: destinations that take HBONE.
     pub mesh: Arc<RwLock<MeshIndex>>,
+    /// The controller's tables (services, routes, policies); empty without a controller.
+    pub tables: Arc<RwLock<Arc<MeshTables>>>,
     /// HBONE connections; `None` when the agent has no identity configuration (plain L4 only).
     pub hbone: Option<Arc<Pool>>,
+}
+
+impl ProxyShared {
+    /// AuthorizationPolicy refuses every connection to `destination`: the verdict L4_POLICY gives the
+    /// kernel for plaintext, applied here to HBONE (which sk_lookup does not see).
+    pub fn inbound_denied(&self, destination: &SocketAddr) -> bool {
+        let mesh = self.mesh.read().unwrap();
+        let Some(pod) = mesh.enrolled(&destination.ip()) else { return false };
+        self.tables.read().unwrap().inbound_denied(pod, destination.port())
+    }
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]

@@ -9,7 +9,7 @@ use warren_identity::Identity;
 use warren_maps::ConnectionKey;
 
 use super::{Direction, ProxyShared, Record, connect_from, forward};
-use crate::inpod::Netns;
+use crate::{inpod::Netns, state::pick_weighted};
 
 pub async fn serve(
     listener: TcpListener,
@@ -34,6 +34,17 @@ pub async fn serve(
             shared.metrics.original_dst_missing.inc();
             warn!(pod = %pod, client = %peer, "no original destination recorded; closing");
             continue;
+        };
+        // A service address goes to one of its endpoints, by the route the controller pushed.
+        let original = match resolve_service(&shared, original) {
+            Ok(target) => target,
+            Err(e) => {
+                shared.metrics.no_endpoint.inc();
+                warn!(pod = %pod, client = %peer, destination = %original, "{e}; closing");
+                #[allow(deprecated)]
+                let _ = client.set_linger(Some(std::time::Duration::ZERO));
+                continue;
+            }
         };
         let hbone = shared.hbone.clone().zip(source.clone()).and_then(|(pool, source)| {
             let mesh = shared.mesh.read().unwrap();
@@ -63,6 +74,38 @@ pub async fn serve(
             }
         }
     }
+}
+
+/// `destination` itself unless it is a service VIP:port; then an endpoint picked by the L4 route's weights
+/// (spread over the chosen service or subset's endpoints).
+fn resolve_service(shared: &ProxyShared, destination: SocketAddr) -> Result<SocketAddr, String> {
+    let tables = shared.tables.read().unwrap().clone();
+    let Some(route) = tables.l4_route(&destination) else { return Ok(destination) };
+    let roll = random();
+    let chosen = pick_weighted(&route.destinations, (roll % 100) as u32)
+        .ok_or_else(|| format!("service {} has no route destination", route.service))?;
+    let service = tables
+        .service(&chosen.service)
+        .ok_or_else(|| format!("route destination {} is not a known service", chosen.service))?;
+    let port = chosen.port.unwrap_or(destination.port());
+    let target_port = service.port(port).map(|p| p.target_port).unwrap_or(port);
+    let ip = tables.endpoint_ip(&chosen.service, chosen.subset.as_deref(), (roll / 100) as usize).ok_or_else(|| {
+        let subset = chosen.subset.as_deref().map(|s| format!(" subset {s}")).unwrap_or_default();
+        format!("service {}{subset} has no endpoints", chosen.service)
+    })?;
+    Ok(SocketAddr::new(ip, target_port))
+}
+
+/// A cheap random number (std's per-process random hash keys, mixed with a counter).
+fn random() -> u64 {
+    use std::hash::{BuildHasher, Hasher};
+    static COUNTER: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+    thread_local!(static KEYS: std::collections::hash_map::RandomState = std::collections::hash_map::RandomState::new());
+    KEYS.with(|keys| {
+        let mut hasher = keys.build_hasher();
+        hasher.write_u64(COUNTER.fetch_add(1, std::sync::atomic::Ordering::Relaxed));
+        hasher.finish()
+    })
 }
 
 fn original_dst(shared: &ProxyShared, netns_cookie: u64, peer: SocketAddr) -> Option<SocketAddr> {

@@ -1,0 +1,369 @@
+//! ClusterState → the tables agents hold. Hosts are resolved the way Istio does (a short name is in the
+//! object's namespace: `reviews` in `bookinfo` is `reviews.bookinfo.svc.cluster.local`); endpoints of a
+//! Service with a selector come from the pods it selects, with their DestinationRule subsets.
+use std::{
+    collections::{BTreeMap, HashMap},
+    net::IpAddr,
+    sync::Arc,
+};
+
+use k8s_openapi::{api::core::v1 as core, apimachinery::pkg::util::intstr::IntOrString};
+use kube::ResourceExt;
+
+use crate::{
+    cluster::ClusterState,
+    istio::{AuthorizationPolicy, Destination, VirtualService},
+    tables::{
+        Action, Endpoint, Fault, HttpRule, Origin, Policy, Resource, Retries, Route, Service, ServicePort, Tables,
+        TcpRule, WeightedDestination,
+    },
+    validate::{duration_ms, fault_percent},
+    workloads::{Pod, is_enrolled},
+};
+
+pub const CLUSTER_DOMAIN: &str = "cluster.local";
+
+/// Every resource of the mesh, shared by the per-node views.
+#[derive(Debug, Default)]
+pub struct Compiled {
+    pub resources: BTreeMap<String, Arc<Resource>>,
+}
+
+impl Compiled {
+    /// What `node`'s agent gets: its own pods and every enrolled pod elsewhere (HBONE destinations), and
+    /// all services, routes and policies.
+    pub fn for_node(&self, node: &str) -> BTreeMap<String, Arc<Resource>> {
+        self.resources
+            .iter()
+            .filter(|(_, r)| match r.as_ref() {
+                Resource::Workload(pod) => pod.is_on(node) || self.enrolled(pod),
+                _ => true,
+            })
+            .map(|(k, v)| (k.clone(), v.clone()))
+            .collect()
+    }
+
+    fn enrolled(&self, pod: &Pod) -> bool {
+        let key = format!("namespace//{}", pod.namespace);
+        let labels = match self.resources.get(&key).map(Arc::as_ref) {
+            Some(Resource::Namespace(ns)) => Some(&ns.labels),
+            _ => None,
+        };
+        is_enrolled(pod, labels)
+    }
+
+    pub fn tables_for_node(&self, node: &str) -> Tables {
+        self.for_node(node).into_iter().map(|(k, v)| (k, (*v).clone())).collect()
+    }
+}
+
+/// `host` as written in `namespace` → a fully qualified name.
+pub fn qualify(host: &str, namespace: &str) -> String {
+    match host.split('.').count() {
+        1 => format!("{host}.{namespace}.svc.{CLUSTER_DOMAIN}"),
+        2 => format!("{host}.svc.{CLUSTER_DOMAIN}"),
+        _ => host.to_string(),
+    }
+}
+
+struct SubsetsOf<'a> {
+    origin: Origin,
+    subsets: Vec<(&'a str, &'a BTreeMap<String, String>)>,
+}
+
+pub fn compile(state: &ClusterState) -> Compiled {
+    let mut out = Compiled::default();
+    let mut add = |r: Resource| {
+        out.resources.insert(r.key(), Arc::new(r));
+    };
+    for ns in &state.namespaces {
+        add(Resource::Namespace(ns.clone()));
+    }
+    for pod in &state.pods {
+        add(Resource::Workload(pod.clone()));
+    }
+
+    // DestinationRule subsets by the host they qualify to.
+    let mut subsets: HashMap<String, SubsetsOf> = HashMap::new();
+    for dr in &state.destination_rules {
+        let ns = dr.namespace().unwrap_or_default();
+        subsets.entry(qualify(&dr.spec.host, &ns)).or_insert_with(|| SubsetsOf {
+            origin: Origin::new("DestinationRule", &ns, &dr.name_any(), dr.metadata.generation),
+            subsets: dr.spec.subsets.iter().map(|s| (s.name.as_str(), &s.labels)).collect(),
+        });
+    }
+    let pods_by_namespace: HashMap<&str, Vec<&Pod>> = state.pods.iter().fold(HashMap::new(), |mut m, p| {
+        m.entry(p.namespace.as_str()).or_default().push(p);
+        m
+    });
+    let endpoints_by_service: HashMap<(String, String), &core::Endpoints> =
+        state.endpoints.iter().map(|e| ((e.namespace().unwrap_or_default(), e.name_any()), e)).collect();
+
+    let mut services_by_host: HashMap<String, String> = HashMap::new();
+    for svc in &state.services {
+        let ns = svc.namespace().unwrap_or_default();
+        let name = svc.name_any();
+        let hostname = qualify(&name, &ns);
+        let dr = subsets.get(&hostname);
+        let spec = svc.spec.clone().unwrap_or_default();
+        let mut vips: Vec<IpAddr> =
+            spec.cluster_ips.iter().flatten().chain(spec.cluster_ip.iter()).filter_map(|ip| ip.parse().ok()).collect();
+        vips.dedup();
+        let ports = spec
+            .ports
+            .iter()
+            .flatten()
+            .map(|p| ServicePort {
+                name: p.name.clone().unwrap_or_default(),
+                port: p.port as u16,
+                target_port: match &p.target_port {
+                    Some(IntOrString::Int(n)) => *n as u16,
+                    _ => p.port as u16, // named ports resolve per pod; the service port is the common case
+                },
+                protocol: p.protocol.clone().unwrap_or_else(|| "TCP".into()),
+            })
+            .collect();
+        let subset_names = |labels: &BTreeMap<String, String>| -> Vec<String> {
+            dr.map(|dr| {
+                dr.subsets
+                    .iter()
+                    .filter(|(_, sel)| sel.iter().all(|(k, v)| labels.get(k) == Some(v)))
+                    .map(|(n, _)| n.to_string())
+                    .collect()
+            })
+            .unwrap_or_default()
+        };
+        let endpoints: Vec<Endpoint> = match spec.selector.as_ref().filter(|s| !s.is_empty()) {
+            Some(selector) => pods_by_namespace
+                .get(ns.as_str())
+                .into_iter()
+                .flatten()
+                .filter(|p| selector.iter().all(|(k, v)| p.labels.get(k) == Some(v)))
+                .flat_map(|p| {
+                    p.ips.iter().map(|ip| Endpoint {
+                        ip: *ip,
+                        workload: Some(p.key()),
+                        node: p.node.clone().filter(|n| !n.is_empty()),
+                        subsets: subset_names(&p.labels),
+                        locality: None,
+                    })
+                })
+                .collect(),
+            None => endpoints_by_service
+                .get(&(ns.clone(), name.clone()))
+                .and_then(|e| e.subsets.as_ref())
+                .into_iter()
+                .flatten()
+                .flat_map(|s| s.addresses.iter().flatten())
+                .filter_map(|a| {
+                    Some(Endpoint {
+                        ip: a.ip.parse().ok()?,
+                        workload: a.target_ref.as_ref().and_then(|t| Some(format!("{}/{}", t.namespace.as_ref()?, t.name.as_ref()?))),
+                        node: a.node_name.clone(),
+                        subsets: Vec::new(),
+                        locality: None,
+                    })
+                })
+                .collect(),
+        };
+        services_by_host.insert(hostname.clone(), format!("{ns}/{name}"));
+        add(Resource::Service(Service {
+            namespace: ns.clone(),
+            name: name.clone(),
+            hostname,
+            vips,
+            ports,
+            endpoints,
+            subsets: dr.map(|d| d.subsets.iter().map(|(n, _)| n.to_string()).collect()).unwrap_or_default(),
+            origin: Origin::new("Service", &ns, &name, svc.metadata.generation),
+            subset_origin: dr.map(|d| d.origin.clone()),
+        }));
+    }
+    for se in &state.service_entries {
+        let ns = se.namespace().unwrap_or_default();
+        for host in &se.spec.hosts {
+            let name = if se.spec.hosts.len() == 1 { se.name_any() } else { format!("{}-{host}", se.name_any()) };
+            let dr = subsets.get(host.as_str());
+            services_by_host.insert(host.clone(), format!("{ns}/{name}"));
+            add(Resource::Service(Service {
+                namespace: ns.clone(),
+                name: name.clone(),
+                hostname: host.clone(),
+                vips: se.spec.addresses.iter().filter_map(|a| a.parse().ok()).collect(),
+                ports: se
+                    .spec
+                    .ports
+                    .iter()
+                    .map(|p| ServicePort {
+                        name: p.name.clone(),
+                        port: p.number as u16,
+                        target_port: p.target_port.unwrap_or(p.number) as u16,
+                        protocol: p.protocol.clone(),
+                    })
+                    .collect(),
+                endpoints: se
+                    .spec
+                    .endpoints
+                    .iter()
+                    .filter_map(|e| {
+                        Some(Endpoint {
+                            ip: e.address.parse().ok()?,
+                            workload: None,
+                            node: None,
+                            subsets: dr
+                                .map(|d| {
+                                    d.subsets
+                                        .iter()
+                                        .filter(|(_, sel)| sel.iter().all(|(k, v)| e.labels.get(k) == Some(v)))
+                                        .map(|(n, _)| n.to_string())
+                                        .collect()
+                                })
+                                .unwrap_or_default(),
+                            locality: e.locality.clone(),
+                        })
+                    })
+                    .collect(),
+                subsets: dr.map(|d| d.subsets.iter().map(|(n, _)| n.to_string()).collect()).unwrap_or_default(),
+                origin: Origin::new("ServiceEntry", &ns, &se.name_any(), se.metadata.generation),
+                subset_origin: dr.map(|d| d.origin.clone()),
+            }));
+        }
+    }
+
+    for vs in &state.virtual_services {
+        add(Resource::Route(route(vs, &services_by_host)));
+    }
+    for ap in &state.authorization_policies {
+        add(Resource::Policy(policy(ap)));
+    }
+    for pa in &state.peer_authentications {
+        add(Resource::PeerAuthentication(pa.clone()));
+    }
+    out
+}
+
+fn destination(d: &Destination, weight: Option<i64>, namespace: &str, services: &HashMap<String, String>) -> WeightedDestination {
+    let host = qualify(&d.host, namespace);
+    WeightedDestination {
+        service: services.get(&host).cloned().unwrap_or(host),
+        subset: d.subset.clone(),
+        port: d.port.as_ref().map(|p| p.number as u16),
+        weight: weight.unwrap_or(0).clamp(0, 100) as u32,
+    }
+}
+
+/// A single destination without a weight takes everything.
+fn normalize(mut destinations: Vec<WeightedDestination>) -> Vec<WeightedDestination> {
+    if destinations.len() == 1 {
+        destinations[0].weight = 100;
+    }
+    destinations
+}
+
+fn route(vs: &VirtualService, services: &HashMap<String, String>) -> Route {
+    let ns = vs.namespace().unwrap_or_default();
+    let mesh = vs.spec.gateways.is_empty() || vs.spec.gateways.iter().any(|g| g == "mesh");
+    let resolved: Vec<String> = if mesh {
+        vs.spec.hosts.iter().filter_map(|h| services.get(&qualify(h, &ns)).cloned()).collect()
+    } else {
+        Vec::new()
+    };
+    Route {
+        origin: Origin::new("VirtualService", &ns, &vs.name_any(), vs.metadata.generation),
+        services: resolved,
+        hosts: vs.spec.hosts.clone(),
+        gateways: vs.spec.gateways.clone(),
+        http: vs
+            .spec
+            .http
+            .iter()
+            .map(|h| HttpRule {
+                name: h.name.clone(),
+                matches: h.matches.clone(),
+                destinations: normalize(
+                    h.route.iter().map(|d| destination(&d.destination, d.weight, &ns, services)).collect(),
+                ),
+                timeout_ms: h.timeout.as_deref().and_then(duration_ms),
+                retries: h.retries.as_ref().map(|r| Retries {
+                    attempts: r.attempts.max(0) as u32,
+                    per_try_timeout_ms: r.per_try_timeout.as_deref().and_then(duration_ms),
+                    retry_on: r.retry_on.clone(),
+                }),
+                fault: h.fault.as_ref().map(|f| Fault {
+                    delay_ms: f.delay.as_ref().and_then(|d| d.fixed_delay.as_deref()).and_then(duration_ms),
+                    delay_percent: f.delay.as_ref().map(|d| fault_percent(&d.percentage, d.percent)).unwrap_or(0.0),
+                    abort_http_status: f.abort.as_ref().and_then(|a| a.http_status).map(|s| s as u16),
+                    abort_percent: f.abort.as_ref().map(|a| fault_percent(&a.percentage, a.percent)).unwrap_or(0.0),
+                }),
+            })
+            .collect(),
+        tcp: vs
+            .spec
+            .tcp
+            .iter()
+            .map(|t| TcpRule {
+                port: t.matches.iter().find_map(|m| m.port).map(|p| p as u16),
+                destinations: normalize(
+                    t.route.iter().map(|d| destination(&d.destination, d.weight, &ns, services)).collect(),
+                ),
+            })
+            .collect(),
+    }
+}
+
+fn policy(ap: &AuthorizationPolicy) -> Policy {
+    let ns = ap.namespace().unwrap_or_default();
+    Policy {
+        origin: Origin::new("AuthorizationPolicy", &ns, &ap.name_any(), ap.metadata.generation),
+        selector: ap.spec.selector.as_ref().map(|s| s.match_labels.clone()),
+        action: match ap.spec.action.as_deref() {
+            Some("DENY") => Action::Deny,
+            Some("AUDIT") => Action::Audit,
+            _ => Action::Allow,
+        },
+        rules: ap.spec.rules.clone(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const BASE: &str = "apiVersion: v1\nkind: Namespace\nmetadata: {name: bookinfo, labels: {warren.dev/mesh: enabled}}\n---\n\
+        apiVersion: v1\nkind: Service\nmetadata: {name: reviews, namespace: bookinfo}\n\
+        spec: {clusterIP: 10.96.0.10, selector: {app: reviews}, ports: [{port: 9080, targetPort: 9080}]}\n---\n\
+        apiVersion: v1\nkind: Pod\nmetadata: {name: reviews-v1, namespace: bookinfo, uid: u1, labels: {app: reviews, version: v1}}\n\
+        spec: {containers: [], nodeName: n1}\nstatus: {podIP: 10.244.1.2}\n---\n\
+        apiVersion: v1\nkind: Pod\nmetadata: {name: reviews-v3, namespace: bookinfo, uid: u3, labels: {app: reviews, version: v3}}\n\
+        spec: {containers: [], nodeName: n2}\nstatus: {podIP: 10.244.2.3}\n";
+
+    fn bookinfo(extra: &[&str]) -> ClusterState {
+        let mut state = ClusterState::default();
+        state.add_yaml(BASE).unwrap();
+        let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../../shared/conformance/istio-bookinfo");
+        for file in extra {
+            let text = std::fs::read_to_string(dir.join(file)).unwrap();
+            // The samples have no namespace: they go where the user applies them.
+            state.add_yaml(&text.replace("metadata:\n", "metadata:\n  namespace: bookinfo\n")).unwrap();
+        }
+        state
+    }
+
+    #[test]
+    fn bookinfo_50_v3_splits_reviews_between_subsets() {
+        if !std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../../shared/conformance/istio-bookinfo").exists() {
+            return eprintln!("SKIPPED: no conformance data");
+        }
+        let compiled = compile(&bookinfo(&["destination-rule-all.yaml", "virtual-service-reviews-50-v3.yaml"]));
+        let Resource::Service(reviews) = compiled.resources["service/bookinfo/reviews"].as_ref() else { panic!() };
+        assert_eq!(reviews.vips, vec!["10.96.0.10".parse::<IpAddr>().unwrap()]);
+        assert_eq!(reviews.endpoints_in(Some("v3")).map(|e| e.ip.to_string()).collect::<Vec<_>>(), ["10.244.2.3"]);
+        assert_eq!(reviews.subset_origin.as_ref().unwrap().name, "reviews");
+        let Resource::Route(route) = compiled.resources["route/bookinfo/reviews"].as_ref() else { panic!() };
+        assert_eq!(route.services, ["bookinfo/reviews"]);
+        let split: Vec<_> = route.http[0].destinations.iter().map(|d| (d.subset.clone().unwrap(), d.weight)).collect();
+        assert_eq!(split, [("v1".to_string(), 50), ("v3".to_string(), 50)]);
+        // Node n1 sees its own pod and the enrolled pod on n2.
+        assert!(compiled.for_node("n1").contains_key("workload/bookinfo/reviews-v3"));
+    }
+}

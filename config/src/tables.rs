@@ -1,0 +1,243 @@
+//! What the controller compiles and pushes, and what an agent holds: a set of resources, each keyed, each
+//! remembering the object (and generation) it came from. An agent turns the L4 part into eBPF maps and
+//! keeps the rest for its proxy.
+use std::{collections::BTreeMap, net::IpAddr};
+
+use serde::{Deserialize, Serialize};
+
+use crate::{
+    istio::{AuthorizationRule, HttpMatchRequest},
+    workloads::{Namespace, Pod, peer_authentication::PeerAuthentication},
+};
+
+/// The Kubernetes (or file) object an entry was compiled from.
+#[derive(Debug, Clone, Default, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+pub struct Origin {
+    pub kind: String,
+    pub namespace: String,
+    pub name: String,
+    #[serde(default)]
+    pub generation: i64,
+}
+
+impl Origin {
+    pub fn new(kind: &str, namespace: &str, name: &str, generation: Option<i64>) -> Self {
+        Origin { kind: kind.into(), namespace: namespace.into(), name: name.into(), generation: generation.unwrap_or(0) }
+    }
+}
+
+impl std::fmt::Display for Origin {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{} {}/{}", self.kind, self.namespace, self.name)?;
+        if self.generation > 0 {
+            write!(f, " (generation {})", self.generation)?;
+        }
+        Ok(())
+    }
+}
+
+/// One pushed entry.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "type", rename_all = "camelCase")]
+pub enum Resource {
+    Namespace(Namespace),
+    Workload(Pod),
+    Service(Service),
+    Route(Route),
+    Policy(Policy),
+    PeerAuthentication(PeerAuthentication),
+}
+
+impl Resource {
+    /// Unique within a table set: `<type>/<namespace>/<name>`.
+    pub fn key(&self) -> String {
+        match self {
+            Resource::Namespace(n) => format!("namespace//{}", n.name),
+            Resource::Workload(p) => format!("workload/{}/{}", p.namespace, p.name),
+            Resource::Service(s) => format!("service/{}/{}", s.namespace, s.name),
+            Resource::Route(r) => format!("route/{}/{}", r.origin.namespace, r.origin.name),
+            Resource::Policy(p) => format!("policy/{}/{}", p.origin.namespace, p.origin.name),
+            Resource::PeerAuthentication(p) => {
+                format!("peerauthentication/{}/{}", p.metadata.namespace, p.metadata.name)
+            }
+        }
+    }
+}
+
+/// A Kubernetes Service or ServiceEntry: its addresses, ports and endpoints (with subset membership).
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Service {
+    pub namespace: String,
+    pub name: String,
+    /// `name.namespace.svc.cluster.local` (or the ServiceEntry host).
+    pub hostname: String,
+    #[serde(default)]
+    pub vips: Vec<IpAddr>,
+    #[serde(default)]
+    pub ports: Vec<ServicePort>,
+    #[serde(default)]
+    pub endpoints: Vec<Endpoint>,
+    /// Subset names a DestinationRule defines for this host.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub subsets: Vec<String>,
+    pub origin: Origin,
+    /// The DestinationRule that defined the subsets.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub subset_origin: Option<Origin>,
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct ServicePort {
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub name: String,
+    pub port: u16,
+    pub target_port: u16,
+    /// TCP or UDP (the transport), as in the Service.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub protocol: String,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Endpoint {
+    pub ip: IpAddr,
+    /// `namespace/name` of the pod, when it is one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub workload: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub node: Option<String>,
+    /// Subsets (of [`Service::subsets`]) whose labels this endpoint's pod carries.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub subsets: Vec<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub locality: Option<String>,
+}
+
+impl Service {
+    pub fn key(&self) -> String {
+        format!("{}/{}", self.namespace, self.name)
+    }
+
+    pub fn port(&self, port: u16) -> Option<&ServicePort> {
+        self.ports.iter().find(|p| p.port == port)
+    }
+
+    pub fn endpoints_in(&self, subset: Option<&str>) -> impl Iterator<Item = &Endpoint> {
+        self.endpoints.iter().filter(move |e| subset.is_none_or(|s| e.subsets.iter().any(|x| x == s)))
+    }
+}
+
+/// One VirtualService, resolved: which services it routes, and how.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Route {
+    pub origin: Origin,
+    /// `namespace/name` of the services its hosts name (mesh traffic; gateway-bound routes have none).
+    #[serde(default)]
+    pub services: Vec<String>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub hosts: Vec<String>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub gateways: Vec<String>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub http: Vec<HttpRule>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub tcp: Vec<TcpRule>,
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct HttpRule {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub name: Option<String>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub matches: Vec<HttpMatchRequest>,
+    pub destinations: Vec<WeightedDestination>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub timeout_ms: Option<u64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub retries: Option<Retries>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub fault: Option<Fault>,
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct TcpRule {
+    /// Only connections to this service port; `None`: every port.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub port: Option<u16>,
+    pub destinations: Vec<WeightedDestination>,
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct WeightedDestination {
+    /// `namespace/name` of the destination service.
+    pub service: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub subset: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub port: Option<u16>,
+    /// Percent of traffic (all destinations of a rule sum to 100).
+    pub weight: u32,
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Retries {
+    pub attempts: u32,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub per_try_timeout_ms: Option<u64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub retry_on: Option<String>,
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Fault {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub delay_ms: Option<u64>,
+    #[serde(default)]
+    pub delay_percent: f64,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub abort_http_status: Option<u16>,
+    #[serde(default)]
+    pub abort_percent: f64,
+}
+
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "UPPERCASE")]
+pub enum Action {
+    #[default]
+    Allow,
+    Deny,
+    Audit,
+}
+
+/// An AuthorizationPolicy, for the destination side.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Policy {
+    pub origin: Origin,
+    /// Workloads it applies to (in `origin.namespace`; the root namespace: the whole mesh); `None`: all.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub selector: Option<BTreeMap<String, String>>,
+    pub action: Action,
+    /// `None`: no rules field (ALLOW: allows nothing; DENY: denies nothing).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rules: Option<Vec<AuthorizationRule>>,
+}
+
+impl Policy {
+    pub fn selects(&self, pod: &Pod) -> bool {
+        let in_scope = self.origin.namespace == pod.namespace
+            || self.origin.namespace == crate::workloads::peer_authentication::ROOT_NAMESPACE;
+        in_scope && self.selector.as_ref().is_none_or(|s| s.iter().all(|(k, v)| pod.labels.get(k) == Some(v)))
+    }
+}
+
+/// A whole table set, keyed like the push.
+pub type Tables = BTreeMap<String, Resource>;

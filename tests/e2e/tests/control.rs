@@ -1,0 +1,213 @@
+//! The control plane end to end: warren-controller reads Istio's YAML (a directory here; the API server in
+//! cluster.rs), compiles per-node tables and pushes them; each agent writes the L4 part into its pinned
+//! eBPF maps — read back here straight from bpffs — and routes service traffic by it. Bad config is
+//! refused with the field named and changes nothing; a controller outage changes nothing either, and the
+//! restart resyncs without stale entries.
+use std::{
+    net::SocketAddr,
+    path::{Path, PathBuf},
+    time::{Duration, Instant},
+};
+
+use aya::maps::{HashMap as BpfHashMap, Map, MapData};
+use warren_maps::{PolicyKey, PolicyVerdict, ServiceKey, ServiceRoute, name_id, names};
+use warren_testbed::{AgentOptions, ControllerOptions, ECHO_PORT, Pod, Testbed, bin_path, require_privileges};
+
+const VIP: &str = "10.96.0.10:80";
+
+fn service_route(pin_dir: &Path, vip: SocketAddr) -> Option<ServiceRoute> {
+    let data = MapData::from_pin(pin_dir.join(names::SERVICE_ROUTES)).expect("pinned SERVICE_ROUTES");
+    let map: BpfHashMap<MapData, ServiceKey, ServiceRoute> = BpfHashMap::try_from(Map::HashMap(data)).unwrap();
+    map.get(&ServiceKey::new(vip), 0).ok()
+}
+
+fn l4_policy(pin_dir: &Path) -> Vec<PolicyKey> {
+    let data = MapData::from_pin(pin_dir.join(names::L4_POLICY)).expect("pinned L4_POLICY");
+    let map: BpfHashMap<MapData, PolicyKey, PolicyVerdict> = BpfHashMap::try_from(Map::HashMap(data)).unwrap();
+    map.keys().filter_map(Result::ok).collect()
+}
+
+/// Polls every pinned map until `check` holds for all of them; returns how long that took.
+fn until_all(pin_dirs: &[PathBuf], timeout: Duration, what: &str, check: impl Fn(&Path) -> bool) -> Duration {
+    let started = Instant::now();
+    loop {
+        if pin_dirs.iter().all(|d| check(d)) {
+            return started.elapsed();
+        }
+        assert!(started.elapsed() < timeout, "{what}: not on every agent after {timeout:?}");
+        std::thread::sleep(Duration::from_millis(5));
+    }
+}
+
+fn subsets(route: &ServiceRoute) -> Vec<(u32, u32)> {
+    route.destinations[..route.destination_count as usize].iter().map(|d| (d.subset_id, d.weight)).collect()
+}
+
+fn subset(name: &str) -> u32 {
+    name_id(format!("default/reviews/{name}").as_bytes())
+}
+
+fn pod_yaml(pod: &Pod, node: &str, labels: &str) -> String {
+    format!(
+        "apiVersion: v1\nkind: Pod\nmetadata: {{name: {}, namespace: default, uid: {}, labels: {{{labels}}}}}\n\
+         spec: {{nodeName: {node}, serviceAccountName: {}, containers: [{{name: app, image: testapp}}]}}\n\
+         status: {{phase: Running, podIP: {}}}\n---\n",
+        pod.name, pod.uid, pod.name, pod.ip
+    )
+}
+
+const BASE: &str = "apiVersion: v1\nkind: Namespace\nmetadata: {name: default, labels: {warren.dev/mesh: enabled}}\n---\n\
+    apiVersion: v1\nkind: Service\nmetadata: {name: reviews, namespace: default}\n\
+    spec: {clusterIP: 10.96.0.10, selector: {app: reviews}, ports: [{name: http, port: 80, targetPort: 7000}]}\n---\n\
+    apiVersion: networking.istio.io/v1\nkind: DestinationRule\nmetadata: {name: reviews, namespace: default}\n\
+    spec: {host: reviews, subsets: [{name: v1, labels: {version: v1}}, {name: v2, labels: {version: v2}}]}\n";
+
+fn to_v2(weight_v2: u32) -> String {
+    format!(
+        "apiVersion: networking.istio.io/v1\nkind: VirtualService\nmetadata: {{name: reviews, namespace: default}}\n\
+         spec:\n  hosts: [reviews]\n  http:\n  - route:\n    - destination: {{host: reviews, subset: v1}}\n      weight: {}\n    \
+         - destination: {{host: reviews, subset: v2}}\n      weight: {weight_v2}\n",
+        100 - weight_v2
+    )
+}
+
+/// The endpoint the last outbound connection of `agent` went to.
+fn last_outbound_destination(agent: &warren_testbed::Agent) -> String {
+    let connections = agent.connections().unwrap();
+    let all = connections["recently_closed"].as_array().cloned().unwrap_or_default();
+    let last = all.iter().rev().find(|c| c["direction"] == "outbound").or(all.iter().find(|c| c["direction"] == "outbound"));
+    last.map(|c| c["original_dst"].as_str().unwrap_or_default().to_string()).unwrap_or_default()
+}
+
+#[test]
+fn controller_pushes_routes_into_every_agents_maps_and_survives_an_outage() {
+    require_privileges!();
+    let bed = Testbed::new("control").unwrap();
+    let (n1, n2) = (bed.add_node("n1").unwrap(), bed.add_node("n2").unwrap());
+    let client = n1.add_pod("client", true).unwrap();
+    let v1 = n1.add_pod("reviews-v1", true).unwrap();
+    let v2 = n2.add_pod("reviews-v2", true).unwrap();
+    let outsider = n2.add_pod("outsider", false).unwrap();
+    let _servers: Vec<_> = [&v1, &v2].iter().map(|p| p.serve(&p.name).unwrap()).collect();
+
+    let dir = bed.state_dir().join("mesh-config");
+    std::fs::create_dir_all(&dir).unwrap();
+    let pods = [
+        pod_yaml(&client, "n1", "app: client"),
+        pod_yaml(&v1, "n1", "app: reviews, version: v1"),
+        pod_yaml(&v2, "n2", "app: reviews, version: v2"),
+        pod_yaml(&outsider, "n2", "app: outsider, warren.dev/mesh: disabled"),
+    ]
+    .concat();
+    std::fs::write(dir.join("00-base.yaml"), format!("{BASE}---\n{pods}")).unwrap();
+    let controller = bed.start_controller(ControllerOptions { config_dir: Some(dir.clone()), kubeconfig: None, push_port: 0 }).unwrap();
+    let push_port = controller.push_port;
+    let agent_options = AgentOptions { mtls: true, controller: Some(controller.address()), ..Default::default() };
+    for node in [&n1, &n2] {
+        node.reach_host_port(push_port).unwrap();
+    }
+    let a1 = n1.start_agent_with(agent_options.clone()).unwrap();
+    let a2 = n2.start_agent_with(agent_options).unwrap();
+    let pins = vec![a1.pin_dir.clone(), a2.pin_dir.clone()];
+    let vip: SocketAddr = VIP.parse().unwrap();
+
+    // The first snapshot: the service, routed to its own endpoints.
+    until_all(&pins, Duration::from_secs(10), "initial sync", |d| service_route(d, vip).is_some_and(|r| subsets(&r) == [(0, 100)]));
+    a1.wait_enrolled(&client, true, Duration::from_secs(10)).unwrap();
+    let sent = client.send(vip, 64 << 10).unwrap();
+    assert!(sent.ok, "client → reviews VIP: {sent:?}");
+
+    // A VirtualService: within 1 s both agents' maps hold the split, and traffic follows it.
+    std::fs::write(dir.join("10-vs.yaml"), to_v2(100)).unwrap();
+    let took = until_all(&pins, Duration::from_secs(5), "VirtualService to v2", |d| {
+        service_route(d, vip).is_some_and(|r| subsets(&r) == [(subset("v1"), 0), (subset("v2"), 100)])
+    });
+    eprintln!("VirtualService in every agent's map after {took:?} (the controller polls its directory every 200 ms)");
+    assert!(took < Duration::from_secs(1), "took {took:?}");
+    for _ in 0..5 {
+        assert!(client.send(vip, 1024).unwrap().ok);
+        assert_eq!(last_outbound_destination(&a1), v2.socket(ECHO_PORT).to_string());
+    }
+    let routes = a1.inspect_live(&["routes"]).unwrap();
+    assert!(routes.contains("VirtualService default/reviews") && routes.contains("default/reviews/v2:100%"), "{routes}");
+
+    // A bad edit (weights sum to 90, a malformed timeout): refused with the field named; nothing changes.
+    let version = a1.config().unwrap()["version"].as_u64().unwrap();
+    std::fs::write(dir.join("10-vs.yaml"), to_v2(80).replace("weight: 20", "weight: 10").replace("  - route:", "  - timeout: soon\n    route:")).unwrap();
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while !controller.log().contains("spec.http[0].route: weights sum to 90, not 100") {
+        assert!(Instant::now() < deadline, "no validation error in the controller log:\n{}", controller.log());
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    assert!(controller.log().contains("spec.http[0].timeout: \"soon\" is not a duration"), "{}", controller.log());
+    std::thread::sleep(Duration::from_millis(500));
+    assert_eq!(a1.config().unwrap()["version"].as_u64().unwrap(), version, "a bad edit must not produce a new version");
+    for d in &pins {
+        assert_eq!(subsets(&service_route(d, vip).unwrap()), [(subset("v1"), 0), (subset("v2"), 100)]);
+    }
+    let analyze = std::process::Command::new(bin_path("warren-controller").unwrap())
+        .args(["analyze", "--config-dir"])
+        .arg(&dir)
+        .output()
+        .unwrap();
+    let report = String::from_utf8_lossy(&analyze.stdout);
+    assert!(!analyze.status.success(), "analyze must fail on errors: {report}");
+    assert!(report.contains("Error [IST0106] (VirtualService default/reviews) spec.http[0].route: weights sum to 90, not 100"), "{report}");
+
+    // Delete: the route goes back to the service's own endpoints on every agent.
+    std::fs::remove_file(dir.join("10-vs.yaml")).unwrap();
+    until_all(&pins, Duration::from_secs(2), "VirtualService removed", |d| service_route(d, vip).is_some_and(|r| subsets(&r) == [(0, 100)]));
+
+    // An allow-nothing AuthorizationPolicy on reviews-v1: refused in the kernel (sk_lookup), visible in L4_POLICY.
+    std::fs::write(
+        dir.join("20-deny.yaml"),
+        "apiVersion: security.istio.io/v1\nkind: AuthorizationPolicy\nmetadata: {name: lock-v1, namespace: default}\n\
+         spec: {selector: {matchLabels: {version: v1}}}\n",
+    )
+    .unwrap();
+    until_all(&pins[..1], Duration::from_secs(2), "L4 policy", |d| l4_policy(d) == [PolicyKey::new(v1.ip.into(), 0)]);
+    assert!(l4_policy(&pins[1]).is_empty(), "n2 has no pod the policy selects");
+    let refused = outsider.send(v1.socket(ECHO_PORT), 1024).unwrap();
+    assert!(!refused.ok && refused.error.as_deref().unwrap_or("").contains("refused"), "{refused:?}");
+    assert!(outsider.send(v2.socket(ECHO_PORT), 1024).unwrap().ok, "v2 is not locked");
+    let policies = a1.inspect_live(&["policies"]).unwrap();
+    assert!(policies.contains("AuthorizationPolicy default/lock-v1") && policies.contains(&format!("{}:*", v1.ip)), "{policies}");
+    std::fs::remove_file(dir.join("20-deny.yaml")).unwrap();
+
+    // Outage: kill the controller; traffic keeps flowing by the last config.
+    std::fs::write(dir.join("10-vs.yaml"), to_v2(100)).unwrap();
+    until_all(&pins, Duration::from_secs(2), "to v2 again", |d| service_route(d, vip).is_some_and(|r| subsets(&r).get(1) == Some(&(subset("v2"), 100))));
+    until_all(&pins[..1], Duration::from_secs(2), "policy gone", |d| l4_policy(d).is_empty());
+    controller.kill();
+    drop(controller);
+    for _ in 0..3 {
+        assert!(client.send(vip, 1024).unwrap().ok, "traffic during the outage");
+        assert_eq!(last_outbound_destination(&a1), v2.socket(ECHO_PORT).to_string());
+    }
+    // While it is down: route to v1 instead, and a service that goes away.
+    std::fs::write(dir.join("10-vs.yaml"), to_v2(0)).unwrap();
+    std::fs::write(
+        dir.join("30-extra.yaml"),
+        "apiVersion: v1\nkind: Service\nmetadata: {name: extra, namespace: default}\nspec: {clusterIP: 10.96.0.11, ports: [{port: 81}]}\n",
+    )
+    .unwrap();
+    let extra: SocketAddr = "10.96.0.11:81".parse().unwrap();
+    std::thread::sleep(Duration::from_millis(300));
+    assert!(a1.config().unwrap()["push"]["connected"] == false);
+    let restarted = bed
+        .start_controller(ControllerOptions { config_dir: Some(dir.clone()), kubeconfig: None, push_port })
+        .unwrap();
+    until_all(&pins, Duration::from_secs(10), "resync after restart", |d| {
+        service_route(d, vip).is_some_and(|r| subsets(&r) == [(subset("v1"), 100), (subset("v2"), 0)]) && service_route(d, extra).is_some()
+    });
+    // Remove the extra service: no stale entry survives anywhere.
+    std::fs::remove_file(dir.join("30-extra.yaml")).unwrap();
+    until_all(&pins, Duration::from_secs(2), "extra removed", |d| service_route(d, extra).is_none());
+    let services = a2.inspect_live(&["services", "-o", "json"]).unwrap();
+    let services: serde_json::Value = serde_json::from_str(&services).unwrap();
+    let names: Vec<&str> = services["services"].as_array().unwrap().iter().filter_map(|s| s["name"].as_str()).collect();
+    assert_eq!(names, ["default/reviews"], "exactly the configured services, once");
+    assert!(client.send(vip, 1024).unwrap().ok);
+    assert_eq!(last_outbound_destination(&a1), v1.socket(ECHO_PORT).to_string());
+    drop(restarted);
+}
