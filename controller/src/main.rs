@@ -42,6 +42,9 @@ struct Input {
     /// (the embedded default; re-read when a file changes).
     #[arg(long)]
     config_dir: Option<PathBuf>,
+    /// How often --config-dir is checked for changes.
+    #[arg(long, default_value_t = 200)]
+    config_poll_ms: u64,
 }
 
 #[derive(clap::Args)]
@@ -139,7 +142,7 @@ async fn run(args: RunArgs) -> Result<()> {
         Some(dir) => {
             let Some((cert_pem, key_pem)) = supplied else { bail!("--config-dir: needs --ca-cert and --ca-key (the mesh's root)") };
             let authority = CertificateAuthority::from_pem(&args.trust_domain, &cert_pem, &key_pem).context("--ca-cert/--ca-key")?;
-            (authority, sources::directory(dir.clone())?)
+            (authority, sources::directory(dir.clone(), Duration::from_millis(args.input.config_poll_ms))?)
         }
         None => {
             let client = client(args.input.kubeconfig.as_ref()).await?;

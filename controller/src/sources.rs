@@ -20,7 +20,6 @@ use warren_config::{
 
 /// Changes closer together than this are compiled once.
 const COALESCE: Duration = Duration::from_millis(20);
-const DIRECTORY_POLL: Duration = Duration::from_millis(200);
 
 /// PeerAuthentication as a typed API resource (the agent-side type has no kube derive).
 mod peer_authentication {
@@ -155,13 +154,13 @@ pub async fn kubernetes(client: Client) -> Result<watch::Receiver<ClusterState>>
 
 /// Reads `dir` now (failing if it is invalid) and again whenever a file in it changes; an invalid edit is
 /// logged and the last good state stays.
-pub fn directory(dir: PathBuf) -> Result<watch::Receiver<ClusterState>> {
+pub fn directory(dir: PathBuf, poll: Duration) -> Result<watch::Receiver<ClusterState>> {
     let initial = ClusterState::from_dir(&dir)?;
     let (tx, rx) = watch::channel(initial);
     tokio::spawn(async move {
         let mut last = fingerprint(&dir);
         loop {
-            tokio::time::sleep(DIRECTORY_POLL).await;
+            tokio::time::sleep(poll).await;
             let now = fingerprint(&dir);
             if now == last {
                 continue;

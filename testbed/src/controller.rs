@@ -16,6 +16,8 @@ pub struct ControllerOptions {
     pub kubeconfig: Option<PathBuf>,
     /// 127.0.0.1 port of the push service (0: pick a free one).
     pub push_port: u16,
+    /// How often the controller checks `config_dir` (default: its own, 200 ms).
+    pub config_poll_ms: Option<u64>,
 }
 
 pub struct Controller {
@@ -40,7 +42,12 @@ impl Controller {
             .arg(format!("127.0.0.1:{}", free()?))
             .env("WARREN_LOG", "info");
         match (&options.config_dir, &options.kubeconfig) {
-            (Some(dir), _) => cmd.arg("--config-dir").arg(dir),
+            (Some(dir), _) => {
+                if let Some(ms) = options.config_poll_ms {
+                    cmd.arg("--config-poll-ms").arg(ms.to_string());
+                }
+                cmd.arg("--config-dir").arg(dir)
+            }
             (None, Some(kubeconfig)) => cmd.arg("--kubeconfig").arg(kubeconfig),
             (None, None) => bail!("ControllerOptions: set config_dir or kubeconfig"),
         };

@@ -100,7 +100,7 @@ fn controller_pushes_routes_into_every_agents_maps_and_survives_an_outage() {
     ]
     .concat();
     std::fs::write(dir.join("00-base.yaml"), format!("{BASE}---\n{pods}")).unwrap();
-    let controller = bed.start_controller(ControllerOptions { config_dir: Some(dir.clone()), kubeconfig: None, push_port: 0 }).unwrap();
+    let controller = bed.start_controller(ControllerOptions { config_dir: Some(dir.clone()), kubeconfig: None, push_port: 0, config_poll_ms: None }).unwrap();
     let push_port = controller.push_port;
     let agent_options = AgentOptions { mtls: true, controller: Some(controller.address()), ..Default::default() };
     for node in [&n1, &n2] {
@@ -195,7 +195,7 @@ fn controller_pushes_routes_into_every_agents_maps_and_survives_an_outage() {
     std::thread::sleep(Duration::from_millis(300));
     assert!(a1.config().unwrap()["push"]["connected"] == false);
     let restarted = bed
-        .start_controller(ControllerOptions { config_dir: Some(dir.clone()), kubeconfig: None, push_port })
+        .start_controller(ControllerOptions { config_dir: Some(dir.clone()), kubeconfig: None, push_port, config_poll_ms: None })
         .unwrap();
     until_all(&pins, Duration::from_secs(10), "resync after restart", |d| {
         service_route(d, vip).is_some_and(|r| subsets(&r) == [(subset("v1"), 100), (subset("v2"), 0)]) && service_route(d, extra).is_some()
