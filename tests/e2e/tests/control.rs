@@ -211,3 +211,219 @@ fn controller_pushes_routes_into_every_agents_maps_and_survives_an_outage() {
     assert_eq!(last_outbound_destination(&a1), v1.socket(ECHO_PORT).to_string());
     drop(restarted);
 }
+
+// ------------------------------------------------------------------------------------------------
+// The same against the real API server: Istio's CRDs, objects applied with kube-rs, status and Events.
+// ------------------------------------------------------------------------------------------------
+
+use k8s_openapi::{
+    api::core::v1::{Event, Namespace, Pod as K8sPod, Service},
+    apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition,
+};
+use kube::{
+    Client, Config, ResourceExt,
+    api::{Api, ApiResource, DeleteParams, DynamicObject, GroupVersionKind, ListParams, Patch, PatchParams, PostParams},
+    config::{KubeConfigOptions, Kubeconfig},
+    runtime::{conditions, wait::await_condition},
+};
+use serde::Deserialize;
+
+#[test]
+fn controller_compiles_the_api_servers_istio_objects_into_every_agents_maps() {
+    require_privileges!();
+    if !xtask::cluster::is_built() {
+        assert!(!warren_testbed::in_ci(), "CI=true, but the local Kubernetes is not built");
+        return eprintln!("SKIPPED: the local Kubernetes is not built (cargo xtask setup --kubernetes)");
+    }
+    let kubeconfig = xtask::cluster::up(false).unwrap();
+    let result = std::panic::catch_unwind(|| tokio::runtime::Runtime::new().unwrap().block_on(api_scenario(&kubeconfig)));
+    xtask::cluster::down().unwrap();
+    match result {
+        Ok(outcome) => outcome.unwrap(),
+        Err(panic) => std::panic::resume_unwind(panic),
+    }
+}
+
+async fn install_crds(client: &Client) -> anyhow::Result<()> {
+    let crds: Api<CustomResourceDefinition> = Api::all(client.clone());
+    let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../deploy/crds/istio.yaml");
+    for document in serde_yaml::Deserializer::from_str(&std::fs::read_to_string(path)?) {
+        let value = serde_json::Value::deserialize(document)?;
+        if value.is_null() {
+            continue;
+        }
+        let crd: CustomResourceDefinition = serde_json::from_value(value)?;
+        let name = crd.name_any();
+        crds.patch(&name, &PatchParams::apply("warren-e2e").force(), &Patch::Apply(&crd)).await?;
+        tokio::time::timeout(Duration::from_secs(30), await_condition(crds.clone(), &name, conditions::is_crd_established())).await??;
+    }
+    Ok(())
+}
+
+async fn create_pod(api: &Api<K8sPod>, pod: &K8sPod) -> anyhow::Result<K8sPod> {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    loop {
+        match api.create(&PostParams::default(), pod).await {
+            Ok(created) => return Ok(created),
+            Err(e) if tokio::time::Instant::now() < deadline && e.to_string().contains("serviceaccount") => {
+                tokio::time::sleep(Duration::from_millis(300)).await
+            }
+            Err(e) => return Err(e.into()),
+        }
+    }
+}
+
+/// Polls the pinned maps from a blocking thread.
+async fn until_all_async(pins: &[PathBuf], timeout: Duration, what: &'static str, check: fn(&Path, SocketAddr) -> bool, vip: SocketAddr) -> Duration {
+    let pins = pins.to_vec();
+    tokio::task::spawn_blocking(move || until_all(&pins, timeout, what, |d| check(d, vip))).await.unwrap()
+}
+
+async fn api_scenario(kubeconfig: &Path) -> anyhow::Result<()> {
+    let config = Config::from_custom_kubeconfig(Kubeconfig::read_from(kubeconfig)?, &KubeConfigOptions::default()).await?;
+    let client = Client::try_from(config)?;
+    install_crds(&client).await?;
+    let ns = format!("shop-{}", std::process::id());
+    let namespaces: Api<Namespace> = Api::all(client.clone());
+    // The controller's own namespace (its CA publishes the root there).
+    let _ = namespaces.create(&PostParams::default(), &serde_json::from_value(serde_json::json!({"metadata": {"name": "warren-system"}}))?).await;
+    namespaces
+        .create(&PostParams::default(), &serde_json::from_value(serde_json::json!({"metadata": {"name": ns, "labels": {"warren.dev/mesh": "enabled"}}}))?)
+        .await?;
+
+    let bed = Testbed::new("control-k8s")?;
+    let (n1, n2) = (bed.add_node("n1")?, bed.add_node("n2")?);
+    let pods_api: Api<K8sPod> = Api::namespaced(client.clone(), &ns);
+    let mut pods = Vec::new();
+    for (name, node, version) in [("client", &n1, ""), ("reviews-v1", &n1, "v1"), ("reviews-v2", &n2, "v2")] {
+        let labels = if version.is_empty() { serde_json::json!({"app": name}) } else { serde_json::json!({"app": "reviews", "version": version}) };
+        let object: K8sPod = serde_json::from_value(serde_json::json!({
+            "metadata": {"name": name, "labels": labels},
+            "spec": {"nodeName": node.name, "containers": [{"name": "app", "image": "warren-testapp:local"}]}
+        }))?;
+        let created = create_pod(&pods_api, &object).await?;
+        let pod = node.add_pod_with_uid(name, false, created.metadata.uid.as_deref())?;
+        let status = serde_json::json!({"status": {"phase": "Running", "podIP": pod.ip.to_string()}});
+        pods_api.patch_status(name, &PatchParams::default(), &Patch::Merge(&status)).await?;
+        pods.push(pod);
+    }
+    let (client_pod, v1, v2) = (pods[0].clone(), pods[1].clone(), pods[2].clone());
+    let _servers = (v1.serve("v1")?, v2.serve("v2")?);
+    let services: Api<Service> = Api::namespaced(client.clone(), &ns);
+    let service: Service = serde_json::from_value(serde_json::json!({
+        "metadata": {"name": "reviews"},
+        "spec": {"selector": {"app": "reviews"}, "ports": [{"name": "http", "port": 80, "targetPort": ECHO_PORT}]}
+    }))?;
+    let service = services.create(&PostParams::default(), &service).await?;
+    let vip: SocketAddr = format!("{}:80", service.spec.unwrap().cluster_ip.unwrap()).parse()?;
+
+    let istio = |kind: &str| {
+        let group = if kind == "AuthorizationPolicy" { "security.istio.io" } else { "networking.istio.io" };
+        Api::<DynamicObject>::namespaced_with(client.clone(), &ns, &ApiResource::from_gvk(&GroupVersionKind::gvk(group, "v1", kind)))
+    };
+    let dr: DynamicObject = serde_yaml::from_str(&format!(
+        "apiVersion: networking.istio.io/v1\nkind: DestinationRule\nmetadata: {{name: reviews, namespace: {ns}}}\n\
+         spec: {{host: reviews, subsets: [{{name: v1, labels: {{version: v1}}}}, {{name: v2, labels: {{version: v2}}}}]}}\n"
+    ))?;
+    istio("DestinationRule").create(&PostParams::default(), &dr).await?;
+
+    let controller = bed.start_controller(ControllerOptions {
+        config_dir: None,
+        kubeconfig: Some(kubeconfig.to_path_buf()),
+        push_port: 0,
+        config_poll_ms: None,
+    })?;
+    let options = AgentOptions { mtls: true, controller: Some(controller.address()), ..Default::default() };
+    for node in [&n1, &n2] {
+        node.reach_host_port(controller.push_port)?;
+    }
+    let agents = [n1.start_agent_with(options.clone())?, n2.start_agent_with(options)?];
+    let pins: Vec<PathBuf> = agents.iter().map(|a| a.pin_dir.clone()).collect();
+    let own = |d: &Path, vip: SocketAddr| service_route(d, vip).is_some_and(|r| subsets(&r) == [(0, 100)]);
+    until_all_async(&pins, Duration::from_secs(15), "initial sync", own, vip).await;
+    agents[0].wait_enrolled(&client_pod, true, Duration::from_secs(10))?;
+
+    // Apply a VirtualService: every agent's pinned map has it within 1 s, and traffic follows.
+    let vs = |v2_weight: u32| -> anyhow::Result<DynamicObject> {
+        Ok(serde_yaml::from_str(&format!("metadata: {{name: reviews, namespace: {ns}}}\n{}", to_v2(v2_weight).split_once("metadata: {name: reviews, namespace: default}\n").unwrap().1))
+            .map(|mut o: DynamicObject| {
+                o.types = Some(kube::api::TypeMeta { api_version: "networking.istio.io/v1".into(), kind: "VirtualService".into() });
+                o
+            })?)
+    };
+    let to_v2_only = |d: &Path, vip: SocketAddr| {
+        service_route(d, vip).is_some_and(|r| r.destination_count == 2 && r.destinations[1].weight == 100)
+    };
+    let applied = Instant::now();
+    istio("VirtualService").create(&PostParams::default(), &vs(100)?).await?;
+    until_all_async(&pins, Duration::from_secs(5), "VirtualService", to_v2_only, vip).await;
+    let took = applied.elapsed();
+    eprintln!("VirtualService from the API server in every agent's map after {took:?}");
+    assert!(took < Duration::from_secs(1), "took {took:?}");
+    for route in pins.iter().map(|d| service_route(d, vip).unwrap()) {
+        assert_eq!(route.destinations[1].subset_id, name_id(format!("{ns}/reviews/v2").as_bytes()));
+    }
+    let sent = tokio::task::spawn_blocking({
+        let client_pod = client_pod.clone();
+        move || client_pod.send(vip, 4096)
+    })
+    .await??;
+    assert!(sent.ok, "{sent:?}");
+    assert_eq!(last_outbound_destination(&agents[0]), v2.socket(ECHO_PORT).to_string());
+
+    // A bad edit: the status condition and a Warning Event name the field; the maps keep the last good route.
+    let mut bad = vs(80)?;
+    bad.data["spec"]["http"][0]["route"][0]["weight"] = 10.into();
+    bad.data["spec"]["http"][0]["timeout"] = "soon".into();
+    istio("VirtualService").patch("reviews", &PatchParams::default(), &Patch::Merge(&serde_json::json!({"spec": bad.data["spec"]}))).await?;
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let condition = loop {
+        let object = istio("VirtualService").get_status("reviews").await?;
+        let condition = object.data["status"]["conditions"][0].clone();
+        if condition["status"] == "False" {
+            break condition;
+        }
+        assert!(Instant::now() < deadline, "no Accepted=False condition: {:#}", object.data["status"]);
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    let message = condition["message"].as_str().unwrap_or_default();
+    assert_eq!(condition["type"], "Accepted");
+    assert_eq!(condition["reason"], "Invalid");
+    assert!(message.contains("spec.http[0].route: weights sum to 90, not 100"), "{message}");
+    assert!(message.contains("spec.http[0].timeout: \"soon\" is not a duration"), "{message}");
+    assert!(message.contains("generation 1 stays in force"), "{message}");
+    let events: Api<Event> = Api::namespaced(client.clone(), &ns);
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let list = events.list(&ListParams::default()).await?;
+        let found = list.items.iter().any(|e| {
+            e.reason.as_deref() == Some("InvalidConfig")
+                && e.involved_object.kind.as_deref() == Some("VirtualService")
+                && e.message.as_deref().is_some_and(|m| m.contains("spec.http[0].route: weights sum to 90"))
+        });
+        if found {
+            break;
+        }
+        assert!(Instant::now() < deadline, "no InvalidConfig Event: {:#?}", list.items.iter().map(|e| &e.message).collect::<Vec<_>>());
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    for d in &pins {
+        let route = service_route(d, vip).unwrap();
+        assert!(route.destination_count == 2 && route.destinations[1].weight == 100, "the data plane must not change: {route:?}");
+    }
+
+    // Delete: removed from every agent's route.
+    let deleted = Instant::now();
+    istio("VirtualService").delete("reviews", &DeleteParams::default()).await?;
+    until_all_async(&pins, Duration::from_secs(5), "VirtualService deleted", own, vip).await;
+    let took = deleted.elapsed();
+    assert!(took < Duration::from_secs(1), "took {took:?}");
+
+    // Controller outage: traffic continues by the last config.
+    controller.kill();
+    let client_pod2 = client_pod.clone();
+    let sent = tokio::task::spawn_blocking(move || client_pod2.send(vip, 4096)).await??;
+    assert!(sent.ok, "during the outage: {sent:?}");
+    Ok(())
+}
