@@ -217,7 +217,8 @@ mod tests {
             .find(|doc| doc["kind"] == "ConfigMap")
             .expect("a ConfigMap in deploy/daemonset.yaml");
         let config: AgentConfig = serde_yaml::from_str(configmap["data"]["agent.yaml"].as_str().unwrap()).unwrap();
-        assert!(config.kubernetes.is_some());
+        config.validate().unwrap();
+        assert_eq!(config.controller.as_ref().unwrap().address, "warren-controller.warren-system.svc:15010");
         let identity = config.identity.expect("identity section");
         assert_eq!(identity.controller.unwrap().address, "warren-controller.warren-system.svc:15012");
     }

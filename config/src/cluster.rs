@@ -148,6 +148,51 @@ impl ClusterState {
     }
 }
 
+impl ClusterState {
+    /// Lists everything once from an API server (for `analyze`; the controller watches instead). Istio
+    /// kinds whose CRDs are not installed read as empty.
+    pub async fn from_kubernetes(client: kube::Client) -> Result<ClusterState> {
+        use kube::api::{Api, ListParams};
+        async fn list<K>(client: &kube::Client, what: &str) -> Result<Vec<K>>
+        where
+            K: kube::Resource<Scope = k8s_openapi::NamespaceResourceScope> + Clone + serde::de::DeserializeOwned + std::fmt::Debug,
+            K::DynamicType: Default,
+        {
+            match Api::<K>::all(client.clone()).list(&ListParams::default()).await {
+                Ok(list) => Ok(list.items),
+                Err(kube::Error::Api(e)) if e.code == 404 => Ok(Vec::new()),
+                Err(e) => Err(e).with_context(|| format!("listing {what}")),
+            }
+        }
+        let namespaces = Api::<core::Namespace>::all(client.clone()).list(&ListParams::default()).await.context("listing namespaces")?;
+        let pods: Vec<core::Pod> = list(&client, "pods").await?;
+        let peer_authentications = {
+            let resource = kube::api::ApiResource::from_gvk(&kube::api::GroupVersionKind::gvk("security.istio.io", "v1", "PeerAuthentication"));
+            match Api::<kube::api::DynamicObject>::all_with(client.clone(), &resource).list(&ListParams::default()).await {
+                Ok(list) => list
+                    .items
+                    .into_iter()
+                    .filter_map(|o| serde_json::to_value(o).ok().and_then(|v| serde_json::from_value(v).ok()))
+                    .collect(),
+                Err(kube::Error::Api(e)) if e.code == 404 => Vec::new(),
+                Err(e) => return Err(e).context("listing PeerAuthentications"),
+            }
+        };
+        Ok(ClusterState {
+            namespaces: namespaces.items.iter().map(namespace_from_k8s).collect(),
+            pods: pods.iter().filter_map(pod_from_k8s).collect(),
+            services: list(&client, "services").await?,
+            endpoints: list(&client, "endpoints").await?,
+            virtual_services: list(&client, "VirtualServices").await?,
+            destination_rules: list(&client, "DestinationRules").await?,
+            gateways: list(&client, "Gateways").await?,
+            service_entries: list(&client, "ServiceEntries").await?,
+            authorization_policies: list(&client, "AuthorizationPolicies").await?,
+            peer_authentications,
+        })
+    }
+}
+
 fn default_namespace(value: &mut serde_yaml::Value) {
     if let Some(metadata) = value.get_mut("metadata").and_then(|m| m.as_mapping_mut()) {
         let key = serde_yaml::Value::from("namespace");

@@ -119,7 +119,7 @@ async fn client(kubeconfig: Option<&PathBuf>) -> Result<Client> {
 async fn run_analyze(input: Input) -> Result<bool> {
     let state: ClusterState = match &input.config_dir {
         Some(dir) => ClusterState::from_dir(dir)?,
-        None => sources::kubernetes(client(input.kubeconfig.as_ref()).await?).await?.borrow().clone(),
+        None => ClusterState::from_kubernetes(client(input.kubeconfig.as_ref()).await?).await?,
     };
     let findings = analyze::analyze(&state);
     if findings.is_empty() {

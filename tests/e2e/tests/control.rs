@@ -413,6 +413,12 @@ async fn api_scenario(kubeconfig: &Path) -> anyhow::Result<()> {
         assert!(route.destination_count == 2 && route.destinations[1].weight == 100, "the data plane must not change: {route:?}");
     }
 
+    // `warren-agent analyze` reads the same problems straight from the API server.
+    let analyze = std::process::Command::new(bin_path("warren-agent")?).arg("analyze").arg("--kubeconfig").arg(kubeconfig).output()?;
+    let report = String::from_utf8_lossy(&analyze.stdout);
+    assert!(!analyze.status.success(), "{report}");
+    assert!(report.contains(&format!("Error [IST0106] (VirtualService {ns}/reviews) spec.http[0].route: weights sum to 90, not 100")), "{report}");
+
     // Delete: removed from every agent's route.
     let deleted = Instant::now();
     istio("VirtualService").delete("reviews", &DeleteParams::default()).await?;
