@@ -151,10 +151,9 @@ async fn run(args: RunArgs) -> Result<()> {
                 None => ca::RootSource::Secret,
             };
             let authority = ca::load(&client, &args.namespace, &args.trust_domain, source).await?;
-            let states = sources::kubernetes(client.clone()).await?;
-            tokio::spawn(status::run(client.clone(), verdicts_rx));
             // The CA service gets its own copy of the root.
             let ca_copy = CertificateAuthority::from_pem(&args.trust_domain, authority.root_pem(), &authority.key_pem())?;
+            let status_client = client.clone();
             let service = Arc::new(ca::server::CaService {
                 ca: ca_copy,
                 authorizer: ca::authorize::Authorizer {
@@ -173,6 +172,8 @@ async fn run(args: RunArgs) -> Result<()> {
                     tracing::error!("CA service: {e:#}");
                 }
             });
+            let states = sources::kubernetes(status_client.clone()).await?;
+            tokio::spawn(status::run(status_client, verdicts_rx));
             (authority, states)
         }
     };

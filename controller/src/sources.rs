@@ -94,20 +94,31 @@ impl Stores {
         }
     }
 
+    /// Waits for the core kinds; the Istio kinds get a few seconds — without their CRDs the controller still
+    /// runs (and its CA serves), and their watchers fill in once the CRDs are installed.
     async fn wait_until_ready(&self) -> Result<()> {
-        let ready = async {
+        let core = async {
             self.namespaces.wait_until_ready().await?;
             self.pods.wait_until_ready().await?;
             self.services.wait_until_ready().await?;
-            self.endpoints.wait_until_ready().await?;
-            self.virtual_services.wait_until_ready().await?;
-            self.destination_rules.wait_until_ready().await?;
-            self.gateways.wait_until_ready().await?;
-            self.service_entries.wait_until_ready().await?;
-            self.authorization_policies.wait_until_ready().await?;
-            self.peer_authentications.wait_until_ready().await
+            self.endpoints.wait_until_ready().await
         };
-        ready.await.context("initial list of the watched kinds (are the Istio CRDs installed? deploy/crds/istio.yaml)")
+        tokio::time::timeout(Duration::from_secs(60), core)
+            .await
+            .context("initial list of namespaces, pods, services and endpoints timed out")?
+            .context("initial list of namespaces, pods, services and endpoints")?;
+        let istio = async {
+            let _ = self.virtual_services.wait_until_ready().await;
+            let _ = self.destination_rules.wait_until_ready().await;
+            let _ = self.gateways.wait_until_ready().await;
+            let _ = self.service_entries.wait_until_ready().await;
+            let _ = self.authorization_policies.wait_until_ready().await;
+            let _ = self.peer_authentications.wait_until_ready().await;
+        };
+        if tokio::time::timeout(Duration::from_secs(5), istio).await.is_err() {
+            warn!("Istio's CRDs are not (all) served yet (install deploy/crds/istio.yaml); continuing, their watches retry");
+        }
+        Ok(())
     }
 }
 
@@ -128,9 +139,7 @@ pub async fn kubernetes(client: Client) -> Result<watch::Receiver<ClusterState>>
         authorization_policies: watch_kind(Api::all(client.clone()), c(), "AuthorizationPolicy"),
         peer_authentications: watch_kind(Api::all(client), c(), "PeerAuthentication"),
     };
-    tokio::time::timeout(Duration::from_secs(60), stores.wait_until_ready())
-        .await
-        .context("initial list of the watched kinds timed out")??;
+    stores.wait_until_ready().await?;
     let initial = stores.snapshot();
     info!(
         namespaces = initial.namespaces.len(),

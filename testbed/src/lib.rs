@@ -369,6 +369,8 @@ impl Node {
                 let Ok(inbound) = inbound else { return };
                 // This thread is in the test process's own (host) netns.
                 let Ok(host) = std::net::TcpStream::connect(("127.0.0.1", port)) else { continue };
+                // Small frames (push updates, ACKs) must not wait for delayed ACKs.
+                let _ = (host.set_nodelay(true), inbound.set_nodelay(true));
                 for (mut from, mut to) in [(inbound.try_clone(), host.try_clone()), (host.try_clone(), inbound.try_clone())]
                     .into_iter()
                     .filter_map(|(a, b)| Some((a.ok()?, b.ok()?)))

@@ -407,8 +407,6 @@ fn sync(bed: &Testbed, node_name: &str, dir: &Path, want: usize) -> Sync {
         }
     }
     check_alive(&agent, &controller);
-    std::fs::write(format!("/tmp/bc-{node_name}-controller.log"), controller.log()).unwrap();
-    std::fs::write(format!("/tmp/bc-{node_name}-agent.log"), agent.log()).unwrap();
     drop(routes);
     drop(agent);
     drop(controller);
