@@ -340,7 +340,7 @@ mod tests {
     fn bookinfo(extra: &[&str]) -> ClusterState {
         let mut state = ClusterState::default();
         state.add_yaml(BASE).unwrap();
-        let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../../shared/conformance/istio-bookinfo");
+        let dir = crate::bookinfo_samples().expect("conformance data");
         for file in extra {
             let text = std::fs::read_to_string(dir.join(file)).unwrap();
             // The samples have no namespace: they go where the user applies them.
@@ -351,7 +351,7 @@ mod tests {
 
     #[test]
     fn bookinfo_50_v3_splits_reviews_between_subsets() {
-        if !std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../../shared/conformance/istio-bookinfo").exists() {
+        if crate::bookinfo_samples().is_none() {
             return eprintln!("SKIPPED: no conformance data");
         }
         let compiled = compile(&bookinfo(&["destination-rule-all.yaml", "virtual-service-reviews-50-v3.yaml"]));

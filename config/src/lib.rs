@@ -9,3 +9,18 @@ pub mod push;
 pub mod tables;
 pub mod validate;
 pub mod workloads;
+
+/// Istio's bookinfo samples for tests: beside the project (`../shared`), `$WARREN_CONFORMANCE_DIR`, or the
+/// machines' shared copy.
+#[cfg(test)]
+pub(crate) fn bookinfo_samples() -> Option<std::path::PathBuf> {
+    let manifest = std::path::Path::new(env!("CARGO_MANIFEST_DIR"));
+    [
+        std::env::var_os("WARREN_CONFORMANCE_DIR").map(std::path::PathBuf::from),
+        Some(manifest.join("../../shared/conformance/istio-bookinfo")),
+        Some(std::path::PathBuf::from("/work/shared/conformance/istio-bookinfo")),
+    ]
+    .into_iter()
+    .flatten()
+    .find(|d| d.is_dir())
+}

@@ -277,11 +277,10 @@ mod tests {
 
     #[test]
     fn bookinfo_samples_are_valid() {
-        let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../../shared/conformance/istio-bookinfo");
-        let Ok(state) = crate::cluster::ClusterState::from_dir(&dir) else {
-            eprintln!("SKIPPED: no conformance data at {}", dir.display());
-            return;
+        let Some(dir) = crate::bookinfo_samples() else {
+            return eprintln!("SKIPPED: no conformance data");
         };
+        let state = crate::cluster::ClusterState::from_dir(&dir).unwrap();
         assert!(state.virtual_services.len() >= 6 && state.destination_rules.len() >= 4);
         for v in &state.virtual_services {
             assert_eq!(virtual_service(&v.spec), Vec::new(), "{:?}", v.metadata.name);

@@ -42,10 +42,16 @@ fn workspace() -> PathBuf {
 /// Istio's bookinfo samples (shared conformance data, outside the project); skips (or under CI fails)
 /// when they are not there.
 fn bookinfo_samples() -> Option<PathBuf> {
-    let dir = workspace().join("../shared/conformance/istio-bookinfo");
-    if dir.is_dir() {
-        return Some(dir);
+    // Beside the project (../shared), or where $WARREN_CONFORMANCE_DIR says, or the machines' shared copy.
+    let candidates = [
+        std::env::var_os("WARREN_CONFORMANCE_DIR").map(PathBuf::from),
+        Some(workspace().join("../shared/conformance/istio-bookinfo")),
+        Some(PathBuf::from("/work/shared/conformance/istio-bookinfo")),
+    ];
+    if let Some(dir) = candidates.iter().flatten().find(|d| d.is_dir()) {
+        return Some(dir.clone());
     }
+    let dir = workspace().join("../shared/conformance/istio-bookinfo");
     let reason = format!("Istio's bookinfo samples are not at {}", dir.display());
     assert!(!in_ci(), "CI=true, but {reason}");
     eprintln!("SKIPPED: {reason}");
