@@ -88,7 +88,22 @@ fn serve(name: String, version: String, echo_port: u16, http_port: u16) -> ExitC
     let _ = std::io::stdout().flush();
     std::thread::spawn(move || {
         for stream in echo.incoming().flatten() {
-            std::thread::spawn(move || echo_connection(stream));
+            // Small stacks, and a failed spawn (thread limits under a parallel test load) must not kill the
+            // accept loop: dropping the listener would reset every connection still in its backlog.
+            let mut stream = Some(stream);
+            while let Some(s) = stream.take() {
+                let cell = std::sync::Arc::new(std::sync::Mutex::new(Some(s)));
+                let taken = cell.clone();
+                let spawned = std::thread::Builder::new().stack_size(256 * 1024).spawn(move || {
+                    if let Some(s) = taken.lock().unwrap().take() {
+                        echo_connection(s)
+                    }
+                });
+                if spawned.is_err() {
+                    stream = cell.lock().unwrap().take();
+                    std::thread::sleep(std::time::Duration::from_millis(5));
+                }
+            }
         }
     });
     for stream in http.incoming().flatten() {
