@@ -27,6 +27,8 @@ pub struct Message {
     pub object: Origin,
     pub field: Option<String>,
     pub text: String,
+    /// Where the object was read from, as istioctl prints it (`bookinfo.yaml:12`); `None` for API objects.
+    pub source: Option<String>,
 }
 
 impl std::fmt::Display for Message {
@@ -36,7 +38,11 @@ impl std::fmt::Display for Message {
             Level::Warning => "Warning",
             Level::Info => "Info",
         };
-        write!(f, "{level} [{}] ({} {}/{}) ", self.code, self.object.kind, self.object.namespace, self.object.name)?;
+        write!(f, "{level} [{}] ({} {}/{}", self.code, self.object.kind, self.object.namespace, self.object.name)?;
+        if let Some(source) = &self.source {
+            write!(f, " {source}")?;
+        }
+        f.write_str(") ")?;
         if let Some(field) = &self.field {
             write!(f, "{field}: ")?;
         }
@@ -57,7 +63,7 @@ pub fn analyze(state: &ClusterState) -> Vec<Message> {
         Origin::new(kind, meta.namespace.as_deref().unwrap_or("default"), meta.name.as_deref().unwrap_or(""), meta.generation)
     };
     let mut error = |level, code, object: &Origin, field: Option<String>, text: String| {
-        out.push(Message { level, code, object: object.clone(), field, text })
+        out.push(Message { level, code, object: object.clone(), field, text, source: None })
     };
 
     // Hosts that exist: Services and ServiceEntry hosts.

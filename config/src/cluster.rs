@@ -29,6 +29,11 @@ pub struct ClusterState {
     pub service_entries: Vec<ServiceEntry>,
     pub authorization_policies: Vec<AuthorizationPolicy>,
     pub peer_authentications: Vec<PeerAuthentication>,
+    /// What reading the input found on the way (skipped kinds, unreadable files or objects), for `analyze`
+    /// and the controller's log.
+    pub notices: Vec<crate::analyze::Message>,
+    /// `(kind, namespace, name)` → where the object was read from (`file.yaml:12`), for messages.
+    pub sources: std::collections::HashMap<(String, String, String), String>,
 }
 
 /// The mesh's view of a pod; `None` for pods that are finished or have no UID.
@@ -189,6 +194,7 @@ impl ClusterState {
             service_entries: list(&client, "ServiceEntries").await?,
             authorization_policies: list(&client, "AuthorizationPolicies").await?,
             peer_authentications,
+            ..Default::default()
         })
     }
 }

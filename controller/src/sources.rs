@@ -91,6 +91,7 @@ impl Stores {
                     serde_json::from_value::<PeerAuthentication>(value).ok()
                 })
                 .collect(),
+            ..Default::default()
         }
     }
 
