@@ -6,6 +6,7 @@ pub mod cluster;
 pub mod compile;
 pub mod istio;
 pub mod push;
+pub mod support;
 pub mod tables;
 pub mod validate;
 pub mod workloads;

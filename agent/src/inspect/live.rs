@@ -128,13 +128,17 @@ fn join(v: &Value) -> String {
     }
 }
 
+/// Each destination with its share of traffic (weights are relative, as in Istio).
 fn destinations(v: &Value) -> String {
-    v.as_array()
-        .into_iter()
-        .flatten()
+    let items = v.as_array().map(Vec::as_slice).unwrap_or_default();
+    let total: u64 = items.iter().filter_map(|d| d["weight"].as_u64()).sum();
+    items
+        .iter()
         .map(|d| {
             let subset = d["subset"].as_str().map(|s| format!("/{s}")).unwrap_or_default();
-            format!("{}{subset}:{}%", text(&d["service"]), text(&d["weight"]))
+            let weight = d["weight"].as_u64().unwrap_or(0);
+            let share = if total == 0 { 0.0 } else { weight as f64 * 100.0 / total as f64 };
+            format!("{}{subset}:{share:.0}%", text(&d["service"]))
         })
         .collect::<Vec<_>>()
         .join(" ")

@@ -82,14 +82,14 @@ fn resolve_service(shared: &ProxyShared, destination: SocketAddr) -> Result<Sock
     let tables = shared.tables.read().unwrap().clone();
     let Some(route) = tables.l4_route(&destination) else { return Ok(destination) };
     let roll = random();
-    let chosen = pick_weighted(&route.destinations, (roll % 100) as u32)
+    let chosen = pick_weighted(&route.destinations, roll)
         .ok_or_else(|| format!("service {} has no route destination", route.service))?;
     let service = tables
         .service(&chosen.service)
         .ok_or_else(|| format!("route destination {} is not a known service", chosen.service))?;
     let port = chosen.port.unwrap_or(destination.port());
     let target_port = service.port(port).map(|p| p.target_port).unwrap_or(port);
-    let ip = tables.endpoint_ip(&chosen.service, chosen.subset.as_deref(), (roll / 100) as usize).ok_or_else(|| {
+    let ip = tables.endpoint_ip(&chosen.service, chosen.subset.as_deref(), (roll >> 32) as usize).ok_or_else(|| {
         let subset = chosen.subset.as_deref().map(|s| format!(" subset {s}")).unwrap_or_default();
         format!("service {}{subset} has no endpoints", chosen.service)
     })?;

@@ -275,16 +275,22 @@ pub fn subset_id(service: &str, subset: &str) -> u32 {
     name_id(format!("{service}/{subset}").as_bytes())
 }
 
-/// Picks a destination by weight; `roll` is uniform in 0..100.
-pub fn pick_weighted(destinations: &[WeightedDestination], roll: u32) -> Option<&WeightedDestination> {
-    let mut acc = 0;
-    for d in destinations {
-        acc += d.weight;
-        if roll < acc {
-            return Some(d);
-        }
+/// Picks a destination by weight, as Istio does: weights are relative (`weight / sum of weights`); `roll` is
+/// uniform over a range much larger than the sum. With every weight 0 the first destination is taken.
+pub fn pick_weighted(destinations: &[WeightedDestination], roll: u64) -> Option<&WeightedDestination> {
+    let total: u64 = destinations.iter().map(|d| u64::from(d.weight)).sum();
+    if total == 0 {
+        return destinations.first();
     }
-    destinations.iter().rev().find(|d| d.weight > 0).or(destinations.first())
+    let mut point = roll % total;
+    destinations.iter().find(|d| {
+        let weight = u64::from(d.weight);
+        if point < weight {
+            return true;
+        }
+        point -= weight;
+        false
+    })
 }
 
 #[cfg(test)]
@@ -331,6 +337,16 @@ mod tests {
     }
 
     #[test]
+    fn weights_are_relative() {
+        let d = |subset: &str, weight| WeightedDestination { service: "s".into(), subset: Some(subset.into()), port: None, weight };
+        let split = [d("a", 3), d("b", 1)];
+        let picks: Vec<_> = (0..8).map(|roll| pick_weighted(&split, roll).unwrap().subset.clone().unwrap()).collect();
+        assert_eq!(picks, ["a", "a", "a", "b", "a", "a", "a", "b"], "3:1 of every 4 rolls");
+        let zero = [d("a", 0), d("b", 5)];
+        assert!((0..10).all(|roll| pick_weighted(&zero, roll).unwrap().subset.as_deref() == Some("b")), "weight 0 gets nothing");
+    }
+
+    #[test]
     fn allow_nothing_and_unconditional_deny_are_l4() {
         let ip: IpAddr = "10.244.1.2".parse().unwrap();
         let none = tables("");
@@ -348,7 +364,14 @@ mod tests {
             "apiVersion: security.istio.io/v1\nkind: AuthorizationPolicy\nmetadata: {name: p, namespace: shop}\n\
              spec: {action: DENY, rules: [{from: [{source: {namespaces: [evil]}}]}]}\n",
         );
-        assert!(by_source.l4_policy("n1").is_empty(), "depends on the client: the proxy's job");
+        // Source rules are not enforced yet: the DENY rule fails closed and applies to every client.
+        assert_eq!(by_source.l4_policy("n1").keys().cloned().collect::<Vec<_>>(), [PolicyKey::new(ip, 0)]);
+        let allow_principal = tables(
+            "apiVersion: security.istio.io/v1\nkind: AuthorizationPolicy\nmetadata: {name: p, namespace: shop}\n\
+             spec: {rules: [{from: [{source: {principals: [cluster.local/ns/shop/sa/sleep]}}]}]}\n",
+        );
+        // …and an ALLOW rule that needs the client's identity matches nothing: the pod allows no one.
+        assert_eq!(allow_principal.l4_policy("n1").keys().cloned().collect::<Vec<_>>(), [PolicyKey::new(ip, 0)]);
     }
 
     #[test]

@@ -49,7 +49,7 @@ fn default_namespace() -> String {
 }
 
 /// Everything a source knows, replaced whole on every change.
-#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct Workloads {
     #[serde(default)]

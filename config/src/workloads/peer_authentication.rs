@@ -5,14 +5,17 @@
 //! namespace); the default is PERMISSIVE.
 use std::collections::BTreeMap;
 
-use serde::{Deserialize, Serialize};
+use schemars::JsonSchema;
+use serde::{Deserialize, Deserializer, Serialize};
+
+use crate::istio::Unknown;
 
 use super::Pod;
 
 /// Istio's root namespace, where the mesh-wide policy lives.
 pub const ROOT_NAMESPACE: &str = "istio-system";
 
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
 #[serde(rename_all = "UPPERCASE")]
 pub enum Mode {
     #[default]
@@ -23,39 +26,97 @@ pub enum Mode {
 }
 
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
 pub struct Metadata {
     pub name: String,
     #[serde(default)]
     pub namespace: String,
+    /// RFC 3339 (as the API server writes it): of several policies at one level Istio takes the oldest.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub creation_timestamp: Option<String>,
 }
 
-#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize, JsonSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct Selector {
     #[serde(default)]
     pub match_labels: BTreeMap<String, String>,
+    #[serde(flatten)]
+    pub unknown: Unknown,
 }
 
-#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize, JsonSchema)]
 pub struct MutualTls {
     #[serde(default)]
     pub mode: Mode,
+    #[serde(flatten)]
+    pub unknown: Unknown,
 }
 
-#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize, JsonSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct Spec {
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub selector: Option<Selector>,
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub mtls: Option<MutualTls>,
-    /// Port (as Istio writes it, a string key) → mode; only meaningful with a selector.
-    #[serde(default)]
+    /// Port → mode; only meaningful with a selector. Keys as written: Istio's docs write them as integers
+    /// (`80: {mode: DISABLE}`), JSON as strings; both are read (and checked by validation).
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty", deserialize_with = "port_keys")]
     pub port_level_mtls: BTreeMap<String, MutualTls>,
+    #[serde(flatten)]
+    pub unknown: Unknown,
+}
+
+/// A map key that YAML may give as a string or an integer.
+struct PortKey(String);
+
+impl<'de> Deserialize<'de> for PortKey {
+    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        struct Visitor;
+        impl serde::de::Visitor<'_> for Visitor {
+            type Value = PortKey;
+            fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+                f.write_str("a port number")
+            }
+            fn visit_str<E: serde::de::Error>(self, v: &str) -> Result<PortKey, E> {
+                Ok(PortKey(v.to_string()))
+            }
+            fn visit_u64<E: serde::de::Error>(self, v: u64) -> Result<PortKey, E> {
+                Ok(PortKey(v.to_string()))
+            }
+            fn visit_i64<E: serde::de::Error>(self, v: i64) -> Result<PortKey, E> {
+                Ok(PortKey(v.to_string()))
+            }
+        }
+        deserializer.deserialize_any(Visitor)
+    }
+}
+
+fn port_keys<'de, D: Deserializer<'de>>(deserializer: D) -> Result<BTreeMap<String, MutualTls>, D::Error> {
+    let keyed: BTreeMap<PortKey, MutualTls> = Deserialize::deserialize(deserializer)?;
+    Ok(keyed.into_iter().map(|(k, v)| (k.0, v)).collect())
+}
+
+impl PartialEq for PortKey {
+    fn eq(&self, other: &Self) -> bool {
+        self.0 == other.0
+    }
+}
+impl Eq for PortKey {}
+impl PartialOrd for PortKey {
+    fn partial_cmp(&self, other: &Self) -> Option<std::cmp::Ordering> {
+        Some(self.cmp(other))
+    }
+}
+impl Ord for PortKey {
+    fn cmp(&self, other: &Self) -> std::cmp::Ordering {
+        self.0.cmp(&other.0)
+    }
 }
 
 /// A PeerAuthentication as users write it (apiVersion/kind are accepted and ignored).
-#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 pub struct PeerAuthentication {
     #[serde(default, skip_serializing_if = "Option::is_none", rename = "apiVersion")]
     pub api_version: Option<String>,
@@ -79,14 +140,19 @@ impl PeerAuthentication {
     }
 }
 
-/// Of the policies in `namespace` that `keep` accepts, the first by name (several at one level: Istio
-/// takes the oldest; we need a deterministic choice without timestamps).
+/// Of the policies in `namespace` that `keep` accepts, the oldest, then the first by name (as Istio).
 fn first<'a>(
     policies: &'a [PeerAuthentication],
     namespace: &str,
     keep: impl Fn(&PeerAuthentication) -> bool,
 ) -> Option<&'a PeerAuthentication> {
-    policies.iter().filter(|p| p.metadata.namespace == namespace && keep(p)).min_by(|a, b| a.metadata.name.cmp(&b.metadata.name))
+    policies.iter().filter(|p| p.metadata.namespace == namespace && keep(p)).min_by(|a, b| {
+        (a.metadata.creation_timestamp.is_none(), &a.metadata.creation_timestamp, &a.metadata.name).cmp(&(
+            b.metadata.creation_timestamp.is_none(),
+            &b.metadata.creation_timestamp,
+            &b.metadata.name,
+        ))
+    })
 }
 
 /// The mode that applies to inbound traffic for `pod` on `port`.
@@ -141,5 +207,26 @@ mod tests {
         assert_eq!(effective_mode(&pod(&[("app", "ratings")]), 9080, &all), Mode::Permissive, "selector does not match");
         let unset = policy("metadata: {name: w, namespace: bookinfo}\nspec: {selector: {matchLabels: {app: reviews}}, mtls: {mode: UNSET}}");
         assert_eq!(effective_mode(&p, 9080, &[mesh, unset]), Mode::Strict, "UNSET inherits");
+    }
+
+    #[test]
+    fn port_keys_as_istios_docs_write_them() {
+        // Istio's docs write portLevelMtls keys as integers.
+        let workload = policy(
+            "metadata: {name: w, namespace: bookinfo}\nspec:\n  selector: {matchLabels: {app: reviews}}\n  mtls: {mode: STRICT}\n  portLevelMtls:\n    80: {mode: DISABLE}\n",
+        );
+        let p = pod(&[("app", "reviews")]);
+        assert_eq!(effective_mode(&p, 80, std::slice::from_ref(&workload)), Mode::Disable);
+        assert_eq!(effective_mode(&p, 81, &[workload]), Mode::Strict, "control: another port");
+    }
+
+    #[test]
+    fn the_oldest_policy_at_a_level_wins() {
+        let p = pod(&[]);
+        let old = policy("metadata: {name: z, namespace: bookinfo, creationTimestamp: '2024-01-01T00:00:00Z'}\nspec: {mtls: {mode: STRICT}}");
+        let new = policy("metadata: {name: a, namespace: bookinfo, creationTimestamp: '2025-01-01T00:00:00Z'}\nspec: {mtls: {mode: DISABLE}}");
+        assert_eq!(effective_mode(&p, 1, &[new.clone(), old.clone()]), Mode::Strict, "older wins over the first name");
+        let same = policy("metadata: {name: a, namespace: bookinfo, creationTimestamp: '2024-01-01T00:00:00Z'}\nspec: {mtls: {mode: DISABLE}}");
+        assert_eq!(effective_mode(&p, 1, &[old, same]), Mode::Disable, "same age: first by name");
     }
 }

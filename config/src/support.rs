@@ -1,0 +1,465 @@
+//! Which fields of Istio's API Warren acts on — the rule that nothing a user writes is dropped in silence.
+//!
+//! Every field of every kind Warren reads has an entry here: acted on ([`Support::Field`], [`Support::Map`]),
+//! acted on for some values only ([`Support::Values`], [`Support::Check`]), or not yet
+//! ([`Support::Unsupported`], with what happens instead). [`review`] walks an object's spec as written and
+//! names every field that is set but not honoured, and every field Istio does not define; the controller
+//! puts them in the object's `Accepted` condition (reason `Unsupported`) and a Warning Event, and `analyze`
+//! prints them. A test derives the field list from the API types (schemars) and fails when a field has no
+//! entry, so a field added to [`crate::istio`] cannot be forgotten here.
+//!
+//! Security fields that cannot be enforced fail closed; [`crate::compile`] applies that (an ALLOW rule that
+//! uses one matches nothing, a DENY rule applies without it) and the reasons below say so.
+use std::{collections::HashMap, sync::OnceLock};
+
+use serde_json::Value;
+
+use crate::validate::FieldError;
+
+#[derive(Clone, Copy)]
+pub enum Support {
+    /// Acted on; an object's (or a list of objects') own fields have entries of their own.
+    Field,
+    /// Acted on; a map whose keys are the user's (labels, header names), not walked.
+    Map,
+    /// A map whose values are objects with entries under `<path>.*`.
+    MapOf,
+    /// Acted on for these values; any other value is reported with the reason.
+    Values(&'static [&'static str], &'static str),
+    /// Acted on when the check returns `None`; otherwise the reason it returns.
+    Check(fn(&Value) -> Option<String>),
+    /// Set but not acted on: why, and what the data plane does instead.
+    Unsupported(&'static str),
+}
+
+const L7: &str = "needs the L7 proxy, which Warren does not have yet (HTTP is routed per connection by the rule without a match)";
+const HTTP_MATCH: &str = "HTTP match conditions need the L7 proxy, which Warren does not have yet: this rule is not applied, \
+     connections take the first rule without a match";
+const TCP_MATCH: &str = "is not evaluated yet: this match is not applied (a rule whose matches are all unapplied is skipped)";
+const TLS_ROUTES: &str = "TLS (SNI) routing is not implemented: TLS connections take the tcp rules, or the service itself";
+const EXPORT_TO: &str = "only \"*\" (the default) is implemented: the object is visible to every namespace";
+const GATEWAYS: &str = "only the mesh gateway is served (Warren has no gateways yet): routes bound to other gateways are not applied";
+const RESILIENCE: &str = "is not implemented yet: the agent connects to a random endpoint of the destination with no limits";
+const CLIENT_TLS: &str = "is not implemented: the agent uses HBONE mTLS to enrolled destinations and plaintext to others";
+const SELECTOR_DR: &str = "is not implemented: the DestinationRule applies to every client";
+const SE_ENDPOINT: &str = "is not implemented: endpoints are used by address with the service port, equally";
+const ALLOW_CLOSED: &str = "is not enforced yet: fail closed — an ALLOW rule that uses it matches nothing";
+const DENY_CLOSED: &str = "is not enforced yet: fail closed — this DENY rule applies without it (denies more, never less)";
+const TARGET_REF: &str = "is not supported: fail closed — the policy applies to every workload in its namespace";
+pub const GATEWAY_KIND: &str = "Warren has no gateways yet: this Gateway is checked, not served";
+
+type Table = HashMap<String, Support>;
+
+fn table(entries: &[(&str, Support)]) -> Table {
+    entries.iter().map(|(path, support)| (path.to_string(), *support)).collect()
+}
+
+/// `entries` once at the top level and once under each of `prefixes` (a DestinationRule's traffic policy
+/// appears at the top and in every subset).
+fn nested(prefixes: &[&str], entries: &[(&str, Support)]) -> Vec<(String, Support)> {
+    prefixes
+        .iter()
+        .flat_map(|prefix| entries.iter().map(move |(path, s)| (format!("{prefix}{path}"), *s)))
+        .collect()
+}
+
+fn virtual_service() -> Table {
+    use Support::*;
+    let mut t = table(&[
+        ("hosts", Field),
+        ("gateways", Values(&["mesh"], GATEWAYS)),
+        ("exportTo", Values(&["*"], EXPORT_TO)),
+        ("tls", Unsupported(TLS_ROUTES)),
+        ("http", Field),
+        ("http[].name", Field),
+        ("http[].match", Unsupported(HTTP_MATCH)),
+        ("http[].route", Field),
+        ("http[].route[].weight", Field),
+        ("http[].route[].headers", Unsupported(L7)),
+        ("tcp", Field),
+        ("tcp[].match", Field),
+        ("tcp[].match[].port", Field),
+        ("tcp[].match[].destinationSubnets", Unsupported(TCP_MATCH)),
+        ("tcp[].match[].sourceLabels", Unsupported(TCP_MATCH)),
+        ("tcp[].match[].gateways", Unsupported(TCP_MATCH)),
+        ("tcp[].match[].sourceNamespace", Unsupported(TCP_MATCH)),
+        ("tcp[].match[].sourceSubnet", Unsupported(TCP_MATCH)),
+        ("tcp[].route", Field),
+        ("tcp[].route[].weight", Field),
+    ]);
+    for l7 in [
+        "redirect", "directResponse", "delegate", "rewrite", "timeout", "retries", "fault", "mirror", "mirrors",
+        "mirrorPercent", "mirrorPercentage", "corsPolicy", "headers",
+    ] {
+        t.insert(format!("http[].{l7}"), Unsupported(L7));
+    }
+    for route in ["http[].route[]", "tcp[].route[]"] {
+        for field in ["destination", "destination.host", "destination.subset", "destination.port", "destination.port.number"] {
+            t.insert(format!("{route}.{field}"), Field);
+        }
+    }
+    t
+}
+
+fn destination_rule() -> Table {
+    use Support::*;
+    let mut t = table(&[
+        ("host", Field),
+        ("exportTo", Values(&["*"], EXPORT_TO)),
+        ("workloadSelector", Unsupported(SELECTOR_DR)),
+        ("subsets", Field),
+        ("subsets[].name", Field),
+        ("subsets[].labels", Map),
+    ]);
+    let policy = [
+        ("trafficPolicy", Field),
+        ("trafficPolicy.loadBalancer", Unsupported(RESILIENCE)),
+        ("trafficPolicy.connectionPool", Unsupported(RESILIENCE)),
+        ("trafficPolicy.outlierDetection", Unsupported(RESILIENCE)),
+        ("trafficPolicy.portLevelSettings", Unsupported(RESILIENCE)),
+        ("trafficPolicy.tunnel", Unsupported(RESILIENCE)),
+        ("trafficPolicy.proxyProtocol", Unsupported(RESILIENCE)),
+        ("trafficPolicy.retryBudget", Unsupported(RESILIENCE)),
+        ("trafficPolicy.tls", Field),
+        // The mesh's own mTLS: what Warren does between enrolled pods anyway (HBONE).
+        ("trafficPolicy.tls.mode", Values(&["ISTIO_MUTUAL"], CLIENT_TLS)),
+    ];
+    t.extend(nested(&["", "subsets[]."], &policy));
+    let tls_fields = [
+        "clientCertificate", "privateKey", "caCertificates", "credentialName", "subjectAltNames", "sni",
+        "insecureSkipVerify", "caCrl",
+    ];
+    for prefix in ["", "subsets[]."] {
+        for field in tls_fields {
+            t.insert(format!("{prefix}trafficPolicy.tls.{field}"), Unsupported(CLIENT_TLS));
+        }
+    }
+    t
+}
+
+fn gateway() -> Table {
+    use Support::*;
+    // Nothing here is served yet (GATEWAY_KIND says so once); the fields are listed so typos are named.
+    table(&[
+        ("selector", Map),
+        ("servers", Field),
+        ("servers[].port", Field),
+        ("servers[].port.number", Field),
+        ("servers[].port.name", Field),
+        ("servers[].port.protocol", Field),
+        ("servers[].port.targetPort", Field),
+        ("servers[].bind", Field),
+        ("servers[].hosts", Field),
+        ("servers[].tls", Field),
+        ("servers[].defaultEndpoint", Field),
+        ("servers[].name", Field),
+    ])
+}
+
+fn service_entry() -> Table {
+    use Support::*;
+    table(&[
+        ("hosts", Field),
+        ("addresses", Field),
+        ("ports", Field),
+        ("ports[].number", Field),
+        ("ports[].protocol", Field),
+        ("ports[].name", Field),
+        ("ports[].targetPort", Field),
+        ("location", Values(&["MESH_EXTERNAL"], "MESH_INTERNAL is not implemented: endpoints are reached in plaintext, without identities")),
+        ("resolution", Values(&["STATIC"], "only STATIC is implemented: connections go to the listed endpoints' addresses")),
+        ("endpoints", Field),
+        ("endpoints[].address", Field),
+        ("endpoints[].labels", Map),
+        ("endpoints[].ports", Unsupported(SE_ENDPOINT)),
+        ("endpoints[].network", Unsupported(SE_ENDPOINT)),
+        ("endpoints[].locality", Unsupported(SE_ENDPOINT)),
+        ("endpoints[].weight", Unsupported(SE_ENDPOINT)),
+        ("endpoints[].serviceAccount", Unsupported(SE_ENDPOINT)),
+        ("workloadSelector", Unsupported("is not implemented: only the listed endpoints serve this ServiceEntry")),
+        ("exportTo", Values(&["*"], EXPORT_TO)),
+        ("subjectAltNames", Unsupported(CLIENT_TLS)),
+    ])
+}
+
+fn action(value: &Value) -> Option<String> {
+    match value.as_str() {
+        Some("ALLOW" | "DENY") => None,
+        Some("AUDIT") => Some("AUDIT never blocks (as in Istio); Warren does not write audit records yet".into()),
+        Some("CUSTOM") => Some(
+            "CUSTOM (external authorization) is not supported: fail closed — its rules deny what they match".into(),
+        ),
+        _ => None, // not an action at all: a validation error
+    }
+}
+
+/// How an AuthorizationPolicy is enforced depends on its action (see [`crate::compile`]): what an ALLOW
+/// rule cannot check makes it match nothing; a DENY rule is applied without it.
+fn authorization_policy(policy_action: &str) -> Table {
+    use Support::*;
+    let closed = Unsupported(if policy_action == "ALLOW" { ALLOW_CLOSED } else { DENY_CLOSED });
+    // AUDIT never blocks: its rules change nothing and need no notice each.
+    let rule_field = |enforced_for_deny: bool| match policy_action {
+        "AUDIT" => Field,
+        "DENY" | "CUSTOM" if enforced_for_deny => Field,
+        _ => closed,
+    };
+    let mut t = table(&[
+        ("selector", Field),
+        ("selector.matchLabels", Map),
+        ("targetRef", Unsupported(TARGET_REF)),
+        ("targetRefs", Unsupported(TARGET_REF)),
+        ("action", Check(action)),
+        ("provider", Unsupported("is only for CUSTOM policies, which Warren does not support")),
+        ("rules", Field),
+        ("rules[].from", Field),
+        ("rules[].from[].source", Field),
+        ("rules[].to", Field),
+        ("rules[].to[].operation", Field),
+        ("rules[].to[].operation.ports", rule_field(true)),
+        ("rules[].when", rule_field(false)),
+        // Walked only where `when` itself is (AUDIT).
+        ("rules[].when[].key", Field),
+        ("rules[].when[].values", Field),
+        ("rules[].when[].notValues", Field),
+    ]);
+    for field in [
+        "principals", "notPrincipals", "requestPrincipals", "notRequestPrincipals", "namespaces", "notNamespaces",
+        "ipBlocks", "notIpBlocks", "remoteIpBlocks", "notRemoteIpBlocks",
+    ] {
+        t.insert(format!("rules[].from[].source.{field}"), rule_field(false));
+    }
+    for field in ["hosts", "notHosts", "notPorts", "methods", "notMethods", "paths", "notPaths"] {
+        t.insert(format!("rules[].to[].operation.{field}"), rule_field(false));
+    }
+    t
+}
+
+fn peer_authentication() -> Table {
+    use Support::*;
+    table(&[
+        ("selector", Field),
+        ("selector.matchLabels", Map),
+        ("mtls", Field),
+        ("mtls.mode", Field),
+        ("portLevelMtls", MapOf),
+        ("portLevelMtls.*.mode", Field),
+    ])
+}
+
+/// The field table of `kind` (AuthorizationPolicy: for `action`).
+pub fn fields_of(kind: &str, action: &str) -> Option<&'static Table> {
+    static TABLES: OnceLock<HashMap<&'static str, Table>> = OnceLock::new();
+    let tables = TABLES.get_or_init(|| {
+        HashMap::from([
+            ("VirtualService", virtual_service()),
+            ("DestinationRule", destination_rule()),
+            ("Gateway", gateway()),
+            ("ServiceEntry", service_entry()),
+            ("PeerAuthentication", peer_authentication()),
+            ("AuthorizationPolicy/ALLOW", authorization_policy("ALLOW")),
+            ("AuthorizationPolicy/DENY", authorization_policy("DENY")),
+            ("AuthorizationPolicy/AUDIT", authorization_policy("AUDIT")),
+            ("AuthorizationPolicy/CUSTOM", authorization_policy("CUSTOM")),
+        ])
+    });
+    match kind {
+        "AuthorizationPolicy" => {
+            let action = if matches!(action, "DENY" | "AUDIT" | "CUSTOM") { action } else { "ALLOW" };
+            tables.get(format!("AuthorizationPolicy/{action}").as_str())
+        }
+        _ => tables.get(kind),
+    }
+}
+
+/// Every field of `spec` (an object of `kind`, as JSON) that is set but not honoured, and every field Istio
+/// does not define, with the reason; fields are named from the object (`spec.http[0].match`).
+pub fn review(kind: &str, spec: &Value) -> Vec<FieldError> {
+    let action = spec.get("action").and_then(Value::as_str).unwrap_or("ALLOW");
+    let Some(table) = fields_of(kind, action) else { return Vec::new() };
+    let mut walk = Walk { kind, table, found: Vec::new() };
+    if kind == "Gateway" {
+        walk.found.push(FieldError { field: "spec".into(), reason: GATEWAY_KIND.into() });
+    }
+    walk.object(spec, "", "spec");
+    walk.found
+}
+
+struct Walk<'a> {
+    kind: &'a str,
+    table: &'a Table,
+    found: Vec<FieldError>,
+}
+
+impl Walk<'_> {
+    fn report(&mut self, field: &str, reason: impl Into<String>) {
+        self.found.push(FieldError { field: field.to_string(), reason: reason.into() });
+    }
+
+    /// The fields of an object at `pattern` (table path) / `path` (the user's path).
+    fn object(&mut self, value: &Value, pattern: &str, path: &str) {
+        let Value::Object(fields) = value else { return };
+        for (key, child) in fields {
+            let child_pattern = if pattern.is_empty() { key.clone() } else { format!("{pattern}.{key}") };
+            let child_path = format!("{path}.{key}");
+            match self.table.get(&child_pattern) {
+                Some(support) => self.visit(child, *support, &child_pattern, &child_path),
+                None => self.report(
+                    &child_path,
+                    format!("{key:?} is not a field of Istio's {} API: it is kept, and has no effect", self.kind),
+                ),
+            }
+        }
+    }
+
+    fn visit(&mut self, value: &Value, support: Support, pattern: &str, path: &str) {
+        if let Value::Array(items) = value
+            && !matches!(support, Support::Unsupported(_))
+        {
+            let item_pattern = format!("{pattern}[]");
+            for (i, item) in items.iter().enumerate() {
+                self.visit(item, support, &item_pattern, &format!("{path}[{i}]"));
+            }
+            return;
+        }
+        match support {
+            Support::Field => self.object(value, pattern, path),
+            Support::Map => {}
+            Support::MapOf => {
+                if let Value::Object(entries) = value {
+                    for (key, entry) in entries {
+                        self.object(entry, &format!("{pattern}.*"), &format!("{path}.{key}"));
+                    }
+                }
+            }
+            Support::Values(allowed, reason) => {
+                if !value.as_str().is_some_and(|v| allowed.contains(&v)) {
+                    self.report(path, format!("{value}: {reason}"));
+                }
+            }
+            Support::Check(check) => {
+                if let Some(reason) = check(value) {
+                    self.report(path, reason);
+                }
+            }
+            Support::Unsupported(reason) => self.report(path, reason),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::collections::BTreeSet;
+
+    use super::*;
+
+    /// Every field path the API type defines, in the tables' notation (`http[].match`, `portLevelMtls.*`).
+    fn schema_paths(schema: &Value) -> BTreeSet<String> {
+        fn resolve<'a>(root: &'a Value, node: &'a Value) -> &'a Value {
+            match node.get("$ref").and_then(Value::as_str).and_then(|r| r.strip_prefix("#/$defs/")) {
+                Some(name) => &root["$defs"][name],
+                None => node,
+            }
+        }
+        fn walk(root: &Value, node: &Value, prefix: &str, out: &mut BTreeSet<String>) {
+            let node = resolve(root, node);
+            for alternative in ["anyOf", "oneOf", "allOf"] {
+                for option in node.get(alternative).and_then(Value::as_array).into_iter().flatten() {
+                    walk(root, option, prefix, out);
+                }
+            }
+            if let Some(properties) = node.get("properties").and_then(Value::as_object) {
+                for (key, child) in properties {
+                    let path = if prefix.is_empty() { key.clone() } else { format!("{prefix}.{key}") };
+                    out.insert(path.clone());
+                    walk(root, child, &path, out);
+                }
+            } else if let Some(values) = node.get("additionalProperties").filter(|v| v.is_object()) {
+                walk(root, values, &format!("{prefix}.*"), out);
+            }
+            if let Some(items) = node.get("items") {
+                walk(root, items, &format!("{prefix}[]"), out);
+            }
+        }
+        let mut out = BTreeSet::new();
+        walk(schema, schema, "", &mut out);
+        out
+    }
+
+    /// A path is classified when it has an entry, or lies below one that is not walked further.
+    fn classified(table: &Table, path: &str) -> bool {
+        if table.contains_key(path) {
+            return true;
+        }
+        let mut prefix = path;
+        while let Some(cut) = prefix.rfind(['.', '[']) {
+            prefix = &prefix[..cut];
+            if let Some(support) = table.get(prefix) {
+                return !matches!(support, Support::Field);
+            }
+        }
+        false
+    }
+
+    fn check_kind(kind: &str, action: &str, schema: schemars::Schema) {
+        let table = fields_of(kind, action).unwrap();
+        let paths = schema_paths(&serde_json::to_value(schema).unwrap());
+        let missing: Vec<&String> = paths.iter().filter(|p| !classified(table, p)).collect();
+        assert!(missing.is_empty(), "{kind}: fields with no support entry: {missing:?}");
+        let stale: Vec<&String> =
+            table.keys().filter(|k| !paths.contains(*k) && !k.contains("*")).collect::<Vec<_>>();
+        assert!(stale.is_empty(), "{kind}: entries for fields the type does not have: {stale:?}");
+    }
+
+    #[test]
+    fn every_field_of_every_kind_is_honoured_or_reported() {
+        use crate::istio::*;
+        check_kind("VirtualService", "", schemars::schema_for!(VirtualServiceSpec));
+        check_kind("DestinationRule", "", schemars::schema_for!(DestinationRuleSpec));
+        check_kind("Gateway", "", schemars::schema_for!(GatewaySpec));
+        check_kind("ServiceEntry", "", schemars::schema_for!(ServiceEntrySpec));
+        for action in ["ALLOW", "DENY", "AUDIT", "CUSTOM"] {
+            check_kind("AuthorizationPolicy", action, schemars::schema_for!(AuthorizationPolicySpec));
+        }
+        check_kind("PeerAuthentication", "", schemars::schema_for!(crate::workloads::peer_authentication::Spec));
+    }
+
+    #[test]
+    fn the_check_can_fail() {
+        // Control: a table without an entry for a typed field is caught.
+        let mut table = virtual_service();
+        table.remove("http[].timeout");
+        let paths = schema_paths(&serde_json::to_value(schemars::schema_for!(crate::istio::VirtualServiceSpec)).unwrap());
+        assert!(paths.iter().any(|p| !classified(&table, p)));
+    }
+
+    fn reviewed(kind: &str, yaml: &str) -> Vec<String> {
+        let spec: Value = serde_yaml::from_str(yaml).unwrap();
+        review(kind, &spec).iter().map(ToString::to_string).collect()
+    }
+
+    #[test]
+    fn fields_that_change_behaviour_are_named() {
+        let found = reviewed(
+            "VirtualService",
+            "hosts: [r]\nhttp:\n- match: [{queryParams: {v: {exact: '1'}}}]\n  route: [{destination: {host: r}}]\n  mirror: {host: m}\n\
+             - route: [{destination: {host: r, subsetz: v1}}]\ntcp: [{match: [{sourceLabels: {app: a}}], route: [{destination: {host: r}}]}]\n",
+        );
+        assert!(found[0].starts_with("spec.http[0].match: HTTP match conditions need the L7 proxy"), "{found:#?}");
+        assert!(found.iter().any(|f| f.starts_with("spec.http[0].mirror: needs the L7 proxy")), "{found:#?}");
+        assert!(found.iter().any(|f| f.starts_with("spec.http[1].route[0].destination.subsetz: \"subsetz\" is not a field")), "{found:#?}");
+        assert!(found.iter().any(|f| f.starts_with("spec.tcp[0].match[0].sourceLabels: is not evaluated")), "{found:#?}");
+        // Control: what Warren honours produces nothing.
+        assert_eq!(reviewed("VirtualService", "hosts: [r]\ngateways: [mesh]\nhttp: [{route: [{destination: {host: r, subset: v1}, weight: 3}]}]"), Vec::<String>::new());
+    }
+
+    #[test]
+    fn security_fields_say_they_fail_closed() {
+        let allow = reviewed("AuthorizationPolicy", "rules: [{from: [{source: {requestPrincipals: ['*']}}]}]");
+        assert_eq!(allow, ["spec.rules[0].from[0].source.requestPrincipals: is not enforced yet: fail closed — an ALLOW rule that uses it matches nothing"]);
+        let deny = reviewed("AuthorizationPolicy", "action: DENY\nrules: [{to: [{operation: {ports: ['9090'], methods: [GET]}}]}]");
+        assert_eq!(deny, ["spec.rules[0].to[0].operation.methods: is not enforced yet: fail closed — this DENY rule applies without it (denies more, never less)"]);
+        assert_eq!(reviewed("PeerAuthentication", "selector: {matchLabels: {app: a}}\nportLevelMtls: {'80': {mode: DISABLE, mod: x}}"),
+            ["spec.portLevelMtls.80.mod: \"mod\" is not a field of Istio's PeerAuthentication API: it is kept, and has no effect"]);
+    }
+}
