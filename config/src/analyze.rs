@@ -20,11 +20,10 @@ use std::collections::{BTreeMap, BTreeSet, HashMap};
 use kube::ResourceExt;
 
 use crate::{
+    check::{Checked, IstioObject},
     cluster::ClusterState,
     compile::{istio_order, qualify},
-    support,
     tables::Origin,
-    validate::{self, FieldError},
     workloads::{ISTIO_AMBIENT_LABEL, MESH_LABEL, Pod, peer_authentication::ROOT_NAMESPACE},
 };
 
@@ -90,12 +89,12 @@ impl Report<'_> {
     }
 
     /// Validation errors and unsupported fields of one Istio object.
-    fn object(&mut self, object: &Origin, errors: Vec<FieldError>, spec: &impl serde::Serialize) {
+    fn object(&mut self, object: &Origin, istio: &impl IstioObject) {
+        let Checked { errors, unsupported } = istio.check();
         for e in errors {
             self.add(Level::Error, SCHEMA_VALIDATION_ERROR, object, Some(e.field), e.reason);
         }
-        let spec = serde_json::to_value(spec).unwrap_or_default();
-        for n in support::review(&object.kind, &spec) {
+        for n in unsupported {
             self.add(Level::Warning, UNSUPPORTED_FIELD, object, Some(n.field), n.reason);
         }
     }
@@ -117,11 +116,11 @@ pub fn analyze(state: &ClusterState) -> Vec<Message> {
     virtual_services(&mut report, &hosts);
     gateways(&mut report);
     for se in &state.service_entries {
-        report.object(&origin("ServiceEntry", &se.metadata), validate::service_entry(&se.spec), &se.spec);
+        report.object(&origin("ServiceEntry", &se.metadata), se);
     }
     for ap in &state.authorization_policies {
         let o = origin("AuthorizationPolicy", &ap.metadata);
-        report.object(&o, validate::authorization_policy(&ap.spec), &ap.spec);
+        report.object(&o, ap);
         if let Some(selector) = ap.spec.selector.as_ref().filter(|s| !s.match_labels.is_empty()) {
             let in_scope = |p: &&Pod| p.namespace == o.namespace || o.namespace == ROOT_NAMESPACE;
             if !state.pods.iter().filter(in_scope).any(|p| selects(&selector.match_labels, p)) {
@@ -133,7 +132,7 @@ pub fn analyze(state: &ClusterState) -> Vec<Message> {
     }
     for pa in &state.peer_authentications {
         let o = Origin::new("PeerAuthentication", &pa.metadata.namespace, &pa.metadata.name, None);
-        report.object(&o, validate::peer_authentication(&pa.spec), &pa.spec);
+        report.object(&o, pa);
     }
     namespaces(&mut report);
     let mut out = report.out;
@@ -161,7 +160,7 @@ fn destination_rules(report: &mut Report, hosts: &BTreeSet<String>) {
     for dr in &state.destination_rules {
         let ns = dr.namespace().unwrap_or_default();
         let o = origin("DestinationRule", &dr.metadata);
-        report.object(&o, validate::destination_rule(&dr.spec), &dr.spec);
+        report.object(&o, dr);
         if dr.spec.host.is_empty() {
             continue;
         }
@@ -209,7 +208,7 @@ fn virtual_services(report: &mut Report, hosts: &BTreeSet<String>) {
     for vs in &state.virtual_services {
         let ns = vs.namespace().unwrap_or_default();
         let o = origin("VirtualService", &vs.metadata);
-        report.object(&o, validate::virtual_service(&vs.spec), &vs.spec);
+        report.object(&o, vs);
         for (i, gateway) in vs.spec.gateways.iter().enumerate().filter(|(_, g)| *g != "mesh") {
             let (gateway_ns, name) = gateway.split_once('/').unwrap_or((ns.as_str(), gateway));
             if !gateway_names.contains(&(gateway_ns.to_string(), name.to_string())) {
@@ -266,7 +265,7 @@ fn gateways(report: &mut Report) {
     let state = report.state;
     for gw in &state.gateways {
         let o = origin("Gateway", &gw.metadata);
-        report.object(&o, validate::gateway(&gw.spec), &gw.spec);
+        report.object(&o, gw);
         // As istioctl: the gateway's workload (any namespace) must exist.
         if !gw.spec.selector.is_empty() && !state.pods.iter().any(|p| selects(&gw.spec.selector, p)) {
             let labels: Vec<String> = gw.spec.selector.iter().map(|(k, v)| format!("{k}={v}")).collect();

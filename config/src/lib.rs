@@ -2,6 +2,7 @@
 //! (which applies it): data flows Kubernetes → [`cluster::ClusterState`] → [`compile`] → [`tables`] →
 //! [`push`] → agent.
 pub mod analyze;
+pub mod check;
 pub mod cluster;
 pub mod compile;
 pub mod istio;

@@ -2,19 +2,20 @@
 //! last valid version, or left out if it never had one — so a bad edit leaves the data plane as it was),
 //! compile, and publish a new version when the result differs.
 use std::{
-    collections::{BTreeMap, HashMap},
+    collections::{BTreeMap, HashMap, HashSet},
+    panic::AssertUnwindSafe,
     sync::Arc,
     time::Instant,
 };
 
-use kube::ResourceExt;
 use tokio::sync::watch;
-use tracing::{info, warn};
+use tracing::{error, info, warn};
 use warren_config::{
+    check::{Checked, IstioObject},
     cluster::ClusterState,
     compile::{Compiled, compile},
     tables::Resource,
-    validate::{self, FieldError},
+    validate::FieldError,
 };
 
 /// One compiled version of the mesh.
@@ -24,7 +25,7 @@ pub struct Snapshot {
     pub compiled: Compiled,
 }
 
-/// An Istio object's validation outcome, for its status and Events.
+/// An Istio object's check, for its status and Events.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Verdict {
     pub kind: &'static str,
@@ -33,72 +34,73 @@ pub struct Verdict {
     pub generation: Option<i64>,
     pub uid: Option<String>,
     pub errors: Vec<FieldError>,
+    /// Fields set but not honoured: the object applies without them (security fields fail closed).
+    pub unsupported: Vec<FieldError>,
     /// An invalid object whose last valid generation stays in force.
     pub kept_generation: Option<i64>,
 }
 
+type ObjectKey = (&'static str, String, String);
+
 /// Keeps the last valid version of every object across changes.
 #[derive(Default)]
 pub struct Accepted {
-    last_valid: HashMap<(&'static str, String, String), serde_json::Value>,
+    last_valid: HashMap<ObjectKey, serde_json::Value>,
 }
 
 impl Accepted {
     /// `state` with invalid objects replaced (or removed), and a verdict per checked object.
     pub fn filter(&mut self, mut state: ClusterState) -> (ClusterState, Vec<Verdict>) {
-        let mut verdicts = Vec::new();
-        let mut seen = std::collections::HashSet::new();
-        state.virtual_services =
-            self.keep("VirtualService", std::mem::take(&mut state.virtual_services), |o| validate::virtual_service(&o.spec), &mut verdicts, &mut seen);
-        state.destination_rules =
-            self.keep("DestinationRule", std::mem::take(&mut state.destination_rules), |o| validate::destination_rule(&o.spec), &mut verdicts, &mut seen);
-        state.authorization_policies = self.keep(
-            "AuthorizationPolicy",
-            std::mem::take(&mut state.authorization_policies),
-            |o| validate::authorization_policy(&o.spec),
-            &mut verdicts,
-            &mut seen,
-        );
+        let mut run = Run { accepted: self, verdicts: Vec::new(), seen: HashSet::new() };
+        state.virtual_services = run.keep(std::mem::take(&mut state.virtual_services));
+        state.destination_rules = run.keep(std::mem::take(&mut state.destination_rules));
+        state.gateways = run.keep(std::mem::take(&mut state.gateways));
+        state.service_entries = run.keep(std::mem::take(&mut state.service_entries));
+        state.authorization_policies = run.keep(std::mem::take(&mut state.authorization_policies));
+        state.peer_authentications = run.keep(std::mem::take(&mut state.peer_authentications));
+        let Run { verdicts, seen, .. } = run;
         // Deleted objects are forgotten: re-creating one starts afresh.
         self.last_valid.retain(|key, _| seen.contains(key));
         (state, verdicts)
     }
+}
 
-    fn keep<K>(
-        &mut self,
-        kind: &'static str,
-        objects: Vec<K>,
-        check: impl Fn(&K) -> Vec<FieldError>,
-        verdicts: &mut Vec<Verdict>,
-        seen: &mut std::collections::HashSet<(&'static str, String, String)>,
-    ) -> Vec<K>
-    where
-        K: kube::Resource + serde::Serialize + serde::de::DeserializeOwned,
-    {
+/// One pass of [`Accepted::filter`].
+struct Run<'a> {
+    accepted: &'a mut Accepted,
+    verdicts: Vec<Verdict>,
+    seen: HashSet<ObjectKey>,
+}
+
+impl Run<'_> {
+    fn keep<K: IstioObject>(&mut self, objects: Vec<K>) -> Vec<K> {
         let mut out = Vec::new();
         for object in objects {
-            let key = (kind, object.namespace().unwrap_or_default(), object.name_any());
-            seen.insert(key.clone());
-            let errors = check(&object);
+            let (namespace, name) = object.namespace_name();
+            let key = (K::KIND, namespace.clone(), name.clone());
+            self.seen.insert(key.clone());
+            let Checked { errors, unsupported } = object.check();
             let mut verdict = Verdict {
-                kind,
-                namespace: key.1.clone(),
-                name: key.2.clone(),
-                generation: object.meta().generation,
-                uid: object.meta().uid.clone(),
-                errors: errors.clone(),
+                kind: K::KIND,
+                namespace,
+                name,
+                generation: object.generation(),
+                uid: object.uid(),
+                errors,
+                unsupported,
                 kept_generation: None,
             };
-            if errors.is_empty() {
+            let last_valid = &mut self.accepted.last_valid;
+            if verdict.errors.is_empty() {
                 if let Ok(value) = serde_json::to_value(&object) {
-                    self.last_valid.insert(key, value);
+                    last_valid.insert(key, value);
                 }
                 out.push(object);
-            } else if let Some(previous) = self.last_valid.get(&key).and_then(|v| serde_json::from_value::<K>(v.clone()).ok()) {
-                verdict.kept_generation = previous.meta().generation;
+            } else if let Some(previous) = last_valid.get(&key).and_then(|v| serde_json::from_value::<K>(v.clone()).ok()) {
+                verdict.kept_generation = previous.generation();
                 out.push(previous);
             }
-            verdicts.push(verdict);
+            self.verdicts.push(verdict);
         }
         out
     }
@@ -114,7 +116,17 @@ pub fn run(mut states: watch::Receiver<ClusterState>, verdicts: watch::Sender<Ve
         while states.changed().await.is_ok() {
             let state = states.borrow_and_update().clone();
             let previous = tx.borrow().clone();
-            let next = step(&mut accepted, state, Some(&previous), &verdicts);
+            // A bug in compile must not freeze the control plane: the version in force stays, and the next
+            // change is compiled afresh.
+            let stepped = std::panic::catch_unwind(AssertUnwindSafe(|| step(&mut accepted, state, Some(&previous), &verdicts)));
+            let next = match stepped {
+                Ok(next) => next,
+                Err(panic) => {
+                    let what = panic.downcast_ref::<String>().map(String::as_str).or(panic.downcast_ref::<&str>().copied());
+                    error!(version = previous.version, "compiling the new state panicked ({}); version {} stays in force", what.unwrap_or("?"), previous.version);
+                    continue;
+                }
+            };
             if next.version != previous.version && tx.send(Arc::new(next)).is_err() {
                 return;
             }
@@ -135,6 +147,10 @@ fn step(
         let errors: Vec<String> = v.errors.iter().map(ToString::to_string).collect();
         warn!(kind = v.kind, namespace = %v.namespace, name = %v.name, kept_generation = ?v.kept_generation,
             "invalid: {}", errors.join("; "));
+    }
+    for v in checked.iter().filter(|v| v.errors.is_empty() && !v.unsupported.is_empty()) {
+        let fields: Vec<String> = v.unsupported.iter().map(ToString::to_string).collect();
+        warn!(kind = v.kind, namespace = %v.namespace, name = %v.name, "applied without what Warren does not honour: {}", fields.join("; "));
     }
     verdicts.send_if_modified(|current| {
         let changed = *current != checked;
@@ -166,4 +182,55 @@ fn step(
 
 fn same(a: &BTreeMap<String, Arc<Resource>>, b: &BTreeMap<String, Arc<Resource>>) -> bool {
     a.len() == b.len() && a.iter().zip(b).all(|((ka, va), (kb, vb))| ka == kb && Arc::ptr_eq(va, vb))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn state(timeout: &str, weight_v2: i64) -> ClusterState {
+        let mut state = ClusterState::default();
+        state
+            .add_yaml(&format!(
+                "apiVersion: v1\nkind: Service\nmetadata: {{name: reviews, namespace: shop}}\nspec: {{clusterIP: 10.96.0.1, ports: [{{port: 80}}]}}\n---\n\
+                 apiVersion: networking.istio.io/v1\nkind: VirtualService\nmetadata: {{name: reviews, namespace: shop, generation: {weight_v2}}}\n\
+                 spec: {{hosts: [reviews], http: [{{timeout: {timeout}, route: [{{destination: {{host: reviews, subset: v1}}, weight: 1}}, {{destination: {{host: reviews, subset: v2}}, weight: {weight_v2}}}]}}]}}\n"
+            ))
+            .unwrap();
+        state
+    }
+
+    #[tokio::test]
+    async fn a_hostile_edit_is_refused_and_the_next_one_compiles() {
+        let (states_tx, states) = watch::channel(state("1s", 1));
+        let (verdicts_tx, mut verdicts) = watch::channel(Vec::<Verdict>::new());
+        let mut snapshots = run(states, verdicts_tx);
+        assert_eq!(snapshots.borrow().version, 1);
+        // Once a panic in Duration::from_secs_f64 that froze the pipeline.
+        states_tx.send(state("100000000000000000000000h", 2)).unwrap();
+        let refused = tokio::time::timeout(std::time::Duration::from_secs(5), verdicts.wait_for(|v| v.iter().any(|v| !v.errors.is_empty())))
+            .await
+            .unwrap()
+            .unwrap()
+            .clone();
+        assert!(refused[0].errors[0].reason.contains("exceeds the longest duration"), "{refused:?}");
+        assert_eq!(refused[0].kept_generation, Some(1));
+        // The pipeline still compiles the next edit.
+        states_tx.send(state("2s", 3)).unwrap();
+        tokio::time::timeout(std::time::Duration::from_secs(5), snapshots.changed()).await.unwrap().unwrap();
+        assert_eq!(snapshots.borrow().version, 2);
+    }
+
+    #[tokio::test]
+    async fn unsupported_fields_are_named_and_the_object_applies() {
+        let mut state = state("1s", 1);
+        state.virtual_services[0].spec.http[0].mirror = Some(serde_json::json!({"host": "shadow"}));
+        let (_states_tx, states) = watch::channel(state);
+        let (verdicts_tx, verdicts) = watch::channel(Vec::new());
+        let snapshots = run(states, verdicts_tx);
+        let verdict = verdicts.borrow()[0].clone();
+        assert!(verdict.errors.is_empty());
+        assert_eq!(verdict.unsupported[0].field, "spec.http[0].mirror");
+        assert!(snapshots.borrow().compiled.resources.contains_key("route/shop/reviews"), "applied without the mirror");
+    }
 }

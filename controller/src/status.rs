@@ -18,8 +18,32 @@ use tracing::{debug, warn};
 use crate::pipeline::Verdict;
 
 fn api_resource(kind: &str) -> ApiResource {
-    let group = if kind == "AuthorizationPolicy" { "security.istio.io" } else { "networking.istio.io" };
-    ApiResource::from_gvk(&GroupVersionKind::gvk(group, "v1", kind))
+    ApiResource::from_gvk(&GroupVersionKind::gvk(warren_config::check::group_of(kind), "v1", kind))
+}
+
+fn joined(fields: &[warren_config::validate::FieldError]) -> String {
+    fields.iter().map(ToString::to_string).collect::<Vec<_>>().join("; ")
+}
+
+/// The `Accepted` condition (status, reason, message) and, for a Warning Event, its reason.
+fn condition(verdict: &Verdict) -> (&'static str, &'static str, String, Option<&'static str>) {
+    if !verdict.errors.is_empty() {
+        let kept = match verdict.kept_generation {
+            Some(g) => format!(" (generation {g} stays in force)"),
+            None => " (not applied)".to_string(),
+        };
+        let unsupported = if verdict.unsupported.is_empty() {
+            String::new()
+        } else {
+            format!("; not honoured: {}", joined(&verdict.unsupported))
+        };
+        return ("False", "Invalid", format!("{}{kept}{unsupported}", joined(&verdict.errors)), Some("InvalidConfig"));
+    }
+    if !verdict.unsupported.is_empty() {
+        let text = format!("in force without what Warren does not honour yet: {}", joined(&verdict.unsupported));
+        return ("True", "Unsupported", text, Some("UnsupportedConfig"));
+    }
+    ("True", "Valid", "the configuration is valid and in force".to_string(), None)
 }
 
 /// Writes each verdict once per (object, generation, outcome).
@@ -28,17 +52,12 @@ pub async fn run(client: Client, mut verdicts: watch::Receiver<Vec<Verdict>>) {
     loop {
         let current = verdicts.borrow_and_update().clone();
         for verdict in current {
-            let message = if verdict.errors.is_empty() {
-                String::new()
-            } else {
-                verdict.errors.iter().map(ToString::to_string).collect::<Vec<_>>().join("; ")
-            };
             let key = (verdict.kind.to_string(), verdict.namespace.clone(), verdict.name.clone());
-            let outcome = (verdict.generation, message.clone());
+            let outcome = (verdict.generation, condition(&verdict).2);
             if written.get(&key) == Some(&outcome) {
                 continue;
             }
-            match write(&client, &verdict, &message).await {
+            match write(&client, &verdict).await {
                 Ok(()) => {
                     written.insert(key, outcome);
                 }
@@ -51,17 +70,9 @@ pub async fn run(client: Client, mut verdicts: watch::Receiver<Vec<Verdict>>) {
     }
 }
 
-async fn write(client: &Client, verdict: &Verdict, message: &str) -> anyhow::Result<()> {
+async fn write(client: &Client, verdict: &Verdict) -> anyhow::Result<()> {
     let now = Timestamp::now();
-    let (status, reason, text) = if verdict.errors.is_empty() {
-        ("True", "Valid", "the configuration is valid and in force".to_string())
-    } else {
-        let kept = match verdict.kept_generation {
-            Some(g) => format!(" (generation {g} stays in force)"),
-            None => " (not applied)".to_string(),
-        };
-        ("False", "Invalid", format!("{message}{kept}"))
-    };
+    let (status, reason, text, event_reason) = condition(verdict);
     let patch = serde_json::json!({"status": {
         "observedGeneration": verdict.generation,
         "conditions": [{
@@ -72,7 +83,7 @@ async fn write(client: &Client, verdict: &Verdict, message: &str) -> anyhow::Res
     let api: Api<DynamicObject> = Api::namespaced_with(client.clone(), &verdict.namespace, &api_resource(verdict.kind));
     api.patch_status(&verdict.name, &PatchParams::default(), &Patch::Merge(&patch)).await?;
     debug!(kind = verdict.kind, name = %verdict.name, status, "status written");
-    if !verdict.errors.is_empty() {
+    if let Some(event_reason) = event_reason {
         let events: Api<Event> = Api::namespaced(client.clone(), &verdict.namespace);
         let event = Event {
             metadata: ObjectMeta { generate_name: Some(format!("{}.", verdict.name)), ..Default::default() },
@@ -84,7 +95,7 @@ async fn write(client: &Client, verdict: &Verdict, message: &str) -> anyhow::Res
                 uid: verdict.uid.clone(),
                 ..Default::default()
             },
-            reason: Some("InvalidConfig".into()),
+            reason: Some(event_reason.into()),
             message: Some(text),
             type_: Some("Warning".into()),
             source: Some(EventSource { component: Some("warren-controller".into()), host: None }),

@@ -131,11 +131,11 @@ fn controller_pushes_routes_into_every_agents_maps_and_survives_an_outage() {
     let routes = a1.inspect_live(&["routes"]).unwrap();
     assert!(routes.contains("VirtualService default/reviews") && routes.contains("default/reviews/v2:100%"), "{routes}");
 
-    // A bad edit (weights sum to 90, a malformed timeout): refused with the field named; nothing changes.
+    // A bad edit (a negative weight, a malformed timeout): refused with the field named; nothing changes.
     let version = a1.config().unwrap()["version"].as_u64().unwrap();
-    std::fs::write(dir.join("10-vs.yaml"), to_v2(80).replace("weight: 20", "weight: 10").replace("  - route:", "  - timeout: soon\n    route:")).unwrap();
+    std::fs::write(dir.join("10-vs.yaml"), to_v2(80).replace("weight: 20", "weight: -10").replace("  - route:", "  - timeout: soon\n    route:")).unwrap();
     let deadline = Instant::now() + Duration::from_secs(5);
-    while !controller.log().contains("spec.http[0].route: weights sum to 90, not 100") {
+    while !controller.log().contains("spec.http[0].route[0].weight: -10 is negative") {
         assert!(Instant::now() < deadline, "no validation error in the controller log:\n{}", controller.log());
         std::thread::sleep(Duration::from_millis(20));
     }
@@ -152,7 +152,7 @@ fn controller_pushes_routes_into_every_agents_maps_and_survives_an_outage() {
         .unwrap();
     let report = String::from_utf8_lossy(&analyze.stdout);
     assert!(!analyze.status.success(), "analyze must fail on errors: {report}");
-    assert!(report.contains("Error [IST0106] (VirtualService default/reviews) spec.http[0].route: weights sum to 90, not 100"), "{report}");
+    assert!(report.contains("Error [IST0106] (VirtualService default/reviews) spec.http[0].route[0].weight: -10 is negative"), "{report}");
 
     // Delete: the route goes back to the service's own endpoints on every agent.
     std::fs::remove_file(dir.join("10-vs.yaml")).unwrap();
@@ -373,7 +373,7 @@ async fn api_scenario(kubeconfig: &Path) -> anyhow::Result<()> {
 
     // A bad edit: the status condition and a Warning Event name the field; the maps keep the last good route.
     let mut bad = vs(80)?;
-    bad.data["spec"]["http"][0]["route"][0]["weight"] = 10.into();
+    bad.data["spec"]["http"][0]["route"][1]["weight"] = (-10).into();
     bad.data["spec"]["http"][0]["timeout"] = "soon".into();
     istio("VirtualService").patch("reviews", &PatchParams::default(), &Patch::Merge(&serde_json::json!({"spec": bad.data["spec"]}))).await?;
     let deadline = Instant::now() + Duration::from_secs(10);
@@ -389,7 +389,7 @@ async fn api_scenario(kubeconfig: &Path) -> anyhow::Result<()> {
     let message = condition["message"].as_str().unwrap_or_default();
     assert_eq!(condition["type"], "Accepted");
     assert_eq!(condition["reason"], "Invalid");
-    assert!(message.contains("spec.http[0].route: weights sum to 90, not 100"), "{message}");
+    assert!(message.contains("spec.http[0].route[1].weight: -10 is negative"), "{message}");
     assert!(message.contains("spec.http[0].timeout: \"soon\" is not a duration"), "{message}");
     assert!(message.contains("generation 1 stays in force"), "{message}");
     let events: Api<Event> = Api::namespaced(client.clone(), &ns);
@@ -399,7 +399,7 @@ async fn api_scenario(kubeconfig: &Path) -> anyhow::Result<()> {
         let found = list.items.iter().any(|e| {
             e.reason.as_deref() == Some("InvalidConfig")
                 && e.involved_object.kind.as_deref() == Some("VirtualService")
-                && e.message.as_deref().is_some_and(|m| m.contains("spec.http[0].route: weights sum to 90"))
+                && e.message.as_deref().is_some_and(|m| m.contains("spec.http[0].route[1].weight: -10 is negative"))
         });
         if found {
             break;
@@ -417,7 +417,7 @@ async fn api_scenario(kubeconfig: &Path) -> anyhow::Result<()> {
     let analyze = std::process::Command::new(bin_path("warren-agent")?).arg("analyze").arg("--kubeconfig").arg(kubeconfig).output()?;
     let report = String::from_utf8_lossy(&analyze.stdout);
     assert!(!analyze.status.success(), "{report}");
-    assert!(report.contains(&format!("Error [IST0106] (VirtualService {ns}/reviews) spec.http[0].route: weights sum to 90, not 100")), "{report}");
+    assert!(report.contains(&format!("Error [IST0106] (VirtualService {ns}/reviews) spec.http[0].route[1].weight: -10 is negative")), "{report}");
 
     // Delete: removed from every agent's route.
     let deleted = Instant::now();
