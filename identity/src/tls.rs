@@ -33,9 +33,12 @@ impl TrustBundle {
         if roots.is_empty() {
             return Err(Error::General("trust bundle: no certificate in PEM".into()));
         }
+        // The CertificateRequest's certificate_authorities (RFC 8446 4.2.4) are DER `Name`s. webpki's
+        // anchor holds the subject's contents without their outer SEQUENCE, which other stacks refuse
+        // (OpenSSL aborts in parse_ca_names; Go sends no certificate), so wrap them back in one.
         let subjects = roots
             .iter()
-            .filter_map(|r| webpki::anchor_from_trusted_cert(r).ok().map(|a| DistinguishedName::from(a.subject.to_vec())))
+            .filter_map(|r| webpki::anchor_from_trusted_cert(r).ok().map(|a| DistinguishedName::in_sequence(a.subject.as_ref())))
             .collect();
         Ok(TrustBundle { trust_domain: trust_domain.to_string(), roots, subjects })
     }

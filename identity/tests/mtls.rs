@@ -1,9 +1,15 @@
 //! Real TLS 1.3 handshakes over loopback TCP between configs built by `warren_identity::tls`.
 use std::{
-    sync::Arc,
+    sync::{Arc, Mutex},
     time::{Duration, SystemTime},
 };
 
+use rustls::{
+    SignatureScheme,
+    client::ResolvesClientCert,
+    pki_types::{CertificateDer, pem::PemObject},
+    sign::CertifiedKey,
+};
 use tokio::{
     io::{AsyncReadExt, AsyncWriteExt},
     net::{TcpListener, TcpStream},
@@ -13,6 +19,7 @@ use warren_identity::{
     CertificateAuthority, Identity, WorkloadCertificate,
     tls::{self, TrustBundle},
 };
+use x509_parser::{prelude::FromDer, x509::X509Name};
 
 const HOUR: Duration = Duration::from_secs(3600);
 
@@ -42,6 +49,10 @@ struct Outcome {
 async fn handshake(server_cert: &WorkloadCertificate, client_cert: &WorkloadCertificate, bundle: &TrustBundle, expected: Vec<Identity>) -> Outcome {
     let server_config = tls::server_config(server_cert, server_cert.key_pem.as_ref().unwrap(), bundle).unwrap();
     let client_config = tls::client_config(client_cert, client_cert.key_pem.as_ref().unwrap(), bundle, expected).unwrap();
+    handshake_with(server_config, client_config).await
+}
+
+async fn handshake_with(server_config: rustls::ServerConfig, client_config: rustls::ClientConfig) -> Outcome {
     let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
     let acceptor = TlsAcceptor::from(Arc::new(server_config));
@@ -79,6 +90,57 @@ async fn mutual_tls_between_workloads_of_one_mesh() {
     let outcome = handshake(&issue(&ca, &server_identity()), &issue(&ca, &client_identity()), &bundle, vec![server_identity()]).await;
     assert_eq!(outcome.server, Ok(client_identity()), "the server knows the client's identity");
     assert_eq!(outcome.client, Ok(server_identity()), "the client verified the server's identity");
+}
+
+/// Records the certificate authorities each CertificateRequest names (as the client received them on the
+/// wire), then answers as the client's own resolver would.
+#[derive(Debug)]
+struct RecordCaNames {
+    inner: Arc<dyn ResolvesClientCert>,
+    seen: Mutex<Vec<Vec<Vec<u8>>>>,
+}
+
+impl ResolvesClientCert for RecordCaNames {
+    fn resolve(&self, root_hint_subjects: &[&[u8]], sigschemes: &[SignatureScheme]) -> Option<Arc<CertifiedKey>> {
+        self.seen.lock().unwrap().push(root_hint_subjects.iter().map(|n| n.to_vec()).collect());
+        self.inner.resolve(root_hint_subjects, sigschemes)
+    }
+
+    fn has_certs(&self) -> bool {
+        self.inner.has_certs()
+    }
+}
+
+#[tokio::test]
+async fn the_certificate_request_names_the_root_by_its_der_subject() {
+    let (ca, bundle) = mesh();
+    let (server_cert, client_cert) = (issue(&ca, &server_identity()), issue(&ca, &client_identity()));
+    let server_config = tls::server_config(&server_cert, server_cert.key_pem.as_ref().unwrap(), &bundle).unwrap();
+    let mut client_config =
+        tls::client_config(&client_cert, client_cert.key_pem.as_ref().unwrap(), &bundle, vec![server_identity()]).unwrap();
+    let recorder = Arc::new(RecordCaNames { inner: client_config.client_auth_cert_resolver.clone(), seen: Mutex::default() });
+    client_config.client_auth_cert_resolver = recorder.clone();
+    let outcome = handshake_with(server_config, client_config).await;
+    assert_eq!(outcome.server, Ok(client_identity()));
+    assert_eq!(outcome.client, Ok(server_identity()));
+
+    let root_der = CertificateDer::from_pem_slice(ca.root_pem().as_bytes()).unwrap();
+    let (_, root) = x509_parser::parse_x509_certificate(root_der.as_ref()).unwrap();
+    let seen = recorder.seen.lock().unwrap().clone();
+    let [names] = seen.as_slice() else { panic!("expected one CertificateRequest, saw {seen:?}") };
+    let [name] = names.as_slice() else { panic!("expected the one root among the CA names, got {names:?}") };
+    // RFC 8446 4.2.4: each entry is a DER `Name` (RFC 5280), a SEQUENCE of RDNs — what other stacks
+    // decode (OpenSSL's d2i_X509_NAME, Go's comparison with RawIssuer).
+    let (rest, parsed) = X509Name::from_der(name).expect("the CA name is a DER Name");
+    assert!(rest.is_empty(), "{} bytes after the Name", rest.len());
+    assert_eq!(parsed.as_raw(), root.subject().as_raw(), "exactly the root's subject, outer SEQUENCE included");
+    assert_eq!(parsed.to_string(), "CN=Warren root CA, O=cluster.local");
+
+    // Control: the subject without its outer SEQUENCE (what webpki's trust anchor holds) is not a Name,
+    // so the check above tells the two encodings apart.
+    let anchor = webpki::anchor_from_trusted_cert(&root_der).unwrap();
+    assert!(X509Name::from_der(anchor.subject.as_ref()).is_err());
+    assert_ne!(name.as_slice(), anchor.subject.as_ref());
 }
 
 #[tokio::test]
