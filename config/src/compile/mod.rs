@@ -387,4 +387,73 @@ mod tests {
         // Node n1 sees its own pod and the enrolled pod on n2.
         assert!(compiled.for_node("n1").contains_key("workload/bookinfo/reviews-v3"));
     }
+
+    fn compiled(yaml: &str) -> Compiled {
+        let mut state = ClusterState::default();
+        state.add_yaml(BASE).unwrap();
+        state.add_yaml(yaml).unwrap();
+        compile(&state)
+    }
+
+    fn route_of<'a>(compiled: &'a Compiled, name: &str) -> &'a Route {
+        match compiled.resources[&format!("route/bookinfo/{name}")].as_ref() {
+            Resource::Route(r) => r,
+            _ => panic!(),
+        }
+    }
+
+    const VS: &str = "apiVersion: networking.istio.io/v1\nkind: VirtualService\n";
+    const DR: &str = "apiVersion: networking.istio.io/v1\nkind: DestinationRule\n";
+
+    #[test]
+    fn the_oldest_virtual_service_of_a_host_routes_it() {
+        let two = |a_time: &str, b_time: &str| {
+            compiled(&format!(
+                "{VS}metadata: {{name: a, namespace: bookinfo, creationTimestamp: '{a_time}'}}\nspec: {{hosts: [reviews], tcp: [{{route: [{{destination: {{host: reviews, subset: v1}}}}]}}]}}\n---\n\
+                 {VS}metadata: {{name: b, namespace: bookinfo, creationTimestamp: '{b_time}'}}\nspec: {{hosts: [reviews.bookinfo.svc.cluster.local], tcp: [{{route: [{{destination: {{host: reviews, subset: v3}}}}]}}]}}\n"
+            ))
+        };
+        let older_a = two("2024-01-01T00:00:00Z", "2025-01-01T00:00:00Z");
+        assert_eq!((route_of(&older_a, "a").services.len(), route_of(&older_a, "b").services.len()), (1, 0));
+        let older_b = two("2025-01-01T00:00:00Z", "2024-01-01T00:00:00Z");
+        assert_eq!((route_of(&older_b, "a").services.len(), route_of(&older_b, "b").services.len()), (0, 1), "control: the other order");
+    }
+
+    #[test]
+    fn destination_rules_of_one_host_merge_in_age_order() {
+        let c = compiled(&format!(
+            "{DR}metadata: {{name: late, namespace: bookinfo, creationTimestamp: '2025-01-01T00:00:00Z'}}\n\
+             spec: {{host: reviews, subsets: [{{name: v1, labels: {{version: v3}}}}, {{name: v3, labels: {{version: v3}}}}]}}\n---\n\
+             {DR}metadata: {{name: early, namespace: bookinfo, creationTimestamp: '2024-01-01T00:00:00Z'}}\n\
+             spec: {{host: reviews.bookinfo.svc.cluster.local, subsets: [{{name: v1, labels: {{version: v1}}}}]}}\n"
+        ));
+        let Resource::Service(reviews) = c.resources["service/bookinfo/reviews"].as_ref() else { panic!() };
+        assert_eq!(reviews.subsets, ["v1", "v3"], "both rules' subsets");
+        assert_eq!(reviews.subset_origin.as_ref().unwrap().name, "early");
+        let ips = |subset| reviews.endpoints_in(Some(subset)).map(|e| e.ip.to_string()).collect::<Vec<_>>();
+        assert_eq!((ips("v1"), ips("v3")), (vec!["10.244.1.2".to_string()], vec!["10.244.2.3".to_string()]), "v1 is the older rule's");
+    }
+
+    #[test]
+    fn hosts_qualify_as_istio_and_weights_stay_relative() {
+        assert_eq!(qualify("reviews", "shop"), "reviews.shop.svc.cluster.local");
+        assert_eq!(qualify("reviews.shop", "x"), "reviews.shop", "a name with a dot is taken as written");
+        assert_eq!(qualify("example.com", "x"), "example.com");
+        let c = compiled(&format!(
+            "{VS}metadata: {{name: r, namespace: bookinfo}}\nspec: {{hosts: [reviews], http: [{{route: [{{destination: {{host: reviews, subset: v1}}, weight: 3}}, {{destination: {{host: reviews, subset: v3}}, weight: 1}}]}}]}}\n"
+        ));
+        let weights: Vec<u32> = route_of(&c, "r").http[0].destinations.iter().map(|d| d.weight).collect();
+        assert_eq!(weights, [3, 1]);
+    }
+
+    #[test]
+    fn tcp_matches_warren_cannot_evaluate_are_not_applied() {
+        let c = compiled(&format!(
+            "{VS}metadata: {{name: r, namespace: bookinfo}}\nspec:\n  hosts: [reviews]\n  tcp:\n\
+             \x20 - match: [{{sourceLabels: {{app: sleep}}}}]\n    route: [{{destination: {{host: reviews, subset: v3}}}}]\n\
+             \x20 - match: [{{port: 9080}}, {{port: 9081}}]\n    route: [{{destination: {{host: reviews, subset: v1}}}}]\n"
+        ));
+        let rules: Vec<_> = route_of(&c, "r").tcp.iter().map(|t| (t.port, t.destinations[0].subset.clone().unwrap())).collect();
+        assert_eq!(rules, [(Some(9080), "v1".to_string()), (Some(9081), "v1".to_string())], "the sourceLabels rule is not applied to everyone");
+    }
 }

@@ -419,6 +419,39 @@ async fn api_scenario(kubeconfig: &Path) -> anyhow::Result<()> {
     assert!(!analyze.status.success(), "{report}");
     assert!(report.contains(&format!("Error [IST0106] (VirtualService {ns}/reviews) spec.http[0].route[1].weight: -10 is negative")), "{report}");
 
+    // A valid edit with a field Warren does not honour yet: applied without it, and said so (condition,
+    // Event, analyze) — never dropped in silence.
+    let mut mirrored = vs(100)?;
+    mirrored.data["spec"]["http"][0]["mirror"] = serde_json::json!({"host": "reviews", "subset": "v1"});
+    istio("VirtualService").patch("reviews", &PatchParams::default(), &Patch::Merge(&serde_json::json!({"spec": mirrored.data["spec"]}))).await?;
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let condition = loop {
+        let object = istio("VirtualService").get_status("reviews").await?;
+        let condition = object.data["status"]["conditions"][0].clone();
+        if condition["reason"] == "Unsupported" {
+            break condition;
+        }
+        assert!(Instant::now() < deadline, "no Accepted reason Unsupported: {:#}", object.data["status"]);
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    assert_eq!(condition["status"], "True", "{condition:#}");
+    assert!(condition["message"].as_str().unwrap_or_default().contains("spec.http[0].mirror: needs the L7 proxy"), "{condition:#}");
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let list = events.list(&ListParams::default()).await?;
+        if list.items.iter().any(|e| {
+            e.reason.as_deref() == Some("UnsupportedConfig") && e.message.as_deref().is_some_and(|m| m.contains("spec.http[0].mirror"))
+        }) {
+            break;
+        }
+        assert!(Instant::now() < deadline, "no UnsupportedConfig Event: {:#?}", list.items.iter().map(|e| &e.message).collect::<Vec<_>>());
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    until_all_async(&pins, Duration::from_secs(5), "the mirrored route applied", to_v2_only, vip).await;
+    let analyze = std::process::Command::new(bin_path("warren-agent")?).arg("analyze").arg("--kubeconfig").arg(kubeconfig).output()?;
+    let report = String::from_utf8_lossy(&analyze.stdout);
+    assert!(report.contains(&format!("Warning [WAR0101] (VirtualService {ns}/reviews) spec.http[0].mirror: needs the L7 proxy")), "{report}");
+
     // Delete: removed from every agent's route.
     let deleted = Instant::now();
     istio("VirtualService").delete("reviews", &DeleteParams::default()).await?;
