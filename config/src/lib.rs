@@ -5,6 +5,7 @@ pub mod analyze;
 pub mod cluster;
 pub mod compile;
 pub mod istio;
+pub mod load;
 pub mod push;
 pub mod tables;
 pub mod validate;
