@@ -135,7 +135,7 @@ impl ClusterState {
 
 /// Workload controllers stand in for the pods they would run, where the directory has none of theirs: one
 /// pod each with the template's labels and service account, no IP, on no node — enough for Services and
-/// DestinationRule subsets to resolve. ReplicaSets, StatefulSets and DaemonSets go before Deployments, so
+/// DestinationRule subsets to resolve (none for `replicas: 0`). ReplicaSets, StatefulSets and DaemonSets go before Deployments, so
 /// a Deployment whose ReplicaSet is also in the directory does not get a second pod.
 fn derive_pods(state: &mut ClusterState, mut workloads: Vec<(Key, Template, String)>) {
     workloads.sort_by_key(|(key, _, _)| key.kind == "Deployment");

@@ -47,8 +47,8 @@ impl Directory {
         let mut changed = self.files.len() != before;
         for (name, stamp) in listed {
             let cached = self.files.get(&name);
-            // A file that cannot be stat'ed has no stamp: it is tried again on every call.
-            if cached.is_some_and(|(s, _)| s.is_some() && *s == stamp) {
+            // A file that cannot be stat'ed (a dangling symlink) has no stamp; it is read again once it has one.
+            if cached.is_some_and(|(s, _)| *s == stamp) {
                 continue;
             }
             let mut read = read_file(&self.dir.join(&name), &name.to_string_lossy());

@@ -17,7 +17,11 @@
 //! Limits, so hostile input costs time and memory in proportion to its size: [`MAX_FILE_BYTES`] per file,
 //! [`MAX_OBJECT_BYTES`] per object (etcd's default request limit: the API server would not store a larger
 //! one either), [`MAX_DEPTH`] levels of nesting (checked before serde_yaml loads a document — see
-//! `document::check_depth` for why), and a budget of values per document against alias bombs.
+//! `document::check_depth` for why), and a budget of values per document against alias bombs. (Items of a
+//! `kind: List` are bounded by the file's limit, not one by one.)
+//!
+//! Notices about a file rather than an object (not YAML, too large, …) have an empty `object` and the file
+//! (`name:line` where known) as `source`; per-kind notices (WAR0001, WAR0002) name only the kind.
 mod assemble;
 mod directory;
 mod document;
