@@ -5,7 +5,7 @@ use std::{
     collections::{BTreeMap, HashSet},
     ffi::OsString,
     os::unix::fs::MetadataExt,
-    path::{Path, PathBuf},
+    path::PathBuf,
     time::SystemTime,
 };
 
@@ -79,15 +79,22 @@ impl Directory {
         Ok(entries
             .filter_map(|e| e.ok().map(|e| e.path()))
             .filter(|p| p.extension().is_some_and(|e| e == "yaml" || e == "yml"))
-            .filter_map(|p| Some((p.file_name()?.to_owned(), stamp(&p))))
+            .filter_map(|p| {
+                let name = p.file_name()?.to_owned();
+                // Follows symlinks: the content is what changes. One that leads nowhere has no stamp.
+                match std::fs::metadata(&p) {
+                    // Directories, FIFOs (opening one would block until a writer came), devices: not files.
+                    Ok(meta) if !meta.is_file() => None,
+                    Ok(meta) => Some((name, Some(stamp(&meta)))),
+                    Err(_) => Some((name, None)),
+                }
+            })
             .collect())
     }
 }
 
-/// Follows symlinks: the file's content is what changes.
-fn stamp(path: &Path) -> Option<Stamp> {
-    let meta = std::fs::metadata(path).ok()?;
-    Some(Stamp { len: meta.len(), modified: meta.modified().ok(), inode: (meta.dev(), meta.ino()) })
+fn stamp(meta: &std::fs::Metadata) -> Stamp {
+    Stamp { len: meta.len(), modified: meta.modified().ok(), inode: (meta.dev(), meta.ino()) }
 }
 
 /// The last good generation: objects of `previous` that `read` failed on stay in force. Where a failure

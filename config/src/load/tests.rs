@@ -169,14 +169,19 @@ fn a_file_that_is_not_yaml_is_reported_and_the_other_files_apply() {
         ],
     );
     std::fs::write(dir.join("g.yaml"), b"\xff\xfe binary").unwrap();
+    // Not files: a directory and a FIFO (which would block a reader) are passed over; a dangling link is not.
+    std::fs::create_dir(dir.join("sub.yaml")).unwrap();
+    assert!(std::process::Command::new("mkfifo").arg(dir.join("pipe.yaml")).status().unwrap().success());
+    std::os::unix::fs::symlink(dir.join("gone"), dir.join("h.yaml")).unwrap();
     let state = ClusterState::from_dir(&dir).unwrap();
     assert_eq!(vs_names(&state), ["a", "d", "e"]);
     let found = errors(&state);
-    assert_eq!(found.len(), 4, "{found:#?}");
+    assert_eq!(found.len(), 5, "{found:#?}");
     assert!(found[0].starts_with("Error [WAR0004] ( / b.yaml:3) not valid YAML: did not find expected ',' or ']' at line 3"), "{found:#?}");
     assert!(found[1].contains("c.yaml:1) a string, not a Kubernetes object"), "{found:#?}");
     assert!(found[2].contains("d.yaml:6) not a Kubernetes object: `kind` is missing"), "{found:#?}");
     assert!(found[3].contains("g.yaml) not UTF-8 text"), "{found:#?}");
+    assert!(found[4].starts_with("Error [WAR0004] ( / h.yaml) cannot open: No such file"), "{found:#?}");
 }
 
 #[test]
