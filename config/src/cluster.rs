@@ -1,15 +1,10 @@
 //! The controller's input: everything it watches, in one value, from the Kubernetes API (the controller's
 //! reflectors) or from a directory of YAML files (the embedded default). Compile and analyze read it.
-use std::{
-    collections::BTreeMap,
-    net::IpAddr,
-    path::{Path, PathBuf},
-};
+use std::{collections::BTreeMap, net::IpAddr, path::Path};
 
 use anyhow::{Context, Result, bail};
 use k8s_openapi::api::core::v1 as core;
 use kube::ResourceExt;
-use serde::Deserialize;
 
 use crate::{
     istio::{AuthorizationPolicy, DestinationRule, Gateway, ServiceEntry, VirtualService},
@@ -68,84 +63,27 @@ pub fn namespace_from_k8s(ns: &core::Namespace) -> Namespace {
     Namespace { name: ns.name_any(), labels: ns.labels().clone() }
 }
 
-#[derive(Deserialize)]
-#[serde(rename_all = "camelCase")]
-struct TypeMeta {
-    #[serde(default)]
-    api_version: String,
-    #[serde(default)]
-    kind: String,
-}
-
 impl ClusterState {
-    /// Reads every `*.yaml`/`*.yml` file in `dir` (sorted; multi-document files allowed). Objects without
-    /// a namespace go to `default`, as `kubectl apply` would put them.
+    /// Reads every `*.yaml`/`*.yml` file in `dir` as [`crate::load`] does: what cannot be read is in
+    /// `notices`, the rest applies. Fails only when the directory cannot be listed.
     pub fn from_dir(dir: &Path) -> Result<ClusterState> {
-        let mut files: Vec<PathBuf> = std::fs::read_dir(dir)
-            .with_context(|| format!("reading config directory {}", dir.display()))?
-            .filter_map(|e| e.ok().map(|e| e.path()))
-            .filter(|p| p.extension().is_some_and(|e| e == "yaml" || e == "yml"))
-            .collect();
-        files.sort();
-        let mut state = ClusterState::default();
-        for file in files {
-            let text = std::fs::read_to_string(&file).with_context(|| format!("reading {}", file.display()))?;
-            state.add_yaml(&text).with_context(|| format!("{}", file.display()))?;
-        }
-        Ok(state)
+        let mut files = crate::load::Directory::new(dir);
+        files.refresh()?;
+        Ok(files.state())
     }
 
-    /// Adds every document of a YAML stream.
+    /// Adds every object of a YAML stream (named `<input>` in sources and notices), replacing objects of
+    /// the same kind, namespace and name added before. What cannot be read is recorded in `notices` and the
+    /// rest is added all the same; the result is an error when something was (so callers that expect clean
+    /// input see it).
     pub fn add_yaml(&mut self, text: &str) -> Result<()> {
-        for (index, document) in serde_yaml::Deserializer::from_str(text).enumerate() {
-            let value = serde_yaml::Value::deserialize(document).with_context(|| format!("document {}", index + 1))?;
-            if value.is_null() {
-                continue;
-            }
-            self.add_object(value).with_context(|| format!("document {}", index + 1))?;
+        let read = crate::load::read_text(crate::load::INPUT_NAME, text);
+        let errors: Vec<String> = read.notices.iter().filter(|n| n.level == crate::analyze::Level::Error).map(ToString::to_string).collect();
+        self.apply_reads([&read]);
+        match errors.is_empty() {
+            true => Ok(()),
+            false => bail!("{}", errors.join("; ")),
         }
-        Ok(())
-    }
-
-    fn add_object(&mut self, mut value: serde_yaml::Value) -> Result<()> {
-        let meta: TypeMeta = serde_yaml::from_value(value.clone()).context("apiVersion/kind")?;
-        let group = meta.api_version.rsplit_once('/').map(|(g, _)| g).unwrap_or("");
-        if !matches!(meta.kind.as_str(), "Namespace" | "List") {
-            default_namespace(&mut value);
-        }
-        fn parse<T: serde::de::DeserializeOwned>(value: serde_yaml::Value, kind: &str) -> Result<T> {
-            serde_yaml::from_value(value).with_context(|| format!("invalid {kind}"))
-        }
-        match (group, meta.kind.as_str()) {
-            ("", "Namespace") => self.namespaces.push(namespace_from_k8s(&parse(value, "Namespace")?)),
-            ("", "Pod") => {
-                let pod: core::Pod = parse(value, "Pod")?;
-                match pod_from_k8s(&pod) {
-                    Some(pod) => self.pods.push(pod),
-                    None => bail!("Pod {}: metadata.uid is required (the agent finds the pod by it)", pod.name_any()),
-                }
-            }
-            ("", "Service") => self.services.push(parse(value, "Service")?),
-            ("", "Endpoints") => self.endpoints.push(parse(value, "Endpoints")?),
-            ("", "List") => {
-                let items = value.get("items").and_then(|v| v.as_sequence()).cloned().unwrap_or_default();
-                for item in items {
-                    self.add_object(item)?;
-                }
-            }
-            ("networking.istio.io", "VirtualService") => self.virtual_services.push(parse(value, "VirtualService")?),
-            ("networking.istio.io", "DestinationRule") => self.destination_rules.push(parse(value, "DestinationRule")?),
-            ("networking.istio.io", "Gateway") => self.gateways.push(parse(value, "Gateway")?),
-            ("networking.istio.io", "ServiceEntry") => self.service_entries.push(parse(value, "ServiceEntry")?),
-            ("security.istio.io", "AuthorizationPolicy") => {
-                self.authorization_policies.push(parse(value, "AuthorizationPolicy")?)
-            }
-            ("security.istio.io", "PeerAuthentication") => {
-                self.peer_authentications.push(parse(value, "PeerAuthentication")?)
-            }
-            (_, kind) => bail!("kind {kind:?} (apiVersion {:?}) is not one Warren reads", meta.api_version),
-        }
-        Ok(())
     }
 
     pub fn namespace_labels(&self, namespace: &str) -> Option<&BTreeMap<String, String>> {
@@ -199,15 +137,6 @@ impl ClusterState {
     }
 }
 
-fn default_namespace(value: &mut serde_yaml::Value) {
-    if let Some(metadata) = value.get_mut("metadata").and_then(|m| m.as_mapping_mut()) {
-        let key = serde_yaml::Value::from("namespace");
-        if !metadata.contains_key(&key) {
-            metadata.insert(key, "default".into());
-        }
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -228,7 +157,9 @@ mod tests {
         assert_eq!(state.pods[0].ips, vec!["10.0.0.1".parse::<IpAddr>().unwrap()]);
         assert_eq!(state.pods[0].node.as_deref(), Some("n1"));
         assert_eq!(state.virtual_services[0].namespace().as_deref(), Some("default"));
-        let err = state.add_yaml("apiVersion: apps/v1\nkind: Deployment\nmetadata: {name: x}\n").unwrap_err();
-        assert!(format!("{err:#}").contains("Deployment"), "{err:#}");
+        // A kind Warren does not read is no error: it is skipped, with a notice.
+        state.add_yaml("apiVersion: v1\nkind: ConfigMap\nmetadata: {name: x}\n").unwrap();
+        assert!(state.notices.iter().any(|n| n.code == crate::load::SKIPPED_KIND && n.object.kind == "ConfigMap"), "{:?}", state.notices);
+        assert_eq!(state.sources[&("VirtualService".into(), "default".into(), "r".into())], "<input>:11");
     }
 }

@@ -6,6 +6,7 @@ pub mod check;
 pub mod cluster;
 pub mod compile;
 pub mod istio;
+pub mod load;
 pub mod push;
 pub mod support;
 pub mod tables;

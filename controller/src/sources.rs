@@ -11,10 +11,12 @@ use kube::{
 };
 use serde::de::DeserializeOwned;
 use tokio::sync::{Notify, watch};
-use tracing::{info, warn};
+use tracing::{error, info, warn};
 use warren_config::{
+    analyze::{Level, Message},
     cluster::{ClusterState, namespace_from_k8s, pod_from_k8s},
     istio::{AuthorizationPolicy, DestinationRule, Gateway, ServiceEntry, VirtualService},
+    load::Directory,
     workloads::peer_authentication::PeerAuthentication,
 };
 
@@ -162,45 +164,105 @@ pub async fn kubernetes(client: Client) -> Result<watch::Receiver<ClusterState>>
     Ok(rx)
 }
 
-/// Reads `dir` now (failing if it is invalid) and again whenever a file in it changes; an invalid edit is
-/// logged and the last good state stays.
+/// Reads `dir` now and again whenever a file in it changes (only the files that changed). What cannot be
+/// read is logged and left out — or, if it was read before, its last good version stays — so a bad file
+/// neither stops `run` from starting nor changes what was in force. Fails only if `dir` cannot be listed.
 pub fn directory(dir: PathBuf, poll: Duration) -> Result<watch::Receiver<ClusterState>> {
-    let initial = ClusterState::from_dir(&dir)?;
+    let mut files = Directory::new(&dir);
+    files.refresh()?;
+    let initial = files.state();
+    log_notices(&[], &initial.notices);
+    info!(dir = %dir.display(), pods = initial.pods.len(), services = initial.services.len(),
+        virtual_services = initial.virtual_services.len(), "reading the config directory");
     let (tx, rx) = watch::channel(initial);
-    tokio::spawn(async move {
-        let mut last = fingerprint(&dir);
-        loop {
-            tokio::time::sleep(poll).await;
-            let now = fingerprint(&dir);
-            if now == last {
-                continue;
-            }
-            last = now;
-            match ClusterState::from_dir(&dir) {
-                Ok(state) => {
-                    info!(dir = %dir.display(), "config directory changed");
-                    if tx.send(state).is_err() {
-                        return;
-                    }
-                }
-                Err(e) => warn!("{e:#}; keeping the previous config"),
-            }
-        }
-    });
+    // A thread of its own: reading a large file blocks, and must not hold up the runtime's workers.
+    std::thread::Builder::new()
+        .name("config-dir".into())
+        .spawn(move || poll_directory(files, dir, poll, tx))
+        .context("starting the config directory thread")?;
     Ok(rx)
 }
 
-/// Names, sizes and modification times of the directory's files.
-fn fingerprint(dir: &std::path::Path) -> Vec<(PathBuf, u64, Option<std::time::SystemTime>)> {
-    let mut files: Vec<_> = std::fs::read_dir(dir)
-        .into_iter()
-        .flatten()
-        .flatten()
-        .filter_map(|e| {
-            let meta = e.metadata().ok()?;
-            Some((e.path(), meta.len(), meta.modified().ok()))
-        })
-        .collect();
-    files.sort();
-    files
+fn poll_directory(mut files: Directory, dir: PathBuf, poll: Duration, tx: watch::Sender<ClusterState>) {
+    let mut logged = tx.borrow().notices.clone();
+    while !tx.is_closed() {
+        std::thread::sleep(poll);
+        // Reading catches its own panics per file; this catches the rest, so no bug stops the polling.
+        let step = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+            files.refresh().map(|changed| changed.then(|| files.state()))
+        }));
+        match step {
+            Ok(Ok(Some(state))) => {
+                log_notices(&logged, &state.notices);
+                logged = state.notices.clone();
+                info!(dir = %dir.display(), "config directory changed");
+                if tx.send(state).is_err() {
+                    return;
+                }
+            }
+            Ok(Ok(None)) => {}
+            Ok(Err(e)) => warn!("{e:#}; keeping the previous config"),
+            Err(_) => error!(dir = %dir.display(), "reading the config directory panicked (a bug); keeping the previous config"),
+        }
+    }
+}
+
+/// Logs the notices not logged before (a file read again repeats those of the files that did not change).
+fn log_notices(before: &[Message], now: &[Message]) {
+    for notice in now.iter().filter(|n| !before.contains(n)) {
+        match notice.level {
+            Level::Error | Level::Warning => warn!("{notice}"),
+            Level::Info => info!("{notice}"),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn vs(name: &str, host: &str) -> String {
+        format!("apiVersion: networking.istio.io/v1\nkind: VirtualService\nmetadata: {{name: {name}}}\nspec: {{hosts: [{host}]}}\n")
+    }
+
+    fn hosts(state: &ClusterState) -> Vec<String> {
+        state.virtual_services.iter().map(|v| v.spec.hosts.join(",")).collect()
+    }
+
+    /// Waits for the next published state.
+    fn next(rx: &mut watch::Receiver<ClusterState>) -> ClusterState {
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        while !rx.has_changed().unwrap() {
+            assert!(std::time::Instant::now() < deadline, "no new state");
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        rx.borrow_and_update().clone()
+    }
+
+    #[test]
+    fn a_bad_file_neither_stops_the_start_nor_replaces_what_was_read() {
+        let dir = std::env::temp_dir().join(format!("warren-sources-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        std::fs::write(dir.join("a.yaml"), vs("a", "one")).unwrap();
+        std::fs::write(dir.join("b.yaml"), "b: [\n").unwrap();
+        let mut rx = directory(dir.clone(), Duration::from_millis(5)).expect("starts despite b.yaml");
+        let first = rx.borrow_and_update().clone();
+        assert_eq!(hosts(&first), ["one"]);
+        assert!(first.notices.iter().any(|n| n.level == Level::Error && n.source.as_deref() == Some("b.yaml:2")), "{:?}", first.notices);
+        // Written whole, by rename, as ConfigMap mounts and many editors do (a poll between truncate and write
+        // would see an empty file, which holds no objects).
+        let write = |text: &str| {
+            std::fs::write(dir.join("a.tmp"), text).unwrap();
+            std::fs::rename(dir.join("a.tmp"), dir.join("a.yaml")).unwrap();
+        };
+        // a.yaml broken: its last good version stays; then fixed: the edit applies.
+        write("a: [\n");
+        assert_eq!(hosts(&next(&mut rx)), ["one"]);
+        write(&vs("a", "two"));
+        assert_eq!(hosts(&next(&mut rx)), ["two"]);
+        std::fs::remove_dir_all(&dir).unwrap();
+        // Control: a directory that cannot be listed is the one thing that stops the start.
+        assert!(directory(dir, Duration::from_millis(5)).is_err());
+    }
 }

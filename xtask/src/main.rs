@@ -43,7 +43,7 @@ enum Command {
     },
     /// Benchmarks (release build, real eBPF): `l4` — no mesh vs agent vs agent with sk_msg.
     Bench {
-        #[arg(value_parser = ["l4", "control"])]
+        #[arg(value_parser = ["l4", "control", "parse"])]
         suite: String,
         /// Extra arguments for the benchmark (e.g. a criterion filter).
         #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
