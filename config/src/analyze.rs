@@ -52,11 +52,16 @@ impl std::fmt::Display for Message {
             Level::Warning => "Warning",
             Level::Info => "Info",
         };
-        write!(f, "{level} [{}] ({} {}/{}", self.code, self.object.kind, self.object.namespace, self.object.name)?;
-        if let Some(source) = &self.source {
-            write!(f, " {source}")?;
-        }
-        f.write_str(") ")?;
+        // As istioctl: `(Kind ns/name file:line)`; cluster-scoped objects without `ns/`, notices about a whole
+        // kind or file with what they have.
+        let Origin { kind, namespace, name, .. } = &self.object;
+        let object = match (namespace.is_empty(), name.is_empty()) {
+            (false, _) => format!("{namespace}/{name}"),
+            (true, false) => name.clone(),
+            (true, true) => String::new(),
+        };
+        let parts: Vec<&str> = [kind.as_str(), &object, self.source.as_deref().unwrap_or("")].into_iter().filter(|p| !p.is_empty()).collect();
+        write!(f, "{level} [{}] ({}) ", self.code, parts.join(" "))?;
         if let Some(field) = &self.field {
             write!(f, "{field}: ")?;
         }
@@ -311,7 +316,7 @@ mod tests {
             )
             .unwrap();
         state.add_yaml(yaml).unwrap();
-        analyze(&state).iter().map(ToString::to_string).collect()
+        analyze(&state).into_iter().map(|m| Message { source: None, ..m }.to_string()).collect()
     }
 
     #[test]
@@ -336,7 +341,7 @@ mod tests {
             "Error [IST0173] (DestinationRule shop/reviews) spec.subsets[1]: The Subset v2 defined in the DestinationRule does not select any pods. Which may lead to 503 UH (NoHealthyUpstream).",
             "Warning [IST0174] (DestinationRule shop/typo) spec.host: The host reveiws defined in the DestinationRule does not match any services in the mesh.",
             "Warning [WAR0101] (VirtualService shop/b) spec.gateways[1]: \"edge\": only the mesh gateway is served (Warren has no gateways yet): routes bound to other gateways are not applied",
-            "Info [IST0102] (Namespace /other) The namespace is not enrolled in the mesh. Run 'kubectl label namespace other warren.dev/mesh=enabled' to enroll it, or 'kubectl label namespace other warren.dev/mesh=disabled' to mark it as not needing it.",
+            "Info [IST0102] (Namespace other) The namespace is not enrolled in the mesh. Run 'kubectl label namespace other warren.dev/mesh=enabled' to enroll it, or 'kubectl label namespace other warren.dev/mesh=disabled' to mark it as not needing it.",
         ];
         for line in expect {
             assert!(found.iter().any(|f| f == line), "missing {line:?} in {found:#?}");
@@ -344,6 +349,13 @@ mod tests {
         let conflict = found.iter().filter(|f| f.starts_with("Error [IST0109]")).count();
         assert_eq!(conflict, 2, "a and b both claim reviews.shop.svc.cluster.local: {found:#?}");
         assert!(!found.iter().any(|f| f.contains("VirtualService other/c) spec.hosts")), "VirtualService hosts naming no service are not reported (as Istio)");
+        let external = findings(
+            "apiVersion: networking.istio.io/v1\nkind: ServiceEntry\nmetadata: {name: api, namespace: shop}\n\
+             spec: {hosts: [api.example.com], ports: [{number: 443, name: https, protocol: TLS}], resolution: DNS}\n---\n\
+             apiVersion: networking.istio.io/v1\nkind: VirtualService\nmetadata: {name: api, namespace: shop}\n\
+             spec: {hosts: [api.example.com], tcp: [{route: [{destination: {host: api.example.com}}]}]}\n",
+        );
+        assert!(!external.iter().any(|f| f.contains("IST0101")), "a dotted ServiceEntry host is not qualified: {external:#?}");
         assert_eq!(findings(""), ["Error [IST0173] (DestinationRule shop/reviews) spec.subsets[1]: The Subset v2 defined in the DestinationRule does not select any pods. Which may lead to 503 UH (NoHealthyUpstream)."], "control");
     }
 }

@@ -449,6 +449,12 @@ mod tests {
         assert!(found.iter().any(|f| f.starts_with("spec.http[0].mirror: needs the L7 proxy")), "{found:#?}");
         assert!(found.iter().any(|f| f.starts_with("spec.http[1].route[0].destination.subsetz: \"subsetz\" is not a field")), "{found:#?}");
         assert!(found.iter().any(|f| f.starts_with("spec.tcp[0].match[0].sourceLabels: is not evaluated")), "{found:#?}");
+        let dr = reviewed("DestinationRule", "host: r\ntrafficPolicy: {connectionPool: {tcp: {maxConnections: 1}}, tls: {mode: ISTIO_MUTUAL}}\nsubsets: [{name: v1, labels: {version: v1}, trafficPolicy: {outlierDetection: {consecutive5xxErrors: 1}}}]");
+        assert_eq!(dr.len(), 2, "{dr:#?}");
+        assert!(dr[0].starts_with("spec.subsets[0].trafficPolicy.outlierDetection: is not implemented yet") || dr[1].starts_with("spec.subsets[0].trafficPolicy.outlierDetection"), "{dr:#?}");
+        assert!(dr.iter().any(|f| f.starts_with("spec.trafficPolicy.connectionPool: is not implemented yet")), "{dr:#?}");
+        let headers = reviewed("VirtualService", "hosts: [r]\nhttp: [{headers: {request: {set: {x: y}}}, route: [{destination: {host: r}, headers: {response: {remove: [z]}}}]}]");
+        assert_eq!(headers.len(), 2, "both header manipulations: {headers:#?}");
         // Control: what Warren honours produces nothing.
         assert_eq!(reviewed("VirtualService", "hosts: [r]\ngateways: [mesh]\nhttp: [{route: [{destination: {host: r, subset: v1}, weight: 3}]}]"), Vec::<String>::new());
     }
@@ -457,6 +463,8 @@ mod tests {
     fn security_fields_say_they_fail_closed() {
         let allow = reviewed("AuthorizationPolicy", "rules: [{from: [{source: {requestPrincipals: ['*']}}]}]");
         assert_eq!(allow, ["spec.rules[0].from[0].source.requestPrincipals: is not enforced yet: fail closed — an ALLOW rule that uses it matches nothing"]);
+        let remote = reviewed("AuthorizationPolicy", "action: ALLOW\nrules: [{from: [{source: {notRemoteIpBlocks: [10.0.0.0/8]}}], to: [{operation: {notPaths: [/x], notHosts: [h], notMethods: [GET]}}]}]");
+        assert_eq!(remote.len(), 4, "every field named: {remote:#?}");
         let deny = reviewed("AuthorizationPolicy", "action: DENY\nrules: [{to: [{operation: {ports: ['9090'], methods: [GET]}}]}]");
         assert_eq!(deny, ["spec.rules[0].to[0].operation.methods: is not enforced yet: fail closed — this DENY rule applies without it (denies more, never less)"]);
         assert_eq!(reviewed("PeerAuthentication", "selector: {matchLabels: {app: a}}\nportLevelMtls: {'80': {mode: DISABLE, mod: x}}"),

@@ -1,2 +1,19 @@
 //! Warren's end-to-end tests live in `tests/`: each file is a group of scenarios on the testbed
 //! (real eBPF, real sockets in network namespaces) or on the local Kubernetes cluster.
+
+use std::time::{Duration, Instant};
+
+/// Polls `check` every 20 ms until it returns `Some` (that value) or `timeout` passes (`None`): the one
+/// wait for "the system gets there" in scenarios, instead of hand-written deadline loops.
+pub fn eventually<T>(timeout: Duration, mut check: impl FnMut() -> Option<T>) -> Option<T> {
+    let deadline = Instant::now() + timeout;
+    loop {
+        if let Some(value) = check() {
+            return Some(value);
+        }
+        if Instant::now() >= deadline {
+            return None;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
