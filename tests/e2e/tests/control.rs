@@ -152,7 +152,7 @@ fn controller_pushes_routes_into_every_agents_maps_and_survives_an_outage() {
         .unwrap();
     let report = String::from_utf8_lossy(&analyze.stdout);
     assert!(!analyze.status.success(), "analyze must fail on errors: {report}");
-    assert!(report.contains("Error [IST0106] (VirtualService default/reviews) spec.http[0].route[0].weight: -10 is negative"), "{report}");
+    assert!(report.contains("Error [IST0106] (VirtualService default/reviews 10-vs.yaml:1) spec.http[0].route[0].weight: -10 is negative"), "{report}");
 
     // Delete: the route goes back to the service's own endpoints on every agent.
     std::fs::remove_file(dir.join("10-vs.yaml")).unwrap();
@@ -227,6 +227,34 @@ use kube::{
     runtime::{conditions, wait::await_condition},
 };
 use serde::Deserialize;
+
+/// The `Accepted` condition of an Istio object once `wanted` holds for it (10 s at most).
+async fn accepted_condition(api: &Api<DynamicObject>, name: &str, wanted: impl Fn(&serde_json::Value) -> bool) -> serde_json::Value {
+    let condition = || async {
+        let object = api.get_status(name).await.ok()?;
+        Some(object.data["status"]["conditions"][0].clone()).filter(|c| wanted(c))
+    };
+    let found = warren_e2e::eventually_async(Duration::from_secs(10), condition).await;
+    found.unwrap_or_else(|| panic!("{name}: no Accepted condition as wanted within 10 s"))
+}
+
+/// Waits for a VirtualService Warning Event with `reason` whose message contains `text` (10 s at most).
+async fn warning_event(events: &Api<Event>, reason: &str, text: &str) {
+    let found = warren_e2e::eventually_async(Duration::from_secs(10), || async {
+        let list = events.list(&ListParams::default()).await.ok()?;
+        list.items
+            .iter()
+            .any(|e| {
+                e.reason.as_deref() == Some(reason)
+                    && e.type_.as_deref() == Some("Warning")
+                    && e.involved_object.kind.as_deref() == Some("VirtualService")
+                    && e.message.as_deref().is_some_and(|m| m.contains(text))
+            })
+            .then_some(())
+    })
+    .await;
+    assert!(found.is_some(), "no {reason} Event naming {text:?}");
+}
 
 #[test]
 fn controller_compiles_the_api_servers_istio_objects_into_every_agents_maps() {
@@ -376,16 +404,7 @@ async fn api_scenario(kubeconfig: &Path) -> anyhow::Result<()> {
     bad.data["spec"]["http"][0]["route"][1]["weight"] = (-10).into();
     bad.data["spec"]["http"][0]["timeout"] = "soon".into();
     istio("VirtualService").patch("reviews", &PatchParams::default(), &Patch::Merge(&serde_json::json!({"spec": bad.data["spec"]}))).await?;
-    let deadline = Instant::now() + Duration::from_secs(10);
-    let condition = loop {
-        let object = istio("VirtualService").get_status("reviews").await?;
-        let condition = object.data["status"]["conditions"][0].clone();
-        if condition["status"] == "False" {
-            break condition;
-        }
-        assert!(Instant::now() < deadline, "no Accepted=False condition: {:#}", object.data["status"]);
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    };
+    let condition = accepted_condition(&istio("VirtualService"), "reviews", |c| c["status"] == "False").await;
     let message = condition["message"].as_str().unwrap_or_default();
     assert_eq!(condition["type"], "Accepted");
     assert_eq!(condition["reason"], "Invalid");
@@ -393,20 +412,7 @@ async fn api_scenario(kubeconfig: &Path) -> anyhow::Result<()> {
     assert!(message.contains("spec.http[0].timeout: \"soon\" is not a duration"), "{message}");
     assert!(message.contains("generation 1 stays in force"), "{message}");
     let events: Api<Event> = Api::namespaced(client.clone(), &ns);
-    let deadline = Instant::now() + Duration::from_secs(10);
-    loop {
-        let list = events.list(&ListParams::default()).await?;
-        let found = list.items.iter().any(|e| {
-            e.reason.as_deref() == Some("InvalidConfig")
-                && e.involved_object.kind.as_deref() == Some("VirtualService")
-                && e.message.as_deref().is_some_and(|m| m.contains("spec.http[0].route[1].weight: -10 is negative"))
-        });
-        if found {
-            break;
-        }
-        assert!(Instant::now() < deadline, "no InvalidConfig Event: {:#?}", list.items.iter().map(|e| &e.message).collect::<Vec<_>>());
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    warning_event(&events, "InvalidConfig", "spec.http[0].route[1].weight: -10 is negative").await;
     tokio::time::sleep(Duration::from_millis(300)).await;
     for d in &pins {
         let route = service_route(d, vip).unwrap();
@@ -424,29 +430,10 @@ async fn api_scenario(kubeconfig: &Path) -> anyhow::Result<()> {
     let mut mirrored = vs(100)?;
     mirrored.data["spec"]["http"][0]["mirror"] = serde_json::json!({"host": "reviews", "subset": "v1"});
     istio("VirtualService").patch("reviews", &PatchParams::default(), &Patch::Merge(&serde_json::json!({"spec": mirrored.data["spec"]}))).await?;
-    let deadline = Instant::now() + Duration::from_secs(10);
-    let condition = loop {
-        let object = istio("VirtualService").get_status("reviews").await?;
-        let condition = object.data["status"]["conditions"][0].clone();
-        if condition["reason"] == "Unsupported" {
-            break condition;
-        }
-        assert!(Instant::now() < deadline, "no Accepted reason Unsupported: {:#}", object.data["status"]);
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    };
+    let condition = accepted_condition(&istio("VirtualService"), "reviews", |c| c["reason"] == "Unsupported").await;
     assert_eq!(condition["status"], "True", "{condition:#}");
     assert!(condition["message"].as_str().unwrap_or_default().contains("spec.http[0].mirror: needs the L7 proxy"), "{condition:#}");
-    let deadline = Instant::now() + Duration::from_secs(10);
-    loop {
-        let list = events.list(&ListParams::default()).await?;
-        if list.items.iter().any(|e| {
-            e.reason.as_deref() == Some("UnsupportedConfig") && e.message.as_deref().is_some_and(|m| m.contains("spec.http[0].mirror"))
-        }) {
-            break;
-        }
-        assert!(Instant::now() < deadline, "no UnsupportedConfig Event: {:#?}", list.items.iter().map(|e| &e.message).collect::<Vec<_>>());
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    warning_event(&events, "UnsupportedConfig", "spec.http[0].mirror").await;
     until_all_async(&pins, Duration::from_secs(5), "the mirrored route applied", to_v2_only, vip).await;
     let analyze = std::process::Command::new(bin_path("warren-agent")?).arg("analyze").arg("--kubeconfig").arg(kubeconfig).output()?;
     let report = String::from_utf8_lossy(&analyze.stdout);

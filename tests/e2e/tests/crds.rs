@@ -120,6 +120,11 @@ async fn scenario(kubeconfig: &Path, samples: &Path) -> anyhow::Result<()> {
         let file_name = file.file_name().unwrap().to_string_lossy().into_owned();
         let documents = yaml_documents(file)?;
         assert!(!documents.is_empty(), "{file_name}: no YAML documents");
+        // The CRDs are under test: the platform manifest's Services and Deployments are the API server's own.
+        let documents: Vec<Value> = documents.into_iter().filter(|d| d["apiVersion"].as_str().is_some_and(|v| v.contains(".istio.io/"))).collect();
+        if documents.is_empty() {
+            continue;
+        }
         for document in &documents {
             create(&client, document).await.unwrap_or_else(|e| panic!("{file_name}: {} refused: {e}", describe(document)));
             kinds.insert(document["kind"].as_str().unwrap_or_default().to_string());
