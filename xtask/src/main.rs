@@ -2,7 +2,7 @@ use std::process::ExitCode;
 
 use anyhow::Result;
 use clap::{Parser, Subcommand};
-use xtask::{build_binaries, cargo, cluster, demo, run, setup};
+use xtask::{build_binaries, cargo, cluster, demo, fuzz, run, setup};
 
 /// Warren's project tooling.
 #[derive(Parser)]
@@ -33,6 +33,20 @@ enum Command {
     /// Set up, build, and run every test (unit, eBPF/netns scenarios, local Kubernetes).
     Test {
         /// Extra arguments for `cargo test` (e.g. a test name filter).
+        #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
+        args: Vec<String>,
+    },
+    /// Run one cargo-fuzz target (libFuzzer) from its seed corpus; a crash leaves the input in fuzz/artifacts.
+    Fuzz {
+        #[arg(value_parser = fuzz::TARGETS)]
+        target: String,
+        /// How long to fuzz.
+        #[arg(long, default_value_t = 600)]
+        seconds: u64,
+        /// `none` works with every toolchain; `address` needs one that ships the ASan runtime (rustup's).
+        #[arg(long, default_value = "none", value_parser = ["none", "address"])]
+        sanitizer: String,
+        /// Extra libFuzzer options (e.g. -max_len=65536).
         #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
         args: Vec<String>,
     },
@@ -108,6 +122,7 @@ fn dispatch(command: Command) -> Result<()> {
             eprintln!("xtask: tests took {:.0?} (setup and build included)", started.elapsed());
             result
         }
+        Command::Fuzz { target, seconds, sanitizer, args } => fuzz::fuzz(&target, seconds, &sanitizer, &args),
         Command::Bench { suite, args } => {
             setup::setup(false)?;
             build_binaries(true)?;
