@@ -30,7 +30,8 @@ enum Command {
         #[arg(long)]
         keep: bool,
     },
-    /// Set up, build, and run every test (unit, eBPF/netns scenarios, local Kubernetes).
+    /// Set up, build, and run every test (unit, eBPF/netns scenarios, local Kubernetes), then each fuzz
+    /// target for 60 s (WARREN_FUZZ_SECONDS=N changes that; 0 skips).
     Test {
         /// Extra arguments for `cargo test` (e.g. a test name filter).
         #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
@@ -116,11 +117,18 @@ fn dispatch(command: Command) -> Result<()> {
         }
         Command::Test { args } => {
             let started = std::time::Instant::now();
+            let seconds = match std::env::var("WARREN_FUZZ_SECONDS") {
+                Ok(s) => s.parse().map_err(|_| anyhow::anyhow!("WARREN_FUZZ_SECONDS={s:?} is not a number of seconds"))?,
+                Err(_) => fuzz::SMOKE_SECONDS,
+            };
             setup::setup(true)?;
             build_binaries(false)?;
             let result = run(cargo().args(["test", "--workspace"]).args(&args));
             eprintln!("xtask: tests took {:.0?} (setup and build included)", started.elapsed());
-            result
+            // The fuzz smoke runs also after failed tests: one CI run shows every failure.
+            let fuzzed = if seconds == 0 { Ok(()) } else { fuzz::smoke(seconds) };
+            eprintln!("xtask: everything took {:.0?}", started.elapsed());
+            result.and(fuzzed)
         }
         Command::Fuzz { target, seconds, sanitizer, args } => fuzz::fuzz(&target, seconds, &sanitizer, &args),
         Command::Bench { suite, args } => {
