@@ -59,7 +59,8 @@ pub fn parse_duration(text: &str) -> Result<Duration, String> {
         total += number * seconds;
         rest = &rest[unit_end..];
     }
-    Ok(Duration::from_secs_f64(total))
+    // Durations beyond u64::MAX seconds (or digits parsing to infinity) would panic `from_secs_f64`.
+    Duration::try_from_secs_f64(total).map_err(|_| format!("{text:?} is too long a duration"))
 }
 
 pub fn duration_ms(text: &str) -> Option<u64> {
@@ -254,6 +255,20 @@ mod tests {
         for bad in ["", "abc", "5", "1.5 s", "-1s", "s"] {
             assert!(parse_duration(bad).is_err(), "{bad:?}");
         }
+    }
+
+    #[test]
+    fn durations_too_long_are_errors_not_panics() {
+        // Found by fuzz/config_yaml: a perTryTimeout of 130 digits of milliseconds panicked the controller.
+        let huge = format!("3{}ms", "4".repeat(130));
+        for text in [huge.as_str(), "99999999999999999999h", "18446744073709551616s"] {
+            assert_eq!(parse_duration(text), Err(format!("{text:?} is too long a duration")));
+        }
+        assert_eq!(
+            vs(&format!("hosts: [r]\nhttp: [{{retries: {{attempts: 1, perTryTimeout: {huge}}}, route: [{{destination: {{host: r}}}}]}}]")),
+            [format!("spec.http[0].retries.perTryTimeout: {huge:?} is too long a duration")]
+        );
+        assert_eq!(duration_ms(&huge), None);
     }
 
     #[test]
