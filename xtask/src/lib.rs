@@ -2,6 +2,7 @@
 //! (e.g. the local cluster lifecycle) as the commands people type.
 pub mod cluster;
 pub mod demo;
+pub mod fuzz;
 pub mod setup;
 
 use std::{

@@ -2,7 +2,7 @@ use std::process::ExitCode;
 
 use anyhow::Result;
 use clap::{Parser, Subcommand};
-use xtask::{build_binaries, cargo, cluster, demo, run, setup};
+use xtask::{build_binaries, cargo, cluster, demo, fuzz, run, setup};
 
 /// Warren's project tooling.
 #[derive(Parser)]
@@ -30,9 +30,24 @@ enum Command {
         #[arg(long)]
         keep: bool,
     },
-    /// Set up, build, and run every test (unit, eBPF/netns scenarios, local Kubernetes).
+    /// Set up, build, and run every test (unit, eBPF/netns scenarios, local Kubernetes), then each fuzz
+    /// target for 60 s (WARREN_FUZZ_SECONDS=N changes that; 0 skips).
     Test {
         /// Extra arguments for `cargo test` (e.g. a test name filter).
+        #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
+        args: Vec<String>,
+    },
+    /// Run one cargo-fuzz target (libFuzzer) from its seed corpus; a crash leaves the input in fuzz/artifacts.
+    Fuzz {
+        #[arg(value_parser = fuzz::TARGETS)]
+        target: String,
+        /// How long to fuzz.
+        #[arg(long, default_value_t = 600)]
+        seconds: u64,
+        /// `none` works with every toolchain; `address` needs one that ships the ASan runtime (rustup's).
+        #[arg(long, default_value = "none", value_parser = ["none", "address"])]
+        sanitizer: String,
+        /// Extra libFuzzer options (e.g. -max_len=65536).
         #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
         args: Vec<String>,
     },
@@ -102,12 +117,20 @@ fn dispatch(command: Command) -> Result<()> {
         }
         Command::Test { args } => {
             let started = std::time::Instant::now();
+            let seconds = match std::env::var("WARREN_FUZZ_SECONDS") {
+                Ok(s) => s.parse().map_err(|_| anyhow::anyhow!("WARREN_FUZZ_SECONDS={s:?} is not a number of seconds"))?,
+                Err(_) => fuzz::SMOKE_SECONDS,
+            };
             setup::setup(true)?;
             build_binaries(false)?;
             let result = run(cargo().args(["test", "--workspace"]).args(&args));
             eprintln!("xtask: tests took {:.0?} (setup and build included)", started.elapsed());
-            result
+            // The fuzz smoke runs also after failed tests: one CI run shows every failure.
+            let fuzzed = if seconds == 0 { Ok(()) } else { fuzz::smoke(seconds) };
+            eprintln!("xtask: everything took {:.0?}", started.elapsed());
+            result.and(fuzzed)
         }
+        Command::Fuzz { target, seconds, sanitizer, args } => fuzz::fuzz(&target, seconds, &sanitizer, &args),
         Command::Bench { suite, args } => {
             setup::setup(false)?;
             build_binaries(true)?;
