@@ -138,7 +138,7 @@ pub struct Summary {
     pub target: String,
     pub done: Option<String>,
     pub stats: Vec<String>,
-    /// The last lines of output (the crash report when there was one).
+    /// The crash report when there was one (from the first line that tells), else the last lines of output.
     pub tail: Vec<String>,
     pub log: PathBuf,
     pub success: bool,
@@ -200,6 +200,7 @@ pub fn start(bin: &Path, target: &str, seconds: u64, sanitizer: &str, extra: &[S
     let stderr = child.stderr.take().expect("stderr is piped");
     let reader = std::thread::spawn(move || {
         let (mut done, mut stats, mut tail) = (None, Vec::new(), VecDeque::new());
+        let mut report: Option<Vec<String>> = None;
         for line in BufReader::new(stderr).lines() {
             let Ok(line) = line else { break };
             let _ = writeln!(file, "{line}");
@@ -211,12 +212,24 @@ pub fn start(bin: &Path, target: &str, seconds: u64, sanitizer: &str, extra: &[S
             } else if line.starts_with("stat::") {
                 stats.push(line.clone());
             }
+            // libFuzzer's and Rust's ways of saying what went wrong; cargo-fuzz's own backtrace after
+            // "Error: Fuzz target exited" adds nothing.
+            let starts = ["panicked at", "==ERROR", "ALARM:", "out-of-memory", "deadly signal", "SUMMARY: libFuzzer"];
+            if report.is_none() && starts.iter().any(|m| line.contains(m)) {
+                report = Some(Vec::new());
+            }
+            if let Some(report) = report.as_mut()
+                && report.len() < 60
+                && !report.last().is_some_and(|l: &String| l.starts_with("Error: Fuzz target exited"))
+            {
+                report.push(line.clone());
+            }
             tail.push_back(line);
-            if tail.len() > 80 {
+            if tail.len() > 40 {
                 tail.pop_front();
             }
         }
-        (done, stats, tail.into())
+        (done, stats, report.unwrap_or_else(|| tail.into()))
     });
     Ok(Running { target: target.to_string(), child, reader, log })
 }
@@ -231,6 +244,9 @@ impl Running {
 
 /// `cargo xtask fuzz <target>`: build, then run one target with its output on the terminal.
 pub fn fuzz(target: &str, seconds: u64, sanitizer: &str, extra: &[String]) -> Result<()> {
+    if target == "all" {
+        return smoke(seconds, sanitizer, extra);
+    }
     let bin = setup()?;
     build(&bin, sanitizer)?;
     let started = Instant::now();
@@ -253,19 +269,20 @@ fn corpus_size(dir: &Path) -> String {
     format!("{files} files, {} KiB in {}", bytes / 1024, dir.display())
 }
 
-/// The smoke runs of `cargo xtask test`: every target for `seconds`, side by side when there are cores for
-/// it, output in fuzz/target/<target>.log; fails when one crashes (printing its report).
-pub fn smoke(seconds: u64) -> Result<()> {
+/// The smoke runs of `cargo xtask test` (and `cargo xtask fuzz all`): every target for `seconds`, side by
+/// side when there are cores for it, output in fuzz/target/<target>.log; fails when one crashes (printing
+/// its report).
+pub fn smoke(seconds: u64, sanitizer: &str, extra: &[String]) -> Result<()> {
     let started = Instant::now();
     let bin = setup()?;
-    build(&bin, "none")?;
+    build(&bin, sanitizer)?;
     let built = started.elapsed();
     let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
     let mut summaries = Vec::new();
     for batch in TARGETS.chunks(cores.max(1)) {
         eprintln!("xtask: fuzzing {} for {seconds} s each", batch.join(", "));
         let running: Vec<Running> =
-            batch.iter().map(|t| start(&bin, t, seconds, "none", &[], false)).collect::<Result<_>>()?;
+            batch.iter().map(|t| start(&bin, t, seconds, sanitizer, extra, false)).collect::<Result<_>>()?;
         for r in running {
             summaries.push(r.wait()?);
         }

@@ -37,9 +37,10 @@ enum Command {
         #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
         args: Vec<String>,
     },
-    /// Run one cargo-fuzz target (libFuzzer) from its seed corpus; a crash leaves the input in fuzz/artifacts.
+    /// Run a cargo-fuzz target (libFuzzer) from its seed corpus; a crash leaves the input in fuzz/artifacts.
     Fuzz {
-        #[arg(value_parser = fuzz::TARGETS)]
+        /// A target, or `all`: every target side by side, output in fuzz/target/<target>.log (as `test` does).
+        #[arg(value_parser = clap::builder::PossibleValuesParser::new(fuzz::TARGETS.into_iter().chain(["all"])))]
         target: String,
         /// How long to fuzz.
         #[arg(long, default_value_t = 600)]
@@ -126,7 +127,7 @@ fn dispatch(command: Command) -> Result<()> {
             let result = run(cargo().args(["test", "--workspace"]).args(&args));
             eprintln!("xtask: tests took {:.0?} (setup and build included)", started.elapsed());
             // The fuzz smoke runs also after failed tests: one CI run shows every failure.
-            let fuzzed = if seconds == 0 { Ok(()) } else { fuzz::smoke(seconds) };
+            let fuzzed = if seconds == 0 { Ok(()) } else { fuzz::smoke(seconds, "none", &[]) };
             eprintln!("xtask: everything took {:.0?}", started.elapsed());
             result.and(fuzzed)
         }
