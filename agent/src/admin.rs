@@ -15,7 +15,11 @@ use prometheus_client::registry::Registry;
 use tokio::net::TcpListener;
 
 use crate::{
-    identity::Certificates, inpod::PodStatus, proxy::ConnectionTable, sources::controller::PushStatus, state::MeshTables,
+    identity::Certificates,
+    inpod::PodStatus,
+    proxy::{ConnectionTable, authz::Authorizer},
+    sources::controller::PushStatus,
+    state::MeshTables,
 };
 
 pub struct AdminState {
@@ -23,7 +27,8 @@ pub struct AdminState {
     pub connections: ConnectionTable,
     pub workloads: Arc<Mutex<Vec<PodStatus>>>,
     pub certificates: Option<Arc<Certificates>>,
-    pub tables: Arc<std::sync::RwLock<Arc<MeshTables>>>,
+    pub tables: tokio::sync::watch::Sender<Arc<MeshTables>>,
+    pub authorizer: Arc<Authorizer>,
     /// `None` unless the controller is the workload source.
     pub push: Option<Arc<Mutex<PushStatus>>>,
     pub node: String,
@@ -35,7 +40,9 @@ pub async fn bind(addr: SocketAddr) -> Result<TcpListener> {
 
 pub async fn serve(listener: TcpListener, state: Arc<AdminState>) {
     loop {
-        let Ok((stream, _)) = listener.accept().await else { continue };
+        let Ok((stream, _)) = listener.accept().await else {
+            continue;
+        };
         let state = state.clone();
         tokio::spawn(async move {
             let service = service_fn(move |req| handle(req, state.clone()));
@@ -71,15 +78,21 @@ async fn handle(req: Request<Incoming>, state: Arc<AdminState>) -> Result<Respon
                 .unwrap_or_default(),
         ),
         "/config" => {
-            let tables = state.tables.read().unwrap().clone();
-            let mut view = tables.view(&state.node);
-            view["push"] = serde_json::to_value(state.push.as_ref().map(|p| p.lock().unwrap().clone())).unwrap_or_default();
+            let tables = state.tables.borrow().clone();
+            let mut view = tables.view();
+            view["push"] =
+                serde_json::to_value(state.push.as_ref().map(|p| p.lock().unwrap().clone())).unwrap_or_default();
+            (StatusCode::OK, "application/json", serde_json::to_string_pretty(&view).unwrap_or_default())
+        }
+        "/policies" => {
+            let tables = state.tables.borrow().clone();
+            let view = tables.policies_view(&state.node, &state.authorizer.hits());
             (StatusCode::OK, "application/json", serde_json::to_string_pretty(&view).unwrap_or_default())
         }
         _ => (
             StatusCode::NOT_FOUND,
             "text/plain",
-            "endpoints: /ready /metrics /connections /workloads /certificates /config\n".to_string(),
+            "endpoints: /ready /metrics /connections /workloads /certificates /config /policies\n".to_string(),
         ),
     };
     Ok(Response::builder()

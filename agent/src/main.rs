@@ -25,16 +25,6 @@ enum Command {
         #[arg(long, env = "WARREN_NODE_NAME")]
         node_name: Option<String>,
     },
-    /// Report configuration problems in a cluster (or a directory of YAML), as `istioctl analyze` does;
-    /// exits 1 when there are errors.
-    Analyze {
-        /// Kubeconfig (default: in-cluster, else $KUBECONFIG).
-        #[arg(long, conflicts_with = "config_dir")]
-        kubeconfig: Option<PathBuf>,
-        /// Read Kubernetes and Istio objects from the YAML files in this directory instead.
-        #[arg(long)]
-        config_dir: Option<PathBuf>,
-    },
     /// Show what the agent on this node holds.
     Inspect {
         #[command(subcommand)]
@@ -87,10 +77,14 @@ enum Inspect {
         #[arg(short, long, value_enum, default_value = "table")]
         output: inspect::Output,
     },
-    /// Authorization policies the controller pushed, and the connections refused in the kernel (L4).
+    /// Per local workload, the AuthorizationPolicies that apply in evaluation order (DENY, ALLOW, AUDIT),
+    /// and the plaintext connections the kernel refuses.
     Policies {
         #[arg(long, default_value = warren_agent::config::DEFAULT_ADMIN_ADDR)]
         admin_addr: std::net::SocketAddr,
+        /// Also how many connections each policy allowed, denied and audited since the agent started.
+        #[arg(long)]
+        hits: bool,
         #[arg(short, long, value_enum, default_value = "table")]
         output: inspect::Output,
     },
@@ -111,11 +105,6 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     let result = match cli.command {
         Command::Run { config, ebpf_log_level, node_name } => run(config, ebpf_log_level, node_name),
-        Command::Analyze { kubeconfig, config_dir } => match analyze(kubeconfig, config_dir) {
-            Ok(true) => Ok(()),
-            Ok(false) => return ExitCode::FAILURE,
-            Err(e) => Err(e),
-        },
         Command::Inspect { what: Inspect::Connections { admin_addr, output } } => {
             inspect::live::connections(admin_addr, output).map(|text| print!("{text}"))
         }
@@ -134,8 +123,8 @@ fn main() -> ExitCode {
         Command::Inspect { what: Inspect::Faults { admin_addr, output } } => {
             inspect::live::config(admin_addr, inspect::live::ConfigView::Faults, output).map(|text| print!("{text}"))
         }
-        Command::Inspect { what: Inspect::Policies { admin_addr, output } } => {
-            inspect::live::config(admin_addr, inspect::live::ConfigView::Policies, output).map(|text| print!("{text}"))
+        Command::Inspect { what: Inspect::Policies { admin_addr, hits, output } } => {
+            inspect::live::policies(admin_addr, hits, output).map(|text| print!("{text}"))
         }
         Command::Inspect { what: Inspect::Maps { pin_dir, run_dir, output } } => {
             inspect::require_running_agent(&run_dir)
@@ -167,10 +156,7 @@ fn run(
         config.validate()?;
     }
     init_logging();
-    tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()?
-        .block_on(warren_agent::run::run(config))
+    tokio::runtime::Builder::new_multi_thread().enable_all().build()?.block_on(warren_agent::run::run(config))
 }
 
 fn init_logging() {
@@ -186,24 +172,4 @@ fn init_logging() {
     let filter = EnvFilter::try_new(&directives).unwrap_or_else(|_| EnvFilter::new("info,warren_ebpf=trace"));
     let ansi = std::io::IsTerminal::is_terminal(&std::io::stderr());
     let _ = tracing_subscriber::fmt().with_env_filter(filter).with_ansi(ansi).with_writer(std::io::stderr).try_init();
-}
-
-/// Prints every finding; `Ok(false)` when one is an error.
-fn analyze(kubeconfig: Option<PathBuf>, config_dir: Option<PathBuf>) -> anyhow::Result<bool> {
-    use warren_config::{analyze, cluster::ClusterState};
-    let state = match config_dir {
-        Some(dir) => ClusterState::from_dir(&dir)?,
-        None => tokio::runtime::Runtime::new()?.block_on(async {
-            let client = warren_agent::sources::kubernetes::client(kubeconfig.as_deref()).await?;
-            ClusterState::from_kubernetes(client).await
-        })?,
-    };
-    let findings = analyze::analyze(&state);
-    if findings.is_empty() {
-        println!("\u{2714} No validation issues found.");
-    }
-    for finding in &findings {
-        println!("{finding}");
-    }
-    Ok(!findings.iter().any(|f| f.level == analyze::Level::Error))
 }

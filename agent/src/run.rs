@@ -1,7 +1,7 @@
 //! `warren-agent run`: load the datapath, keep enrollment in line with the workload source, proxy, and on
 //! SIGTERM drain.
 use std::{
-    sync::{Arc, Mutex, RwLock},
+    sync::{Arc, Mutex},
     time::{Duration, Instant},
 };
 
@@ -17,7 +17,11 @@ use crate::{
     identity::Certificates,
     inpod::{InpodManager, PortConfig},
     metrics::{EbpfEventsCollector, Metrics},
-    proxy::{ConnectionTable, ProxyShared, hbone::pool::Pool},
+    proxy::{
+        ConnectionTable, ProxyShared,
+        authz::{Authorizer, close_newly_denied},
+        hbone::pool::Pool,
+    },
     sources::{
         self,
         controller::{Applier, PushStatus},
@@ -55,13 +59,17 @@ pub async fn run(config: AgentConfig) -> Result<()> {
             }
         });
     }
-    let tables: Arc<RwLock<Arc<MeshTables>>> = Arc::default();
+    let (tables, _) = tokio::sync::watch::channel(Arc::new(MeshTables::default()));
+    let authorizer = Arc::new(Authorizer::default());
+    authorizer.register(&mut registry);
+    tokio::spawn(close_newly_denied(tables.subscribe(), connections.clone(), authorizer.clone()));
     let shared = ProxyShared {
         original_dst: datapath.original_dst_lookup(),
         metrics,
         connections: connections.clone(),
         mesh: Arc::default(),
         tables: tables.clone(),
+        authorizer: authorizer.clone(),
         hbone,
     };
     let datapath = Arc::new(Mutex::new(datapath));
@@ -100,6 +108,7 @@ pub async fn run(config: AgentConfig) -> Result<()> {
         workloads: manager.status_handle(),
         certificates,
         tables,
+        authorizer,
         push: config.controller.is_some().then_some(push_status),
         node: config.node_name.clone(),
     });

@@ -127,7 +127,7 @@ pub fn analyze(state: &ClusterState) -> Vec<Message> {
         let o = origin("AuthorizationPolicy", &ap.metadata);
         report.object(&o, ap);
         if let Some(selector) = ap.spec.selector.as_ref().filter(|s| !s.match_labels.is_empty()) {
-            let in_scope = |p: &&Pod| p.namespace == o.namespace || o.namespace == ROOT_NAMESPACE;
+            let in_scope = |p: &&Pod| p.namespace == o.namespace || o.namespace == state.root_namespace();
             if !state.pods.iter().filter(in_scope).any(|p| selects(&selector.match_labels, p)) {
                 let labels: Vec<String> = selector.match_labels.iter().map(|(k, v)| format!("{k}={v}")).collect();
                 let text = format!("No matching workloads for this resource with the following labels: {}", labels.join(","));

@@ -4,7 +4,10 @@ use kube::ResourceExt;
 use serde::{Serialize, de::DeserializeOwned};
 
 use crate::{
-    istio::{AuthorizationPolicy, DestinationRule, Gateway, ServiceEntry, VirtualService},
+    istio::{
+        AuthorizationPolicy, AuthorizationPolicySpec, AuthorizationRule, DestinationRule, Gateway, ServiceEntry,
+        VirtualService, WorkloadSelector,
+    },
     support,
     validate::{self, FieldError},
     workloads::peer_authentication::PeerAuthentication,
@@ -29,13 +32,19 @@ pub trait IstioObject: Serialize + DeserializeOwned + Clone {
     fn validate(&self) -> Vec<FieldError>;
     fn spec_json(&self) -> serde_json::Value;
 
+    /// What stands in for this object while it is invalid and never had a valid generation (default:
+    /// nothing — the object is left out).
+    fn stand_in(&self) -> Option<Self> {
+        None
+    }
+
     fn check(&self) -> Checked {
         Checked { errors: self.validate(), unsupported: support::review(Self::KIND, &self.spec_json()) }
     }
 }
 
 macro_rules! istio_object {
-    ($type:ty, $kind:literal, $group:literal, $validate:path) => {
+    ($type:ty, $kind:literal, $group:literal, $validate:path $(, stand_in = $stand_in:path)?) => {
         impl IstioObject for $type {
             const KIND: &'static str = $kind;
             const GROUP: &'static str = $group;
@@ -54,6 +63,9 @@ macro_rules! istio_object {
             fn spec_json(&self) -> serde_json::Value {
                 serde_json::to_value(&self.spec).unwrap_or_default()
             }
+            $(fn stand_in(&self) -> Option<Self> {
+                $stand_in(self)
+            })?
         }
     };
 }
@@ -62,7 +74,32 @@ istio_object!(VirtualService, "VirtualService", "networking.istio.io", validate:
 istio_object!(DestinationRule, "DestinationRule", "networking.istio.io", validate::destination_rule);
 istio_object!(Gateway, "Gateway", "networking.istio.io", validate::gateway);
 istio_object!(ServiceEntry, "ServiceEntry", "networking.istio.io", validate::service_entry);
-istio_object!(AuthorizationPolicy, "AuthorizationPolicy", "security.istio.io", validate::authorization_policy);
+istio_object!(
+    AuthorizationPolicy,
+    "AuthorizationPolicy",
+    "security.istio.io",
+    validate::authorization_policy,
+    stand_in = fail_closed
+);
+
+/// An AuthorizationPolicy that was never valid must not leave access wider than its author meant: as an
+/// ALLOW policy (or one whose action is unreadable) it allows nothing; as DENY or CUSTOM it denies every
+/// connection to the workloads it selects; AUDIT changes nothing and is left out.
+fn fail_closed(policy: &AuthorizationPolicy) -> Option<AuthorizationPolicy> {
+    let (action, rules) = match policy.spec.action.as_deref() {
+        Some("AUDIT") => return None,
+        Some("DENY" | "CUSTOM") => ("DENY", Some(vec![AuthorizationRule::default()])),
+        _ => ("ALLOW", None),
+    };
+    let selector = policy
+        .spec
+        .selector
+        .as_ref()
+        .map(|s| WorkloadSelector { match_labels: s.match_labels.clone(), ..Default::default() });
+    let mut stand_in = policy.clone();
+    stand_in.spec = AuthorizationPolicySpec { selector, action: Some(action.into()), rules, ..Default::default() };
+    Some(stand_in)
+}
 
 impl IstioObject for PeerAuthentication {
     const KIND: &'static str = "PeerAuthentication";

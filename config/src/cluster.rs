@@ -29,6 +29,8 @@ pub struct ClusterState {
     pub notices: Vec<crate::analyze::Message>,
     /// `(kind, namespace, name)` → where the object was read from (`file.yaml:12`), for messages.
     pub sources: std::collections::HashMap<(String, String, String), String>,
+    /// Istio's `meshConfig.rootNamespace`: its policies apply to every namespace (`None`: istio-system).
+    pub root_namespace: Option<String>,
 }
 
 /// The mesh's view of a pod; `None` for pods that are finished or have no UID.
@@ -64,6 +66,10 @@ pub fn namespace_from_k8s(ns: &core::Namespace) -> Namespace {
 }
 
 impl ClusterState {
+    pub fn root_namespace(&self) -> &str {
+        self.root_namespace.as_deref().unwrap_or(crate::workloads::peer_authentication::ROOT_NAMESPACE)
+    }
+
     /// Reads every `*.yaml`/`*.yml` file in `dir` as [`crate::load`] does: what cannot be read is in
     /// `notices`, the rest applies. Fails only when the directory cannot be listed.
     pub fn from_dir(dir: &Path) -> Result<ClusterState> {

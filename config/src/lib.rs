@@ -7,11 +7,11 @@ pub mod cluster;
 pub mod compile;
 pub mod istio;
 pub mod load;
-pub mod push;
 pub mod support;
-pub mod tables;
 pub mod validate;
-pub mod workloads;
+
+// What the controller pushes and the agent holds lives in warren-api; the paths stay as they were.
+pub use warren_api::{authz, push, tables, workloads};
 
 /// Istio's bookinfo samples for tests: beside the project (`../shared`), `$WARREN_CONFORMANCE_DIR`, or the
 /// machines' shared copy.

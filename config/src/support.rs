@@ -185,12 +185,25 @@ fn service_entry() -> Table {
 fn action(value: &Value) -> Option<String> {
     match value.as_str() {
         Some("ALLOW" | "DENY") => None,
-        Some("AUDIT") => Some("AUDIT never blocks (as in Istio); Warren does not write audit records yet".into()),
         Some("CUSTOM") => Some(
             "CUSTOM (external authorization) is not supported: fail closed — its rules deny what they match".into(),
         ),
         _ => None, // not an action at all: a validation error
     }
+}
+
+/// A `when` key the agent evaluates, or the fail-closed notice for one it does not.
+fn condition_key(value: &Value, closed: &str) -> Option<String> {
+    let key = value.as_str()?;
+    (!crate::compile::policy::CONDITION_KEYS.contains(&key)).then(|| format!("{key:?} {closed}"))
+}
+
+fn condition_key_allow(value: &Value) -> Option<String> {
+    condition_key(value, ALLOW_CLOSED)
+}
+
+fn condition_key_deny(value: &Value) -> Option<String> {
+    condition_key(value, DENY_CLOSED)
 }
 
 /// How an AuthorizationPolicy is enforced depends on its action (see [`crate::compile`]): what an ALLOW
@@ -199,11 +212,7 @@ fn authorization_policy(policy_action: &str) -> Table {
     use Support::*;
     let closed = Unsupported(if policy_action == "ALLOW" { ALLOW_CLOSED } else { DENY_CLOSED });
     // AUDIT never blocks: its rules change nothing and need no notice each.
-    let rule_field = |enforced_for_deny: bool| match policy_action {
-        "AUDIT" => Field,
-        "DENY" | "CUSTOM" if enforced_for_deny => Field,
-        _ => closed,
-    };
+    let rule_field = || if policy_action == "AUDIT" { Field } else { closed };
     let mut t = table(&[
         ("selector", Field),
         ("selector.matchLabels", Map),
@@ -216,21 +225,27 @@ fn authorization_policy(policy_action: &str) -> Table {
         ("rules[].from[].source", Field),
         ("rules[].to", Field),
         ("rules[].to[].operation", Field),
-        ("rules[].to[].operation.ports", rule_field(true)),
-        ("rules[].when", rule_field(false)),
-        // Walked only where `when` itself is (AUDIT).
-        ("rules[].when[].key", Field),
+        ("rules[].to[].operation.ports", Field),
+        ("rules[].to[].operation.notPorts", Field),
+        ("rules[].when", Field),
+        ("rules[].when[].key", match policy_action {
+            "AUDIT" => Field,
+            "ALLOW" => Check(condition_key_allow),
+            _ => Check(condition_key_deny),
+        }),
         ("rules[].when[].values", Field),
         ("rules[].when[].notValues", Field),
     ]);
-    for field in [
-        "principals", "notPrincipals", "requestPrincipals", "notRequestPrincipals", "namespaces", "notNamespaces",
-        "ipBlocks", "notIpBlocks", "remoteIpBlocks", "notRemoteIpBlocks",
-    ] {
-        t.insert(format!("rules[].from[].source.{field}"), rule_field(false));
+    // What the agent checks on a connection (see compile::policy); JWT principals and request attributes
+    // need what only an L7 proxy that validates tokens sees.
+    for field in ["principals", "notPrincipals", "namespaces", "notNamespaces", "ipBlocks", "notIpBlocks", "remoteIpBlocks", "notRemoteIpBlocks"] {
+        t.insert(format!("rules[].from[].source.{field}"), Field);
     }
-    for field in ["hosts", "notHosts", "notPorts", "methods", "notMethods", "paths", "notPaths"] {
-        t.insert(format!("rules[].to[].operation.{field}"), rule_field(false));
+    for field in ["requestPrincipals", "notRequestPrincipals"] {
+        t.insert(format!("rules[].from[].source.{field}"), rule_field());
+    }
+    for field in ["hosts", "notHosts", "methods", "notMethods", "paths", "notPaths"] {
+        t.insert(format!("rules[].to[].operation.{field}"), rule_field());
     }
     t
 }
@@ -464,7 +479,9 @@ mod tests {
         let allow = reviewed("AuthorizationPolicy", "rules: [{from: [{source: {requestPrincipals: ['*']}}]}]");
         assert_eq!(allow, ["spec.rules[0].from[0].source.requestPrincipals: is not enforced yet: fail closed — an ALLOW rule that uses it matches nothing"]);
         let remote = reviewed("AuthorizationPolicy", "action: ALLOW\nrules: [{from: [{source: {notRemoteIpBlocks: [10.0.0.0/8]}}], to: [{operation: {notPaths: [/x], notHosts: [h], notMethods: [GET]}}]}]");
-        assert_eq!(remote.len(), 4, "every field named: {remote:#?}");
+        assert_eq!(remote.len(), 3, "every request attribute named (notRemoteIpBlocks is enforced): {remote:#?}");
+        let when = reviewed("AuthorizationPolicy", "rules: [{when: [{key: source.ip, values: [10.0.0.1]}, {key: 'request.headers[x]', values: [y]}]}]");
+        assert_eq!(when, ["spec.rules[0].when[1].key: \"request.headers[x]\" is not enforced yet: fail closed — an ALLOW rule that uses it matches nothing"]);
         let deny = reviewed("AuthorizationPolicy", "action: DENY\nrules: [{to: [{operation: {ports: ['9090'], methods: [GET]}}]}]");
         assert_eq!(deny, ["spec.rules[0].to[0].operation.methods: is not enforced yet: fail closed — this DENY rule applies without it (denies more, never less)"]);
         assert_eq!(reviewed("PeerAuthentication", "selector: {matchLabels: {app: a}}\nportLevelMtls: {'80': {mode: DISABLE, mod: x}}"),

@@ -45,6 +45,9 @@ struct Input {
     /// How often --config-dir is checked for changes.
     #[arg(long, default_value_t = 200)]
     config_poll_ms: u64,
+    /// Istio's meshConfig.rootNamespace: AuthorizationPolicies here apply to every namespace.
+    #[arg(long, default_value = "istio-system")]
+    root_namespace: String,
 }
 
 #[derive(clap::Args)]
@@ -117,10 +120,11 @@ async fn client(kubeconfig: Option<&PathBuf>) -> Result<Client> {
 
 /// Prints every finding; `Ok(false)` when one is an error.
 async fn run_analyze(input: Input) -> Result<bool> {
-    let state: ClusterState = match &input.config_dir {
+    let mut state: ClusterState = match &input.config_dir {
         Some(dir) => ClusterState::from_dir(dir)?,
         None => ClusterState::from_kubernetes(client(input.kubeconfig.as_ref()).await?).await?,
     };
+    state.root_namespace = Some(input.root_namespace.clone());
     let findings = analyze::analyze(&state);
     if findings.is_empty() {
         println!("\u{2714} No validation issues found.");
@@ -177,7 +181,7 @@ async fn run(args: RunArgs) -> Result<()> {
             (authority, states)
         }
     };
-    let snapshots = pipeline::run(states, verdicts_tx);
+    let snapshots = pipeline::run(states, verdicts_tx, Some(args.input.root_namespace.clone()));
 
     let identity = ca::server::controller_identity(&args.trust_domain, &args.namespace);
     let serving = authority.issue(&identity, Duration::from_secs(365 * 24 * 3600), std::time::SystemTime::now())?;

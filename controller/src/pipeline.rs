@@ -38,6 +38,9 @@ pub struct Verdict {
     pub unsupported: Vec<FieldError>,
     /// An invalid object whose last valid generation stays in force.
     pub kept_generation: Option<i64>,
+    /// An invalid object that never had a valid generation, replaced by what fails closed
+    /// ([`warren_config::check::IstioObject::stand_in`]).
+    pub fail_closed: bool,
 }
 
 type ObjectKey = (&'static str, String, String);
@@ -46,6 +49,8 @@ type ObjectKey = (&'static str, String, String);
 #[derive(Default)]
 pub struct Accepted {
     last_valid: HashMap<ObjectKey, serde_json::Value>,
+    /// Set on every state compiled (the mesh's configuration, not the cluster's).
+    root_namespace: Option<String>,
 }
 
 impl Accepted {
@@ -89,6 +94,7 @@ impl Run<'_> {
                 errors,
                 unsupported,
                 kept_generation: None,
+                fail_closed: false,
             };
             let last_valid = &mut self.accepted.last_valid;
             if verdict.errors.is_empty() {
@@ -96,9 +102,15 @@ impl Run<'_> {
                     last_valid.insert(key, value);
                 }
                 out.push(object);
-            } else if let Some(previous) = last_valid.get(&key).and_then(|v| serde_json::from_value::<K>(v.clone()).ok()) {
+            } else if let Some(previous) =
+                last_valid.get(&key).and_then(|v| serde_json::from_value::<K>(v.clone()).ok())
+            {
                 verdict.kept_generation = previous.generation();
                 out.push(previous);
+            } else if let Some(stand_in) = object.stand_in() {
+                // Never valid: what stands in fails closed (an AuthorizationPolicy allows nothing).
+                verdict.fail_closed = true;
+                out.push(stand_in);
             }
             self.verdicts.push(verdict);
         }
@@ -108,8 +120,13 @@ impl Run<'_> {
 
 /// Runs the pipeline: every new cluster state becomes a snapshot (a new version only when the compiled
 /// tables changed); invalid objects' verdicts go to `verdicts`.
-pub fn run(mut states: watch::Receiver<ClusterState>, verdicts: watch::Sender<Vec<Verdict>>) -> watch::Receiver<Arc<Snapshot>> {
-    let mut accepted = Accepted::default();
+/// `root_namespace`: Istio's meshConfig.rootNamespace (`None`: istio-system).
+pub fn run(
+    mut states: watch::Receiver<ClusterState>,
+    verdicts: watch::Sender<Vec<Verdict>>,
+    root_namespace: Option<String>,
+) -> watch::Receiver<Arc<Snapshot>> {
+    let mut accepted = Accepted { root_namespace, ..Default::default() };
     let first = step(&mut accepted, states.borrow_and_update().clone(), None, &verdicts);
     let (tx, rx) = watch::channel(Arc::new(first));
     tokio::spawn(async move {
@@ -118,12 +135,19 @@ pub fn run(mut states: watch::Receiver<ClusterState>, verdicts: watch::Sender<Ve
             let previous = tx.borrow().clone();
             // A bug in compile must not freeze the control plane: the version in force stays, and the next
             // change is compiled afresh.
-            let stepped = std::panic::catch_unwind(AssertUnwindSafe(|| step(&mut accepted, state, Some(&previous), &verdicts)));
+            let stepped =
+                std::panic::catch_unwind(AssertUnwindSafe(|| step(&mut accepted, state, Some(&previous), &verdicts)));
             let next = match stepped {
                 Ok(next) => next,
                 Err(panic) => {
-                    let what = panic.downcast_ref::<String>().map(String::as_str).or(panic.downcast_ref::<&str>().copied());
-                    error!(version = previous.version, "compiling the new state panicked ({}); version {} stays in force", what.unwrap_or("?"), previous.version);
+                    let what =
+                        panic.downcast_ref::<String>().map(String::as_str).or(panic.downcast_ref::<&str>().copied());
+                    error!(
+                        version = previous.version,
+                        "compiling the new state panicked ({}); version {} stays in force",
+                        what.unwrap_or("?"),
+                        previous.version
+                    );
                     continue;
                 }
             };
@@ -142,10 +166,11 @@ fn step(
     verdicts: &watch::Sender<Vec<Verdict>>,
 ) -> Snapshot {
     let started = Instant::now();
-    let (state, checked) = accepted.filter(state);
+    let (mut state, checked) = accepted.filter(state);
+    state.root_namespace.clone_from(&accepted.root_namespace);
     for v in checked.iter().filter(|v| !v.errors.is_empty()) {
         let errors: Vec<String> = v.errors.iter().map(ToString::to_string).collect();
-        warn!(kind = v.kind, namespace = %v.namespace, name = %v.name, kept_generation = ?v.kept_generation,
+        warn!(kind = v.kind, namespace = %v.namespace, name = %v.name, kept_generation = ?v.kept_generation, fail_closed = v.fail_closed,
             "invalid: {}", errors.join("; "));
     }
     for v in checked.iter().filter(|v| v.errors.is_empty() && !v.unsupported.is_empty()) {
@@ -175,7 +200,12 @@ fn step(
         None => 1,
     };
     if !unchanged {
-        info!(version, resources = compiled.resources.len(), compile_ms = started.elapsed().as_millis() as u64, "compiled");
+        info!(
+            version,
+            resources = compiled.resources.len(),
+            compile_ms = started.elapsed().as_millis() as u64,
+            "compiled"
+        );
     }
     Snapshot { version, compiled }
 }
@@ -204,15 +234,18 @@ mod tests {
     async fn a_hostile_edit_is_refused_and_the_next_one_compiles() {
         let (states_tx, states) = watch::channel(state("1s", 1));
         let (verdicts_tx, mut verdicts) = watch::channel(Vec::<Verdict>::new());
-        let mut snapshots = run(states, verdicts_tx);
+        let mut snapshots = run(states, verdicts_tx, None);
         assert_eq!(snapshots.borrow().version, 1);
         // Once a panic in Duration::from_secs_f64 that froze the pipeline.
         states_tx.send(state("100000000000000000000000h", 2)).unwrap();
-        let refused = tokio::time::timeout(std::time::Duration::from_secs(5), verdicts.wait_for(|v| v.iter().any(|v| !v.errors.is_empty())))
-            .await
-            .unwrap()
-            .unwrap()
-            .clone();
+        let refused = tokio::time::timeout(
+            std::time::Duration::from_secs(5),
+            verdicts.wait_for(|v| v.iter().any(|v| !v.errors.is_empty())),
+        )
+        .await
+        .unwrap()
+        .unwrap()
+        .clone();
         assert!(refused[0].errors[0].reason.contains("exceeds the longest duration"), "{refused:?}");
         assert_eq!(refused[0].kept_generation, Some(1));
         // The pipeline still compiles the next edit.
@@ -227,10 +260,70 @@ mod tests {
         state.virtual_services[0].spec.http[0].mirror = Some(serde_json::json!({"host": "shadow"}));
         let (_states_tx, states) = watch::channel(state);
         let (verdicts_tx, verdicts) = watch::channel(Vec::new());
-        let snapshots = run(states, verdicts_tx);
+        let snapshots = run(states, verdicts_tx, None);
         let verdict = verdicts.borrow()[0].clone();
         assert!(verdict.errors.is_empty());
         assert_eq!(verdict.unsupported[0].field, "spec.http[0].mirror");
         assert!(snapshots.borrow().compiled.resources.contains_key("route/shop/reviews"), "applied without the mirror");
+    }
+
+    fn policy(spec: &str) -> ClusterState {
+        let mut state = ClusterState::default();
+        state
+            .add_yaml(&format!("apiVersion: security.istio.io/v1\nkind: AuthorizationPolicy\nmetadata: {{name: p, namespace: shop}}\nspec: {spec}\n"))
+            .unwrap();
+        state
+    }
+
+    fn compiled_policy(
+        state: ClusterState,
+        root_namespace: Option<String>,
+    ) -> (Option<warren_config::tables::Policy>, Verdict) {
+        let (_states_tx, states) = watch::channel(state);
+        let (verdicts_tx, verdicts) = watch::channel(Vec::new());
+        let snapshots = run(states, verdicts_tx, root_namespace);
+        let policy = match snapshots.borrow().compiled.resources.get("policy/shop/p").map(|r| (**r).clone()) {
+            Some(Resource::Policy(p)) => Some(p),
+            _ => None,
+        };
+        (policy, verdicts.borrow()[0].clone())
+    }
+
+    #[tokio::test]
+    async fn a_policy_that_was_never_valid_fails_closed() {
+        use warren_config::tables::Action;
+        // A bad principal pattern would have narrowed an ALLOW list: it allows nothing instead.
+        let (allow, verdict) =
+            compiled_policy(policy("{rules: [{from: [{source: {ipBlocks: [10.0.0.0/99]}}]}]}"), None);
+        let allow = allow.expect("a stand-in is in force");
+        assert!(!verdict.errors.is_empty() && verdict.fail_closed);
+        assert_eq!((allow.action, allow.rules.len()), (Action::Allow, 0), "ALLOW that allows nothing");
+        // A DENY that never parsed denies everything it selects.
+        let (deny, _) = compiled_policy(
+            policy(
+                "{action: DENY, selector: {matchLabels: {app: a}}, rules: [{to: [{operation: {ports: ['99999']}}]}]}",
+            ),
+            None,
+        );
+        let deny = deny.unwrap();
+        assert_eq!(
+            (deny.action, deny.rules.len(), deny.rules[0].from.len(), deny.rules[0].to.len()),
+            (Action::Deny, 1, 0, 0)
+        );
+        assert_eq!(deny.selector.unwrap()["app"], "a", "…of the workloads it selects");
+        // Control: the valid policy compiles as written, no stand-in.
+        let (valid, verdict) = compiled_policy(policy("{rules: [{from: [{source: {ipBlocks: [10.0.0.0/8]}}]}]}"), None);
+        assert!(verdict.errors.is_empty() && !verdict.fail_closed);
+        assert_eq!(valid.unwrap().rules[0].from[0].ip_blocks.len(), 1);
+    }
+
+    #[tokio::test]
+    async fn the_root_namespace_is_the_controllers_setting() {
+        let mut state = policy("{}");
+        state.authorization_policies[0].metadata.namespace = Some("shop".into());
+        let (policy, _) = compiled_policy(state.clone(), Some("shop".into()));
+        assert!(policy.unwrap().mesh_wide);
+        let (policy, _) = compiled_policy(state, None);
+        assert!(!policy.unwrap().mesh_wide, "control: by default istio-system is the root");
     }
 }

@@ -30,6 +30,9 @@ fn condition(verdict: &Verdict) -> (&'static str, &'static str, String, Option<&
     if !verdict.errors.is_empty() {
         let kept = match verdict.kept_generation {
             Some(g) => format!(" (generation {g} stays in force)"),
+            None if verdict.fail_closed => {
+                " (never valid: fails closed — it allows nothing, or as DENY denies everything it selects)".to_string()
+            }
             None => " (not applied)".to_string(),
         };
         let unsupported = if verdict.unsupported.is_empty() {
@@ -61,7 +64,9 @@ pub async fn run(client: Client, mut verdicts: watch::Receiver<Vec<Verdict>>) {
                 Ok(()) => {
                     written.insert(key, outcome);
                 }
-                Err(e) => warn!(kind = verdict.kind, namespace = %verdict.namespace, name = %verdict.name, "writing status: {e:#}"),
+                Err(e) => {
+                    warn!(kind = verdict.kind, namespace = %verdict.namespace, name = %verdict.name, "writing status: {e:#}")
+                }
             }
         }
         if verdicts.changed().await.is_err() {

@@ -9,6 +9,8 @@ use std::{
 use anyhow::{Context, Result, bail};
 use serde_json::Value;
 
+use warren_api::admin::PoliciesView;
+
 use super::{Output, table};
 
 fn fetch(admin: SocketAddr, path: &str) -> Result<Value> {
@@ -118,7 +120,6 @@ pub enum ConfigView {
     Services,
     Routes,
     Faults,
-    Policies,
 }
 
 fn join(v: &Value) -> String {
@@ -151,20 +152,17 @@ pub fn config(admin: SocketAddr, what: ConfigView, output: Output) -> Result<Str
         ConfigView::Services => "services",
         ConfigView::Routes => "routes",
         ConfigView::Faults => "faults",
-        ConfigView::Policies => "policies",
     };
     if output == Output::Json {
-        let mut selected = serde_json::json!({"version": view["version"], "push": view["push"], key: view[key]});
-        if what == ConfigView::Policies {
-            selected["l4Deny"] = view["l4Deny"].clone();
-        }
+        let selected = serde_json::json!({"version": view["version"], "push": view["push"], key: view[key]});
         return Ok(serde_json::to_string_pretty(&selected)? + "\n");
     }
     let push = &view["push"];
     let mut out = if push.is_null() {
         format!("version {} (no controller configured)\n", text(&view["version"]))
     } else {
-        let state = if push["connected"] == Value::Bool(true) { "connected" } else { "disconnected, serving the last version" };
+        let state =
+            if push["connected"] == Value::Bool(true) { "connected" } else { "disconnected, serving the last version" };
         let nack = push["lastNack"].as_str().map(|n| format!("; last NACK: {n}")).unwrap_or_default();
         format!("version {} from {} ({state}){nack}\n", text(&view["version"]), text(&push["controller"]))
     };
@@ -192,11 +190,19 @@ pub fn config(admin: SocketAddr, what: ConfigView, output: Output) -> Result<Str
             .iter()
             .flat_map(|r| {
                 let rules = r["http"].as_array().cloned().unwrap_or_default().into_iter().enumerate().map(|(i, h)| {
-                    let matched = if h["matches"].as_array().is_some_and(|m| !m.is_empty()) { h["matches"].to_string() } else { "*".into() };
+                    let matched = if h["matches"].as_array().is_some_and(|m| !m.is_empty()) {
+                        h["matches"].to_string()
+                    } else {
+                        "*".into()
+                    };
                     (format!("http[{i}]"), matched, destinations(&h["destinations"]))
                 });
                 let tcp = r["tcp"].as_array().cloned().unwrap_or_default().into_iter().enumerate().map(|(i, t)| {
-                    (format!("tcp[{i}]"), t["port"].as_u64().map(|p| format!("port {p}")).unwrap_or("*".into()), destinations(&t["destinations"]))
+                    (
+                        format!("tcp[{i}]"),
+                        t["port"].as_u64().map(|p| format!("port {p}")).unwrap_or("*".into()),
+                        destinations(&t["destinations"]),
+                    )
                 });
                 rules
                     .chain(tcp)
@@ -208,32 +214,66 @@ pub fn config(admin: SocketAddr, what: ConfigView, output: Output) -> Result<Str
             .iter()
             .map(|f| {
                 let fault = &f["fault"];
-                let delay = fault["delayMs"].as_u64().map(|ms| format!("{ms}ms @{}%", text(&fault["delayPercent"]))).unwrap_or("-".into());
-                let abort = fault["abortHttpStatus"].as_u64().map(|s| format!("{s} @{}%", text(&fault["abortPercent"]))).unwrap_or("-".into());
+                let delay = fault["delayMs"]
+                    .as_u64()
+                    .map(|ms| format!("{ms}ms @{}%", text(&fault["delayPercent"])))
+                    .unwrap_or("-".into());
+                let abort = fault["abortHttpStatus"]
+                    .as_u64()
+                    .map(|s| format!("{s} @{}%", text(&fault["abortPercent"])))
+                    .unwrap_or("-".into());
                 vec![join(&f["services"]), text(&f["rule"]), delay, abort, f["matches"].to_string(), text(&f["origin"])]
-            })
-            .collect(),
-        ConfigView::Policies => items
-            .iter()
-            .map(|p| {
-                let rules = match p["rules"].as_array() {
-                    None => "(none)".to_string(),
-                    Some(r) => format!("{} rules", r.len()),
-                };
-                vec![text(&p["origin"]), text(&p["action"]), p["selector"].to_string(), rules, join(&p["appliesToLocal"])]
             })
             .collect(),
     };
     out += &match what {
-        ConfigView::Services => table(&["SERVICE", "VIPS", "ENDPOINTS", "SUBSETS", "VIP:PORT", "L4 ROUTE", "FROM"], &rows),
+        ConfigView::Services => {
+            table(&["SERVICE", "VIPS", "ENDPOINTS", "SUBSETS", "VIP:PORT", "L4 ROUTE", "FROM"], &rows)
+        }
         ConfigView::Routes => table(&["HOSTS", "RULE", "MATCH", "DESTINATIONS", "FROM"], &rows),
         ConfigView::Faults => table(&["SERVICES", "RULE", "DELAY", "ABORT", "MATCH", "FROM"], &rows),
-        ConfigView::Policies => table(&["POLICY", "ACTION", "SELECTOR", "RULES", "LOCAL WORKLOADS"], &rows),
     };
-    if what == ConfigView::Policies {
-        let denied: Vec<String> =
-            view["l4Deny"].as_array().into_iter().flatten().map(|d| format!("{}:{}", text(&d["ip"]), text(&d["port"]))).collect();
-        out += &format!("refused in the kernel (L4_POLICY): {}\n", if denied.is_empty() { "-".into() } else { denied.join(" ") });
+    Ok(out)
+}
+
+/// `inspect policies [--hits]`: per local workload, the policies in evaluation order; then what the kernel
+/// refuses (plaintext clients, by source prefix).
+pub fn policies(admin: SocketAddr, hits: bool, output: Output) -> Result<String> {
+    let view: PoliciesView = serde_json::from_value(fetch(admin, "/policies")?).context("the agent's /policies")?;
+    if output == Output::Json {
+        return Ok(serde_json::to_string_pretty(&view)? + "\n");
     }
+    let mut out = format!("version {}\n", view.version);
+    let mut rows = Vec::new();
+    for workload in &view.workloads {
+        for (order, p) in workload.policies.iter().enumerate() {
+            let action =
+                if p.policy == "-" { "ALLOW (none matched: deny)".to_string() } else { p.action.as_str().to_string() };
+            let mut row =
+                vec![workload.workload.clone(), (order + 1).to_string(), p.policy.clone(), action, p.rules.to_string()];
+            if hits {
+                row.extend([p.hits.allowed.to_string(), p.hits.denied.to_string(), p.hits.audited.to_string()]);
+            }
+            rows.push(row);
+        }
+    }
+    let mut headers = vec!["WORKLOAD", "ORDER", "POLICY", "ACTION", "RULES"];
+    if hits {
+        headers.extend(["ALLOWED", "DENIED", "AUDITED"]);
+    }
+    out += &table(&headers, &rows);
+    let refused: Vec<String> = view
+        .kernel
+        .iter()
+        .filter(|k| !k.allowed)
+        .map(|k| {
+            let port = k.port.map(|p| p.to_string()).unwrap_or_else(|| "*".into());
+            format!("{}:{port} from {} ({})", k.destination, k.source, k.decided_by)
+        })
+        .collect();
+    out += &format!(
+        "refused in the kernel (L4_AUTHZ): {}\n",
+        if refused.is_empty() { "-".into() } else { refused.join(", ") }
+    );
     Ok(out)
 }

@@ -37,7 +37,32 @@ pub struct ConnectionInfo {
 #[derive(Default)]
 struct Inner {
     open: BTreeMap<u64, ConnectionInfo>,
+    closers: BTreeMap<u64, Closer>,
     closed: VecDeque<ConnectionInfo>,
+}
+
+/// Lets the table end an open connection (its proxy task waits on [`Closer::closed`]).
+#[derive(Clone, Default)]
+pub struct Closer(Arc<CloserState>);
+
+#[derive(Default)]
+struct CloserState {
+    notify: tokio::sync::Notify,
+    reason: Mutex<Option<String>>,
+}
+
+impl Closer {
+    /// Resolves once the connection is to be closed, with why.
+    pub async fn closed(&self) -> String {
+        self.0.notify.notified().await;
+        self.0.reason.lock().unwrap().take().unwrap_or_else(|| "closed".into())
+    }
+
+    fn close(&self, reason: String) {
+        *self.0.reason.lock().unwrap() = Some(reason);
+        // A permit is stored if the task is not waiting yet.
+        self.0.notify.notify_one();
+    }
 }
 
 #[derive(Default, Clone)]
@@ -63,10 +88,8 @@ impl ConnectionTable {
         peer_identity: Option<String>,
     ) -> u64 {
         let id = self.next_id.fetch_add(1, Ordering::Relaxed) + 1;
-        let opened_unix_ms = SystemTime::now()
-            .duration_since(SystemTime::UNIX_EPOCH)
-            .map(|d| d.as_millis())
-            .unwrap_or(0);
+        let opened_unix_ms =
+            SystemTime::now().duration_since(SystemTime::UNIX_EPOCH).map(|d| d.as_millis()).unwrap_or(0);
         let info = ConnectionInfo {
             id,
             direction,
@@ -81,12 +104,33 @@ impl ConnectionTable {
             closed: false,
             error: None,
         };
-        self.inner.lock().unwrap().open.insert(id, info);
+        let mut inner = self.inner.lock().unwrap();
+        inner.open.insert(id, info);
+        inner.closers.insert(id, Closer::default());
         id
+    }
+
+    /// The handle that ends connection `id` early (a fresh one if it is not open any more).
+    pub fn closer(&self, id: u64) -> Closer {
+        self.inner.lock().unwrap().closers.get(&id).cloned().unwrap_or_default()
+    }
+
+    /// Closes every open connection for which `reason` gives one; returns how many.
+    pub fn close_where(&self, mut reason: impl FnMut(&ConnectionInfo) -> Option<String>) -> usize {
+        let inner = self.inner.lock().unwrap();
+        let mut closed = 0;
+        for (id, info) in &inner.open {
+            if let (Some(why), Some(closer)) = (reason(info), inner.closers.get(id)) {
+                closer.close(why);
+                closed += 1;
+            }
+        }
+        closed
     }
 
     pub fn close(&self, id: u64, sent_bytes: u64, received_bytes: u64, error: Option<String>) {
         let mut inner = self.inner.lock().unwrap();
+        inner.closers.remove(&id);
         if let Some(mut info) = inner.open.remove(&id) {
             info.sent_bytes = sent_bytes;
             info.received_bytes = received_bytes;

@@ -12,7 +12,7 @@ use tokio_rustls::TlsAcceptor;
 use tracing::{info, warn};
 use warren_identity::Identity;
 
-use super::{Direction, ProxyShared, Record, connect_from, forward, hbone};
+use super::{Direction, ProxyShared, Record, authz::Enforcer, connect_from, forward, hbone};
 use crate::{inpod::Netns, state::peer_authentication::Mode};
 
 pub async fn serve(listener: TcpListener, netns: Arc<Netns>, pod: Arc<String>, shared: ProxyShared) {
@@ -26,7 +26,9 @@ pub async fn serve(listener: TcpListener, netns: Arc<Netns>, pod: Arc<String>, s
             }
         };
         let _ = client.set_nodelay(true);
-        let Ok(destination) = client.local_addr() else { continue };
+        let Ok(destination) = client.local_addr() else {
+            continue;
+        };
         // PeerAuthentication: STRICT takes mTLS (HBONE) only; plaintext is closed at once.
         if shared.mesh.read().unwrap().inbound_mode(&destination) == Mode::Strict {
             shared.metrics.plaintext_refused.inc();
@@ -36,7 +38,22 @@ pub async fn serve(listener: TcpListener, netns: Arc<Netns>, pod: Arc<String>, s
             let _ = client.set_linger(Some(std::time::Duration::ZERO));
             continue;
         }
-        let record = Record { direction: Direction::Inbound, pod: pod.clone(), client: peer, destination, protocol: "tcp", peer_identity: None };
+        // The kernel refused what its table decides; the agent decides again with the full policy (the same
+        // evaluation), so a connection that raced a table change is still checked.
+        if !shared.authorize(peer, None, destination, Enforcer::Plaintext).allowed {
+            shared.metrics.policy_refused.inc();
+            #[allow(deprecated)]
+            let _ = client.set_linger(Some(std::time::Duration::ZERO));
+            continue;
+        }
+        let record = Record {
+            direction: Direction::Inbound,
+            pod: pod.clone(),
+            client: peer,
+            destination,
+            protocol: "tcp",
+            peer_identity: None,
+        };
         let (netns, shared) = (netns.clone(), shared.clone());
         tokio::spawn(async move { forward(client, record, shared, connect_from(&netns, destination)).await });
     }
@@ -52,7 +69,9 @@ pub async fn serve_hbone(
     shared: ProxyShared,
 ) {
     info!(pod = %pod, addr = ?listener.local_addr().ok(), identity = %identity, "HBONE listener ready");
-    let Some(pool) = shared.hbone.clone() else { return };
+    let Some(pool) = shared.hbone.clone() else {
+        return;
+    };
     loop {
         let (tcp, remote) = match listener.accept().await {
             Ok(accepted) => accepted,
@@ -82,7 +101,9 @@ pub async fn serve_hbone(
                     return;
                 }
             };
-            let Some(peer) = warren_identity::tls::peer_identity(tls.get_ref().1) else { return };
+            let Some(peer) = warren_identity::tls::peer_identity(tls.get_ref().1) else {
+                return;
+            };
             let result = hbone::server::serve(tls, peer, move |destination, peer, tunnel| {
                 let (netns, pod, pod_ips, shared) = (netns.clone(), pod.clone(), pod_ips.clone(), shared.clone());
                 async move {
@@ -91,9 +112,10 @@ pub async fn serve_hbone(
                         tunnel.refuse(StatusCode::BAD_REQUEST);
                         return;
                     }
-                    if shared.inbound_denied(&destination) {
+                    // The peer's identity is what its certificate proved in this connection's handshake.
+                    let identity = peer.to_string();
+                    if !shared.authorize(remote, Some(&identity), destination, Enforcer::Hbone).allowed {
                         shared.metrics.policy_refused.inc();
-                        warn!(pod = %pod, peer = %peer, %destination, "HBONE CONNECT refused: AuthorizationPolicy");
                         tunnel.refuse(StatusCode::FORBIDDEN);
                         return;
                     }

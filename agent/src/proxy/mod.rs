@@ -8,6 +8,7 @@
 //! - between enrolled pods, with an identity configuration: HBONE ([`hbone`]) — the outbound side
 //!   tunnels to the destination pod's port 15008 as its workload identity, the inbound side serves
 //!   15008 in each enrolled pod and delivers to the workload, knowing the peer's identity.
+pub mod authz;
 pub mod connections;
 pub mod copy;
 pub mod hbone;
@@ -21,15 +22,20 @@ use std::{
 };
 
 use anyhow::Result;
+use tokio::sync::watch;
 use tokio::{
     io::{AsyncRead, AsyncWrite},
     net::{TcpSocket, TcpStream},
 };
 use tracing::{debug, warn};
+use warren_api::authz::Decision;
 
 pub use connections::{ConnectionInfo, ConnectionTable};
 
-use self::hbone::pool::Pool;
+use self::{
+    authz::{Authorizer, Enforcer},
+    hbone::pool::Pool,
+};
 use crate::{
     ebpf::OriginalDstLookup,
     inpod::Netns,
@@ -45,19 +51,31 @@ pub struct ProxyShared {
     pub connections: ConnectionTable,
     /// Every enrolled workload by IP: destinations that take HBONE.
     pub mesh: Arc<RwLock<MeshIndex>>,
-    /// The controller's tables (services, routes, policies); empty without a controller.
-    pub tables: Arc<RwLock<Arc<MeshTables>>>,
+    /// The controller's tables (services, routes, policies), one immutable snapshot per version; empty
+    /// without a controller.
+    pub tables: watch::Sender<Arc<MeshTables>>,
+    pub authorizer: Arc<Authorizer>,
     /// HBONE connections; `None` when the agent has no identity configuration (plain L4 only).
     pub hbone: Option<Arc<Pool>>,
 }
 
 impl ProxyShared {
-    /// AuthorizationPolicy refuses every connection to `destination`: the verdict L4_POLICY gives the
-    /// kernel for plaintext, applied here to HBONE (which sk_lookup does not see).
-    pub fn inbound_denied(&self, destination: &SocketAddr) -> bool {
-        let mesh = self.mesh.read().unwrap();
-        let Some(pod) = mesh.enrolled(&destination.ip()) else { return false };
-        self.tables.read().unwrap().inbound_denied(pod, destination.port())
+    /// The tables in force.
+    pub fn tables(&self) -> Arc<MeshTables> {
+        self.tables.borrow().clone()
+    }
+
+    /// Authorizes an inbound connection from `client` (with the SPIFFE `identity` mTLS proved, if any) to
+    /// `destination`, and records the decision.
+    pub fn authorize(
+        &self,
+        client: SocketAddr,
+        identity: Option<&str>,
+        destination: SocketAddr,
+        by: Enforcer,
+    ) -> Decision {
+        let connection = warren_api::authz::Connection::new(client.ip(), identity, destination);
+        self.authorizer.check(&self.tables(), &connection, client, destination, by)
     }
 }
 
@@ -110,12 +128,19 @@ where
     );
     debug!(pod = %record.pod, client = %record.client, destination = %record.destination, id,
         direction = record.direction.as_str(), protocol = record.protocol, peer = ?record.peer_identity, "connection");
+    let closer = shared.connections.closer(id);
     let (sent, received, error) = match open.await {
         Ok(upstream) => {
             metrics.active_connections.get_or_create(&labels).inc();
-            let (transferred, error) = copy::copy_bidirectional(client, upstream).await;
+            let result = tokio::select! {
+                (transferred, error) = copy::copy_bidirectional(client, upstream) => {
+                    (transferred.a_to_b, transferred.b_to_a, error.map(|e| format!("copy: {e}")))
+                }
+                // Dropping both sides closes them (an HBONE stream is reset).
+                reason = closer.closed() => (0, 0, Some(reason)),
+            };
             metrics.active_connections.get_or_create(&labels).dec();
-            (transferred.a_to_b, transferred.b_to_a, error.map(|e| format!("copy: {e}")))
+            result
         }
         Err(e) => {
             metrics.connections_failed.get_or_create(&labels).inc();

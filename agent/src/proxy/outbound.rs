@@ -68,8 +68,14 @@ pub async fn serve(
                 });
             }
             None => {
-                let record =
-                    Record { direction: Direction::Outbound, pod, client: peer, destination: original, protocol: "tcp", peer_identity: None };
+                let record = Record {
+                    direction: Direction::Outbound,
+                    pod,
+                    client: peer,
+                    destination: original,
+                    protocol: "tcp",
+                    peer_identity: None,
+                };
                 tokio::spawn(async move { forward(client, record, shared, connect_from(&netns, original)).await });
             }
         }
@@ -79,8 +85,10 @@ pub async fn serve(
 /// `destination` itself unless it is a service VIP:port; then an endpoint picked by the L4 route's weights
 /// (spread over the chosen service or subset's endpoints).
 fn resolve_service(shared: &ProxyShared, destination: SocketAddr) -> Result<SocketAddr, String> {
-    let tables = shared.tables.read().unwrap().clone();
-    let Some(route) = tables.l4_route(&destination) else { return Ok(destination) };
+    let tables = shared.tables();
+    let Some(route) = tables.l4_route(&destination) else {
+        return Ok(destination);
+    };
     let roll = random();
     let chosen = pick_weighted(&route.destinations, roll)
         .ok_or_else(|| format!("service {} has no route destination", route.service))?;

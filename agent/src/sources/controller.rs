@@ -1,10 +1,10 @@
 //! The controller's push: one long-lived mTLS HTTP/2 stream to warren-controller (see
-//! `warren_config::push`). Each update is applied — eBPF maps first, then the proxy's tables and the
+//! `warren_api::push`). Each update is applied — eBPF maps first, then the proxy's tables and the
 //! workloads — and ACKed; one that cannot be applied is NACKed and the last good version stays. When the
 //! stream breaks the agent keeps serving what it holds and reconnects with backoff; the controller's first
 //! update on a new stream is a full snapshot, which replaces everything (no stale entries survive).
 use std::{
-    sync::{Arc, Mutex, RwLock},
+    sync::{Arc, Mutex},
     time::{Duration, Instant, SystemTime},
 };
 
@@ -13,7 +13,7 @@ use bytes::Bytes;
 use serde::{Deserialize, Serialize};
 use tokio::sync::watch;
 use tracing::{info, warn};
-use warren_config::{
+use warren_api::{
     push::{self, FrameReader, Reply, Update},
     tables::Tables,
 };
@@ -73,7 +73,7 @@ pub struct PushStatus {
 pub struct Applier {
     pub node: String,
     pub datapath: Arc<Mutex<Datapath>>,
-    pub tables: Arc<RwLock<Arc<MeshTables>>>,
+    pub tables: watch::Sender<Arc<MeshTables>>,
     pub workloads: watch::Sender<Workloads>,
     pub status: Arc<Mutex<PushStatus>>,
 }
@@ -92,14 +92,14 @@ impl Applier {
     pub fn apply(&self, version: u64, tables: Tables) -> Result<()> {
         let index = MeshTables::new(version, tables)?;
         if let Err(e) = self.write_maps(&index) {
-            let previous = self.tables.read().unwrap().clone();
+            let previous = self.tables.borrow().clone();
             if let Err(restore) = self.write_maps(&previous) {
                 warn!("restoring the maps of version {} failed: {restore:#}", previous.version);
             }
             return Err(e);
         }
         let workloads = index.workloads();
-        *self.tables.write().unwrap() = Arc::new(index);
+        self.tables.send_replace(Arc::new(index));
         self.workloads.send_if_modified(|current| {
             let changed = *current != workloads;
             *current = workloads;
@@ -127,14 +127,21 @@ pub fn spawn(config: ControllerSource, certificates: Arc<Certificates>, applier:
                 status.last_error = result.as_ref().err().map(|e| format!("{e:#}"));
             }
             match result {
-                Ok(()) => info!(controller = %config.address, "push stream closed by the controller"),
-                Err(e) => warn!(controller = %config.address, "push stream: {e:#}; keeping version {}", applier.tables.read().unwrap().version),
+                Ok(()) => {
+                    info!(controller = %config.address, "push stream closed by the controller")
+                }
+                Err(e) => {
+                    warn!(controller = %config.address, "push stream: {e:#}; keeping version {}", applier.tables.borrow().version)
+                }
             }
             // A stream that lived a while resets the backoff; a failing controller is retried ever slower.
             if started.elapsed() > BACKOFF_MAX {
                 backoff = BACKOFF_START;
             }
-            let jitter = Duration::from_millis(u64::from(SystemTime::now().duration_since(SystemTime::UNIX_EPOCH).unwrap_or_default().subsec_millis()) % 50);
+            let jitter = Duration::from_millis(
+                u64::from(SystemTime::now().duration_since(SystemTime::UNIX_EPOCH).unwrap_or_default().subsec_millis())
+                    % 50,
+            );
             tokio::time::sleep(backoff + jitter).await;
             backoff = (backoff * 2).min(BACKOFF_MAX);
         }
@@ -156,7 +163,10 @@ async fn session(
         .with_context(|| format!("connecting to {}", config.address))?;
     let _ = tcp.set_nodelay(true);
     let server_name = rustls::pki_types::ServerName::try_from("warren-controller").expect("a valid DNS name");
-    let stream = tokio_rustls::TlsConnector::from(tls).connect(server_name, tcp).await.context("TLS handshake with the controller")?;
+    let stream = tokio_rustls::TlsConnector::from(tls)
+        .connect(server_name, tcp)
+        .await
+        .context("TLS handshake with the controller")?;
     let (mut requests, connection) = h2::client::Builder::new()
         .initial_window_size(4 * 1024 * 1024)
         .initial_connection_window_size(8 * 1024 * 1024)

@@ -3,4 +3,4 @@
 mod tables;
 
 pub use tables::{L4Route, MeshTables, pick_weighted, subset_id};
-pub use warren_config::workloads::*;
+pub use warren_api::workloads::*;

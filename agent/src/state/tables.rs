@@ -9,13 +9,15 @@ use std::{
 
 use anyhow::{Result, bail};
 use serde::Serialize;
-use warren_config::{
-    tables::{Action, Policy, Resource, Route, Service, Tables, WeightedDestination},
-    workloads::{Namespace, Pod, Workloads, peer_authentication::PeerAuthentication},
+use warren_api::{
+    admin::{AppliedPolicy, KernelVerdict, PoliciesView, WorkloadHits, WorkloadPolicies as ApiWorkloadPolicies},
+    authz::{Action, Connection, DecidedBy, Decision, PlaintextVerdict, Policy, WorkloadPolicies, plaintext_table},
+    tables::{Resource, Route, Service, Tables, WeightedDestination},
+    workloads::{Namespace, Workloads, peer_authentication::PeerAuthentication},
 };
 use warren_maps::{
-    MAX_ROUTE_DESTINATIONS, PolicyKey, PolicyVerdict, ROUTE_FROM_VIRTUAL_SERVICE, ROUTE_HAS_FAULT, ROUTE_HAS_HTTP_MATCHES,
-    RouteDestination, ServiceKey, ServiceRoute, VERDICT_DENY, name_id,
+    MAX_ROUTE_DESTINATIONS, PolicyKey, PolicyVerdict, ROUTE_FROM_VIRTUAL_SERVICE, ROUTE_HAS_FAULT,
+    ROUTE_HAS_HTTP_MATCHES, RouteDestination, ServiceKey, ServiceRoute, VERDICT_DENY, name_id,
 };
 
 /// The pushed tables at one version, indexed.
@@ -27,7 +29,18 @@ pub struct MeshTables {
     by_vip: HashMap<SocketAddr, Arc<Service>>,
     /// Routes by the service they route, in name order (the first wins, as Istio merges by age).
     routes: HashMap<String, Vec<Arc<Route>>>,
-    policies: Vec<Policy>,
+    /// AuthorizationPolicies, oldest first.
+    policies: Vec<Arc<Policy>>,
+    /// The policies of each enrolled workload, by its addresses: what inbound connections are authorized by.
+    authz: HashMap<IpAddr, Arc<WorkloadAuthz>>,
+}
+
+/// One workload's policies, compiled for this version.
+#[derive(Debug)]
+pub struct WorkloadAuthz {
+    /// `namespace/name`.
+    pub workload: String,
+    pub policies: WorkloadPolicies,
 }
 
 /// A route decision for one VIP:port, whichever source (a VirtualService or the service itself).
@@ -60,11 +73,12 @@ impl MeshTables {
                         index.routes.entry(service.clone()).or_default().push(r.clone());
                     }
                 }
-                Resource::Policy(p) => index.policies.push(p.clone()),
+                Resource::Policy(p) => index.policies.push(Arc::new(p.clone())),
                 _ => {}
             }
         }
         index.tables = tables;
+        index.index_authz();
         // What the eBPF maps cannot hold is refused (NACK) rather than silently cut.
         for (vip, service) in &index.by_vip {
             if let Some(route) = index.l4_route(vip)
@@ -116,7 +130,9 @@ impl MeshTables {
     pub fn service_routes(&self) -> BTreeMap<ServiceKey, ServiceRoute> {
         let mut out = BTreeMap::new();
         for vip in self.by_vip.keys() {
-            let Some(route) = self.l4_route(vip) else { continue };
+            let Some(route) = self.l4_route(vip) else {
+                continue;
+            };
             let mut value = ServiceRoute {
                 service_id: name_id(route.service.as_bytes()),
                 flags: route.flags,
@@ -137,62 +153,71 @@ impl MeshTables {
         out
     }
 
-    /// Policies that apply to `pod`.
-    pub fn policies_for<'a>(&'a self, pod: &'a Pod) -> impl Iterator<Item = &'a Policy> {
-        self.policies.iter().filter(move |p| p.selects(pod))
-    }
-
-    /// Ports of `pod` on which no connection can be allowed (0: every port): an ALLOW policy without rules
-    /// (and no other ALLOW policy), or a DENY rule with no source or condition. Everything that depends on
-    /// who the client is stays with the proxy.
-    pub fn denied_ports(&self, pod: &Pod) -> Vec<u16> {
-        let policies: Vec<&Policy> = self.policies_for(pod).collect();
-        let allows: Vec<&&Policy> = policies.iter().filter(|p| p.action == Action::Allow).collect();
-        if !allows.is_empty() && allows.iter().all(|p| p.rules.as_ref().is_none_or(Vec::is_empty)) {
-            return vec![0];
-        }
-        let mut ports = Vec::new();
-        for policy in policies.iter().filter(|p| p.action == Action::Deny) {
-            for rule in policy.rules.iter().flatten() {
-                if !rule.from.is_empty() || !rule.when.is_empty() {
-                    continue;
-                }
-                if rule.to.is_empty() {
-                    ports.push(0);
-                }
-                for to in &rule.to {
-                    let op = &to.operation;
-                    if op.not_ports.is_empty() && op.hosts.is_empty() && op.methods.is_empty() && op.paths.is_empty() {
-                        if op.ports.is_empty() {
-                            ports.push(0);
-                        }
-                        ports.extend(op.ports.iter().filter_map(|p| p.parse::<u16>().ok()));
-                    }
-                }
+    /// Groups the policies per enrolled workload, once per version (in each group by namespace/name, the
+    /// tables' order: which of several matching policies is named does not change the decision).
+    fn index_authz(&mut self) {
+        for pod in self.workloads().enrolled_pods() {
+            let entry = Arc::new(WorkloadAuthz {
+                workload: pod.key(),
+                policies: WorkloadPolicies::for_workload(&self.policies, pod),
+            });
+            for ip in &pod.ips {
+                self.authz.insert(*ip, entry.clone());
             }
         }
-        ports.sort();
-        ports.dedup();
-        ports
     }
 
-    /// L4_POLICY as it must be, for the enrolled pods on `node`.
-    pub fn l4_policy(&self, node: &str) -> BTreeMap<PolicyKey, PolicyVerdict> {
+    /// The policies of the enrolled workload at `ip`.
+    pub fn authz_at(&self, ip: &IpAddr) -> Option<&Arc<WorkloadAuthz>> {
+        self.authz.get(ip)
+    }
+
+    /// Istio's decision for an inbound connection (no policy, or no enrolled workload there: allowed).
+    pub fn authorize(&self, connection: &Connection) -> Decision {
+        match self.authz.get(&connection.destination_ip) {
+            Some(workload) => workload.policies.evaluate(connection),
+            None => Decision { allowed: true, by: DecidedBy::NoPolicy },
+        }
+    }
+
+    /// The plaintext verdicts the kernel applies (sk_lookup), for the enrolled pods on `node`.
+    pub fn l4_authz(&self, node: &str) -> Vec<PlaintextVerdict> {
         let workloads = self.workloads();
-        let mut out = BTreeMap::new();
+        let mut out = Vec::new();
         for pod in workloads.enrolled_pods().into_iter().filter(|p| p.is_on(node)) {
-            for port in self.denied_ports(pod) {
-                for ip in &pod.ips {
-                    out.insert(PolicyKey::new(*ip, port), PolicyVerdict { verdict: VERDICT_DENY, _pad: 0 });
-                }
+            if let Some(authz) = pod.ips.first().and_then(|ip| self.authz.get(ip)) {
+                out.extend(plaintext_table(&authz.policies, &pod.ips));
             }
         }
         out
     }
 
-    /// Whether an inbound connection to `destination` (an enrolled pod's address) is refused outright.
-    pub fn inbound_denied(&self, pod: &Pod, port: u16) -> bool {
-        self.denied_ports(pod).iter().any(|p| *p == 0 || *p == port)
+    /// Who a kernel decision id names (policy `namespace/name`, its action, the rule index), for the
+    /// kernel's denial events.
+    pub fn decision_named(&self, id: u32) -> Option<(Arc<Policy>, u32)> {
+        self.policies.iter().find_map(|p| {
+            p.rules
+                .iter()
+                .find(|r| warren_api::authz::decision_id(&p.name(), r.index) == id)
+                .map(|r| (p.clone(), r.index))
+        })
+    }
+
+    /// L4_POLICY as it must be, for the enrolled pods on `node`: the (address, port) pairs every plaintext
+    /// client is refused on. (Until the kernel takes [`MeshTables::l4_authz`] whole.)
+    pub fn l4_policy(&self, node: &str) -> BTreeMap<PolicyKey, PolicyVerdict> {
+        let verdicts = self.l4_authz(node);
+        let mut out = BTreeMap::new();
+        for v in verdicts.iter().filter(|v| !v.allowed && v.source.prefix_len() == 0) {
+            // Port 0 means "every port" to this map: only when nothing is allowed on any port.
+            let allowed_somewhere = verdicts
+                .iter()
+                .any(|o| o.destination == v.destination && (v.port == 0 || o.port == v.port) && o.allowed);
+            if !allowed_somewhere {
+                out.insert(PolicyKey::new(v.destination, v.port), PolicyVerdict { verdict: VERDICT_DENY, _pad: 0 });
+            }
+        }
+        out
     }
 
     /// The workloads part, as the in-pod manager consumes it.
@@ -218,7 +243,7 @@ impl MeshTables {
 
 impl MeshTables {
     /// What `inspect services|routes|faults|policies` shows: every entry with the object it came from.
-    pub fn view(&self, node: &str) -> serde_json::Value {
+    pub fn view(&self) -> serde_json::Value {
         use serde_json::json;
         let services: Vec<_> = self
             .services
@@ -228,7 +253,11 @@ impl MeshTables {
                     .vips
                     .iter()
                     .flat_map(|vip| s.ports.iter().map(move |p| SocketAddr::new(*vip, p.port)))
-                    .filter_map(|vip| self.l4_route(&vip).map(|r| json!({"vip": vip.to_string(), "destinations": r.destinations, "origin": r.origin})))
+                    .filter_map(|vip| {
+                        self.l4_route(&vip).map(
+                            |r| json!({"vip": vip.to_string(), "destinations": r.destinations, "origin": r.origin}),
+                        )
+                    })
                     .collect();
                 json!({
                     "name": s.key(), "hostname": s.hostname, "vips": s.vips, "ports": s.ports,
@@ -251,23 +280,63 @@ impl MeshTables {
                 }
             }
         }
-        let workloads = self.workloads();
         let policies: Vec<_> = self
             .policies
             .iter()
-            .map(|p| {
-                let applies_to: Vec<String> = workloads.pods.iter().filter(|pod| pod.is_on(node) && p.selects(pod)).map(|pod| pod.key()).collect();
-                json!({"origin": p.origin.to_string(), "action": p.action, "selector": p.selector, "rules": p.rules,
-                    "appliesToLocal": applies_to})
+            .map(|p| json!({"origin": p.origin.to_string(), "action": p.action, "meshWide": p.mesh_wide, "selector": p.selector, "rules": p.rules}))
+            .collect();
+        json!({"version": self.version, "services": services, "routes": routes, "faults": faults, "policies": policies})
+    }
+
+    /// What `inspect policies` shows: per enrolled workload on `node`, the policies that apply in evaluation
+    /// order with their `hits`; and the kernel's plaintext table.
+    pub fn policies_view(&self, node: &str, hits: &[WorkloadHits]) -> PoliciesView {
+        let workloads = self.workloads();
+        let mut view = PoliciesView { version: self.version, ..Default::default() };
+        for pod in workloads.enrolled_pods().into_iter().filter(|p| p.is_on(node)) {
+            let Some(authz) = pod.ips.first().and_then(|ip| self.authz.get(ip)) else {
+                continue;
+            };
+            let hits_of = |policy: &str| {
+                hits.iter()
+                    .find(|h| h.workload == authz.workload)
+                    .and_then(|h| h.policies.get(policy).copied())
+                    .unwrap_or_default()
+            };
+            let mut applied: Vec<AppliedPolicy> = authz
+                .policies
+                .in_evaluation_order()
+                .map(|p| AppliedPolicy {
+                    policy: p.name(),
+                    action: p.action,
+                    rules: p.rules.len(),
+                    hits: hits_of(&p.name()),
+                })
+                .collect();
+            if !authz.policies.allow.is_empty() {
+                applied.push(AppliedPolicy { policy: "-".into(), action: Action::Allow, rules: 0, hits: hits_of("-") });
+            }
+            view.workloads.push(ApiWorkloadPolicies {
+                workload: authz.workload.clone(),
+                addresses: pod.ips.clone(),
+                policies: applied,
+            });
+        }
+        view.kernel = self
+            .l4_authz(node)
+            .into_iter()
+            .map(|v| KernelVerdict {
+                destination: v.destination,
+                port: (v.port != 0).then_some(v.port),
+                source: v.source,
+                allowed: v.allowed,
+                decided_by: match self.decision_named(v.decision_id) {
+                    Some((policy, rule)) if !v.allowed => format!("{}#{rule}", policy.name()),
+                    _ => "-".into(),
+                },
             })
             .collect();
-        let l4_deny: Vec<_> = self
-            .l4_policy(node)
-            .keys()
-            .map(|k| json!({"ip": k.ip_addr().map(|ip| ip.to_string()), "port": if k.port == 0 { json!("*") } else { json!(k.port) }}))
-            .collect();
-        json!({"version": self.version, "services": services, "routes": routes, "faults": faults,
-            "policies": policies, "l4Deny": l4_deny})
+        view
     }
 }
 
@@ -338,40 +407,73 @@ mod tests {
 
     #[test]
     fn weights_are_relative() {
-        let d = |subset: &str, weight| WeightedDestination { service: "s".into(), subset: Some(subset.into()), port: None, weight };
+        let d = |subset: &str, weight| WeightedDestination {
+            service: "s".into(),
+            subset: Some(subset.into()),
+            port: None,
+            weight,
+        };
         let split = [d("a", 3), d("b", 1)];
         let picks: Vec<_> = (0..8).map(|roll| pick_weighted(&split, roll).unwrap().subset.clone().unwrap()).collect();
         assert_eq!(picks, ["a", "a", "a", "b", "a", "a", "a", "b"], "3:1 of every 4 rolls");
         let zero = [d("a", 0), d("b", 5)];
-        assert!((0..10).all(|roll| pick_weighted(&zero, roll).unwrap().subset.as_deref() == Some("b")), "weight 0 gets nothing");
+        assert!(
+            (0..10).all(|roll| pick_weighted(&zero, roll).unwrap().subset.as_deref() == Some("b")),
+            "weight 0 gets nothing"
+        );
+    }
+
+    fn policy(spec: &str) -> MeshTables {
+        tables(&format!(
+            "apiVersion: security.istio.io/v1\nkind: AuthorizationPolicy\nmetadata: {{name: p, namespace: shop}}\nspec: {spec}\n"
+        ))
+    }
+
+    /// What the kernel refuses: (port, source prefix) of each deny entry for the pod.
+    fn kernel_denies(t: &MeshTables) -> Vec<(u16, String)> {
+        t.l4_authz("n1").iter().filter(|v| !v.allowed).map(|v| (v.port, v.source.to_string())).collect()
+    }
+
+    fn allowed(t: &MeshTables, client: &str, identity: Option<&str>, port: u16) -> bool {
+        let destination = SocketAddr::new("10.244.1.2".parse().unwrap(), port);
+        t.authorize(&Connection::new(client.parse().unwrap(), identity, destination)).allowed
+    }
+
+    const SLEEP: &str = "spiffe://cluster.local/ns/shop/sa/sleep";
+    const EVIL: &str = "spiffe://cluster.local/ns/evil/sa/x";
+
+    #[test]
+    fn address_and_port_decisions_go_to_the_kernel() {
+        assert!(
+            kernel_denies(&tables("")).is_empty() && allowed(&tables(""), "10.0.0.1", None, 9080),
+            "no policy: allowed"
+        );
+        let allow_nothing = policy("{}");
+        assert_eq!(kernel_denies(&allow_nothing), [(0, "0.0.0.0/0".to_string())]);
+        assert!(!allowed(&allow_nothing, "10.0.0.1", Some(SLEEP), 9080), "HBONE clients too");
+        let by_port = policy("{action: DENY, rules: [{to: [{operation: {ports: [\"9080\"]}}]}]}");
+        assert_eq!(kernel_denies(&by_port), [(9080, "0.0.0.0/0".to_string())]);
+        let by_block = policy("{action: DENY, rules: [{from: [{source: {ipBlocks: [10.1.0.0/16]}}]}]}");
+        assert_eq!(kernel_denies(&by_block), [(0, "10.1.0.0/16".to_string())]);
+        assert!(!allowed(&by_block, "10.1.0.7", Some(SLEEP), 80) && allowed(&by_block, "10.2.0.7", Some(SLEEP), 80));
     }
 
     #[test]
-    fn allow_nothing_and_unconditional_deny_are_l4() {
-        let ip: IpAddr = "10.244.1.2".parse().unwrap();
-        let none = tables("");
-        assert!(none.l4_policy("n1").is_empty());
-        let allow_nothing = tables(
-            "apiVersion: security.istio.io/v1\nkind: AuthorizationPolicy\nmetadata: {name: deny-all, namespace: shop}\nspec: {}\n",
-        );
-        assert_eq!(allow_nothing.l4_policy("n1").keys().cloned().collect::<Vec<_>>(), [PolicyKey::new(ip, 0)]);
-        let by_port = tables(
-            "apiVersion: security.istio.io/v1\nkind: AuthorizationPolicy\nmetadata: {name: p, namespace: shop}\n\
-             spec: {action: DENY, rules: [{to: [{operation: {ports: [\"9080\"]}}]}]}\n",
-        );
-        assert_eq!(by_port.l4_policy("n1").keys().cloned().collect::<Vec<_>>(), [PolicyKey::new(ip, 9080)]);
-        let by_source = tables(
-            "apiVersion: security.istio.io/v1\nkind: AuthorizationPolicy\nmetadata: {name: p, namespace: shop}\n\
-             spec: {action: DENY, rules: [{from: [{source: {namespaces: [evil]}}]}]}\n",
-        );
-        // Source rules are not enforced yet: the DENY rule fails closed and applies to every client.
-        assert_eq!(by_source.l4_policy("n1").keys().cloned().collect::<Vec<_>>(), [PolicyKey::new(ip, 0)]);
-        let allow_principal = tables(
-            "apiVersion: security.istio.io/v1\nkind: AuthorizationPolicy\nmetadata: {name: p, namespace: shop}\n\
-             spec: {rules: [{from: [{source: {principals: [cluster.local/ns/shop/sa/sleep]}}]}]}\n",
-        );
-        // …and an ALLOW rule that needs the client's identity matches nothing: the pod allows no one.
-        assert_eq!(allow_principal.l4_policy("n1").keys().cloned().collect::<Vec<_>>(), [PolicyKey::new(ip, 0)]);
+    fn identity_decisions_stay_with_the_agent() {
+        // DENY from namespace evil: a plaintext client has no namespace, so the kernel refuses nothing…
+        let by_namespace = policy("{action: DENY, rules: [{from: [{source: {namespaces: [evil]}}]}]}");
+        assert!(kernel_denies(&by_namespace).is_empty());
+        assert!(allowed(&by_namespace, "10.0.0.1", None, 9080));
+        // …and the agent refuses the HBONE client whose certificate says evil.
+        assert!(!allowed(&by_namespace, "10.0.0.1", Some(EVIL), 9080));
+        assert!(allowed(&by_namespace, "10.0.0.1", Some(SLEEP), 9080), "control: another namespace");
+        // ALLOW only sleep: plaintext clients are refused in the kernel, sleep gets in over HBONE.
+        let only_sleep = policy("{rules: [{from: [{source: {principals: [cluster.local/ns/shop/sa/sleep]}}]}]}");
+        assert_eq!(kernel_denies(&only_sleep), [(0, "0.0.0.0/0".to_string())]);
+        assert!(allowed(&only_sleep, "10.0.0.1", Some(SLEEP), 9080));
+        assert!(!allowed(&only_sleep, "10.0.0.1", Some(EVIL), 9080));
+        let view = only_sleep.policies_view("n1", &[]);
+        assert_eq!(view.workloads[0].policies.iter().map(|p| p.policy.as_str()).collect::<Vec<_>>(), ["shop/p", "-"]);
     }
 
     #[test]

@@ -1,7 +1,7 @@
 //! ClusterState → the tables agents hold. Hosts are resolved the way Istio does (a short name is in the
 //! object's namespace: `reviews` in `bookinfo` is `reviews.bookinfo.svc.cluster.local`); endpoints of a
 //! Service with a selector come from the pods it selects, with their DestinationRule subsets.
-mod policy;
+pub mod policy;
 
 use std::{
     collections::{BTreeMap, HashMap},
@@ -261,7 +261,7 @@ pub fn compile(state: &ClusterState) -> Compiled {
         add(Resource::Route(route));
     }
     for ap in &state.authorization_policies {
-        add(Resource::Policy(policy::compile(ap)));
+        add(Resource::Policy(policy::compile(ap, state.root_namespace())));
     }
     for pa in &state.peer_authentications {
         add(Resource::PeerAuthentication(pa.clone()));

@@ -8,7 +8,7 @@ use std::collections::BTreeMap;
 use schemars::JsonSchema;
 use serde::{Deserialize, Deserializer, Serialize};
 
-use crate::istio::Unknown;
+use crate::http::Unknown;
 
 use super::Pod;
 

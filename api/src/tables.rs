@@ -5,8 +5,9 @@ use std::{collections::BTreeMap, net::IpAddr};
 
 use serde::{Deserialize, Serialize};
 
+pub use crate::authz::{Action, Policy};
 use crate::{
-    istio::{AuthorizationRule, HttpMatchRequest},
+    http::HttpMatchRequest,
     workloads::{Namespace, Pod, peer_authentication::PeerAuthentication},
 };
 
@@ -22,7 +23,12 @@ pub struct Origin {
 
 impl Origin {
     pub fn new(kind: &str, namespace: &str, name: &str, generation: Option<i64>) -> Self {
-        Origin { kind: kind.into(), namespace: namespace.into(), name: name.into(), generation: generation.unwrap_or(0) }
+        Origin {
+            kind: kind.into(),
+            namespace: namespace.into(),
+            name: name.into(),
+            generation: generation.unwrap_or(0),
+        }
     }
 }
 
@@ -206,37 +212,6 @@ pub struct Fault {
     pub abort_http_status: Option<u16>,
     #[serde(default)]
     pub abort_percent: f64,
-}
-
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "UPPERCASE")]
-pub enum Action {
-    #[default]
-    Allow,
-    Deny,
-    Audit,
-}
-
-/// An AuthorizationPolicy, for the destination side.
-#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
-#[serde(rename_all = "camelCase")]
-pub struct Policy {
-    pub origin: Origin,
-    /// Workloads it applies to (in `origin.namespace`; the root namespace: the whole mesh); `None`: all.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub selector: Option<BTreeMap<String, String>>,
-    pub action: Action,
-    /// `None`: no rules field (ALLOW: allows nothing; DENY: denies nothing).
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub rules: Option<Vec<AuthorizationRule>>,
-}
-
-impl Policy {
-    pub fn selects(&self, pod: &Pod) -> bool {
-        let in_scope = self.origin.namespace == pod.namespace
-            || self.origin.namespace == crate::workloads::peer_authentication::ROOT_NAMESPACE;
-        in_scope && self.selector.as_ref().is_none_or(|s| s.iter().all(|(k, v)| pod.labels.get(k) == Some(v)))
-    }
 }
 
 /// A whole table set, keyed like the push.
