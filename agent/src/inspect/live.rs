@@ -233,7 +233,7 @@ pub fn config(admin: SocketAddr, what: ConfigView, output: Output) -> Result<Str
     if what == ConfigView::Policies {
         let denied: Vec<String> =
             view["l4Deny"].as_array().into_iter().flatten().map(|d| format!("{}:{}", text(&d["ip"]), text(&d["port"]))).collect();
-        out += &format!("refused in the kernel (L4_POLICY): {}\n", if denied.is_empty() { "-".into() } else { denied.join(" ") });
+        out += &format!("refused in the kernel (L4_AUTHZ, every client): {}\n", if denied.is_empty() { "-".into() } else { denied.join(" ") });
     }
     Ok(out)
 }
