@@ -7,6 +7,8 @@
 //! never stops for lack of an attached program. (Between the two, both run; the second sees a loopback
 //! destination and leaves it alone.)
 mod authz;
+#[cfg(test)]
+mod authz_tests;
 mod pinned;
 
 pub use authz::{AuthzTrie, KernelDenial, TrieContents, l4_deny_all_entries, read_trie, spawn_denial_reader, sync_lpm_trie};
