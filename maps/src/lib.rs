@@ -30,15 +30,22 @@ pub mod names {
     /// [`ServiceKey`](super::ServiceKey) (a service VIP and port) → [`ServiceRoute`](super::ServiceRoute):
     /// the L4 route the controller pushed for it.
     pub const SERVICE_ROUTES: &str = "SERVICE_ROUTES";
-    /// [`PolicyKey`](super::PolicyKey) (an enrolled pod's address, port or 0 for all) →
-    /// [`PolicyVerdict`](super::PolicyVerdict): connections AuthorizationPolicy refuses outright.
-    pub const L4_POLICY: &str = "L4_POLICY";
+    /// LPM trie: [`AuthzTarget`](super::AuthzTarget) (family, port, an enrolled pod's address, client
+    /// source prefix) → [`AuthzVerdict`](super::AuthzVerdict): AuthorizationPolicy decisions sk_lookup
+    /// applies to plaintext inbound connections. (Replaces the hash map `L4_POLICY`, which could not
+    /// express source addresses; the new name keeps an old pinned map from ever being re-used.)
+    pub const L4_AUTHZ: &str = "L4_AUTHZ";
+    /// Ring buffer of [`AuthzDenial`](super::AuthzDenial): one record per connection sk_lookup refused.
+    pub const AUTHZ_DENIALS: &str = "AUTHZ_DENIALS";
 }
 
 /// Capacity of [`names::SERVICE_ROUTES`] (VIP:port pairs).
 pub const MAX_SERVICE_ROUTES: u32 = 65536;
-/// Capacity of [`names::L4_POLICY`].
-pub const MAX_L4_POLICY: u32 = 16384;
+/// Capacity of [`names::L4_AUTHZ`] (entries; the trie is allocated as it fills, `BPF_F_NO_PREALLOC`).
+pub const MAX_L4_AUTHZ: u32 = 65536;
+/// Size of [`names::AUTHZ_DENIALS`] in bytes (a power-of-2 multiple of the page size): 5461 records of 48
+/// bytes plus the kernel's 8-byte header each.
+pub const AUTHZ_DENIALS_BYTES: u32 = 256 * 1024;
 /// Weighted destinations one L4 route can hold.
 pub const MAX_ROUTE_DESTINATIONS: usize = 8;
 
@@ -84,8 +91,68 @@ pub const ROUTE_HAS_HTTP_MATCHES: u32 = 2;
 /// HTTP fault injection is configured for this service.
 pub const ROUTE_HAS_FAULT: u32 = 4;
 
-/// Key of [`names::L4_POLICY`].
+/// Key data of [`names::L4_AUTHZ`]; the trie key is `{ prefix_len: u32, data: AuthzTarget }`
+/// (`aya::maps::lpm_trie::Key` / `aya_ebpf::maps::lpm_trie::Key`).
+///
+/// The field order is the match order: the trie compares the data bit by bit from the first byte, so
+/// `family`, `port` and `dst_ip` (the first [`AUTHZ_FIXED_PREFIX_BITS`] = 160 bits) are always matched
+/// exactly and the longest-prefix match runs over `src_ip` alone: `prefix_len` = 160 + the source prefix
+/// length. `src_ip` is in network byte order, so its bytes are in the order the prefix counts them;
+/// the bits beyond the prefix must be zero.
 #[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct AuthzTarget {
+    /// [`AF_INET`] or [`AF_INET6`], of both addresses.
+    pub family: u16,
+    /// The pod's port, host byte order. 0: every port that no entry for this destination names.
+    pub port: u16,
+    /// The enrolled pod's address (the connection's local address in sk_lookup).
+    pub dst_ip: [u32; 4],
+    /// The client's address (sk_lookup's remote address), masked to the prefix.
+    pub src_ip: [u32; 4],
+}
+
+/// Bits of an [`AuthzTarget`] before `src_ip` (family, port, dst_ip): every entry's prefix covers them.
+pub const AUTHZ_FIXED_PREFIX_BITS: u32 = 160;
+
+/// Value of [`names::L4_AUTHZ`].
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct AuthzVerdict {
+    /// [`AUTHZ_ALLOW`] or [`AUTHZ_DENY`].
+    pub verdict: u32,
+    /// The policy and rule that decided, as userspace numbers them. 0: ALLOW policies apply to the pod
+    /// and none of their rules matched.
+    pub decision_id: u32,
+}
+
+/// The connection proceeds (is captured by the agent as without the entry).
+pub const AUTHZ_ALLOW: u32 = 0;
+/// sk_lookup refuses the connection: the client's SYN is answered with a reset ("connection refused").
+pub const AUTHZ_DENY: u32 = 1;
+
+/// Record of [`names::AUTHZ_DENIALS`]: a connection sk_lookup refused.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct AuthzDenial {
+    pub family: u16,
+    /// Host byte order.
+    pub dst_port: u16,
+    /// Host byte order (sk_lookup hands the remote port in network order; the program converts it).
+    pub src_port: u16,
+    pub _pad: u16,
+    pub src_ip: [u32; 4],
+    pub dst_ip: [u32; 4],
+    /// [`AuthzVerdict::decision_id`] of the entry that denied.
+    pub decision_id: u32,
+    pub _pad2: u32,
+}
+
+/// A pod's address and port (0: all) that AuthorizationPolicy refuses to every client.
+///
+/// **Not a map layout any more** (the hash map `L4_POLICY` it keyed is gone; see [`names::L4_AUTHZ`]).
+/// It stays only because the agent's current policy model (`agent/src/state/tables.rs`) still computes
+/// its deny set in this form, which the agent converts into `L4_AUTHZ` entries; remove it with that.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct PolicyKey {
     pub ip: [u32; 4],
@@ -94,8 +161,7 @@ pub struct PolicyKey {
     pub family: u16,
 }
 
-/// Value of [`names::L4_POLICY`].
-#[repr(C)]
+/// The verdict for a [`PolicyKey`]; like it, no longer a map layout and kept only for the policy model.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct PolicyVerdict {
     /// `VERDICT_*`.
@@ -103,7 +169,7 @@ pub struct PolicyVerdict {
     pub _pad: u32,
 }
 
-/// Refuse the connection (no rule of any policy could allow it).
+/// [`PolicyVerdict::verdict`]: refuse the connection (no rule of any policy could allow it).
 pub const VERDICT_DENY: u32 = 1;
 
 /// FNV-1a (32 bit): stable ids for service and subset names.
@@ -223,12 +289,15 @@ pub enum Counter {
     AcceleratedSocket = 7,
     /// sk_msg handed a message straight to the peer socket.
     SkMsgRedirected = 8,
-    /// sk_lookup refused an inbound connection that L4 policy denies.
+    /// sk_lookup refused an inbound connection: its `L4_AUTHZ` entry says deny.
     InboundDenied = 9,
+    /// sk_lookup refused a connection but `AUTHZ_DENIALS` was full: the denial record was dropped (the
+    /// refusal itself still happened and was counted in `InboundDenied`).
+    DenialEventsLost = 10,
 }
 
 impl Counter {
-    pub const ALL: [Counter; 10] = [
+    pub const ALL: [Counter; 11] = [
         Counter::Connect4,
         Counter::Connect4Redirected,
         Counter::OriginalDstRecorded,
@@ -239,6 +308,7 @@ impl Counter {
         Counter::AcceleratedSocket,
         Counter::SkMsgRedirected,
         Counter::InboundDenied,
+        Counter::DenialEventsLost,
     ];
     pub const fn name(self) -> &'static str {
         match self {
@@ -252,6 +322,7 @@ impl Counter {
             Counter::AcceleratedSocket => "accelerated_socket",
             Counter::SkMsgRedirected => "sk_msg_redirected",
             Counter::InboundDenied => "inbound_denied",
+            Counter::DenialEventsLost => "denial_events_lost",
         }
     }
 }
@@ -272,8 +343,9 @@ mod user {
     unsafe impl aya::Pod for SocketKey {}
     unsafe impl aya::Pod for ServiceKey {}
     unsafe impl aya::Pod for ServiceRoute {}
-    unsafe impl aya::Pod for PolicyKey {}
-    unsafe impl aya::Pod for PolicyVerdict {}
+    unsafe impl aya::Pod for AuthzTarget {}
+    unsafe impl aya::Pod for AuthzVerdict {}
+    unsafe impl aya::Pod for AuthzDenial {}
 
     impl ServiceKey {
         pub fn new(addr: SocketAddr) -> Self {
@@ -292,6 +364,131 @@ mod user {
         }
         pub fn ip_addr(&self) -> Option<IpAddr> {
             words_to_ip(self.ip, self.family)
+        }
+    }
+
+    /// The longest prefix an address of `family` has (32 or 128); 0 for an unknown family.
+    const fn max_prefix(family: u16) -> u8 {
+        match family {
+            AF_INET => 32,
+            AF_INET6 => 128,
+            _ => 0,
+        }
+    }
+
+    /// `ip` with every bit after the first `prefix_len` zeroed.
+    fn mask_ip(ip: IpAddr, prefix_len: u8) -> IpAddr {
+        match ip {
+            IpAddr::V4(v4) => {
+                let mask = u32::MAX.checked_shl(32 - u32::from(prefix_len.min(32))).unwrap_or(0);
+                IpAddr::V4(Ipv4Addr::from(u32::from(v4) & mask))
+            }
+            IpAddr::V6(v6) => {
+                let mask = u128::MAX.checked_shl(128 - u32::from(prefix_len.min(128))).unwrap_or(0);
+                IpAddr::V6(Ipv6Addr::from(u128::from(v6) & mask))
+            }
+        }
+    }
+
+    /// One `L4_AUTHZ` entry's key in a form userspace can sort and compare: the [`AuthzTarget`] (source
+    /// masked to the prefix) and the source prefix length. aya's `lpm_trie::Key` is `repr(packed)` and not
+    /// `Ord`; [`AuthzEntryKey::trie_key`] and [`AuthzEntryKey::from_trie_key`] convert.
+    ///
+    /// The fields are private so that every value is canonical: same family on both sides, prefix length
+    /// within the family's, no source bits beyond the prefix. Two keys are equal exactly when the trie
+    /// would hold them as one entry.
+    #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+    pub struct AuthzEntryKey {
+        target: AuthzTarget,
+        src_prefix_len: u8,
+    }
+
+    impl AuthzEntryKey {
+        /// Connections to `dst`:`port` (0: every port no entry for `dst` names) from `src`/`src_prefix_len`.
+        /// The source bits beyond the prefix are ignored (zeroed). `None` when `src` is not of `dst`'s family
+        /// or the prefix is longer than its addresses.
+        pub fn new(dst: IpAddr, port: u16, src: IpAddr, src_prefix_len: u8) -> Option<Self> {
+            let (dst_ip, family) = ip_to_words(dst);
+            let (src_ip, src_family) = ip_to_words(mask_ip(src, src_prefix_len));
+            if src_family != family || src_prefix_len > max_prefix(family) {
+                return None;
+            }
+            Some(AuthzEntryKey { target: AuthzTarget { family, port, dst_ip, src_ip }, src_prefix_len })
+        }
+
+        /// The key as the trie holds it: `prefix_len` = 160 + the source prefix length.
+        pub fn trie_key(&self) -> aya::maps::lpm_trie::Key<AuthzTarget> {
+            aya::maps::lpm_trie::Key::new(AUTHZ_FIXED_PREFIX_BITS + u32::from(self.src_prefix_len), self.target)
+        }
+
+        /// Decodes a key read from the trie; `None` if it is not one [`AuthzEntryKey::new`] could have made
+        /// (unknown family, a prefix not covering family, port and destination, or longer than the source
+        /// address, source bits set beyond the prefix).
+        pub fn from_trie_key(key: &aya::maps::lpm_trie::Key<AuthzTarget>) -> Option<Self> {
+            let target = key.data();
+            let src_prefix_len = u8::try_from(key.prefix_len().checked_sub(AUTHZ_FIXED_PREFIX_BITS)?).ok()?;
+            let decoded = Self::new(
+                words_to_ip(target.dst_ip, target.family)?,
+                target.port,
+                words_to_ip(target.src_ip, target.family)?,
+                src_prefix_len,
+            )?;
+            (decoded.target == target).then_some(decoded)
+        }
+
+        pub fn target(&self) -> AuthzTarget {
+            self.target
+        }
+        /// The enrolled pod's address.
+        pub fn dst(&self) -> IpAddr {
+            words_to_ip(self.target.dst_ip, self.target.family).expect("family checked on construction")
+        }
+        /// The pod's port; 0: every port no other entry for this destination names.
+        pub fn port(&self) -> u16 {
+            self.target.port
+        }
+        /// The client source prefix: its (masked) address and length.
+        pub fn src(&self) -> (IpAddr, u8) {
+            (words_to_ip(self.target.src_ip, self.target.family).expect("family checked on construction"), self.src_prefix_len)
+        }
+    }
+
+    /// `dst ip:port|* from src/len`, as `inspect maps` shows an entry.
+    impl core::fmt::Display for AuthzEntryKey {
+        fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
+            let (src, len) = self.src();
+            match (self.dst(), self.port()) {
+                (IpAddr::V4(dst), 0) => write!(f, "{dst}:*")?,
+                (IpAddr::V6(dst), 0) => write!(f, "[{dst}]:*")?,
+                (dst, port) => write!(f, "{}", SocketAddr::new(dst, port))?,
+            }
+            write!(f, " from {src}/{len}")
+        }
+    }
+
+    /// The `L4_AUTHZ` trie key for connections to `dst`:`port` from `src`/`src_prefix_len`; see
+    /// [`AuthzEntryKey::new`] (`None`: families differ, or the prefix is too long).
+    pub fn authz_key(dst: IpAddr, port: u16, src: IpAddr, src_prefix_len: u8) -> Option<aya::maps::lpm_trie::Key<AuthzTarget>> {
+        AuthzEntryKey::new(dst, port, src, src_prefix_len).map(|k| k.trie_key())
+    }
+
+    impl AuthzDenial {
+        /// The refused client's address and port; `None` for an unknown family.
+        pub fn client(&self) -> Option<SocketAddr> {
+            words_to_ip(self.src_ip, self.family).map(|ip| SocketAddr::new(ip, self.src_port))
+        }
+        /// The enrolled pod's address and port the client tried to reach; `None` for an unknown family.
+        pub fn destination(&self) -> Option<SocketAddr> {
+            words_to_ip(self.dst_ip, self.family).map(|ip| SocketAddr::new(ip, self.dst_port))
+        }
+        /// Decodes one ring buffer record; `None` if it has not exactly the size of an `AuthzDenial`.
+        pub fn from_bytes(bytes: &[u8]) -> Option<Self> {
+            if bytes.len() != core::mem::size_of::<AuthzDenial>() {
+                return None;
+            }
+            // SAFETY: the length is checked; AuthzDenial is plain #[repr(C)] data for which every bit
+            // pattern is valid, and read_unaligned needs no alignment of the ring buffer's bytes.
+            Some(unsafe { core::ptr::read_unaligned(bytes.as_ptr().cast::<AuthzDenial>()) })
         }
     }
 
@@ -347,7 +544,9 @@ mod user {
 
     #[cfg(test)]
     mod tests {
+        extern crate std;
         use super::*;
+        use std::string::ToString;
 
         #[test]
         fn layouts_have_no_implicit_padding() {
@@ -360,8 +559,96 @@ mod user {
             assert_eq!(core::mem::size_of::<ServiceKey>(), 20);
             assert_eq!(core::mem::size_of::<RouteDestination>(), 16);
             assert_eq!(core::mem::size_of::<ServiceRoute>(), 16 + 16 * MAX_ROUTE_DESTINATIONS);
-            assert_eq!(core::mem::size_of::<PolicyKey>(), 20);
-            assert_eq!(core::mem::size_of::<PolicyVerdict>(), 8);
+            assert_eq!(core::mem::size_of::<AuthzTarget>(), 36);
+            assert_eq!(core::mem::size_of::<AuthzVerdict>(), 8);
+            assert_eq!(core::mem::size_of::<AuthzDenial>(), 48);
+            // The trie key: prefix_len (u32) then the data, packed; the prefix may span all of the data.
+            assert_eq!(core::mem::size_of::<aya::maps::lpm_trie::Key<AuthzTarget>>(), 40);
+            assert_eq!(AUTHZ_FIXED_PREFIX_BITS as usize, 8 * core::mem::offset_of!(AuthzTarget, src_ip));
+            assert_eq!(core::mem::offset_of!(AuthzDenial, src_ip), 8);
+            assert_eq!(core::mem::offset_of!(AuthzDenial, decision_id), 40);
+        }
+
+        fn ip(s: &str) -> IpAddr {
+            s.parse().unwrap()
+        }
+
+        #[test]
+        fn authz_keys_mask_the_source_to_its_prefix() {
+            let key = AuthzEntryKey::new(ip("10.244.2.2"), 7000, ip("10.244.1.77"), 24).unwrap();
+            assert_eq!(key.src(), (ip("10.244.1.0"), 24));
+            assert_eq!(key, AuthzEntryKey::new(ip("10.244.2.2"), 7000, ip("10.244.1.0"), 24).unwrap());
+            let trie = key.trie_key();
+            assert_eq!(trie.prefix_len(), 160 + 24);
+            let data = trie.data();
+            assert_eq!((data.family, data.port), (AF_INET, 7000));
+            // Network byte order in memory: the prefix's bytes come first.
+            let src: [u8; 4] = data.src_ip[0].to_ne_bytes();
+            assert_eq!(src, [10, 244, 1, 0]);
+            assert_eq!(data.src_ip[1..], [0, 0, 0]);
+            assert_eq!(key.to_string(), "10.244.2.2:7000 from 10.244.1.0/24");
+
+            // An odd prefix keeps exactly its bits; /0 keeps none; v6 works the same.
+            let odd = AuthzEntryKey::new(ip("10.0.0.1"), 0, ip("192.168.255.255"), 17).unwrap();
+            assert_eq!(odd.src().0, ip("192.168.128.0"));
+            assert_eq!(odd.to_string(), "10.0.0.1:* from 192.168.128.0/17");
+            let any = AuthzEntryKey::new(ip("10.0.0.1"), 0, ip("1.2.3.4"), 0).unwrap();
+            assert_eq!((any.src(), any.trie_key().prefix_len()), ((ip("0.0.0.0"), 0), 160));
+            let v6 = AuthzEntryKey::new(ip("fd00::2"), 80, ip("fd00:10:244:1::ff"), 64).unwrap();
+            assert_eq!(v6.src(), (ip("fd00:10:244:1::"), 64));
+            assert_eq!(v6.trie_key().prefix_len(), 160 + 64);
+            assert_eq!(v6.to_string(), "[fd00::2]:80 from fd00:10:244:1::/64");
+        }
+
+        #[test]
+        fn authz_keys_refuse_mixed_families_and_overlong_prefixes() {
+            assert_eq!(AuthzEntryKey::new(ip("10.0.0.1"), 80, ip("fd00::1"), 0), None);
+            assert_eq!(AuthzEntryKey::new(ip("fd00::1"), 80, ip("10.0.0.1"), 0), None);
+            assert_eq!(AuthzEntryKey::new(ip("10.0.0.1"), 80, ip("10.0.0.2"), 33), None);
+            assert!(AuthzEntryKey::new(ip("10.0.0.1"), 80, ip("10.0.0.2"), 32).is_some());
+            assert_eq!(AuthzEntryKey::new(ip("fd00::1"), 80, ip("fd00::2"), 129), None);
+            assert!(authz_key(ip("10.0.0.1"), 80, ip("fd00::1"), 0).is_none());
+        }
+
+        #[test]
+        fn authz_keys_decode_from_the_trie_and_refuse_foreign_ones() {
+            for key in [
+                AuthzEntryKey::new(ip("10.244.2.2"), 7000, ip("10.244.1.0"), 24).unwrap(),
+                AuthzEntryKey::new(ip("10.244.2.2"), 0, ip("0.0.0.0"), 0).unwrap(),
+                AuthzEntryKey::new(ip("fd00::2"), 443, ip("fd00::77"), 128).unwrap(),
+            ] {
+                assert_eq!(AuthzEntryKey::from_trie_key(&key.trie_key()), Some(key));
+            }
+            let good = AuthzEntryKey::new(ip("10.244.2.2"), 7000, ip("10.244.1.0"), 24).unwrap().target();
+            let key = |len: u32, data: AuthzTarget| aya::maps::lpm_trie::Key::new(len, data);
+            // A prefix that does not cover the destination, one longer than an IPv4 source, unmasked bits.
+            assert_eq!(AuthzEntryKey::from_trie_key(&key(100, good)), None);
+            assert_eq!(AuthzEntryKey::from_trie_key(&key(160 + 33, good)), None);
+            assert_eq!(AuthzEntryKey::from_trie_key(&key(160 + 16, good)), None);
+            assert_eq!(AuthzEntryKey::from_trie_key(&key(160 + 24, AuthzTarget { family: 7, ..good })), None);
+        }
+
+        #[test]
+        fn denial_records_decode() {
+            let record = AuthzDenial {
+                family: AF_INET,
+                dst_port: 7000,
+                src_port: 40000,
+                _pad: 0,
+                src_ip: ip_to_words(ip("10.244.1.3")).0,
+                dst_ip: ip_to_words(ip("10.244.2.2")).0,
+                decision_id: 42,
+                _pad2: 0,
+            };
+            // SAFETY: reading the bytes of a plain #[repr(C)] value without implicit padding.
+            let bytes = unsafe {
+                core::slice::from_raw_parts((&record as *const AuthzDenial).cast::<u8>(), core::mem::size_of::<AuthzDenial>())
+            };
+            let decoded = AuthzDenial::from_bytes(bytes).unwrap();
+            assert_eq!(decoded, record);
+            assert_eq!(decoded.client(), Some("10.244.1.3:40000".parse().unwrap()));
+            assert_eq!(decoded.destination(), Some("10.244.2.2:7000".parse().unwrap()));
+            assert_eq!(AuthzDenial::from_bytes(&bytes[..47]), None);
         }
 
         #[test]
@@ -378,4 +665,4 @@ mod user {
     }
 }
 #[cfg(feature = "user")]
-pub use user::{ip_to_words, words_to_ip};
+pub use user::{AuthzEntryKey, authz_key, ip_to_words, words_to_ip};

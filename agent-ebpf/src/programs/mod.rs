@@ -5,11 +5,11 @@ mod outbound;
 
 use aya_ebpf::{
     macros::map,
-    maps::{Array, HashMap, LruHashMap, PerCpuArray, SockHash},
+    maps::{Array, HashMap, LpmTrie, LruHashMap, PerCpuArray, RingBuf, SockHash},
 };
 use warren_maps::{
-    ConnectionKey, Counter, EnrolledCgroup, ListenerKey, MAX_L4_POLICY, MAX_SERVICE_ROUTES, NUM_COUNTERS, OriginalDst,
-    PolicyKey, PolicyVerdict, ServiceKey, ServiceRoute, Settings, SocketKey,
+    AUTHZ_DENIALS_BYTES, AuthzTarget, AuthzVerdict, ConnectionKey, Counter, EnrolledCgroup, ListenerKey, MAX_L4_AUTHZ,
+    MAX_SERVICE_ROUTES, NUM_COUNTERS, OriginalDst, ServiceKey, ServiceRoute, Settings, SocketKey,
 };
 
 pub(crate) const AF_INET: u32 = warren_maps::AF_INET as u32;
@@ -41,9 +41,15 @@ pub(crate) static SETTINGS: Array<Settings> = Array::pinned(1, 0);
 #[map(name = "SERVICE_ROUTES")]
 pub(crate) static SERVICE_ROUTES: HashMap<ServiceKey, ServiceRoute> = HashMap::pinned(MAX_SERVICE_ROUTES, 0);
 
-/// Consulted by sk_lookup before capture: denied connections are refused in the kernel.
-#[map(name = "L4_POLICY")]
-pub(crate) static L4_POLICY: HashMap<PolicyKey, PolicyVerdict> = HashMap::pinned(MAX_L4_POLICY, 0);
+/// AuthorizationPolicy decisions, consulted by sk_lookup before capture: denied connections are refused
+/// in the kernel. An LPM trie so that an entry can name a client source prefix (the longest one that
+/// matches decides); see `warren_maps::AuthzTarget`. (`BPF_F_NO_PREALLOC` is added by aya, as LPM needs.)
+#[map(name = "L4_AUTHZ")]
+pub(crate) static L4_AUTHZ: LpmTrie<AuthzTarget, AuthzVerdict> = LpmTrie::pinned(MAX_L4_AUTHZ, 0);
+
+/// One `warren_maps::AuthzDenial` per connection sk_lookup refused; the agent reads it.
+#[map(name = "AUTHZ_DENIALS")]
+pub(crate) static AUTHZ_DENIALS: RingBuf = RingBuf::pinned(AUTHZ_DENIALS_BYTES, 0);
 
 #[map(name = "COUNTERS")]
 pub(crate) static COUNTERS: PerCpuArray<u64> = PerCpuArray::pinned(NUM_COUNTERS, 0);
@@ -53,9 +59,13 @@ pub(crate) static COUNTERS: PerCpuArray<u64> = PerCpuArray::pinned(NUM_COUNTERS,
 /// Context fields are read with read_volatile, one load per field at a fixed offset: otherwise LLVM may
 /// merge the IPv4 and IPv6 branches' loads, or copy the array through a computed context pointer, which
 /// the verifier rejects ("dereference of modified ctx ptr").
+///
+/// # Safety
+/// `words` must point at a readable `[u32; 4]` (a field of the program's context).
 #[inline(always)]
 pub(crate) unsafe fn read_ip6(words: *const [u32; 4]) -> [u32; 4] {
     let w = words as *const u32;
+    // SAFETY: the caller guarantees `words` points at four readable u32s; `add` stays inside them.
     unsafe {
         [
             core::ptr::read_volatile(w),
@@ -70,6 +80,8 @@ pub(crate) unsafe fn read_ip6(words: *const [u32; 4]) -> [u32; 4] {
 pub(crate) fn count(counter: Counter) {
     if let Some(slot) = COUNTERS.get_ptr_mut(counter as u32) {
         // Per-CPU slot: no other writer, a plain add is exact.
+        // SAFETY: get_ptr_mut returned a non-null pointer to this CPU's u64 in COUNTERS, valid for the
+        // program's run; nothing else writes it meanwhile (preemption is off while a program runs).
         unsafe { *slot += 1 };
     }
 }

@@ -6,12 +6,16 @@
 //! programs again, re-using the pinned maps, attaches new links and then swaps the pins — so redirect
 //! never stops for lack of an attached program. (Between the two, both run; the second sees a loopback
 //! destination and leaves it alone.)
+mod authz;
+#[cfg(test)]
+mod authz_tests;
 mod pinned;
 
+pub use authz::{AuthzTrie, KernelDenial, TrieContents, l4_deny_all_entries, read_trie, spawn_denial_reader, sync_lpm_trie};
 pub use pinned::PinnedMaps;
 
 use std::{
-    collections::BTreeSet,
+    collections::{BTreeMap, BTreeSet},
     fs::File,
     os::fd::{AsFd, AsRawFd},
     path::{Path, PathBuf},
@@ -21,14 +25,15 @@ use std::{
 use anyhow::{Context, Result, anyhow};
 use aya::{
     Ebpf, EbpfLoader,
-    maps::{Array, HashMap, MapData, PerCpuArray, SockHash},
+    maps::{Array, HashMap, LpmTrie, MapData, PerCpuArray, RingBuf, SockHash},
     programs::{
         CgroupAttachMode, CgroupSockAddr, SkLookup, SkMsg, SockOps,
         links::{FdLink, PinnedLink},
     },
 };
+use tokio::sync::mpsc::UnboundedReceiver;
 use warren_maps::{
-    ConnectionKey, Counter, EnrolledCgroup, ListenerKey, OriginalDst, PolicyKey, PolicyVerdict, ServiceKey, ServiceRoute,
+    AuthzEntryKey, AuthzVerdict, ConnectionKey, Counter, EnrolledCgroup, ListenerKey, OriginalDst, ServiceKey, ServiceRoute,
     Settings, names,
 };
 
@@ -48,7 +53,10 @@ pub struct Datapath {
     original_dst: OriginalDstLookup,
     counters: EbpfCounters,
     service_routes: HashMap<MapData, ServiceKey, ServiceRoute>,
-    l4_policy: HashMap<MapData, PolicyKey, PolicyVerdict>,
+    l4_authz: AuthzTrie,
+    /// Until [`Datapath::take_denials`] hands it to the reader. (Taken before capture_inbound is
+    /// verified, like every map a program uses: its fd is what aya relocated into the program.)
+    authz_denials: Option<RingBuf<MapData>>,
     pub pin_dir: PathBuf,
     pub attach_cgroup: PathBuf,
 }
@@ -104,9 +112,13 @@ impl Datapath {
         // Keep the attachment when this agent exits, like the pinned links.
         std::mem::forget(sk_msg.take_link(id)?);
 
-        let l4_policy = HashMap::try_from(take_map(&mut ebpf, names::L4_POLICY)?)?;
+        let l4_authz = LpmTrie::try_from(take_map(&mut ebpf, names::L4_AUTHZ)?)?;
+        let authz_denials = RingBuf::try_from(take_map(&mut ebpf, names::AUTHZ_DENIALS)?)?;
         let sk_lookup: &mut SkLookup = program(&mut ebpf, "capture_inbound")?.try_into()?;
         sk_lookup.load().context("verifying capture_inbound (sk_lookup)")?;
+        // Agents before L4_AUTHZ pinned a hash map L4_POLICY; nothing reads it any more. (Programs still
+        // attached from such an agent keep their reference until their links are replaced.)
+        let _ = std::fs::remove_file(pin_dir.join("L4_POLICY"));
         let service_routes = HashMap::try_from(take_map(&mut ebpf, names::SERVICE_ROUTES)?)?;
 
         let enrolled = HashMap::try_from(take_map(&mut ebpf, names::ENROLLED_CGROUPS)?)?;
@@ -127,7 +139,8 @@ impl Datapath {
             original_dst,
             counters,
             service_routes,
-            l4_policy,
+            l4_authz,
+            authz_denials: Some(authz_denials),
             pin_dir: pin_dir.to_path_buf(),
             attach_cgroup: attach_cgroup.to_path_buf(),
         })
@@ -194,13 +207,25 @@ impl Datapath {
     }
 
     /// Makes SERVICE_ROUTES hold exactly `want`; returns (written, removed).
-    pub fn sync_service_routes(&mut self, want: &std::collections::BTreeMap<ServiceKey, ServiceRoute>) -> Result<(usize, usize)> {
+    pub fn sync_service_routes(&mut self, want: &BTreeMap<ServiceKey, ServiceRoute>) -> Result<(usize, usize)> {
         sync_map(&mut self.service_routes, want).context("writing SERVICE_ROUTES")
     }
 
-    /// Makes L4_POLICY hold exactly `want`; returns (written, removed).
-    pub fn sync_l4_policy(&mut self, want: &std::collections::BTreeMap<PolicyKey, PolicyVerdict>) -> Result<(usize, usize)> {
-        sync_map(&mut self.l4_policy, want).context("writing L4_POLICY")
+    /// Makes L4_AUTHZ hold exactly `want` (see [`AuthzEntryKey`] for the key and sk_lookup's lookup
+    /// order); returns (written, removed).
+    pub fn sync_l4_authz(&mut self, want: &BTreeMap<AuthzEntryKey, AuthzVerdict>) -> Result<(usize, usize)> {
+        sync_lpm_trie(&mut self.l4_authz, want).context("writing L4_AUTHZ")
+    }
+
+    /// The connections sk_lookup refuses, as they happen. The first call starts the reader of
+    /// `AUTHZ_DENIALS` (see [`spawn_denial_reader`]; needs a tokio runtime) and returns its receiver;
+    /// later calls return `None`. Until it is called nothing consumes the ring: once full, new records
+    /// are dropped and counted (`denial_events_lost`).
+    pub fn take_denials(&mut self) -> Result<Option<UnboundedReceiver<KernelDenial>>> {
+        let Some(ring) = self.authz_denials.take() else { return Ok(None) };
+        let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
+        spawn_denial_reader(ring, tx)?;
+        Ok(Some(rx))
     }
 
     /// A shareable handle for the proxy's per-connection lookups.
@@ -215,7 +240,7 @@ impl Datapath {
 
 /// Writes the entries of `want` that differ from the map, then removes what `want` lacks: a reader never
 /// sees a key missing that is present before and after.
-fn sync_map<K, V>(map: &mut HashMap<MapData, K, V>, want: &std::collections::BTreeMap<K, V>) -> Result<(usize, usize)>
+fn sync_map<K, V>(map: &mut HashMap<MapData, K, V>, want: &BTreeMap<K, V>) -> Result<(usize, usize)>
 where
     K: aya::Pod + Ord,
     V: aya::Pod + PartialEq,

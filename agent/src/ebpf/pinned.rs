@@ -2,8 +2,8 @@
 use std::path::{Path, PathBuf};
 
 use anyhow::{Context, Result, bail};
-use aya::maps::{HashMap, Map, MapData, PerCpuArray};
-use warren_maps::{ConnectionKey, Counter, EnrolledCgroup, OriginalDst, names};
+use aya::maps::{HashMap, LpmTrie, Map, MapData, PerCpuArray};
+use warren_maps::{AuthzEntryKey, AuthzTarget, AuthzVerdict, ConnectionKey, Counter, EnrolledCgroup, OriginalDst, names};
 
 pub struct PinnedMaps {
     pub dir: PathBuf,
@@ -42,6 +42,14 @@ impl PinnedMaps {
         let mut entries: Vec<_> = map.iter().collect::<Result<_, _>>()?;
         entries.sort_by_key(|(k, _)| (k.netns_cookie, k.port));
         Ok(entries)
+    }
+
+    /// L4_AUTHZ's entries in key order (destination, port, source prefix), and how many keys it holds that
+    /// are no valid entry (the agent never writes such; a sync removes them).
+    pub fn l4_authz(&self) -> Result<(Vec<(AuthzEntryKey, AuthzVerdict)>, usize)> {
+        let map: LpmTrie<_, AuthzTarget, AuthzVerdict> = LpmTrie::try_from(self.map(names::L4_AUTHZ)?)?;
+        let (entries, foreign) = super::read_trie(&map)?;
+        Ok((entries.into_iter().collect(), foreign.len()))
     }
 
     pub fn counters(&self) -> Result<Vec<(Counter, u64)>> {

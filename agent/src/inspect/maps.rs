@@ -26,16 +26,30 @@ struct OriginalDstRow {
 }
 
 #[derive(Serialize)]
+struct AuthzRow {
+    destination: String,
+    /// `*`: every port no other entry for the destination names.
+    port: String,
+    source: String,
+    verdict: &'static str,
+    decision_id: u32,
+}
+
+#[derive(Serialize)]
 struct MapsView {
     pin_dir: PathBuf,
     enrolled_cgroups: Vec<EnrolledRow>,
     original_destinations: Vec<OriginalDstRow>,
+    l4_authz: Vec<AuthzRow>,
+    /// Keys in L4_AUTHZ that are no valid entry (0 unless something else wrote the map).
+    l4_authz_invalid_keys: usize,
     counters: std::collections::BTreeMap<&'static str, u64>,
 }
 
 pub fn render(pin_dir: &Path, output: Output) -> Result<String> {
     let maps = PinnedMaps::open(pin_dir)?;
     let cgroup_root = crate::sys::cgroup2_mount().ok();
+    let (authz, l4_authz_invalid_keys) = maps.l4_authz()?;
     let view = MapsView {
         pin_dir: pin_dir.to_path_buf(),
         enrolled_cgroups: maps
@@ -57,6 +71,24 @@ pub fn render(pin_dir: &Path, output: Output) -> Result<String> {
                 cgroup_id: v.cgroup_id,
             })
             .collect(),
+        l4_authz: authz
+            .into_iter()
+            .map(|(k, v)| {
+                let (src, len) = k.src();
+                AuthzRow {
+                    destination: k.dst().to_string(),
+                    port: if k.port() == 0 { "*".into() } else { k.port().to_string() },
+                    source: format!("{src}/{len}"),
+                    verdict: match v.verdict {
+                        warren_maps::AUTHZ_ALLOW => "allow",
+                        warren_maps::AUTHZ_DENY => "deny",
+                        _ => "?",
+                    },
+                    decision_id: v.decision_id,
+                }
+            })
+            .collect(),
+        l4_authz_invalid_keys,
         counters: maps.counters()?.into_iter().map(|(c, v)| (c.name(), v)).collect(),
     };
     Ok(match output {
@@ -86,6 +118,18 @@ pub fn render(pin_dir: &Path, output: Output) -> Result<String> {
                     .map(|r| vec![r.netns_cookie.to_string(), r.client.clone(), r.original_dst.clone(), r.cgroup_id.to_string()])
                     .collect::<Vec<_>>(),
             );
+            out += &format!("\nL4 AUTHORIZATION ({})\n", pin_dir.join(warren_maps::names::L4_AUTHZ).display());
+            out += &table(
+                &["DESTINATION", "PORT", "SOURCE", "VERDICT", "DECISION ID"],
+                &view
+                    .l4_authz
+                    .iter()
+                    .map(|r| vec![r.destination.clone(), r.port.clone(), r.source.clone(), r.verdict.to_string(), r.decision_id.to_string()])
+                    .collect::<Vec<_>>(),
+            );
+            if view.l4_authz_invalid_keys > 0 {
+                out += &format!("({} keys that are no valid entry)\n", view.l4_authz_invalid_keys);
+            }
             out += "\nEBPF COUNTERS\n";
             out += &table(
                 &["EVENT", "COUNT"],

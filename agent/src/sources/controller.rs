@@ -81,10 +81,11 @@ pub struct Applier {
 impl Applier {
     fn write_maps(&self, index: &MeshTables) -> Result<()> {
         let routes = index.service_routes();
-        let policy = index.l4_policy(&self.node);
+        // Until the policy model computes L4_AUTHZ entries itself: its deny set, as deny-everyone entries.
+        let authz = crate::ebpf::l4_deny_all_entries(&index.l4_policy(&self.node));
         let mut datapath = self.datapath.lock().unwrap();
         datapath.sync_service_routes(&routes)?;
-        datapath.sync_l4_policy(&policy)?;
+        datapath.sync_l4_authz(&authz)?;
         Ok(())
     }
 

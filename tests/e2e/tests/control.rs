@@ -9,8 +9,8 @@ use std::{
     time::{Duration, Instant},
 };
 
-use aya::maps::{HashMap as BpfHashMap, Map, MapData};
-use warren_maps::{PolicyKey, PolicyVerdict, ServiceKey, ServiceRoute, name_id, names};
+use aya::maps::{HashMap as BpfHashMap, LpmTrie, Map, MapData};
+use warren_maps::{AUTHZ_DENY, AuthzEntryKey, AuthzTarget, AuthzVerdict, ServiceKey, ServiceRoute, name_id, names};
 use warren_testbed::{AgentOptions, ControllerOptions, ECHO_PORT, Pod, Testbed, bin_path, require_privileges};
 
 const VIP: &str = "10.96.0.10:80";
@@ -21,10 +21,20 @@ fn service_route(pin_dir: &Path, vip: SocketAddr) -> Option<ServiceRoute> {
     map.get(&ServiceKey::new(vip), 0).ok()
 }
 
-fn l4_policy(pin_dir: &Path) -> Vec<PolicyKey> {
-    let data = MapData::from_pin(pin_dir.join(names::L4_POLICY)).expect("pinned L4_POLICY");
-    let map: BpfHashMap<MapData, PolicyKey, PolicyVerdict> = BpfHashMap::try_from(Map::HashMap(data)).unwrap();
-    map.keys().filter_map(Result::ok).collect()
+/// The pinned L4_AUTHZ trie's entries, as `dst:port from src/len verdict decision-id` lines, sorted.
+fn l4_authz(pin_dir: &Path) -> Vec<String> {
+    let data = MapData::from_pin(pin_dir.join(names::L4_AUTHZ)).expect("pinned L4_AUTHZ");
+    let map: LpmTrie<MapData, AuthzTarget, AuthzVerdict> = LpmTrie::try_from(Map::LpmTrie(data)).unwrap();
+    let mut entries: Vec<String> = map
+        .iter()
+        .map(|entry| {
+            let (key, verdict) = entry.unwrap();
+            let key = AuthzEntryKey::from_trie_key(&key).expect("a valid L4_AUTHZ key");
+            format!("{key} {} {}", if verdict.verdict == AUTHZ_DENY { "deny" } else { "allow" }, verdict.decision_id)
+        })
+        .collect();
+    entries.sort();
+    entries
 }
 
 /// Polls every pinned map until `check` holds for all of them; returns how long that took.
@@ -158,15 +168,17 @@ fn controller_pushes_routes_into_every_agents_maps_and_survives_an_outage() {
     std::fs::remove_file(dir.join("10-vs.yaml")).unwrap();
     until_all(&pins, Duration::from_secs(2), "VirtualService removed", |d| service_route(d, vip).is_some_and(|r| subsets(&r) == [(0, 100)]));
 
-    // An allow-nothing AuthorizationPolicy on reviews-v1: refused in the kernel (sk_lookup), visible in L4_POLICY.
+    // An allow-nothing AuthorizationPolicy on reviews-v1: refused in the kernel (sk_lookup), visible in
+    // L4_AUTHZ as a deny entry for every client of reviews-v1's address, all ports.
     std::fs::write(
         dir.join("20-deny.yaml"),
         "apiVersion: security.istio.io/v1\nkind: AuthorizationPolicy\nmetadata: {name: lock-v1, namespace: default}\n\
          spec: {selector: {matchLabels: {version: v1}}}\n",
     )
     .unwrap();
-    until_all(&pins[..1], Duration::from_secs(2), "L4 policy", |d| l4_policy(d) == [PolicyKey::new(v1.ip.into(), 0)]);
-    assert!(l4_policy(&pins[1]).is_empty(), "n2 has no pod the policy selects");
+    let lock_v1 = [format!("{}:* from 0.0.0.0/0 deny 0", v1.ip)];
+    until_all(&pins[..1], Duration::from_secs(2), "L4 policy", |d| l4_authz(d) == lock_v1);
+    assert!(l4_authz(&pins[1]).is_empty(), "n2 has no pod the policy selects");
     let refused = outsider.send(v1.socket(ECHO_PORT), 1024).unwrap();
     assert!(!refused.ok && refused.error.as_deref().unwrap_or("").contains("refused"), "{refused:?}");
     assert!(outsider.send(v2.socket(ECHO_PORT), 1024).unwrap().ok, "v2 is not locked");
@@ -177,7 +189,7 @@ fn controller_pushes_routes_into_every_agents_maps_and_survives_an_outage() {
     // Outage: kill the controller; traffic keeps flowing by the last config.
     std::fs::write(dir.join("10-vs.yaml"), to_v2(100)).unwrap();
     until_all(&pins, Duration::from_secs(2), "to v2 again", |d| service_route(d, vip).is_some_and(|r| subsets(&r).get(1) == Some(&(subset("v2"), 100))));
-    until_all(&pins[..1], Duration::from_secs(2), "policy gone", |d| l4_policy(d).is_empty());
+    until_all(&pins[..1], Duration::from_secs(2), "policy gone", |d| l4_authz(d).is_empty());
     controller.kill();
     drop(controller);
     for _ in 0..3 {
