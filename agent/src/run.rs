@@ -19,7 +19,7 @@ use crate::{
     metrics::{EbpfEventsCollector, Metrics},
     proxy::{
         ConnectionTable, ProxyShared,
-        authz::{Authorizer, close_newly_denied},
+        authz::{Authorizer, close_newly_denied, record_kernel_denials},
         hbone::pool::Pool,
     },
     sources::{
@@ -38,7 +38,7 @@ pub async fn run(config: AgentConfig) -> Result<()> {
     info!(open_files, "file descriptor limit");
     let cgroup2 = sys::cgroup2_mount()?;
     let attach_cgroup = config.cgroup_attach.clone().unwrap_or_else(|| cgroup2.clone());
-    let datapath = Datapath::load(&config.pin_dir, &attach_cgroup, config.ebpf_log_level, config.ebpf_settings())?;
+    let mut datapath = Datapath::load(&config.pin_dir, &attach_cgroup, config.ebpf_log_level, config.ebpf_settings())?;
 
     let metrics = Arc::new(Metrics::default());
     let connections = ConnectionTable::default();
@@ -63,6 +63,9 @@ pub async fn run(config: AgentConfig) -> Result<()> {
     let authorizer = Arc::new(Authorizer::default());
     authorizer.register(&mut registry);
     tokio::spawn(close_newly_denied(tables.subscribe(), connections.clone(), authorizer.clone()));
+    if let Some(denials) = datapath.take_denials()? {
+        tokio::spawn(record_kernel_denials(denials, tables.subscribe(), authorizer.clone()));
+    }
     let shared = ProxyShared {
         original_dst: datapath.original_dst_lookup(),
         metrics,

@@ -148,30 +148,6 @@ pub struct AuthzDenial {
     pub _pad2: u32,
 }
 
-/// A pod's address and port (0: all) that AuthorizationPolicy refuses to every client.
-///
-/// **Not a map layout any more** (the hash map `L4_POLICY` it keyed is gone; see [`names::L4_AUTHZ`]).
-/// It stays only because the agent's current policy model (`agent/src/state/tables.rs`) still computes
-/// its deny set in this form, which the agent converts into `L4_AUTHZ` entries; remove it with that.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, PartialOrd, Ord)]
-pub struct PolicyKey {
-    pub ip: [u32; 4],
-    /// 0: every port.
-    pub port: u16,
-    pub family: u16,
-}
-
-/// The verdict for a [`PolicyKey`]; like it, no longer a map layout and kept only for the policy model.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
-pub struct PolicyVerdict {
-    /// `VERDICT_*`.
-    pub verdict: u32,
-    pub _pad: u32,
-}
-
-/// [`PolicyVerdict::verdict`]: refuse the connection (no rule of any policy could allow it).
-pub const VERDICT_DENY: u32 = 1;
-
 /// FNV-1a (32 bit): stable ids for service and subset names.
 pub const fn name_id(name: &[u8]) -> u32 {
     let mut hash: u32 = 0x811c_9dc5;
@@ -354,16 +330,6 @@ mod user {
         }
         pub fn socket_addr(&self) -> Option<SocketAddr> {
             words_to_ip(self.ip, self.family).map(|ip| SocketAddr::new(ip, self.port))
-        }
-    }
-
-    impl PolicyKey {
-        pub fn new(ip: IpAddr, port: u16) -> Self {
-            let (ip, family) = ip_to_words(ip);
-            PolicyKey { ip, port, family }
-        }
-        pub fn ip_addr(&self) -> Option<IpAddr> {
-            words_to_ip(self.ip, self.family)
         }
     }
 

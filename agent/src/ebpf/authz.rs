@@ -14,7 +14,8 @@ use tokio::{
     io::{Interest, unix::AsyncFd},
     sync::mpsc::UnboundedSender,
 };
-use warren_maps::{AUTHZ_DENY, AuthzDenial, AuthzEntryKey, AuthzTarget, AuthzVerdict, PolicyKey, PolicyVerdict};
+use warren_api::authz::PlaintextVerdict;
+use warren_maps::{AUTHZ_ALLOW, AUTHZ_DENY, AuthzDenial, AuthzEntryKey, AuthzTarget, AuthzVerdict};
 
 /// The `L4_AUTHZ` map as the agent holds it.
 pub type AuthzTrie = LpmTrie<MapData, AuthzTarget, AuthzVerdict>;
@@ -128,17 +129,16 @@ pub fn spawn_denial_reader(ring: RingBuf<MapData>, tx: UnboundedSender<KernelDen
     }))
 }
 
-/// **Temporary adapter, to be replaced** when the policy model computes `L4_AUTHZ` entries itself
-/// (with source prefixes and decision ids): turns the deny set it computes today — (pod address, port
-/// or 0) that no client may reach — into deny entries for every client (a /0 source of the pod address's
-/// family). It cannot tell which policy decided, so `decision_id` is 0.
-pub fn l4_deny_all_entries(policy: &BTreeMap<PolicyKey, PolicyVerdict>) -> BTreeMap<AuthzEntryKey, AuthzVerdict> {
-    let any = |ip: std::net::IpAddr| if ip.is_ipv4() { std::net::Ipv4Addr::UNSPECIFIED.into() } else { std::net::Ipv6Addr::UNSPECIFIED.into() };
-    policy
+/// L4_AUTHZ as it must be: the policy model's plaintext verdicts ([`warren_api::authz::plaintext_table`]),
+/// one trie entry each (port 0: every port no other entry of that destination names).
+pub fn l4_authz_entries(verdicts: &[PlaintextVerdict]) -> BTreeMap<AuthzEntryKey, AuthzVerdict> {
+    verdicts
         .iter()
-        .filter(|(_, v)| v.verdict == warren_maps::VERDICT_DENY)
-        .filter_map(|(k, _)| k.ip_addr().and_then(|ip| AuthzEntryKey::new(ip, k.port, any(ip), 0)))
-        .map(|key| (key, AuthzVerdict { verdict: AUTHZ_DENY, decision_id: 0 }))
+        .filter_map(|v| {
+            let key = AuthzEntryKey::new(v.destination, v.port, v.source.addr(), v.source.prefix_len())?;
+            let verdict = if v.allowed { AUTHZ_ALLOW } else { AUTHZ_DENY };
+            Some((key, AuthzVerdict { verdict, decision_id: v.decision_id }))
+        })
         .collect()
 }
 
@@ -147,17 +147,27 @@ mod tests {
     use super::*;
 
     #[test]
-    fn the_adapter_denies_every_client_of_the_same_family() {
+    fn each_verdict_is_one_entry_of_its_family() {
         let v4: std::net::IpAddr = "10.244.1.2".parse().unwrap();
         let v6: std::net::IpAddr = "fd00:10:244:1::2".parse().unwrap();
-        let deny = PolicyVerdict { verdict: warren_maps::VERDICT_DENY, _pad: 0 };
-        let policy = BTreeMap::from([(PolicyKey::new(v4, 0), deny), (PolicyKey::new(v6, 9080), deny)]);
-        let entries = l4_deny_all_entries(&policy);
+        let verdict = |destination, port, source: &str, allowed, decision_id| PlaintextVerdict {
+            destination,
+            port,
+            source: source.parse().unwrap(),
+            allowed,
+            decision_id,
+        };
+        let entries = l4_authz_entries(&[
+            verdict(v4, 0, "0.0.0.0/0", false, 0),
+            verdict(v4, 9080, "10.1.0.0/16", true, 0),
+            verdict(v6, 9080, "fd00::/8", false, 7),
+            // Of another family than its destination: no entry (a v4 client never reaches a v6 address).
+            verdict(v6, 80, "10.0.0.0/8", false, 9),
+        ]);
         let shown: Vec<String> = entries.iter().map(|(k, v)| format!("{k} {} {}", v.verdict, v.decision_id)).collect();
-        assert_eq!(shown, ["10.244.1.2:* from 0.0.0.0/0 1 0", "[fd00:10:244:1::2]:9080 from ::/0 1 0"]);
-        // Control: a verdict that is not deny gives no entry (and does not shift the others' ports).
-        let mixed = BTreeMap::from([(PolicyKey::new(v4, 0), PolicyVerdict { verdict: 0, _pad: 0 }), (PolicyKey::new(v4, 80), deny)]);
-        let shown: Vec<String> = l4_deny_all_entries(&mixed).keys().map(|k| k.to_string()).collect();
-        assert_eq!(shown, ["10.244.1.2:80 from 0.0.0.0/0"]);
+        assert_eq!(
+            shown,
+            ["10.244.1.2:* from 0.0.0.0/0 1 0", "10.244.1.2:9080 from 10.1.0.0/16 0 0", "[fd00:10:244:1::2]:9080 from fd00::/8 1 7"]
+        );
     }
 }

@@ -11,7 +11,7 @@ mod authz;
 mod authz_tests;
 mod pinned;
 
-pub use authz::{AuthzTrie, KernelDenial, TrieContents, l4_deny_all_entries, read_trie, spawn_denial_reader, sync_lpm_trie};
+pub use authz::{AuthzTrie, KernelDenial, TrieContents, l4_authz_entries, read_trie, spawn_denial_reader, sync_lpm_trie};
 pub use pinned::PinnedMaps;
 
 use std::{

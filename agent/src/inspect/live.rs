@@ -268,7 +268,8 @@ pub fn policies(admin: SocketAddr, hits: bool, output: Output) -> Result<String>
         .filter(|k| !k.allowed)
         .map(|k| {
             let port = k.port.map(|p| p.to_string()).unwrap_or_else(|| "*".into());
-            format!("{}:{port} from {} ({})", k.destination, k.source, k.decided_by)
+            let by = if k.decided_by == "-" { "no ALLOW policy matches" } else { &k.decided_by };
+            format!("{}:{port} from {} ({by})", k.destination, k.source)
         })
         .collect();
     out += &format!(

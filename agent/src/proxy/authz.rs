@@ -22,15 +22,8 @@ use warren_api::{
 };
 
 use super::ConnectionTable;
-use crate::state::MeshTables;
+use crate::{ebpf::KernelDenial, state::MeshTables};
 
-/// A connection sk_lookup refused, as the kernel reported it.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct KernelDenial {
-    pub client: SocketAddr,
-    pub destination: SocketAddr,
-    pub decision_id: u32,
-}
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct DecisionLabels {
@@ -113,7 +106,7 @@ impl Authorizer {
         };
         warn!(workload = %workload, client = %denial.client, destination = %denial.destination, peer = ?None::<&str>,
             policy = %decision.policy_name(), rule = ?rule_of(&decision), action = decision.action_name(),
-            enforcer = Enforcer::Kernel.as_str(), "connection denied by AuthorizationPolicy");
+            enforcer = Enforcer::Kernel.as_str(), decision_id = denial.decision_id, "connection denied by AuthorizationPolicy");
         self.record(&workload, &decision);
     }
 
@@ -156,6 +149,18 @@ fn rule_of(decision: &Decision) -> Option<u32> {
 
 /// Closes established inbound connections that the tables, once changed, deny (as ztunnel does): each
 /// open connection is decided again with what was known when it was accepted.
+/// Names and counts each connection the kernel refused, as its events arrive.
+pub async fn record_kernel_denials(
+    mut denials: tokio::sync::mpsc::UnboundedReceiver<KernelDenial>,
+    tables: watch::Receiver<Arc<MeshTables>>,
+    authorizer: Arc<Authorizer>,
+) {
+    while let Some(denial) = denials.recv().await {
+        let current = tables.borrow().clone();
+        authorizer.kernel_denied(&current, &denial);
+    }
+}
+
 pub async fn close_newly_denied(
     mut tables: watch::Receiver<Arc<MeshTables>>,
     connections: ConnectionTable,

@@ -81,8 +81,7 @@ pub struct Applier {
 impl Applier {
     fn write_maps(&self, index: &MeshTables) -> Result<()> {
         let routes = index.service_routes();
-        // Until the policy model computes L4_AUTHZ entries itself: its deny set, as deny-everyone entries.
-        let authz = crate::ebpf::l4_deny_all_entries(&index.l4_policy(&self.node));
+        let authz = crate::ebpf::l4_authz_entries(&index.l4_authz(&self.node));
         let mut datapath = self.datapath.lock().unwrap();
         datapath.sync_service_routes(&routes)?;
         datapath.sync_l4_authz(&authz)?;

@@ -16,8 +16,8 @@ use warren_api::{
     workloads::{Namespace, Workloads, peer_authentication::PeerAuthentication},
 };
 use warren_maps::{
-    MAX_ROUTE_DESTINATIONS, PolicyKey, PolicyVerdict, ROUTE_FROM_VIRTUAL_SERVICE, ROUTE_HAS_FAULT,
-    ROUTE_HAS_HTTP_MATCHES, RouteDestination, ServiceKey, ServiceRoute, VERDICT_DENY, name_id,
+    MAX_ROUTE_DESTINATIONS, ROUTE_FROM_VIRTUAL_SERVICE, ROUTE_HAS_FAULT,
+    ROUTE_HAS_HTTP_MATCHES, RouteDestination, ServiceKey, ServiceRoute, name_id,
 };
 
 /// The pushed tables at one version, indexed.
@@ -201,23 +201,6 @@ impl MeshTables {
                 .find(|r| warren_api::authz::decision_id(&p.name(), r.index) == id)
                 .map(|r| (p.clone(), r.index))
         })
-    }
-
-    /// L4_POLICY as it must be, for the enrolled pods on `node`: the (address, port) pairs every plaintext
-    /// client is refused on. (Until the kernel takes [`MeshTables::l4_authz`] whole.)
-    pub fn l4_policy(&self, node: &str) -> BTreeMap<PolicyKey, PolicyVerdict> {
-        let verdicts = self.l4_authz(node);
-        let mut out = BTreeMap::new();
-        for v in verdicts.iter().filter(|v| !v.allowed && v.source.prefix_len() == 0) {
-            // Port 0 means "every port" to this map: only when nothing is allowed on any port.
-            let allowed_somewhere = verdicts
-                .iter()
-                .any(|o| o.destination == v.destination && (v.port == 0 || o.port == v.port) && o.allowed);
-            if !allowed_somewhere {
-                out.insert(PolicyKey::new(v.destination, v.port), PolicyVerdict { verdict: VERDICT_DENY, _pad: 0 });
-            }
-        }
-        out
     }
 
     /// The workloads part, as the in-pod manager consumes it.

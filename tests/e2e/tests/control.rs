@@ -183,7 +183,7 @@ fn controller_pushes_routes_into_every_agents_maps_and_survives_an_outage() {
     assert!(!refused.ok && refused.error.as_deref().unwrap_or("").contains("refused"), "{refused:?}");
     assert!(outsider.send(v2.socket(ECHO_PORT), 1024).unwrap().ok, "v2 is not locked");
     let policies = a1.inspect_live(&["policies"]).unwrap();
-    assert!(policies.contains("AuthorizationPolicy default/lock-v1") && policies.contains(&format!("{}:*", v1.ip)), "{policies}");
+    assert!(policies.contains("default/lock-v1") && policies.contains(&format!("{}:* from 0.0.0.0/0 (no ALLOW policy matches)", v1.ip)), "{policies}");
     std::fs::remove_file(dir.join("20-deny.yaml")).unwrap();
 
     // Outage: kill the controller; traffic keeps flowing by the last config.
@@ -431,8 +431,8 @@ async fn api_scenario(kubeconfig: &Path) -> anyhow::Result<()> {
         assert!(route.destination_count == 2 && route.destinations[1].weight == 100, "the data plane must not change: {route:?}");
     }
 
-    // `warren-agent analyze` reads the same problems straight from the API server.
-    let analyze = std::process::Command::new(bin_path("warren-agent")?).arg("analyze").arg("--kubeconfig").arg(kubeconfig).output()?;
+    // `warren-controller analyze` reads the same problems straight from the API server.
+    let analyze = std::process::Command::new(bin_path("warren-controller")?).arg("analyze").arg("--kubeconfig").arg(kubeconfig).output()?;
     let report = String::from_utf8_lossy(&analyze.stdout);
     assert!(!analyze.status.success(), "{report}");
     assert!(report.contains(&format!("Error [IST0106] (VirtualService {ns}/reviews) spec.http[0].route[1].weight: -10 is negative")), "{report}");
@@ -447,7 +447,7 @@ async fn api_scenario(kubeconfig: &Path) -> anyhow::Result<()> {
     assert!(condition["message"].as_str().unwrap_or_default().contains("spec.http[0].mirror: needs the L7 proxy"), "{condition:#}");
     warning_event(&events, "UnsupportedConfig", "spec.http[0].mirror").await;
     until_all_async(&pins, Duration::from_secs(5), "the mirrored route applied", to_v2_only, vip).await;
-    let analyze = std::process::Command::new(bin_path("warren-agent")?).arg("analyze").arg("--kubeconfig").arg(kubeconfig).output()?;
+    let analyze = std::process::Command::new(bin_path("warren-controller")?).arg("analyze").arg("--kubeconfig").arg(kubeconfig).output()?;
     let report = String::from_utf8_lossy(&analyze.stdout);
     assert!(report.contains(&format!("Warning [WAR0101] (VirtualService {ns}/reviews) spec.http[0].mirror: needs the L7 proxy")), "{report}");
 

@@ -1,22 +1,20 @@
 //! AuthorizationPolicy in the kernel for plaintext inbound connections, on real pods: an `L4_AUTHZ` entry
 //! denying a source prefix makes sk_lookup refuse clients inside it (they see "connection refused") while
 //! clients outside it — and the same client once the entry is gone — reach the pod through the agent.
-//! The agent's eBPF counter and the `AUTHZ_DENIALS` record (client, destination, decision id) show the
-//! refusal happened in the kernel, not in the agent's proxy (which never sees the connection).
+//! The agent's eBPF counter and the `AUTHZ_DENIALS` record (client, destination, decision id), which the
+//! agent turns into its denial log line and `warren_authz_decisions_total`, show the refusal happened in the
+//! kernel, not in the agent's proxy (which never sees the connection).
 //!
 //! The entries are written straight into the pinned trie: nothing in this agent (no controller) syncs
-//! L4_AUTHZ, so they stay as written. The records are read straight from the pinned ring buffer, which
-//! assumes this test is its only consumer: the agent reads AUTHZ_DENIALS only once something calls
-//! `Datapath::take_denials`, which nothing does yet. When the agent consumes them, read them from the
-//! agent instead.
+//! L4_AUTHZ, so they stay as written.
 use std::{
     net::{IpAddr, SocketAddr},
     path::Path,
-    time::{Duration, Instant},
+    time::Duration,
 };
 
-use aya::maps::{LpmTrie, Map, MapData, RingBuf};
-use warren_maps::{AUTHZ_DENY, AuthzDenial, AuthzEntryKey, AuthzTarget, AuthzVerdict, names};
+use aya::maps::{LpmTrie, Map, MapData};
+use warren_maps::{AUTHZ_DENY, AuthzEntryKey, AuthzTarget, AuthzVerdict, names};
 use warren_testbed::{Agent, ECHO_PORT, Pod, Testbed, require_privileges};
 
 type Trie = LpmTrie<MapData, AuthzTarget, AuthzVerdict>;
@@ -26,24 +24,12 @@ fn trie(pin_dir: &Path) -> Trie {
     LpmTrie::try_from(Map::LpmTrie(data)).unwrap()
 }
 
-fn denials(pin_dir: &Path) -> RingBuf<MapData> {
-    let data = MapData::from_pin(pin_dir.join(names::AUTHZ_DENIALS)).expect("pinned AUTHZ_DENIALS");
-    RingBuf::try_from(Map::RingBuf(data)).unwrap()
-}
-
-/// Every record in the ring within `wait` (it is written before the client's connect returns).
-fn records(ring: &mut RingBuf<MapData>, wait: Duration) -> Vec<AuthzDenial> {
-    let deadline = Instant::now() + wait;
-    let mut out = Vec::new();
-    loop {
-        while let Some(item) = ring.next() {
-            out.push(AuthzDenial::from_bytes(&item).expect("an AuthzDenial record"));
-        }
-        if !out.is_empty() || Instant::now() >= deadline {
-            return out;
-        }
-        std::thread::sleep(Duration::from_millis(10));
-    }
+/// The agent's denial log lines, once at least one is there (or `wait` passed).
+fn denial_lines(agent: &Agent, wait: Duration) -> Vec<String> {
+    let lines = || -> Vec<String> {
+        agent.log().lines().filter(|l| l.contains("connection denied by AuthorizationPolicy")).map(String::from).collect()
+    };
+    warren_e2e::eventually(wait, || Some(lines()).filter(|l| !l.is_empty())).unwrap_or_else(lines)
 }
 
 /// `warren-agent inspect maps` (reads the pinned maps).
@@ -95,8 +81,6 @@ fn source_prefix_deny(ipv6: bool) {
     assert_eq!((inbound_opened(&agent), inbound_denied(&agent)), (2, 0));
 
     let mut trie = trie(&agent.pin_dir);
-    let mut ring = denials(&agent.pin_dir);
-    assert!(records(&mut ring, Duration::ZERO).is_empty());
     trie.insert(&key.trie_key(), AuthzVerdict { verdict: AUTHZ_DENY, decision_id: 0xa11c }, 0).unwrap();
     let maps = inspect_maps(&agent);
     let row = maps.lines().find(|l| l.starts_with(&to.ip().to_string())).unwrap_or_else(|| panic!("no L4_AUTHZ row:\n{maps}"));
@@ -107,18 +91,17 @@ fn source_prefix_deny(ipv6: bool) {
     assert!(refused(&inside, to));
     assert_eq!(inbound_denied(&agent), 1);
     assert_eq!(inbound_opened(&agent), 2, "a refused connection must not reach the agent");
-    let got = records(&mut ring, Duration::from_secs(2));
-    assert_eq!(got.len(), 1, "{got:?}");
-    let client = got[0].client().unwrap();
-    assert_eq!(client.ip(), inside_ip);
-    assert_ne!(client.port(), 0);
-    assert_eq!(got[0].destination(), Some(to));
-    assert_eq!(got[0].decision_id, 0xa11c);
+    let line = denial_lines(&agent, Duration::from_secs(2));
+    assert_eq!(line.len(), 1, "one denial line: {line:?}");
+    let client = if ipv6 { format!("client=[{inside_ip}]:") } else { format!("client={inside_ip}:") };
+    assert!(line[0].contains(&client) && line[0].contains(&format!("destination={to}")), "{}", line[0]);
+    assert!(line[0].contains("kernel") && line[0].contains(&format!("decision_id={}", 0xa11c)), "{}", line[0]);
+    assert_eq!(agent.metric("warren_authz_decisions_total", &[("decision", "deny")]).unwrap(), 1.0);
 
     // Control: outside the prefix, captured as before; nothing more is denied.
     assert!(connects(&outside, to), "outside {outside_ip} is not in {prefix}/{len}");
     assert_eq!((inbound_opened(&agent), inbound_denied(&agent)), (3, 1));
-    assert!(records(&mut ring, Duration::from_millis(100)).is_empty());
+    assert_eq!(denial_lines(&agent, Duration::from_millis(100)).len(), 1, "no new denial");
 
     // Control: the same client, once the entry is removed.
     trie.remove(&key.trie_key()).unwrap();
