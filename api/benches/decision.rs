@@ -1,6 +1,7 @@
 //! `cargo bench -p warren-api --bench decision` (also run by `cargo xtask bench authz`): the time to authorize
-//! one connection against 100 AuthorizationPolicies on a workload — the worst case, where every DENY policy
-//! is evaluated and misses and only the last ALLOW policy matches. Criterion measures the mean; a fixed run of
+//! one connection against 100 AuthorizationPolicies on a workload (one rule each, as Istio's tasks write
+//! them: principals, namespaces, ipBlocks, ports, conditions) — the worst case, where every DENY policy is
+//! evaluated and misses and only the last ALLOW policy matches. Criterion measures the mean; a fixed run of
 //! timed single decisions gives p50/p99 (target: p99 ≤ 1 µs), written to target/bench-authz-decision.md.
 use std::{
     hint::black_box,
@@ -47,19 +48,27 @@ fn policies() -> Vec<Arc<Policy>> {
         .collect()
 }
 
-/// A DENY rule the client misses on identity (other teams, other namespaces, other blocks).
+/// A DENY rule the client misses: on identity (other teams' principals, other namespaces) or on source
+/// block, with the port it guards.
 fn deny_rules(i: usize) -> serde_json::Value {
-    serde_json::json!([
-        {"index": 0, "from": [{"principals": [format!("cluster.local/ns/team-{i}/sa/*")]}]},
-        {"index": 1, "from": [{"namespaces": [format!("ns-{i}"), format!("*-{i}")]}], "to": [{"ports": [9080]}]},
-        {"index": 2, "from": [{"ipBlocks": [format!("172.{}.{}.0/24", 16 + i % 16, i)]}]},
-        {"index": 3, "when": [{"key": "source.principal", "values": [format!("cluster.local/ns/x/sa/{i}")]}]}
-    ])
+    match i % 3 {
+        0 => {
+            serde_json::json!([{"index": 0, "from": [{"principals": [format!("cluster.local/ns/team-{i}/sa/*"), format!("cluster.local/ns/default/sa/robot-{i}")]}]}])
+        }
+        1 => {
+            serde_json::json!([{"index": 0, "from": [{"namespaces": [format!("ns-{i}"), format!("*-{i}")]}], "to": [{"ports": [9080]}]}])
+        }
+        _ => {
+            serde_json::json!([{"index": 0, "from": [{"ipBlocks": [format!("172.{}.{}.0/24", 16 + i % 16, i)]}], "when": [{"key": "destination.port", "values": [9080, 8080]}]}])
+        }
+    }
 }
 
 fn workload() -> Pod {
-    serde_json::from_value(serde_json::json!({"name": "httpbin", "namespace": "default", "uid": "u", "ips": ["10.244.0.9"]}))
-        .unwrap()
+    serde_json::from_value(
+        serde_json::json!({"name": "httpbin", "namespace": "default", "uid": "u", "ips": ["10.244.0.9"]}),
+    )
+    .unwrap()
 }
 
 fn main() {

@@ -413,9 +413,10 @@ impl Condition {
 
 impl Rule {
     pub fn matches(&self, c: &Connection) -> bool {
-        (self.from.is_empty() || self.from.iter().any(|s| s.matches(c)))
-            && (self.to.is_empty() || self.to.iter().any(|o| o.matches(c)))
+        // Cheapest first: ports, then conditions, then who the client is (string matches).
+        (self.to.is_empty() || self.to.iter().any(|o| o.matches(c)))
             && self.when.iter().all(|w| w.matches(c))
+            && (self.from.is_empty() || self.from.iter().any(|s| s.matches(c)))
     }
 }
 
@@ -523,13 +524,21 @@ pub fn decision_id(policy: &str, rule: u32) -> u32 {
     hash.max(1)
 }
 
-/// The policies that apply to one workload, grouped in evaluation order (each group oldest first, as the
-/// controller pushed them). Built once per table version; evaluation never parses or allocates.
+/// The policies that apply to one workload, grouped in evaluation order (each group in the order given).
+/// Built once per table version by [`WorkloadPolicies::for_workload`], with an index of its rules by the
+/// identities they name; evaluation never parses, and compares strings only with the rules an identity
+/// selects.
 #[derive(Debug, Clone, Default)]
 pub struct WorkloadPolicies {
     pub deny: Vec<Arc<Policy>>,
     pub allow: Vec<Arc<Policy>>,
     pub audit: Vec<Arc<Policy>>,
+    /// Every rule of `deny` then `allow` (AUDIT is not indexed: it never decides): (policy, position in
+    /// its `rules`).
+    rules: Vec<(Arc<Policy>, usize)>,
+    /// `rules[..deny_rules]` are DENY rules.
+    deny_rules: usize,
+    index: RuleIndex,
 }
 
 impl WorkloadPolicies {
@@ -542,6 +551,13 @@ impl WorkloadPolicies {
                 Action::Audit => out.audit.push(policy.clone()),
             }
         }
+        let rules_of = |policies: &[Arc<Policy>]| -> Vec<(Arc<Policy>, usize)> {
+            policies.iter().flat_map(|p| (0..p.rules.len()).map(move |r| (p.clone(), r))).collect()
+        };
+        out.rules = rules_of(&out.deny);
+        out.deny_rules = out.rules.len();
+        out.rules.extend(rules_of(&out.allow));
+        out.index = RuleIndex::new(out.rules.iter().map(|(p, r)| &p.rules[*r]));
         out
     }
 
@@ -557,6 +573,26 @@ impl WorkloadPolicies {
     /// Istio's decision for `c`: a matching DENY rule denies; else a matching ALLOW rule allows; else,
     /// with ALLOW policies, it is denied; without, allowed.
     pub fn evaluate(&self, c: &Connection) -> Decision {
+        let mut candidates = Vec::with_capacity(32);
+        self.index.candidates(c, &mut candidates);
+        // Candidates come in evaluation order: every DENY rule before any ALLOW rule.
+        for position in candidates {
+            let (policy, r) = &self.rules[position as usize];
+            let rule = &policy.rules[*r];
+            if rule.matches(c) {
+                let allowed = position as usize >= self.deny_rules;
+                return Decision { allowed, by: DecidedBy::Rule { policy: policy.clone(), rule: rule.index } };
+            }
+        }
+        if self.allow.is_empty() {
+            Decision { allowed: true, by: DecidedBy::NoPolicy }
+        } else {
+            Decision { allowed: false, by: DecidedBy::NoAllowMatched }
+        }
+    }
+
+    /// [`WorkloadPolicies::evaluate`] without the index, rule by rule: what the index must agree with.
+    pub fn evaluate_every_rule(&self, c: &Connection) -> Decision {
         let by_rule = |policy: &Arc<Policy>| {
             policy.matching_rule(c).map(|rule| DecidedBy::Rule { policy: policy.clone(), rule: rule.index })
         };
@@ -653,6 +689,9 @@ pub fn plaintext_table(policies: &WorkloadPolicies, addresses: &[IpAddr]) -> Vec
     }
     out
 }
+
+mod index;
+use index::RuleIndex;
 
 #[cfg(test)]
 mod tests;

@@ -243,3 +243,64 @@ fn a_deny_on_one_port_is_one_entry() {
 }
 
 use serde_json::json;
+
+/// The index must decide exactly as checking every rule does — same verdict, same deciding rule — over many
+/// generated policy sets and connections (a fixed-seed generator: reproducible).
+#[test]
+fn the_index_decides_like_checking_every_rule() {
+    let mut seed = 0x2545_f491_4f6c_dd1du64;
+    let mut next = move |n: usize| {
+        seed ^= seed << 13;
+        seed ^= seed >> 7;
+        seed ^= seed << 17;
+        (seed % n as u64) as usize
+    };
+    let principals = ["cluster.local/ns/a/sa/x", "cluster.local/ns/a/*", "*/sa/y", "*", "cluster.local/ns/b/sa/y", "c*"];
+    let namespaces = ["a", "b", "*", "a*", "*b"];
+    let blocks = ["10.0.0.0/8", "10.1.0.0/16", "192.168.0.1"];
+    let identities = [None, Some("spiffe://cluster.local/ns/a/sa/x"), Some("spiffe://cluster.local/ns/b/sa/y"), Some("spiffe://other/ns/a/sa/y")];
+    let clients = ["10.1.2.3", "10.9.9.9", "192.168.0.1", "172.16.0.1"];
+    let mut checked = 0;
+    for round in 0..400 {
+        let mut policies = Vec::new();
+        for p in 0..1 + next(6) {
+            let action = [Action::Allow, Action::Deny, Action::Audit][next(3)];
+            let rules: Vec<Rule> = (0..next(3))
+                .map(|index| {
+                    let mut rule = Rule { index: index as u32, ..Default::default() };
+                    for _ in 0..next(3) {
+                        let mut source = Source::default();
+                        let pick = |n: usize, pool: &[&str], next: &mut dyn FnMut(usize) -> usize| -> Vec<String> {
+                            (0..n).map(|_| pool[next(pool.len())].to_string()).collect()
+                        };
+                        let n = next(3);
+                        source.principals = pick(n, &principals, &mut next).iter().map(|v| StringMatch::parse(v)).collect();
+                        let n = next(2);
+                        source.not_principals = pick(n, &principals, &mut next).iter().map(|v| StringMatch::parse(v)).collect();
+                        let n = next(3);
+                        source.namespaces = pick(n, &namespaces, &mut next).iter().map(|v| StringMatch::parse(v)).collect();
+                        let n = next(2);
+                        source.ip_blocks = pick(n, &blocks, &mut next).iter().map(|v| v.parse().unwrap()).collect();
+                        rule.from.push(source);
+                    }
+                    if next(2) == 0 {
+                        rule.to.push(Operation { ports: vec![80, 9080][..1 + next(2)].to_vec(), not_ports: vec![] });
+                    }
+                    rule
+                })
+                .collect();
+            policies.push(policy(&format!("p{round}-{p}"), action, rules));
+        }
+        let set = set(&policies);
+        for identity in identities {
+            for client in clients {
+                for port in [80, 9080, 22] {
+                    let c = Connection::new(client.parse().unwrap(), identity, SocketAddr::new("10.244.0.9".parse().unwrap(), port));
+                    assert_eq!(set.evaluate(&c), set.evaluate_every_rule(&c), "{policies:#?}\n{c:?}");
+                    checked += 1;
+                }
+            }
+        }
+    }
+    assert!(checked > 10_000);
+}
