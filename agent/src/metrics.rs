@@ -30,7 +30,8 @@ pub struct Metrics {
     pub mtls_refused: Counter,
     /// Plaintext connections refused by PeerAuthentication STRICT.
     pub plaintext_refused: Counter,
-    /// Inbound connections AuthorizationPolicy refused (HBONE; plaintext ones are refused by sk_lookup).
+    /// Inbound connections the agent refused by AuthorizationPolicy (HBONE, and plaintext the kernel did not
+    /// refuse already: those count in the eBPF events).
     pub policy_refused: Counter,
     /// Outbound connections to a service address with no endpoint to route to.
     pub no_endpoint: Counter,
