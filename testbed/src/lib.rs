@@ -40,7 +40,7 @@ pub use capture::{Capture, testapp_payload};
 pub use controller::{Controller, ControllerOptions};
 pub use net::in_netns;
 pub use privileges::{check_privileges, in_ci};
-pub use process::{Attempt, ConnectLoop, Process, SendResult, now_ms};
+pub use process::{Attempt, ConnectLoop, HeldConnection, HoldEvent, Process, SendResult, now_ms};
 
 use std::{
     fs,
@@ -68,15 +68,19 @@ pub const PIN_PARENT: &str = "/sys/fs/bpf/warren-testbed";
 
 /// Skips the calling test (returns) with a clear message when this machine cannot run privileged
 /// tests (root, cgroup2, netns, bpf); under `CI=true` it fails instead, since CI must run them all.
+/// In a test that returns a value, give what it returns when skipped: `require_privileges!(Ok(()))`.
 #[macro_export]
 macro_rules! require_privileges {
     () => {
+        $crate::require_privileges!(())
+    };
+    ($skipped:expr) => {
         if let Err(reason) = $crate::check_privileges() {
             if $crate::in_ci() {
                 panic!("CI=true, but this test cannot run here: {reason}");
             }
             eprintln!("SKIPPED (needs root, BPF, cgroup2 and netns): {reason}");
-            return;
+            return $skipped;
         }
     };
 }
@@ -266,8 +270,19 @@ impl Node {
         self.add_pod_with_uid(name, enrolled, None)
     }
 
+    /// [`Node::add_pod`] in Kubernetes namespace `namespace` (default: `default`): the workloads file
+    /// lists it there (and the namespace as enrolled), so its identity is
+    /// spiffe://cluster.local/ns/<namespace>/sa/<name>. Pod names stay unique per node (they name the netns).
+    pub fn add_pod_in(&self, namespace: &str, name: &str, enrolled: bool) -> Result<Pod> {
+        self.add_pod_full(namespace, name, enrolled, None)
+    }
+
     /// [`Node::add_pod`] with a given UID (e.g. the UID the API server gave a Pod object).
     pub fn add_pod_with_uid(&self, name: &str, enrolled: bool, uid: Option<&str>) -> Result<Pod> {
+        self.add_pod_full("default", name, enrolled, uid)
+    }
+
+    fn add_pod_full(&self, namespace: &str, name: &str, enrolled: bool, uid: Option<&str>) -> Result<Pod> {
         let mut pods = self.bed.pods.lock().unwrap();
         let on_node = pods.iter().filter(|(node, _, _)| *node == self.name).count();
         let host = u8::try_from(on_node + 2).ok().filter(|h| *h < 250).context("too many pods")?;
@@ -296,7 +311,7 @@ impl Node {
         fs::create_dir_all(&cgroup).with_context(|| format!("creating cgroup {}", cgroup.display()))?;
         let pod = Pod {
             name: name.to_string(),
-            namespace: "default".to_string(),
+            namespace: namespace.to_string(),
             uid,
             netns,
             ip,
@@ -455,6 +470,33 @@ impl Pod {
         Ok(process)
     }
 
+    /// Starts warren-testapp's echo server on `port` only (its HTTP server takes an ephemeral port): a
+    /// workload listening on a second port, for port-level policy. Returns once it listens.
+    pub fn serve_echo(&self, port: u16) -> Result<Process> {
+        let mut cmd = std::process::Command::new(bin_path("warren-testapp")?);
+        cmd.args(["serve", "--name", &self.name, "--echo-port", &port.to_string(), "--http-port", "0"]);
+        let mut process = self.spawn(cmd)?;
+        process.wait_for_line("ready", std::time::Duration::from_secs(10))?;
+        Ok(process)
+    }
+
+    /// Opens one long-lived connection to `to` from inside this pod: returns once an echo crossed it
+    /// (fails if it could not be opened); [`HeldConnection::wait_closed`] reports when it ended. With
+    /// `probe`, the client echoes one byte that often ([`HeldConnection::probes`]); without, it sits in a
+    /// read, waiting for the server to speak (as a client awaiting a reply).
+    pub fn hold_connection(&self, to: SocketAddr, probe: Option<std::time::Duration>) -> Result<HeldConnection> {
+        let probe_ms = probe.map_or(0, |p| p.as_millis().max(1)).to_string();
+        let mut cmd = std::process::Command::new(bin_path("warren-testapp")?);
+        cmd.args(["hold", "--to", &to.to_string(), "--probe-ms", &probe_ms, "--max-ms", "120000"]);
+        let process = self.spawn(cmd)?;
+        process.wait_for(std::time::Duration::from_secs(10), |out, _| out.contains("\"event\""))?;
+        let held = HeldConnection { process };
+        match held.events()?.first() {
+            Some(HoldEvent { event, .. }) if event == "connected" => Ok(held),
+            other => bail!("{} → {to}: the connection did not open: {other:?}", self.name),
+        }
+    }
+
     /// Opens `connections` connections to `to` from inside this pod (all open at once), then exchanges
     /// `bytes` on each and checks every echo.
     pub fn send_concurrently(&self, to: SocketAddr, bytes: usize, connections: usize) -> Result<serde_json::Value> {
@@ -529,10 +571,15 @@ impl Drop for Testbed {
     }
 }
 
-/// Namespace `default` is enrolled (`warren.dev/mesh=enabled`); pods that must not be are labelled
+/// Namespace `default` (and every other namespace a pod is in) is enrolled (`warren.dev/mesh=enabled`); pods that must not be are labelled
 /// `warren.dev/mesh=disabled`, the opt-out a user would use. Each pod's service account is its name,
 /// so its identity is spiffe://cluster.local/ns/default/sa/<pod>. Written atomically (rename).
 fn write_workloads(bed: &Inner, pods: &[(String, Pod, bool)]) -> Result<()> {
+    let mut namespaces: Vec<&str> = pods.iter().map(|(_, p, _)| p.namespace.as_str()).chain(["default"]).collect();
+    namespaces.sort_unstable();
+    namespaces.dedup();
+    let namespaces: Vec<_> =
+        namespaces.iter().map(|n| serde_json::json!({"name": n, "labels": {"warren.dev/mesh": "enabled"}})).collect();
     let pods: Vec<_> = pods
         .iter()
         .map(|(node, p, enrolled)| {
@@ -546,7 +593,7 @@ fn write_workloads(bed: &Inner, pods: &[(String, Pod, bool)]) -> Result<()> {
         })
         .collect();
     let doc = serde_json::json!({
-        "namespaces": [{"name": "default", "labels": {"warren.dev/mesh": "enabled"}}],
+        "namespaces": namespaces,
         "pods": pods,
         "peerAuthentications": *bed.peer_authentications.lock().unwrap(),
     });

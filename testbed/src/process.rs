@@ -224,3 +224,59 @@ impl ConnectLoop {
 pub fn now_ms() -> u128 {
     std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_millis()).unwrap_or(0)
 }
+
+/// What `warren-testapp hold` reports: `connected`, `alive` every tenth probe, then `closed` (or `open`
+/// when it gave up waiting).
+#[derive(Debug, Clone, Deserialize)]
+pub struct HoldEvent {
+    pub event: String,
+    /// Wall clock (ms since the epoch), comparable with [`now_ms`].
+    pub at_ms: u128,
+    /// Echoes of the one-byte probe that crossed the connection before it ended.
+    #[serde(default)]
+    pub probes: u64,
+    /// How it ended: `eof`, `read: …`, `write: …`.
+    pub error: Option<String>,
+}
+
+/// A long-lived connection from inside a pod ([`crate::Pod::hold_connection`]).
+pub struct HeldConnection {
+    pub(crate) process: Process,
+}
+
+impl HeldConnection {
+    /// Every event so far.
+    pub fn events(&self) -> Result<Vec<HoldEvent>> {
+        self.process
+            .stdout()
+            .lines()
+            .filter(|l| l.starts_with('{'))
+            .map(|l| serde_json::from_str(l).with_context(|| format!("hold event {l}")))
+            .collect()
+    }
+
+    /// `Some(event)` once the connection has ended.
+    pub fn closed(&self) -> Result<Option<HoldEvent>> {
+        Ok(self.events()?.into_iter().find(|e| e.event == "closed"))
+    }
+
+    /// Waits up to `timeout` for the connection to end; `None` if it is still open then.
+    pub fn wait_closed(&self, timeout: Duration) -> Result<Option<HoldEvent>> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            if let Some(closed) = self.closed()? {
+                return Ok(Some(closed));
+            }
+            if Instant::now() >= deadline {
+                return Ok(None);
+            }
+            std::thread::sleep(Duration::from_millis(5));
+        }
+    }
+
+    /// Probes echoed so far, as last reported (every tenth, and at the end): the connection still carries
+    /// data while this grows.
+    pub fn probes(&self) -> u64 {
+        self.events().ok().and_then(|e| e.last().map(|e| e.probes)).unwrap_or(0)
+    }
+}

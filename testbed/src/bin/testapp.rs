@@ -4,6 +4,7 @@
 //! - `send`: streams N pseudo-random bytes to an echo server while reading them back, and reports (JSON)
 //!   whether every byte returned in order.
 //! - `http-get`: one request, prints the body.
+//! - `hold`: opens one connection, checks an echo, then keeps it open and reports when (and how) it ended.
 //! - `pause`: sleeps; a testbed pod's first process, as Kubernetes' pause container.
 use std::{
     io::{BufRead, BufReader, Read, Write},
@@ -62,6 +63,20 @@ enum Cmd {
         #[arg(long, default_value = "/")]
         path: String,
     },
+    /// Connect, check a `bytes` echo, print `{"event":"connected",…}`; then keep the connection open
+    /// (an echo of one byte every `probe-ms`, `{"event":"alive","probes":N}` every tenth; 0: none, the
+    /// client only waits for its peer to speak) and print
+    /// `{"event":"closed","at_ms",…}` when it ends, or `{"event":"open",…}` after `max-ms`.
+    Hold {
+        #[arg(long)]
+        to: SocketAddr,
+        #[arg(long, default_value_t = 1024)]
+        bytes: u64,
+        #[arg(long, default_value_t = 50)]
+        probe_ms: u64,
+        #[arg(long, default_value_t = 60_000)]
+        max_ms: u64,
+    },
     /// Sleep until killed (a pod's pause process).
     Pause,
 }
@@ -74,6 +89,7 @@ fn main() -> ExitCode {
         Cmd::Send { to, bytes, connections, .. } => send_concurrently(to, bytes, connections),
         Cmd::Loop { to, bytes, interval_ms, duration_ms } => connect_loop(to, bytes, interval_ms, duration_ms),
         Cmd::HttpGet { to, path } => http_get(to, &path),
+        Cmd::Hold { to, bytes, probe_ms, max_ms } => hold(to, bytes, Duration::from_millis(probe_ms), Duration::from_millis(max_ms)),
         Cmd::Pause => loop {
             std::thread::park();
         },
@@ -334,6 +350,71 @@ fn send(to: SocketAddr, bytes: u64, hold: Duration) -> ExitCode {
         serde_json::json!({"ok": ok, "sent": bytes, "received": received, "local": local, "peer": peer, "error": problem})
     );
     if ok { ExitCode::SUCCESS } else { ExitCode::FAILURE }
+}
+
+fn unix_ms() -> u128 {
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_millis()).unwrap_or(0)
+}
+
+fn hold(to: SocketAddr, bytes: u64, probe: Duration, max: Duration) -> ExitCode {
+    let mut stream = match TcpStream::connect_timeout(&to, Duration::from_secs(5)) {
+        Ok(s) => s,
+        Err(e) => {
+            println!("{}", serde_json::json!({"event": "closed", "at_ms": unix_ms(), "connected": false, "error": format!("connect {to}: {e}")}));
+            return ExitCode::FAILURE;
+        }
+    };
+    let local = stream.local_addr().ok().map(|a| a.to_string());
+    let _ = stream.set_nodelay(true);
+    // The opening echo: proof that the connection reached the server.
+    let _ = stream.set_read_timeout(Some(READ_TIMEOUT));
+    let (mut pattern, mut out, mut back) = (Pattern(0x9e37_79b9_7f4a_7c15), vec![0u8; bytes as usize], vec![0u8; bytes as usize]);
+    pattern.fill(&mut out);
+    let echoed = match stream.write_all(&out).and_then(|()| stream.read_exact(&mut back)) {
+        Ok(()) if out == back => Ok(()),
+        Ok(()) => Err("echo differs".to_string()),
+        Err(e) => Err(e.to_string()),
+    };
+    if let Err(e) = echoed {
+        println!("{}", serde_json::json!({"event": "closed", "at_ms": unix_ms(), "connected": false, "local": local, "error": e}));
+        return ExitCode::FAILURE;
+    }
+    println!("{}", serde_json::json!({"event": "connected", "at_ms": unix_ms(), "local": local}));
+    let _ = std::io::stdout().flush();
+    // Always blocked in a read (so the peer's FIN or RST shows at once), writing a one-byte probe every
+    // `probe` whose echo shows the connection still carries data; with no probe (0), an idle client that
+    // waits for its peer to speak.
+    let probing = !probe.is_zero();
+    let _ = stream.set_read_timeout(Some(if probing { probe } else { Duration::from_millis(100) }));
+    let started = std::time::Instant::now();
+    let (mut byte, mut probes, mut outstanding) = ([0u8; 1], 0u64, false);
+    let mut last_probe = started - probe;
+    let closed = |probes: u64, error: String| {
+        println!("{}", serde_json::json!({"event": "closed", "at_ms": unix_ms(), "connected": true, "probes": probes, "error": error}));
+        ExitCode::SUCCESS
+    };
+    while started.elapsed() < max {
+        if probing && !outstanding && last_probe.elapsed() >= probe {
+            if let Err(e) = stream.write_all(b"p") {
+                return closed(probes, format!("write: {e}"));
+            }
+            (outstanding, last_probe) = (true, std::time::Instant::now());
+        }
+        match stream.read(&mut byte) {
+            Ok(0) => return closed(probes, "eof".into()),
+            Ok(_) => {
+                (probes, outstanding) = (probes + 1, false);
+                if probes % 10 == 0 {
+                    println!("{}", serde_json::json!({"event": "alive", "at_ms": unix_ms(), "probes": probes}));
+                    let _ = std::io::stdout().flush();
+                }
+            }
+            Err(e) if matches!(e.kind(), std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut) => {}
+            Err(e) => return closed(probes, format!("read: {e}")),
+        }
+    }
+    println!("{}", serde_json::json!({"event": "open", "at_ms": unix_ms(), "probes": probes}));
+    ExitCode::SUCCESS
 }
 
 fn http_get(to: SocketAddr, path: &str) -> ExitCode {
