@@ -480,6 +480,24 @@ impl Pod {
         Ok(process)
     }
 
+    /// Opens `count` connections to `to` from inside this pod, one after another, each with one echo of
+    /// `bytes`; returns how long each took, from `connect()` until the echo was back.
+    pub fn connect_times(&self, to: SocketAddr, count: usize, bytes: usize) -> Result<Vec<std::time::Duration>> {
+        let mut cmd = std::process::Command::new(bin_path("warren-testapp")?);
+        cmd.args(["connect-times", "--to", &to.to_string(), "--count", &count.to_string(), "--bytes", &bytes.to_string()]);
+        let out = self.run(cmd)?;
+        let stdout = String::from_utf8_lossy(&out.stdout);
+        let line = stdout.lines().rev().find(|l| l.starts_with('{')).with_context(|| {
+            format!("connect-times printed no result ({}); stderr: {}", out.status, String::from_utf8_lossy(&out.stderr))
+        })?;
+        let result: serde_json::Value = serde_json::from_str(line)?;
+        if result["ok"] != true {
+            bail!("{} → {to}: {}", self.name, result["error"]);
+        }
+        let micros = result["micros"].as_array().context("no micros")?;
+        Ok(micros.iter().filter_map(|m| m.as_u64()).map(std::time::Duration::from_micros).collect())
+    }
+
     /// Opens one long-lived connection to `to` from inside this pod: returns once an echo crossed it
     /// (fails if it could not be opened); [`HeldConnection::wait_closed`] reports when it ended. With
     /// `probe`, the client echoes one byte that often ([`HeldConnection::probes`]); without, it sits in a

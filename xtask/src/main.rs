@@ -57,9 +57,10 @@ enum Command {
         #[command(subcommand)]
         action: KindAction,
     },
-    /// Benchmarks (release build, real eBPF): `l4` — no mesh vs agent vs agent with sk_msg.
+    /// Benchmarks (release build, real eBPF): `l4` — no mesh vs agent vs agent with sk_msg; `control`; `parse`;
+    /// `authz` — a new HBONE connection with 100 AuthorizationPolicies on the server vs none.
     Bench {
-        #[arg(value_parser = ["l4", "control", "parse"])]
+        #[arg(value_parser = ["l4", "control", "parse", "authz"])]
         suite: String,
         /// Extra arguments for the benchmark (e.g. a criterion filter).
         #[arg(trailing_var_arg = true, allow_hyphen_values = true)]

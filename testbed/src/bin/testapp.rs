@@ -4,6 +4,7 @@
 //! - `send`: streams N pseudo-random bytes to an echo server while reading them back, and reports (JSON)
 //!   whether every byte returned in order.
 //! - `http-get`: one request, prints the body.
+//! - `connect-times`: opens connections one after another, each with one echo, and reports how long each took.
 //! - `hold`: opens one connection, checks an echo, then keeps it open and reports when (and how) it ended.
 //! - `pause`: sleeps; a testbed pod's first process, as Kubernetes' pause container.
 use std::{
@@ -63,6 +64,16 @@ enum Cmd {
         #[arg(long, default_value = "/")]
         path: String,
     },
+    /// `count` connections one after another — connect, echo `bytes`, close — and one JSON line with each
+    /// one's time in µs, from `connect()` until the echo is back (`{"ok":true,"micros":[…]}`).
+    ConnectTimes {
+        #[arg(long)]
+        to: SocketAddr,
+        #[arg(long, default_value_t = 100)]
+        count: usize,
+        #[arg(long, default_value_t = 64)]
+        bytes: usize,
+    },
     /// Connect, check a `bytes` echo, print `{"event":"connected",…}`; then keep the connection open
     /// (an echo of one byte every `probe-ms`, `{"event":"alive","probes":N}` every tenth; 0: none, the
     /// client only waits for its peer to speak) and print
@@ -89,6 +100,7 @@ fn main() -> ExitCode {
         Cmd::Send { to, bytes, connections, .. } => send_concurrently(to, bytes, connections),
         Cmd::Loop { to, bytes, interval_ms, duration_ms } => connect_loop(to, bytes, interval_ms, duration_ms),
         Cmd::HttpGet { to, path } => http_get(to, &path),
+        Cmd::ConnectTimes { to, count, bytes } => connect_times(to, count, bytes),
         Cmd::Hold { to, bytes, probe_ms, max_ms } => hold(to, bytes, Duration::from_millis(probe_ms), Duration::from_millis(max_ms)),
         Cmd::Pause => loop {
             std::thread::park();
@@ -350,6 +362,35 @@ fn send(to: SocketAddr, bytes: u64, hold: Duration) -> ExitCode {
         serde_json::json!({"ok": ok, "sent": bytes, "received": received, "local": local, "peer": peer, "error": problem})
     );
     if ok { ExitCode::SUCCESS } else { ExitCode::FAILURE }
+}
+
+fn connect_times(to: SocketAddr, count: usize, bytes: usize) -> ExitCode {
+    let (out, mut back) = (vec![0x5au8; bytes], vec![0u8; bytes]);
+    let mut micros = Vec::with_capacity(count);
+    for i in 0..count {
+        let mut one = || -> std::io::Result<Duration> {
+            let started = std::time::Instant::now();
+            let mut stream = TcpStream::connect_timeout(&to, Duration::from_secs(5))?;
+            stream.set_nodelay(true)?;
+            stream.set_read_timeout(Some(Duration::from_secs(10)))?;
+            stream.write_all(&out)?;
+            stream.read_exact(&mut back)?;
+            Ok(started.elapsed())
+        };
+        match one() {
+            Ok(took) if back == out => micros.push(took.as_micros() as u64),
+            Ok(_) => {
+                println!("{}", serde_json::json!({"ok": false, "done": i, "error": "echo differs"}));
+                return ExitCode::FAILURE;
+            }
+            Err(e) => {
+                println!("{}", serde_json::json!({"ok": false, "done": i, "error": format!("connection {i} to {to}: {e}")}));
+                return ExitCode::FAILURE;
+            }
+        }
+    }
+    println!("{}", serde_json::json!({"ok": true, "micros": micros}));
+    ExitCode::SUCCESS
 }
 
 fn unix_ms() -> u128 {
