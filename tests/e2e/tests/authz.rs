@@ -297,6 +297,20 @@ impl Mesh {
             .collect())
     }
 
+    /// The kernel's plaintext table on the server's node, as `inspect policies -o json` shows it:
+    /// (destination, port (`None`: every other port), source prefix, allowed, decided by).
+    fn kernel_table(&self) -> Result<Vec<(String, Option<u64>, String, bool, String)>> {
+        let view: serde_json::Value = serde_json::from_str(&self.agent.inspect_live(&["policies", "-o", "json"])?)?;
+        let entries = view["kernel"].as_array().with_context(|| format!("no kernel table in {view:#}"))?;
+        Ok(entries
+            .iter()
+            .map(|k| {
+                let text = |key: &str| k[key].as_str().unwrap_or_default().to_string();
+                (text("destination"), k["port"].as_u64(), text("source"), k["allowed"] == true, text("decidedBy"))
+            })
+            .collect())
+    }
+
     fn decisions(&self, policy: &str, action: &str, decision: &str) -> Result<f64> {
         self.agent
             .metric("warren_authz_decisions_total", &[("policy", policy), ("action", action), ("decision", decision)])
@@ -425,8 +439,9 @@ fn deny_an_ip_block_in_the_kernel() -> Result<()> {
             "deny-legacy",
             &policy("deny-legacy", "DENY", &format!("  - from:\n    - source:\n        ipBlocks: [\"{block}\"]\n")),
         )?;
-        let kernel = mesh.agent.inspect_live(&["policies"])?;
-        ensure!(kernel.contains(&format!("{}:* from {block} (default/deny-legacy#0)", mesh.server.ip)), "{kernel}");
+        let kernel = mesh.kernel_table()?;
+        let want = (mesh.server.ip.to_string(), None, block.clone(), false, "default/deny-legacy#0".to_string());
+        ensure!(kernel.contains(&want), "no kernel entry {want:?}: {kernel:?}");
         mesh.assert_refused_in_kernel(&mesh.legacy, ECHO_PORT)?;
         mesh.assert_in(&mesh.legacy2, ECHO_PORT).context("legacy-2 is outside the block")?;
         mesh.assert_in(&mesh.sleep, ECHO_PORT)?;
@@ -474,8 +489,12 @@ fn allow_one_port_refuses_the_others_in_the_kernel() -> Result<()> {
         mesh.assert_refused_in_kernel(&mesh.legacy, 9090)?;
         mesh.assert_refused_in_kernel(&mesh.legacy, ECHO_PORT)?;
         mesh.assert_refused_over_hbone(&mesh.sleep, 9090, "-", "ALLOW")?;
-        let kernel = mesh.agent.inspect_live(&["policies"])?;
-        ensure!(kernel.contains(&format!("{}:* from 0.0.0.0/0 (-)", mesh.server.ip)), "{kernel}");
+        // The kernel's table: 9080 allowed, every other port refused, for every source.
+        let kernel = mesh.kernel_table()?;
+        let ip = mesh.server.ip.to_string();
+        for want in [(ip.clone(), Some(9080), "0.0.0.0/0".to_string(), true), (ip, None, "0.0.0.0/0".to_string(), false)] {
+            ensure!(kernel.iter().any(|k| (k.0.clone(), k.1, k.2.clone(), k.3) == want), "no kernel entry {want:?}: {kernel:?}");
+        }
         Ok(())
     })
 }
