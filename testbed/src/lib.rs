@@ -430,6 +430,11 @@ impl Pod {
         SocketAddr::new(IpAddr::V6(self.ip6), port)
     }
 
+    /// Sets a network sysctl in this pod's netns (`net/ipv4/tcp_tw_reuse`, …).
+    pub fn sysctl(&self, key: &str, value: &str) -> Result<()> {
+        net::sysctl_in(&self.netns, key, value)
+    }
+
     pub fn netns_path(&self) -> PathBuf {
         Path::new("/run/netns").join(&self.netns)
     }

@@ -10,6 +10,10 @@
 //! 100 policies / none (target ≤ 1.1×). Before timing, the bench checks the 100 are enforced: another
 //! enrolled client is refused with them and admitted without.
 //!
+//! Both pods reuse TIME_WAIT ports (`tcp_tw_reuse=1`, a wider port range): at this rate connect() would
+//! otherwise slow down by milliseconds once ~10,000 closed connections wait — the same in both
+//! configurations, but noise that swamps what is measured.
+//!
 //! Prints a markdown table and writes it to `target/bench-authz.md`. Without root, BPF, cgroup2 and netns it
 //! prints `SKIPPED` and exits 0 (under `CI=true` it fails).
 use std::{
@@ -94,6 +98,13 @@ impl Mesh {
         let other = n1.add_pod("notsleep", true).unwrap();
         let server = n2.add_pod("server", true).unwrap();
         let serving = server.serve("v1").unwrap();
+        // Thousands of connections a second, each leaving a TIME_WAIT socket in both pods: past ~10,000 of
+        // them connect() spends milliseconds looking for a free port (the first full run here went bimodal,
+        // 0.7 ms / 5 ms, by round). Both configurations alike: reuse TIME_WAIT ports, and a wider range.
+        for pod in [&client, &server] {
+            pod.sysctl("net/ipv4/tcp_tw_reuse", "1").unwrap();
+            pod.sysctl("net/ipv4/ip_local_port_range", "20000 65000").unwrap();
+        }
         let dir = bed.state_dir().join("mesh-config");
         std::fs::create_dir_all(&dir).unwrap();
         let mesh = "apiVersion: v1\nkind: Namespace\nmetadata: {name: default, labels: {warren.dev/mesh: enabled}}\n---\n".to_string()
@@ -141,6 +152,18 @@ impl Mesh {
         assert!(self.client.connect_times(self.target(), 1, PING).is_ok(), "sleep must always get in");
         let other = self.other.connect_times(self.target(), 1, PING);
         assert_eq!(other.is_err(), on, "notsleep with the policies {}: {other:?}", if on { "applied" } else { "removed" });
+    }
+
+    /// TIME_WAIT sockets in the client's and the server's pod (each connection leaves one in each: the
+    /// client closes first, and so does the server's agent towards the workload).
+    fn time_wait(&self) -> String {
+        let tw = |pod: &Pod| {
+            let out = std::process::Command::new("ip").args(["netns", "exec", &pod.netns, "cat", "/proc/net/sockstat"]).output();
+            let text = out.map(|o| String::from_utf8_lossy(&o.stdout).into_owned()).unwrap_or_default();
+            let tcp = text.lines().find(|l| l.starts_with("TCP:")).unwrap_or_default().to_string();
+            tcp.split_whitespace().skip_while(|w| *w != "tw").nth(1).unwrap_or("?").to_string()
+        };
+        format!("TIME_WAIT: client pod {}, server pod {}", tw(&self.client), tw(&self.server))
     }
 
     fn samples(&self, count: usize) -> Vec<Duration> {
@@ -201,6 +224,13 @@ fn main() {
             mesh.samples(WARM_UP);
             let mut samples = mesh.samples(PER_ROUND);
             samples.sort();
+            eprintln!(
+                "authz bench: round {round} {:<13} p50 {:>6.0} µs  p99 {:>6.0} µs   {}",
+                configurations[i].0,
+                micros(percentile(&samples, 0.5)),
+                micros(percentile(&samples, 0.99)),
+                mesh.time_wait()
+            );
             figures[i].round_medians.push(percentile(&samples, 0.5));
             figures[i].samples.extend(samples);
         }
