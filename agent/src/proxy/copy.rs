@@ -3,7 +3,9 @@
 //! Each direction starts with a small buffer (most connections are small request/response exchanges, and
 //! thousands of idle connections must stay cheap) and grows when reads keep filling it (bulk transfer).
 //! When one side finishes sending, the other side's write half is shut down and the opposite direction
-//! keeps flowing until it finishes too. Byte counts are kept even when a direction fails.
+//! keeps flowing until it finishes too. When a direction fails (a reset, a tunnel closed by the peer), both
+//! stop at once, so the caller closes both sides: a client waiting for an answer learns the connection is
+//! gone instead of waiting forever. Byte counts are kept even when a direction fails.
 use std::io;
 
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
@@ -21,8 +23,8 @@ pub struct Transferred {
     pub b_to_a: u64,
 }
 
-/// Copies both ways until both directions have finished; the first error (if any) is returned with the
-/// counts so far.
+/// Copies both ways until both directions have finished, or until one fails: then the other is abandoned
+/// and the error returned with the counts so far.
 pub async fn copy_bidirectional<A, B>(a: A, b: B) -> (Transferred, Option<io::Error>)
 where
     A: AsyncRead + AsyncWrite + Unpin,
@@ -32,9 +34,22 @@ where
     let (mut b_read, mut b_write) = tokio::io::split(b);
     let mut a_to_b = 0u64;
     let mut b_to_a = 0u64;
-    let (first, second) =
-        tokio::join!(copy_one_way(&mut a_read, &mut b_write, &mut a_to_b), copy_one_way(&mut b_read, &mut a_write, &mut b_to_a));
-    (Transferred { a_to_b, b_to_a }, first.err().or(second.err()))
+    let error = {
+        let forward = copy_one_way(&mut a_read, &mut b_write, &mut a_to_b);
+        let back = copy_one_way(&mut b_read, &mut a_write, &mut b_to_a);
+        tokio::pin!(forward, back);
+        tokio::select! {
+            done = &mut forward => match done {
+                Ok(()) => back.await.err(),
+                Err(e) => Some(e),
+            },
+            done = &mut back => match done {
+                Ok(()) => forward.await.err(),
+                Err(e) => Some(e),
+            },
+        }
+    };
+    (Transferred { a_to_b, b_to_a }, error)
 }
 
 async fn copy_one_way<R, W>(from: &mut R, to: &mut W, copied: &mut u64) -> io::Result<()>
@@ -68,9 +83,51 @@ where
 
 #[cfg(test)]
 mod tests {
-    use tokio::io::{AsyncReadExt, AsyncWriteExt, duplex};
+    use std::{
+        pin::Pin,
+        task::{Context, Poll},
+        time::Duration,
+    };
+
+    use tokio::io::{AsyncReadExt, AsyncWriteExt, ReadBuf, duplex};
 
     use super::*;
+
+    /// A peer whose reads end as `ending` says: a reset (error) or a clean end of stream.
+    struct Peer {
+        reset: bool,
+    }
+
+    impl AsyncRead for Peer {
+        fn poll_read(self: Pin<&mut Self>, _: &mut Context<'_>, _: &mut ReadBuf<'_>) -> Poll<io::Result<()>> {
+            Poll::Ready(if self.reset { Err(io::ErrorKind::ConnectionReset.into()) } else { Ok(()) })
+        }
+    }
+
+    impl AsyncWrite for Peer {
+        fn poll_write(self: Pin<&mut Self>, _: &mut Context<'_>, buf: &[u8]) -> Poll<io::Result<usize>> {
+            Poll::Ready(Ok(buf.len()))
+        }
+        fn poll_flush(self: Pin<&mut Self>, _: &mut Context<'_>) -> Poll<io::Result<()>> {
+            Poll::Ready(Ok(()))
+        }
+        fn poll_shutdown(self: Pin<&mut Self>, _: &mut Context<'_>) -> Poll<io::Result<()>> {
+            Poll::Ready(Ok(()))
+        }
+    }
+
+    #[tokio::test]
+    async fn a_reset_ends_both_directions_while_the_client_waits() {
+        // The client sends nothing and waits for an answer; the peer's side is reset.
+        let (_client, proxy_a) = duplex(1024);
+        let copy = copy_bidirectional(proxy_a, Peer { reset: true });
+        let (_, error) = tokio::time::timeout(Duration::from_secs(1), copy).await.expect("the copy ends at the reset");
+        assert_eq!(error.map(|e| e.kind()), Some(io::ErrorKind::ConnectionReset));
+        // Control: a clean end of stream from the peer is a half-close — the client's direction stays open.
+        let (_client, proxy_a) = duplex(1024);
+        let copy = copy_bidirectional(proxy_a, Peer { reset: false });
+        assert!(tokio::time::timeout(Duration::from_millis(200), copy).await.is_err(), "half-close keeps the copy going");
+    }
 
     #[tokio::test]
     async fn copies_both_ways_byte_exact_with_half_close() {

@@ -2,13 +2,25 @@
 //! tunnelled TCP connection.
 use std::net::SocketAddr;
 
-use anyhow::{Context, Result, bail};
+use anyhow::{Context, Result};
 use bytes::Bytes;
 use h2::client::SendRequest;
 use http::{Method, Request};
 use tokio::io::{AsyncRead, AsyncWrite};
 
 use super::{CONNECTION_WINDOW, H2Stream, MAX_FRAME, STREAM_WINDOW};
+
+/// Why a CONNECT did not open a tunnel.
+#[derive(Debug, thiserror::Error)]
+pub enum ConnectError {
+    /// The peer answered, with another status than 200 (403: its AuthorizationPolicy refused us): the
+    /// connection itself is fine, and asking again on a new one would get the same answer.
+    #[error("HBONE CONNECT {destination}: peer answered {status}")]
+    Refused { destination: SocketAddr, status: http::StatusCode },
+    /// The HTTP/2 connection could not carry the request (it went away, or was reset).
+    #[error("HBONE connection: {0}")]
+    Connection(#[from] h2::Error),
+}
 
 /// An HTTP/2 connection to a peer's HBONE server; cheap to clone, shared by every stream to that peer.
 #[derive(Clone)]
@@ -39,17 +51,17 @@ impl Connection {
     }
 
     /// Opens a tunnel to `destination` (sent as `:authority`); fails unless the peer answers 200.
-    pub async fn connect(&self, destination: SocketAddr) -> Result<H2Stream> {
+    pub async fn connect(&self, destination: SocketAddr) -> Result<H2Stream, ConnectError> {
         let request = Request::builder()
             .method(Method::CONNECT)
             .uri(destination.to_string())
             .body(())
             .expect("a socket address is a valid authority");
-        let mut requests = self.requests.clone().ready().await.context("HBONE connection closed")?;
-        let (response, send) = requests.send_request(request, false).context("sending CONNECT")?;
-        let response = response.await.context("awaiting the CONNECT response")?;
+        let mut requests = self.requests.clone().ready().await?;
+        let (response, send) = requests.send_request(request, false)?;
+        let response = response.await?;
         if response.status() != http::StatusCode::OK {
-            bail!("HBONE CONNECT {destination}: peer answered {}", response.status());
+            return Err(ConnectError::Refused { destination, status: response.status() });
         }
         Ok(H2Stream::new(send, response.into_body()))
     }

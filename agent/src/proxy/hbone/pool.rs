@@ -12,7 +12,10 @@ use tokio::net::TcpSocket;
 use tokio_rustls::{TlsConnector, rustls::pki_types::ServerName};
 use warren_identity::Identity;
 
-use super::{H2Stream, HBONE_PORT, client::Connection};
+use super::{
+    H2Stream, HBONE_PORT,
+    client::{ConnectError, Connection},
+};
 use crate::{identity::Certificates, inpod::Netns};
 
 pub struct Pool {
@@ -36,13 +39,15 @@ impl Pool {
         if let Some(connection) = pooled {
             match connection.connect(destination).await {
                 Ok(stream) => return Ok(stream),
+                // The peer answered (e.g. 403): the same on any connection, so it is the answer.
+                Err(refused @ ConnectError::Refused { .. }) => return Err(refused.into()),
                 // The connection went away (peer restarted, idle close): dial again below.
-                Err(e) => tracing::debug!(%destination, "pooled HBONE connection unusable: {e:#}"),
+                Err(e) => tracing::debug!(%destination, "pooled HBONE connection unusable: {e}"),
             }
         }
         let connection = self.dial(netns, source, peer, destination.ip()).await?;
         self.connections.lock().unwrap().insert(key, connection.clone());
-        connection.connect(destination).await
+        Ok(connection.connect(destination).await?)
     }
 
     async fn dial(&self, netns: &Netns, source: &Identity, peer: &Identity, ip: IpAddr) -> Result<Connection> {
