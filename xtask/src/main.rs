@@ -58,7 +58,8 @@ enum Command {
         action: KindAction,
     },
     /// Benchmarks (release build, real eBPF): `l4` — no mesh vs agent vs agent with sk_msg; `control`; `parse`;
-    /// `authz` — a new HBONE connection with 100 AuthorizationPolicies on the server vs none.
+    /// `authz` — one decision against 100 AuthorizationPolicies (p99), then a new HBONE connection with 100
+    /// policies on the server vs none.
     Bench {
         #[arg(value_parser = ["l4", "control", "parse", "authz"])]
         suite: String,
@@ -136,6 +137,9 @@ fn dispatch(command: Command) -> Result<()> {
         Command::Bench { suite, args } => {
             setup::setup(false)?;
             build_binaries(true)?;
+            if suite == "authz" {
+                run(cargo().args(["bench", "--package", "warren-api", "--bench", "decision", "--"]).args(&args))?;
+            }
             run(cargo().args(["bench", "--package", "warren-e2e", "--bench", &suite, "--"]).args(&args))
         }
         Command::Kind { action } => {
