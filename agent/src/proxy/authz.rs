@@ -175,14 +175,8 @@ pub async fn close_newly_denied(
             let connection = Connection::new(c.client.ip(), c.peer_identity.as_deref(), c.original_dst);
             let decision = current.authorize(&connection);
             (!decision.allowed).then(|| {
-                let by = Enforcer::Hbone;
-                authorizer.check(
-                    &current,
-                    &connection,
-                    c.client,
-                    c.original_dst,
-                    if c.protocol == "hbone" { by } else { Enforcer::Plaintext },
-                );
+                let by = if c.protocol == "hbone" { Enforcer::Hbone } else { Enforcer::Plaintext };
+                authorizer.check(&current, &connection, c.client, c.original_dst, by);
                 format!(
                     "closed: AuthorizationPolicy now denies it ({} {})",
                     decision.action_name(),
