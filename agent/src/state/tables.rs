@@ -182,14 +182,34 @@ impl MeshTables {
 
     /// The plaintext verdicts the kernel applies (sk_lookup), for the enrolled pods on `node`.
     pub fn l4_authz(&self, node: &str) -> Vec<PlaintextVerdict> {
+        self.l4_authz_within(node, warren_maps::MAX_L4_AUTHZ as usize)
+    }
+
+    /// [`MeshTables::l4_authz`] in at most `capacity` entries. When the workloads' tables do not all fit, the
+    /// largest are left to the agent, which decides their plaintext clients at its inbound listener with the
+    /// same evaluation (slower — the connection reaches the agent — but never wider).
+    pub fn l4_authz_within(&self, node: &str, capacity: usize) -> Vec<PlaintextVerdict> {
         let workloads = self.workloads();
-        let mut out = Vec::new();
-        for pod in workloads.enrolled_pods().into_iter().filter(|p| p.is_on(node)) {
-            if let Some(authz) = pod.ips.first().and_then(|ip| self.authz.get(ip)) {
-                out.extend(plaintext_table(&authz.policies, &pod.ips));
+        let mut tables: Vec<(String, Vec<PlaintextVerdict>)> = workloads
+            .enrolled_pods()
+            .into_iter()
+            .filter(|p| p.is_on(node))
+            .filter_map(|pod| {
+                let authz = pod.ips.first().and_then(|ip| self.authz.get(ip))?;
+                Some((pod.key(), plaintext_table(&authz.policies, &pod.ips)))
+            })
+            .collect();
+        let mut total: usize = tables.iter().map(|(_, t)| t.len()).sum();
+        if total > capacity {
+            tables.sort_by_key(|(_, t)| std::cmp::Reverse(t.len()));
+            while total > capacity {
+                let (workload, table) = tables.remove(0);
+                total -= table.len();
+                tracing::warn!(workload, entries = table.len(), capacity,
+                    "AuthorizationPolicy: the kernel table is full; this workload's plaintext clients are decided by the agent");
             }
         }
-        out
+        tables.into_iter().flat_map(|(_, t)| t).collect()
     }
 
     /// Who a kernel decision id names (policy `namespace/name`, its action, the rule index), for the
@@ -439,6 +459,14 @@ mod tests {
         let by_block = policy("{action: DENY, rules: [{from: [{source: {ipBlocks: [10.1.0.0/16]}}]}]}");
         assert_eq!(kernel_denies(&by_block), [(0, "10.1.0.0/16".to_string())]);
         assert!(!allowed(&by_block, "10.1.0.7", Some(SLEEP), 80) && allowed(&by_block, "10.2.0.7", Some(SLEEP), 80));
+    }
+
+    #[test]
+    fn what_the_kernel_table_cannot_hold_stays_with_the_agent() {
+        let by_block = policy("{action: DENY, rules: [{from: [{source: {ipBlocks: [10.1.0.0/16, 10.2.0.0/16]}}]}]}");
+        assert_eq!(by_block.l4_authz_within("n1", 3).len(), 3, "control: it fits (every client, and the two blocks)");
+        assert!(by_block.l4_authz_within("n1", 2).is_empty(), "too large: left out of the kernel…");
+        assert!(!allowed(&by_block, "10.1.0.7", None, 80), "…and the agent still refuses the client");
     }
 
     #[test]
