@@ -103,6 +103,68 @@ pub struct ServicePort {
     /// TCP or UDP (the transport), as in the Service.
     #[serde(default, skip_serializing_if = "String::is_empty")]
     pub protocol: String,
+    /// The Service port's `appProtocol` (a ServiceEntry port's `protocol`), as written.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub app_protocol: Option<String>,
+}
+
+/// What a service port carries, by Istio's protocol selection: the port's `appProtocol`, else its name's
+/// prefix (`<protocol>[-<suffix>]`, e.g. `http-web`, `grpc`), else unknown — detected from the first bytes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum AppProtocol {
+    Http,
+    Http2,
+    Grpc,
+    GrpcWeb,
+    Https,
+    Tls,
+    Tcp,
+    Mongo,
+    Mysql,
+    Redis,
+    Udp,
+    /// Neither `appProtocol` nor the name says: Istio sniffs HTTP/1.1 and HTTP/2, else TCP.
+    Detect,
+}
+
+impl AppProtocol {
+    /// Istio's protocol names (case-insensitive), and Kubernetes' `kubernetes.io/h2c`, `ws`, `wss`.
+    pub fn parse(name: &str) -> Option<AppProtocol> {
+        Some(match name.to_ascii_lowercase().as_str() {
+            "http" | "kubernetes.io/ws" => AppProtocol::Http,
+            "http2" | "kubernetes.io/h2c" => AppProtocol::Http2,
+            "grpc" => AppProtocol::Grpc,
+            "grpc-web" => AppProtocol::GrpcWeb,
+            "https" | "kubernetes.io/wss" => AppProtocol::Https,
+            "tls" => AppProtocol::Tls,
+            "tcp" => AppProtocol::Tcp,
+            "mongo" => AppProtocol::Mongo,
+            "mysql" => AppProtocol::Mysql,
+            "redis" => AppProtocol::Redis,
+            "udp" => AppProtocol::Udp,
+            _ => return None,
+        })
+    }
+
+    /// Requests the agent can route one by one (VirtualService `http` rules).
+    pub fn is_http(self) -> bool {
+        matches!(self, AppProtocol::Http | AppProtocol::Http2 | AppProtocol::Grpc | AppProtocol::GrpcWeb)
+    }
+}
+
+impl ServicePort {
+    pub fn app_protocol(&self) -> AppProtocol {
+        if let Some(protocol) = self.app_protocol.as_deref().and_then(AppProtocol::parse) {
+            return protocol;
+        }
+        // `grpc-web` is a protocol of its own, not `grpc` with a suffix.
+        let name = self.name.to_ascii_lowercase();
+        if name == "grpc-web" || name.starts_with("grpc-web-") {
+            return AppProtocol::GrpcWeb;
+        }
+        name.split('-').next().and_then(AppProtocol::parse).unwrap_or(AppProtocol::Detect)
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -216,3 +278,28 @@ pub struct Fault {
 
 /// A whole table set, keyed like the push.
 pub type Tables = BTreeMap<String, Resource>;
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn port(name: &str, app_protocol: Option<&str>) -> ServicePort {
+        ServicePort { name: name.into(), port: 9080, target_port: 9080, protocol: "TCP".into(), app_protocol: app_protocol.map(Into::into) }
+    }
+
+    #[test]
+    fn protocols_as_istio_selects_them() {
+        assert_eq!(port("http", None).app_protocol(), AppProtocol::Http, "bookinfo's port names");
+        assert_eq!(port("http-web", None).app_protocol(), AppProtocol::Http);
+        assert_eq!(port("grpc-api", None).app_protocol(), AppProtocol::Grpc);
+        assert_eq!(port("grpc-web", None).app_protocol(), AppProtocol::GrpcWeb);
+        assert_eq!(port("HTTP2", None).app_protocol(), AppProtocol::Http2, "case-insensitive");
+        assert_eq!(port("tcp-db", Some("http")).app_protocol(), AppProtocol::Http, "appProtocol wins over the name");
+        assert_eq!(port("web", Some("kubernetes.io/h2c")).app_protocol(), AppProtocol::Http2);
+        // Control: a name that is no protocol, and no name at all, leave it to detection.
+        assert_eq!(port("web", None).app_protocol(), AppProtocol::Detect);
+        assert_eq!(port("", None).app_protocol(), AppProtocol::Detect);
+        assert_eq!(port("httpx", Some("nonsense")).app_protocol(), AppProtocol::Detect);
+        assert!(AppProtocol::Grpc.is_http() && !AppProtocol::Tcp.is_http() && !AppProtocol::Detect.is_http());
+    }
+}

@@ -264,6 +264,7 @@ impl MeshTables {
                     .collect();
                 json!({
                     "name": s.key(), "hostname": s.hostname, "vips": s.vips, "ports": s.ports,
+                    "protocols": s.ports.iter().map(|p| (p.port.to_string(), p.app_protocol())).collect::<BTreeMap<_, _>>(),
                     "endpoints": s.endpoints.len(), "subsets": s.subsets, "origin": s.origin.to_string(),
                     "subsetOrigin": s.subset_origin.as_ref().map(ToString::to_string), "l4Routes": routes,
                 })

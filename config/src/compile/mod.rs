@@ -142,6 +142,7 @@ pub fn compile(state: &ClusterState) -> Compiled {
                     _ => p.port as u16, // named ports resolve per pod; the service port is the common case
                 },
                 protocol: p.protocol.clone().unwrap_or_else(|| "TCP".into()),
+                app_protocol: p.app_protocol.clone(),
             })
             .collect();
         let subset_names = |labels: &BTreeMap<String, String>| -> Vec<String> {
@@ -220,6 +221,7 @@ pub fn compile(state: &ClusterState) -> Compiled {
                         port: p.number as u16,
                         target_port: p.target_port.unwrap_or(p.number) as u16,
                         protocol: p.protocol.clone(),
+                        app_protocol: Some(p.protocol.clone()).filter(|p| !p.is_empty()),
                     })
                     .collect(),
                 endpoints: se
