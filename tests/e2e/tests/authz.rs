@@ -156,6 +156,18 @@ impl Mesh {
         self.agent.log().lines().filter(|l| l.contains(DENIED)).map(str::to_string).collect()
     }
 
+    /// The denial lines after the first `skip` that `enforcer` wrote, once there is one: the agent's log
+    /// reaches the test through a pipe (and kernel denials reach the log through the agent's ring reader),
+    /// so a line can trail the counters by a moment.
+    fn new_denials(&self, skip: usize, enforcer: &str) -> Result<Vec<String>> {
+        let tag = format!("enforcer=\"{enforcer}\"");
+        eventually(Duration::from_secs(2), || {
+            let lines: Vec<String> = self.denials().into_iter().skip(skip).filter(|l| l.contains(&tag)).collect();
+            (!lines.is_empty()).then_some(lines)
+        })
+        .with_context(|| format!("no {enforcer} denial line in the agent's log after line {skip}"))
+    }
+
     fn version(&self) -> Result<u64> {
         self.agent.config()?["version"].as_u64().context("no version in /config")
     }
@@ -221,10 +233,9 @@ impl Mesh {
         let after = self.counters()?;
         ensure!(after.policy_refused > before.policy_refused, "a policy refusal: {before:?} → {after:?}");
         ensure!(after.inbound_opened == before.inbound_opened, "no inbound connection opened: {before:?} → {after:?}");
-        let lines = self.denials();
-        ensure!(lines.len() > before.denial_lines, "no denial line for {} → {port}", from.name);
+        let lines = self.new_denials(before.denial_lines, "hbone").with_context(|| format!("{} → {port}", from.name))?;
         let principal = format!("cluster.local/ns/{}/sa/{}", from.namespace, from.name);
-        for line in &lines[before.denial_lines..] {
+        for line in &lines {
             for field in [
                 format!("policy={policy} "),
                 format!("action=\"{action}\""),
@@ -263,6 +274,8 @@ impl Mesh {
             after.inbound_opened == before.inbound_opened && after.policy_refused == before.policy_refused,
             "the agent must never see it: {before:?} → {after:?}"
         );
+        // The kernel's record reaches the agent's log (before the next step counts lines).
+        self.new_denials(before.denial_lines, "kernel").with_context(|| format!("{} → {port}", from.name))?;
         Ok(())
     }
 
