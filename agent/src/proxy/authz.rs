@@ -80,8 +80,9 @@ impl Authorizer {
         by: Enforcer,
     ) -> Decision {
         let decision = tables.authorize(connection);
-        let workload = tables.authz_at(&destination.ip()).map(|w| w.workload.clone()).unwrap_or_default();
-        if let Some(authz) = tables.authz_at(&destination.ip()) {
+        let authz = tables.authz_at(&destination.ip());
+        let workload = authz.map(|w| w.workload.clone()).unwrap_or_default();
+        if let Some(authz) = authz {
             for (policy, rule) in authz.policies.audits(connection) {
                 info!(workload = %workload, client = %client, %destination, peer = ?connection.principal, policy = %policy.name(),
                     rule, allowed = decision.allowed, "AuthorizationPolicy AUDIT: connection matches");

@@ -33,6 +33,8 @@ pub struct MeshTables {
     policies: Vec<Arc<Policy>>,
     /// The policies of each enrolled workload, by its addresses: what inbound connections are authorized by.
     authz: HashMap<IpAddr, Arc<WorkloadAuthz>>,
+    /// Kernel decision id → (policy, rule index), for naming the kernel's denials.
+    decision_ids: HashMap<u32, (Arc<Policy>, u32)>,
 }
 
 /// One workload's policies, compiled for this version.
@@ -156,6 +158,13 @@ impl MeshTables {
     /// Groups the policies per enrolled workload, once per version (in each group by namespace/name, the
     /// tables' order: which of several matching policies is named does not change the decision).
     fn index_authz(&mut self) {
+        for policy in &self.policies {
+            let name = policy.name();
+            for rule in &policy.rules {
+                let id = warren_api::authz::decision_id(&name, rule.index);
+                self.decision_ids.entry(id).or_insert_with(|| (policy.clone(), rule.index));
+            }
+        }
         for pod in self.workloads().enrolled_pods() {
             let entry = Arc::new(WorkloadAuthz {
                 workload: pod.key(),
@@ -215,12 +224,7 @@ impl MeshTables {
     /// Who a kernel decision id names (policy `namespace/name`, its action, the rule index), for the
     /// kernel's denial events.
     pub fn decision_named(&self, id: u32) -> Option<(Arc<Policy>, u32)> {
-        self.policies.iter().find_map(|p| {
-            p.rules
-                .iter()
-                .find(|r| warren_api::authz::decision_id(&p.name(), r.index) == id)
-                .map(|r| (p.clone(), r.index))
-        })
+        self.decision_ids.get(&id).cloned()
     }
 
     /// The workloads part, as the in-pod manager consumes it.
