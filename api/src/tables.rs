@@ -229,6 +229,110 @@ pub struct HttpRule {
     pub retries: Option<Retries>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub fault: Option<Fault>,
+    /// Header operations on every request and response of the rule (a destination's add to them).
+    #[serde(default, skip_serializing_if = "HeaderOperations::is_empty")]
+    pub headers: HeaderOperations,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rewrite: Option<Rewrite>,
+    /// Answer with a redirect instead of routing (`destinations` is empty).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub redirect: Option<Redirect>,
+    /// Answer directly instead of routing (`destinations` is empty).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub direct_response: Option<DirectResponse>,
+    /// Copies of each request, sent fire-and-forget (`mirror` and `mirrors`).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub mirrors: Vec<Mirror>,
+}
+
+/// `headers.request` / `headers.response` of a rule or a destination: set (replace), add (append), remove.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct HeaderOperations {
+    #[serde(default, skip_serializing_if = "HeaderOps::is_empty")]
+    pub request: HeaderOps,
+    #[serde(default, skip_serializing_if = "HeaderOps::is_empty")]
+    pub response: HeaderOps,
+}
+
+impl HeaderOperations {
+    pub fn is_empty(&self) -> bool {
+        self.request.is_empty() && self.response.is_empty()
+    }
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct HeaderOps {
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub set: BTreeMap<String, String>,
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub add: BTreeMap<String, String>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub remove: Vec<String>,
+}
+
+impl HeaderOps {
+    pub fn is_empty(&self) -> bool {
+        self.set.is_empty() && self.add.is_empty() && self.remove.is_empty()
+    }
+}
+
+/// `rewrite`: the path (the matched `uri.prefix` replaced, or the whole path for other matches), or by a
+/// regex (`uriRegexRewrite`, RE2 syntax, `\1` groups), and the authority (Host).
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Rewrite {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub uri: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub uri_regex: Option<RegexRewrite>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub authority: Option<String>,
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct RegexRewrite {
+    #[serde(rename = "match")]
+    pub pattern: String,
+    pub rewrite: String,
+}
+
+/// `redirect`: each part replaces the request's own; the status is `redirectCode` (301 by default).
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Redirect {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub uri: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub authority: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub port: Option<u16>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub scheme: Option<String>,
+    pub status: u16,
+}
+
+/// `directResponse`: a status and an optional body (its `string`, or `bytes` decoded).
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct DirectResponse {
+    pub status: u16,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub body: Option<String>,
+}
+
+/// One mirror: where copies go and which share of requests is copied (`mirrorPercentage`, 100 by default).
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Mirror {
+    /// `namespace/name` of the service.
+    pub service: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub subset: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub port: Option<u16>,
+    pub percent: f64,
 }
 
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
@@ -251,6 +355,9 @@ pub struct WeightedDestination {
     pub port: Option<u16>,
     /// Percent of traffic (all destinations of a rule sum to 100).
     pub weight: u32,
+    /// Header operations for requests sent to (and responses from) this destination.
+    #[serde(default, skip_serializing_if = "HeaderOperations::is_empty")]
+    pub headers: HeaderOperations,
 }
 
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -272,6 +379,9 @@ pub struct Fault {
     pub delay_percent: f64,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub abort_http_status: Option<u16>,
+    /// `abort.grpcStatus` as its numeric code (`UNAVAILABLE` → 14): answered as HTTP 200 with trailers.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub abort_grpc_status: Option<u32>,
     #[serde(default)]
     pub abort_percent: f64,
 }

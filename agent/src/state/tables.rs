@@ -111,7 +111,7 @@ impl MeshTables {
     pub fn l4_route(&self, vip: &SocketAddr) -> Option<L4Route> {
         let service = self.by_vip.get(vip)?;
         let key = service.key();
-        let own = || vec![WeightedDestination { service: key.clone(), subset: None, port: None, weight: 100 }];
+        let own = || vec![WeightedDestination { service: key.clone(), subset: None, port: None, weight: 100, ..Default::default() }];
         let Some(route) = self.routes.get(&key).and_then(|r| r.first()) else {
             return Some(L4Route { service: key.clone(), destinations: own(), origin: None, flags: 0 });
         };
@@ -420,6 +420,7 @@ mod tests {
             subset: Some(subset.into()),
             port: None,
             weight,
+            ..Default::default()
         };
         let split = [d("a", 3), d("b", 1)];
         let picks: Vec<_> = (0..8).map(|roll| pick_weighted(&split, roll).unwrap().subset.clone().unwrap()).collect();

@@ -278,6 +278,7 @@ fn destination(d: &Destination, weight: Option<i64>, namespace: &str, services: 
         subset: d.subset.clone(),
         port: d.port.as_ref().map(|p| p.number as u16),
         weight: u32::try_from(weight.unwrap_or(0)).unwrap_or(0),
+        ..Default::default()
     }
 }
 
@@ -323,7 +324,9 @@ fn route(vs: &VirtualService, services: &HashMap<String, String>) -> Route {
                     delay_percent: f.delay.as_ref().map(|d| fault_percent(&d.percentage, d.percent)).unwrap_or(0.0),
                     abort_http_status: f.abort.as_ref().and_then(|a| a.http_status).map(|s| s as u16),
                     abort_percent: f.abort.as_ref().map(|a| fault_percent(&a.percentage, a.percent)).unwrap_or(0.0),
+                    ..Default::default()
                 }),
+                ..Default::default()
             })
             .collect(),
         tcp: vs.spec.tcp.iter().flat_map(|t| tcp_rules(t, &ns, services)).collect(),
