@@ -14,8 +14,20 @@ pub struct DirectionLabels {
     pub direction: &'static str,
 }
 
+/// One HTTP request's outcome, as Istio's `istio_requests_total` labels it (the full label set is the
+/// telemetry work's).
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct HttpRequestLabels {
+    pub direction: &'static str,
+    pub response_code: u16,
+    /// Envoy's response flags (`-` for none; `FI` fault abort, `UT` timeout, `NR` no route…).
+    pub response_flags: &'static str,
+}
+
 #[derive(Default)]
 pub struct Metrics {
+    /// HTTP requests the L7 proxy answered, by status and response flag.
+    pub http_requests: Family<HttpRequestLabels, Counter>,
     pub connections_opened: Family<DirectionLabels, Counter>,
     pub connections_closed: Family<DirectionLabels, Counter>,
     pub connections_failed: Family<DirectionLabels, Counter>,
@@ -39,6 +51,11 @@ pub struct Metrics {
 
 impl Metrics {
     pub fn register(&self, registry: &mut Registry) {
+        registry.register(
+            "warren_http_requests",
+            "HTTP requests the L7 proxy answered, by response code and Envoy response flag",
+            self.http_requests.clone(),
+        );
         registry.register(
             "warren_tcp_connections_opened",
             "TCP connections the agent proxied",

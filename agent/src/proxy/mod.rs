@@ -12,6 +12,7 @@ pub mod authz;
 pub mod connections;
 pub mod copy;
 pub mod hbone;
+pub mod http;
 pub mod inbound;
 pub mod outbound;
 

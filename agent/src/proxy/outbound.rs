@@ -1,14 +1,19 @@
 //! Outbound: connections an enrolled workload opened, redirected by connect4/6 to the agent's loopback
 //! listener inside the workload's own netns. To another enrolled workload they go as HBONE (when the
-//! agent has an identity configuration); anywhere else as plain TCP from the pod's netns.
+//! agent has an identity configuration); anywhere else as plain TCP from the pod's netns. Connections to a
+//! service port that carries HTTP go to the L7 proxy ([`super::http`]) instead, routed per request.
 use std::{net::SocketAddr, sync::Arc};
 
-use tokio::net::TcpListener;
+use tokio::net::{TcpListener, TcpStream};
 use tracing::{info, warn};
+use warren_api::tables::AppProtocol;
 use warren_identity::Identity;
 use warren_maps::ConnectionKey;
 
-use super::{Direction, ProxyShared, Record, connect_from, forward};
+use super::{
+    Direction, ProxyShared, Record, connect_from, forward,
+    http::{self, detect::Detected},
+};
 use crate::{inpod::Netns, state::pick_weighted};
 
 pub async fn serve(
@@ -20,6 +25,7 @@ pub async fn serve(
     shared: ProxyShared,
 ) {
     info!(pod = %pod, addr = ?listener.local_addr().ok(), "outbound listener ready");
+    let upstreams = http::Upstreams::new(netns.clone(), source.clone(), shared.clone());
     loop {
         let (client, peer) = match listener.accept().await {
             Ok(accepted) => accepted,
@@ -35,6 +41,43 @@ pub async fn serve(
             warn!(pod = %pod, client = %peer, "no original destination recorded; closing");
             continue;
         };
+        let connection = Outbound { client, peer, original, netns: netns.clone(), pod: pod.clone(), source: source.clone() };
+        tokio::spawn(connection.proxy(shared.clone(), upstreams.clone()));
+    }
+}
+
+/// One redirected connection.
+struct Outbound {
+    client: TcpStream,
+    peer: SocketAddr,
+    /// Where the workload connected.
+    original: SocketAddr,
+    netns: Arc<Netns>,
+    pod: Arc<String>,
+    source: Option<Identity>,
+}
+
+impl Outbound {
+    /// A service port carrying HTTP (declared, or detected on a port that names no protocol) goes to the L7
+    /// proxy, request by request; anything else is routed once, for the whole connection.
+    async fn proxy(self, shared: ProxyShared, upstreams: Arc<http::Upstreams>) {
+        let l7 = {
+            let tables = shared.tables();
+            tables.service_at(&self.original).map(|s| (s.key(), s.port(self.original.port()).map(|p| p.app_protocol())))
+        };
+        if let Some((service, Some(protocol))) = l7 {
+            let http = protocol.is_http()
+                || (protocol == AppProtocol::Detect && http::detect::detect(&self.client).await == Detected::Http);
+            if http {
+                let downstream = http::Downstream { pod: self.pod, client: self.peer, vip: self.original, service };
+                return http::serve_outbound(self.client, downstream, upstreams, shared).await;
+            }
+        }
+        self.proxy_tcp(shared).await
+    }
+
+    async fn proxy_tcp(self, shared: ProxyShared) {
+        let Outbound { client, peer, original, netns, pod, source } = self;
         // A service address goes to one of its endpoints, by the route the controller pushed.
         let original = match resolve_service(&shared, original) {
             Ok(target) => target,
@@ -43,41 +86,30 @@ pub async fn serve(
                 warn!(pod = %pod, client = %peer, destination = %original, "{e}; closing");
                 #[allow(deprecated)]
                 let _ = client.set_linger(Some(std::time::Duration::ZERO));
-                continue;
+                return;
             }
         };
-        let hbone = shared.hbone.clone().zip(source.clone()).and_then(|(pool, source)| {
+        let hbone = shared.hbone.clone().zip(source).and_then(|(pool, source)| {
             let mesh = shared.mesh.read().unwrap();
             let peer = mesh.enrolled(&original.ip())?.identity(pool.certificates().trust_domain());
             Some((pool, source, peer))
         });
-        let (netns, shared, pod) = (netns.clone(), shared.clone(), pod.clone());
+        let mut record = Record {
+            direction: Direction::Outbound,
+            pod,
+            client: peer,
+            destination: original,
+            protocol: "tcp",
+            peer_identity: None,
+        };
         match hbone {
             Some((pool, source, peer_identity)) => {
-                let record = Record {
-                    direction: Direction::Outbound,
-                    pod,
-                    client: peer,
-                    destination: original,
-                    protocol: "hbone",
-                    peer_identity: Some(peer_identity.to_string()),
-                };
-                tokio::spawn(async move {
-                    let open = async { pool.connect(&netns, &source, &peer_identity, original).await };
-                    forward(client, record, shared, open).await
-                });
+                record.protocol = "hbone";
+                record.peer_identity = Some(peer_identity.to_string());
+                let open = async { pool.connect(&netns, &source, &peer_identity, original).await };
+                forward(client, record, shared, open).await
             }
-            None => {
-                let record = Record {
-                    direction: Direction::Outbound,
-                    pod,
-                    client: peer,
-                    destination: original,
-                    protocol: "tcp",
-                    peer_identity: None,
-                };
-                tokio::spawn(async move { forward(client, record, shared, connect_from(&netns, original)).await });
-            }
+            None => forward(client, record, shared, connect_from(&netns, original)).await,
         }
     }
 }
@@ -105,7 +137,7 @@ fn resolve_service(shared: &ProxyShared, destination: SocketAddr) -> Result<Sock
 }
 
 /// A cheap random number (std's per-process random hash keys, mixed with a counter).
-fn random() -> u64 {
+pub(crate) fn random() -> u64 {
     use std::hash::{BuildHasher, Hasher};
     static COUNTER: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
     thread_local!(static KEYS: std::collections::hash_map::RandomState = std::collections::hash_map::RandomState::new());

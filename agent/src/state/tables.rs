@@ -13,8 +13,10 @@ use warren_api::{
     admin::{AppliedPolicy, KernelVerdict, PoliciesView, WorkloadHits, WorkloadPolicies as ApiWorkloadPolicies},
     authz::{Action, Connection, DecidedBy, Decision, PlaintextVerdict, Policy, WorkloadPolicies, plaintext_table},
     tables::{Resource, Route, Service, Tables, WeightedDestination},
-    workloads::{Namespace, Workloads, peer_authentication::PeerAuthentication},
+    workloads::{Namespace, Pod, Workloads, peer_authentication::PeerAuthentication},
 };
+
+use super::http_routes::CompiledRoute;
 use warren_maps::{
     MAX_ROUTE_DESTINATIONS, ROUTE_FROM_VIRTUAL_SERVICE, ROUTE_HAS_FAULT,
     ROUTE_HAS_HTTP_MATCHES, RouteDestination, ServiceKey, ServiceRoute, name_id,
@@ -35,6 +37,10 @@ pub struct MeshTables {
     authz: HashMap<IpAddr, Arc<WorkloadAuthz>>,
     /// Kernel decision id → (policy, rule index), for naming the kernel's denials.
     decision_ids: HashMap<u32, (Arc<Policy>, u32)>,
+    /// The `http` rules routing each service (by the first VirtualService of its routes), compiled.
+    http_routes: HashMap<String, Arc<CompiledRoute>>,
+    /// Pods by `namespace/name`: the source of a request, for `sourceLabels` / `sourceNamespace` matches.
+    pods: HashMap<String, Arc<Pod>>,
 }
 
 /// One workload's policies, compiled for this version.
@@ -76,11 +82,23 @@ impl MeshTables {
                     }
                 }
                 Resource::Policy(p) => index.policies.push(Arc::new(p.clone())),
+                Resource::Workload(p) => {
+                    index.pods.insert(p.key(), Arc::new(p.clone()));
+                }
                 _ => {}
             }
         }
         index.tables = tables;
         index.index_authz();
+        for (service, routes) in &index.routes {
+            if let Some(route) = routes.first().filter(|r| !r.http.is_empty()) {
+                let compiled = CompiledRoute::compile(route);
+                for error in &compiled.errors {
+                    tracing::warn!(origin = %route.origin, "{error}; that match block matches nothing");
+                }
+                index.http_routes.insert(service.clone(), compiled);
+            }
+        }
         // What the eBPF maps cannot hold is refused (NACK) rather than silently cut.
         for (vip, service) in &index.by_vip {
             if let Some(route) = index.l4_route(vip)
@@ -105,9 +123,20 @@ impl MeshTables {
         self.by_vip.get(vip)
     }
 
+    /// The compiled `http` rules that route `service` (`namespace/name`), if a VirtualService has any.
+    pub fn http_route(&self, service: &str) -> Option<&Arc<CompiledRoute>> {
+        self.http_routes.get(service)
+    }
+
+    /// A pod by `namespace/name`.
+    pub fn pod(&self, key: &str) -> Option<&Arc<Pod>> {
+        self.pods.get(key)
+    }
+
     /// Connection-level routing for `vip` (a service address and port): the first TCP rule for the port,
-    /// else the catch-all HTTP rule (requests are routed per connection until the L7 proxy takes them),
-    /// else the service's own endpoints.
+    /// else — on a port declared HTTP, whose requests the L7 proxy routes one by one — the catch-all HTTP
+    /// rule (what most requests take, shown in the map), else the service's own endpoints. As in Istio,
+    /// `http` rules never route a TCP connection.
     pub fn l4_route(&self, vip: &SocketAddr) -> Option<L4Route> {
         let service = self.by_vip.get(vip)?;
         let key = service.key();
@@ -123,7 +152,8 @@ impl MeshTables {
             flags |= ROUTE_HAS_FAULT;
         }
         let tcp = route.tcp.iter().find(|t| t.port.is_none_or(|p| p == vip.port())).map(|t| &t.destinations);
-        let http = route.http.iter().find(|h| h.matches.is_empty()).map(|h| &h.destinations);
+        let declared_http = service.port(vip.port()).is_some_and(|p| p.app_protocol().is_http());
+        let http = route.http.iter().filter(|_| declared_http).find(|h| h.matches.is_empty()).map(|h| &h.destinations);
         let destinations = tcp.or(http).cloned().unwrap_or_else(own);
         Some(L4Route { service: key, destinations, origin: Some(route.origin.to_string()), flags })
     }
@@ -381,7 +411,7 @@ mod tests {
             .add_yaml(
                 "apiVersion: v1\nkind: Namespace\nmetadata: {name: shop, labels: {warren.dev/mesh: enabled}}\n---\n\
                  apiVersion: v1\nkind: Service\nmetadata: {name: reviews, namespace: shop}\n\
-                 spec: {clusterIP: 10.96.0.10, selector: {app: reviews}, ports: [{port: 9080}]}\n---\n\
+                 spec: {clusterIP: 10.96.0.10, selector: {app: reviews}, ports: [{name: http, port: 9080}]}\n---\n\
                  apiVersion: v1\nkind: Pod\nmetadata: {name: r1, namespace: shop, uid: u1, labels: {app: reviews, version: v1}}\n\
                  spec: {containers: [], nodeName: n1}\nstatus: {podIP: 10.244.1.2}\n---\n\
                  apiVersion: networking.istio.io/v1\nkind: DestinationRule\nmetadata: {name: reviews, namespace: shop}\n\

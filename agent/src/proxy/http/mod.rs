@@ -1,0 +1,413 @@
+//! The L7 proxy: HTTP/1.1 and HTTP/2 (and so gRPC) requests a workload sends to a service port that
+//! carries HTTP, routed one by one as a sidecar would — by the VirtualService's `http` rules, in the
+//! source's agent, with no extra hop.
+//!
+//! Per request, in order: route (first matching rule, [`crate::state::http_routes`]), answer
+//! (`redirect`, `directResponse`), fault (`delay`, then `abort`), pick the destination by weight and an
+//! endpoint of its service or subset, rewrite (path, authority, header operations), mirror (copies,
+//! fire-and-forget), send (pooled upstream connections, [`upstream`]) under the rule's `timeout` — none
+//! by default, and none on a rule with a fault, as Istio. Every way this can fail is an [`Error`] with
+//! Envoy's status, body and response flag.
+pub mod detect;
+mod error;
+mod rewrite;
+mod upstream;
+
+use std::{convert::Infallible, net::SocketAddr, sync::Arc, time::Duration};
+
+use bytes::Bytes;
+use http::{HeaderValue, Request, Response, StatusCode, Uri, Version, header};
+use http_body_util::{BodyExt, Full, Limited, combinators::UnsyncBoxBody};
+use hyper::{body::Incoming, service::service_fn};
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use tokio::io::{AsyncRead, AsyncWrite};
+use tracing::{debug, warn};
+use warren_api::tables::{DirectResponse, Fault, Mirror, Service, WeightedDestination};
+
+pub use error::Error;
+pub use upstream::Upstreams;
+
+use super::{Direction, ProxyShared};
+use crate::{
+    metrics::HttpRequestLabels,
+    state::{
+        MeshTables,
+        http_routes::{CompiledMatch, CompiledRule, RequestContext},
+        pick_weighted,
+    },
+};
+
+/// Bodies the proxy sends: the peer's, streamed, or its own.
+pub type Body = UnsyncBoxBody<Bytes, hyper::Error>;
+
+/// A body of the proxy's own.
+pub fn full(bytes: Bytes) -> Body {
+    Full::new(bytes).map_err(|never: Infallible| match never {}).boxed_unsync()
+}
+
+/// Request headers larger than this are answered 431 (Envoy's default limit is 60 KiB).
+const MAX_HEADER_BYTES: usize = 64 * 1024;
+/// A mirrored request's body is buffered (both copies need it) up to this size; over it, 413.
+const MIRROR_BODY_LIMIT: usize = 1024 * 1024;
+
+/// Where one client connection was going: a service port whose protocol is HTTP.
+pub struct Downstream {
+    /// `namespace/name` of the source pod.
+    pub pod: Arc<String>,
+    pub client: SocketAddr,
+    /// The service address the client connected to.
+    pub vip: SocketAddr,
+    /// `namespace/name` of that service.
+    pub service: String,
+}
+
+/// Serves one client connection: HTTP/1.1, or HTTP/2 when it starts with the HTTP/2 preface.
+/// Malformed requests get 400 and the connection closes; oversized headers 431 (hyper's parser).
+pub async fn serve_outbound<IO>(io: IO, downstream: Downstream, upstreams: Arc<Upstreams>, shared: ProxyShared)
+where
+    IO: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+{
+    let downstream = Arc::new(downstream);
+    let id = shared.connections.open(
+        Direction::Outbound.as_str(),
+        downstream.pod.to_string(),
+        downstream.client,
+        downstream.vip,
+        "http",
+        None,
+    );
+    let closer = shared.connections.closer(id);
+    let service = {
+        let (downstream, shared) = (downstream.clone(), shared.clone());
+        service_fn(move |request| {
+            let (downstream, upstreams, shared) = (downstream.clone(), upstreams.clone(), shared.clone());
+            async move { Ok::<_, Infallible>(handle(request, &downstream, &upstreams, &shared).await) }
+        })
+    };
+    let mut builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
+    builder.http1().max_buf_size(MAX_HEADER_BYTES).keep_alive(true);
+    let connection = builder.serve_connection_with_upgrades(TokioIo::new(io), service);
+    let error = tokio::select! {
+        result = connection => result.err().map(|e| format!("http: {e}")),
+        reason = closer.closed() => Some(reason),
+    };
+    if let Some(e) = &error {
+        debug!(pod = %downstream.pod, client = %downstream.client, vip = %downstream.vip, "HTTP connection: {e}");
+    }
+    shared.connections.close(id, 0, 0, error);
+}
+
+async fn handle(request: Request<Incoming>, downstream: &Downstream, upstreams: &Arc<Upstreams>, shared: &ProxyShared) -> Response<Body> {
+    let (method, uri) = (request.method().clone(), request.uri().clone());
+    let (response, flag) = match route_request(request, downstream, upstreams, shared).await {
+        Ok(response) => (response, "-"),
+        Err(e) => {
+            warn!(pod = %downstream.pod, service = %downstream.service, %method, %uri, flag = e.flag(), "{e}");
+            let flag = e.flag();
+            (e.into_response(), flag)
+        }
+    };
+    let labels = HttpRequestLabels {
+        direction: Direction::Outbound.as_str(),
+        response_code: response.status().as_u16(),
+        response_flags: flag,
+    };
+    shared.metrics.http_requests.get_or_create(&labels).inc();
+    response
+}
+
+/// What a request is sent to: a service (or one of its subsets) at a port, and the endpoint chosen.
+#[derive(Debug, Clone)]
+pub struct RouteTarget {
+    pub service: Arc<Service>,
+    pub subset: Option<String>,
+    /// The service port.
+    pub port: u16,
+    pub endpoint: SocketAddr,
+}
+
+impl RouteTarget {
+    fn resolve(tables: &MeshTables, destination: &WeightedDestination, port: u16) -> Result<RouteTarget, Error> {
+        let service = tables
+            .service(&destination.service)
+            .cloned()
+            .ok_or_else(|| Error::NoHealthyUpstream(format!("{} is not a known service", destination.service)))?;
+        let port = destination.port.unwrap_or(port);
+        let target_port = service.port(port).map(|p| p.target_port).unwrap_or(port);
+        let ip = tables.endpoint_ip(&destination.service, destination.subset.as_deref(), random() as usize).ok_or_else(|| {
+            let subset = destination.subset.as_deref().map(|s| format!(" subset {s}")).unwrap_or_default();
+            Error::NoHealthyUpstream(format!("{}{subset} has no endpoints", destination.service))
+        })?;
+        Ok(RouteTarget { service, subset: destination.subset.clone(), port, endpoint: SocketAddr::new(ip, target_port) })
+    }
+}
+
+async fn route_request(
+    mut request: Request<Incoming>,
+    downstream: &Downstream,
+    upstreams: &Arc<Upstreams>,
+    shared: &ProxyShared,
+) -> Result<Response<Body>, Error> {
+    let tables = shared.tables();
+    let source = tables.pod(&downstream.pod);
+    let context = RequestContext {
+        port: downstream.vip.port(),
+        source_labels: source.map(|p| &p.labels),
+        source_namespace: source.map(|p| p.namespace.as_str()),
+    };
+    let routed = match tables.http_route(&downstream.service) {
+        Some(route) => Some(route.route(request.method(), request.uri(), request.headers(), &context).ok_or_else(
+            || Error::NoRoute(format!("{} {} ({})", request.method(), request.uri(), route.origin)),
+        )?),
+        None => None,
+    };
+    let rule = routed.map(|(rule, _)| rule);
+    let matched = routed.and_then(|(_, m)| m);
+    if let Some(answer) = rule.and_then(|r| answer_directly(r, &request)) {
+        return Ok(answer);
+    }
+    if let Some(fault) = rule.and_then(|r| r.rule.fault.as_ref()) {
+        inject(fault).await?;
+    }
+    let own = WeightedDestination { service: downstream.service.clone(), weight: 100, ..Default::default() };
+    let destination = match rule {
+        Some(r) => pick_weighted(&r.rule.destinations, random())
+            .ok_or_else(|| Error::NoRoute(format!("http[{}] of {} has no destination", r.index, downstream.service)))?,
+        None => &own,
+    };
+    let target = RouteTarget::resolve(&tables, destination, downstream.vip.port())?;
+    let on_upgrade = is_upgrade(&request).then(|| hyper::upgrade::on(&mut request));
+    let (parts, body) = request.into_parts();
+    let version = if parts.version == Version::HTTP_2 { Version::HTTP_2 } else { Version::HTTP_11 };
+    let head = Head::prepare(parts, rule, matched, destination, on_upgrade.is_some())?;
+    let mirrors: Vec<&Mirror> = rule.map(|r| r.rule.mirrors.iter().filter(|m| roll(m.percent)).collect()).unwrap_or_default();
+    let body = if mirrors.is_empty() {
+        body.boxed_unsync()
+    } else {
+        let bytes = Limited::new(body, MIRROR_BODY_LIMIT)
+            .collect()
+            .await
+            .map_err(|_| Error::TooLarge(MIRROR_BODY_LIMIT))?
+            .to_bytes();
+        for mirror in mirrors {
+            send_mirror(&tables, mirror, &head, bytes.clone(), downstream.vip.port(), version, upstreams);
+        }
+        full(bytes)
+    };
+    let timeout = rule
+        .filter(|r| r.rule.fault.is_none())
+        .and_then(|r| r.rule.timeout_ms)
+        .filter(|ms| *ms > 0)
+        .map(Duration::from_millis);
+    let send = upstreams.send(target.endpoint, version, head.request(version, body)?);
+    let mut response = match timeout {
+        Some(limit) => tokio::time::timeout(limit, send).await.map_err(|_| Error::UpstreamTimeout(limit))??,
+        None => send.await?,
+    };
+    let upgraded = response.status() == StatusCode::SWITCHING_PROTOCOLS;
+    if let Some(downstream_upgrade) = on_upgrade.filter(|_| upgraded) {
+        splice_upgrade(downstream_upgrade, hyper::upgrade::on(&mut response));
+    }
+    let (mut parts, body) = response.into_parts();
+    rewrite::strip_hop_by_hop(&mut parts.headers, upgraded);
+    if let Some(rule) = rule {
+        rewrite::apply(&rule.rule.headers.response, &mut parts.headers);
+    }
+    rewrite::apply(&destination.headers.response, &mut parts.headers);
+    Ok(Response::from_parts(parts, body.boxed_unsync()))
+}
+
+/// `redirect` and `directResponse`: the proxy answers, nothing is sent upstream.
+fn answer_directly(rule: &CompiledRule, request: &Request<Incoming>) -> Option<Response<Body>> {
+    if let Some(redirect) = &rule.rule.redirect {
+        let location = rewrite::location(redirect, &authority(request.headers(), request.uri()), request.uri());
+        let mut response = Response::new(full(Bytes::new()));
+        *response.status_mut() = StatusCode::from_u16(redirect.status).unwrap_or(StatusCode::MOVED_PERMANENTLY);
+        if let Ok(value) = HeaderValue::from_str(&location) {
+            response.headers_mut().insert(header::LOCATION, value);
+        }
+        return Some(response);
+    }
+    let DirectResponse { status, body } = rule.rule.direct_response.as_ref()?;
+    let mut response = Response::new(full(Bytes::from(body.clone().unwrap_or_default())));
+    *response.status_mut() = StatusCode::from_u16(*status).unwrap_or(StatusCode::OK);
+    if body.is_some() {
+        response.headers_mut().insert(header::CONTENT_TYPE, HeaderValue::from_static("text/plain"));
+    }
+    rewrite::apply(&rule.rule.headers.response, response.headers_mut());
+    Some(response)
+}
+
+/// `fault`: the delay first (when it applies), then the abort (when it applies), as Envoy's fault filter.
+async fn inject(fault: &Fault) -> Result<(), Error> {
+    if let Some(ms) = fault.delay_ms.filter(|_| roll(fault.delay_percent)) {
+        tokio::time::sleep(Duration::from_millis(ms)).await;
+    }
+    if !roll(fault.abort_percent) {
+        return Ok(());
+    }
+    if let Some(code) = fault.abort_grpc_status {
+        return Err(Error::FaultAbortGrpc(code));
+    }
+    match fault.abort_http_status.and_then(|s| StatusCode::from_u16(s).ok()) {
+        Some(status) => Err(Error::FaultAbort(status)),
+        None => Ok(()),
+    }
+}
+
+/// A request's head as it goes upstream: rewritten, with the rule's and the destination's header
+/// operations, without hop-by-hop headers.
+struct Head {
+    method: http::Method,
+    authority: String,
+    path: http::uri::PathAndQuery,
+    headers: http::HeaderMap,
+}
+
+impl Head {
+    fn prepare(
+        parts: http::request::Parts,
+        rule: Option<&CompiledRule>,
+        matched: Option<&CompiledMatch>,
+        destination: &WeightedDestination,
+        upgrade: bool,
+    ) -> Result<Head, Error> {
+        let mut headers = parts.headers;
+        let mut authority = authority(&headers, &parts.uri);
+        let mut path = parts.uri.path_and_query().cloned().unwrap_or_else(|| http::uri::PathAndQuery::from_static("/"));
+        if let Some(rule) = rule {
+            if let Some(new_path) = rewrite::rewrite_path(rule, matched.and_then(CompiledMatch::uri), &parts.uri)? {
+                path = new_path;
+            }
+            if let Some(new_authority) = rule.rule.rewrite.as_ref().and_then(|r| r.authority.clone()) {
+                authority = new_authority;
+            }
+            rewrite::apply(&rule.rule.headers.request, &mut headers);
+        }
+        rewrite::apply(&destination.headers.request, &mut headers);
+        rewrite::strip_hop_by_hop(&mut headers, upgrade);
+        rewrite::add_proxy_headers(&mut headers);
+        Ok(Head { method: parts.method, authority, path, headers })
+    }
+
+    /// The request for an upstream connection of `version`: HTTP/1.1 carries the authority in `Host` and
+    /// the path in origin form; HTTP/2 carries both in the URI (`:authority`, `:path`).
+    fn request(&self, version: Version, body: Body) -> Result<Request<Body>, Error> {
+        let invalid = |e: http::Error| Error::BadRequest(format!("authority {:?}: {e}", self.authority));
+        let mut headers = self.headers.clone();
+        let uri = if version == Version::HTTP_2 {
+            headers.remove(header::HOST);
+            Uri::builder().scheme("http").authority(self.authority.as_str()).path_and_query(self.path.clone()).build()
+        } else {
+            let host = HeaderValue::from_str(&self.authority).map_err(|e| invalid(e.into()))?;
+            headers.insert(header::HOST, host);
+            Uri::builder().path_and_query(self.path.clone()).build()
+        }
+        .map_err(invalid)?;
+        let mut request = Request::builder().method(self.method.clone()).uri(uri).version(version).body(body).map_err(invalid)?;
+        *request.headers_mut() = headers;
+        Ok(request)
+    }
+}
+
+/// `Host` (HTTP/1.1) or the URI's authority (HTTP/2).
+fn authority(headers: &http::HeaderMap, uri: &Uri) -> String {
+    headers
+        .get(header::HOST)
+        .and_then(|v| v.to_str().ok())
+        .map(str::to_string)
+        .or_else(|| uri.authority().map(|a| a.to_string()))
+        .unwrap_or_default()
+}
+
+fn is_upgrade(request: &Request<Incoming>) -> bool {
+    request.version() == Version::HTTP_11 && request.headers().contains_key(header::UPGRADE)
+}
+
+/// After a 101, the two upgraded connections are joined byte for byte.
+fn splice_upgrade(downstream: hyper::upgrade::OnUpgrade, upstream: hyper::upgrade::OnUpgrade) {
+    tokio::spawn(async move {
+        match tokio::join!(downstream, upstream) {
+            (Ok(down), Ok(up)) => {
+                let (_, error) = super::copy::copy_bidirectional(TokioIo::new(down), TokioIo::new(up)).await;
+                if let Some(e) = error {
+                    debug!("upgraded connection: {e}");
+                }
+            }
+            (down, up) => debug!("upgrade did not complete: {:?} / {:?}", down.err(), up.err()),
+        }
+    });
+}
+
+/// A copy of the request to `mirror`, fire-and-forget: its answer is read and dropped; the authority gets
+/// Envoy's `-shadow` suffix so the mirror can tell copies from traffic.
+fn send_mirror(
+    tables: &MeshTables,
+    mirror: &Mirror,
+    head: &Head,
+    body: Bytes,
+    port: u16,
+    version: Version,
+    upstreams: &Arc<Upstreams>,
+) {
+    let destination = WeightedDestination {
+        service: mirror.service.clone(),
+        subset: mirror.subset.clone(),
+        port: mirror.port,
+        weight: 100,
+        ..Default::default()
+    };
+    let target = match RouteTarget::resolve(tables, &destination, port) {
+        Ok(target) => target,
+        Err(e) => return debug!(mirror = %mirror.service, "mirror not sent: {e}"),
+    };
+    let shadow = Head {
+        method: head.method.clone(),
+        authority: shadow_authority(&head.authority),
+        path: head.path.clone(),
+        headers: head.headers.clone(),
+    };
+    let Ok(request) = shadow.request(version, full(body)) else { return };
+    let upstreams = upstreams.clone();
+    tokio::spawn(async move {
+        match upstreams.send(target.endpoint, version, request).await {
+            Ok(response) => {
+                let _ = response.into_body().collect().await;
+            }
+            Err(e) => debug!(endpoint = %target.endpoint, "mirror: {e}"),
+        }
+    });
+}
+
+/// `reviews:9080` → `reviews-shadow:9080`.
+fn shadow_authority(authority: &str) -> String {
+    match authority.rsplit_once(':').filter(|(_, port)| port.parse::<u16>().is_ok()) {
+        Some((host, port)) => format!("{host}-shadow:{port}"),
+        None => format!("{authority}-shadow"),
+    }
+}
+
+/// True with probability `percent` / 100.
+fn roll(percent: f64) -> bool {
+    percent >= 100.0 || (percent > 0.0 && (random() % 1_000_000) as f64 / 10_000.0 < percent)
+}
+
+pub(crate) use super::outbound::random;
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn shadow_hosts_as_envoy_names_them() {
+        assert_eq!(shadow_authority("reviews:9080"), "reviews-shadow:9080");
+        assert_eq!(shadow_authority("reviews.default.svc.cluster.local"), "reviews.default.svc.cluster.local-shadow");
+    }
+
+    #[test]
+    fn percentages_roll_as_written() {
+        assert!((0..1000).all(|_| roll(100.0)) && (0..1000).all(|_| !roll(0.0)));
+        let hits = (0..100_000).filter(|_| roll(30.0)).count();
+        assert!((28_500..31_500).contains(&hits), "{hits}");
+    }
+}
