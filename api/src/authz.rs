@@ -98,7 +98,8 @@ pub struct Source {
     pub not_remote_ip_blocks: Vec<IpNet>,
 }
 
-/// `to[].operation`, its L4 part.
+/// `to[].operation`: the destination port, and the request's host, method and path (HTTP attributes:
+/// only a request has them — see [`Rule::matches`] for a connection without one).
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]
 pub struct Operation {
@@ -106,6 +107,29 @@ pub struct Operation {
     pub ports: Vec<u16>,
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub not_ports: Vec<u16>,
+    /// Matched case-insensitively (the matchers are lower-cased when compiled).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub hosts: Vec<StringMatch>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub not_hosts: Vec<StringMatch>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub methods: Vec<StringMatch>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub not_methods: Vec<StringMatch>,
+    /// The path without its query.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub paths: Vec<StringMatch>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub not_paths: Vec<StringMatch>,
+}
+
+impl Operation {
+    /// Whether it names request attributes.
+    pub fn needs_request(&self) -> bool {
+        [&self.hosts, &self.not_hosts, &self.methods, &self.not_methods, &self.paths, &self.not_paths]
+            .iter()
+            .any(|v| !v.is_empty())
+    }
 }
 
 /// `when[]`: a condition on one connection attribute.
@@ -126,6 +150,18 @@ pub enum Condition {
     DestinationPort(Values<u16>),
     #[serde(rename = "connection.sni")]
     ConnectionSni(Values<StringMatch>),
+    /// `request.headers[<name>]` (an HTTP attribute).
+    #[serde(rename = "request.headers")]
+    RequestHeader(HeaderCondition),
+}
+
+/// A condition on one request header (`name` lower-case).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct HeaderCondition {
+    pub name: String,
+    #[serde(flatten)]
+    pub values: Values<StringMatch>,
 }
 
 /// A condition's `values` (any of them; empty: unset) and `notValues` (none of them).
@@ -349,6 +385,25 @@ pub struct Connection<'a> {
     pub destination_port: DestinationPort,
     /// TLS server name the client asked for, when known (not at L4: HBONE's outer handshake is the agent's).
     pub sni: Option<&'a str>,
+    /// The HTTP request, when the decision is per request (the inbound L7 stage); `None` at L4.
+    pub request: Option<&'a Request<'a>>,
+}
+
+/// The HTTP attributes a rule can name.
+pub struct Request<'a> {
+    pub method: &'a str,
+    /// `Host` / `:authority`, lower-cased.
+    pub host: &'a str,
+    /// Without the query.
+    pub path: &'a str,
+    /// A request header's value by lower-case name.
+    pub header: &'a (dyn Fn(&str) -> Option<&'a str> + Sync),
+}
+
+impl fmt::Debug for Request<'_> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{} {}{}", self.method, self.host, self.path)
+    }
 }
 
 impl<'a> Connection<'a> {
@@ -363,7 +418,13 @@ impl<'a> Connection<'a> {
             destination_ip: destination.ip(),
             destination_port: DestinationPort::Port(destination.port()),
             sni: None,
+            request: None,
         }
+    }
+
+    /// The same connection, deciding one request on it.
+    pub fn with_request(self, request: &'a Request<'a>) -> Connection<'a> {
+        Connection { request: Some(request), ..self }
     }
 }
 
@@ -390,15 +451,33 @@ impl Source {
 }
 
 impl Operation {
-    pub fn matches(&self, c: &Connection) -> bool {
-        field(&self.ports, &self.not_ports, |p| c.destination_port.is_in(p))
+    /// Without a request, request attributes are `absent` (see [`Rule::matches`]).
+    pub fn matches(&self, c: &Connection, absent: bool) -> bool {
+        let ports = field(&self.ports, &self.not_ports, |p| c.destination_port.is_in(p));
+        if !self.needs_request() {
+            return ports;
+        }
+        let Some(r) = c.request else { return ports && absent };
+        ports
+            && field(&self.hosts, &self.not_hosts, |m| any_string(m, Some(r.host)))
+            && field(&self.methods, &self.not_methods, |m| any_string(m, Some(r.method)))
+            && field(&self.paths, &self.not_paths, |m| any_string(m, Some(r.path)))
     }
 }
 
 impl Condition {
-    pub fn matches(&self, c: &Connection) -> bool {
+    pub fn needs_request(&self) -> bool {
+        matches!(self, Condition::RequestHeader(_))
+    }
+
+    /// Without a request, a request condition is `absent` (see [`Rule::matches`]).
+    pub fn matches(&self, c: &Connection, absent: bool) -> bool {
         let destination = SourceAddress::Ip(c.destination_ip);
         match self {
+            Condition::RequestHeader(h) => match c.request {
+                Some(r) => field(&h.values.values, &h.values.not_values, |m| any_string(m, (r.header)(&h.name))),
+                None => absent,
+            },
             Condition::SourceIp(v) | Condition::RemoteIp(v) => {
                 field(&v.values, &v.not_values, |n| any_net(n, &c.source))
             }
@@ -412,11 +491,20 @@ impl Condition {
 }
 
 impl Rule {
-    pub fn matches(&self, c: &Connection) -> bool {
+    /// Whether the rule matches `c`. On a connection decided without a request (a TCP port, the kernel's
+    /// table), the request attributes it names count as `absent`: Istio's rule for HTTP-only fields on a
+    /// TCP port is that an ALLOW rule with them matches nothing (`false`) and a DENY rule applies without
+    /// them (`true`) — either way failing closed.
+    pub fn matches(&self, c: &Connection, absent: bool) -> bool {
         // Cheapest first: ports, then conditions, then who the client is (string matches).
-        (self.to.is_empty() || self.to.iter().any(|o| o.matches(c)))
-            && self.when.iter().all(|w| w.matches(c))
+        (self.to.is_empty() || self.to.iter().any(|o| o.matches(c, absent)))
+            && self.when.iter().all(|w| w.matches(c, absent))
             && (self.from.is_empty() || self.from.iter().any(|s| s.matches(c)))
+    }
+
+    /// Whether it names request attributes (it can only be decided fully per request).
+    pub fn needs_request(&self) -> bool {
+        self.to.iter().any(Operation::needs_request) || self.when.iter().any(Condition::needs_request)
     }
 }
 
@@ -428,9 +516,11 @@ impl Policy {
         in_scope && self.selector.as_ref().is_none_or(|s| s.iter().all(|(k, v)| pod.labels.get(k) == Some(v)))
     }
 
-    /// The first rule that matches.
+    /// The first rule that matches (request attributes of a connection without one: absent for ALLOW,
+    /// present for DENY and AUDIT — see [`Rule::matches`]).
     pub fn matching_rule(&self, c: &Connection) -> Option<&Rule> {
-        self.rules.iter().find(|r| r.matches(c))
+        let absent = self.action != Action::Allow;
+        self.rules.iter().find(|r| r.matches(c, absent))
     }
 
     /// `namespace/name`, how logs, metrics and inspect name the policy.
@@ -565,6 +655,11 @@ impl WorkloadPolicies {
         self.deny.is_empty() && self.allow.is_empty() && self.audit.is_empty()
     }
 
+    /// Whether any rule names request attributes: on an HTTP port, such a workload is authorized per request.
+    pub fn need_requests(&self) -> bool {
+        self.in_evaluation_order().any(|p| p.rules.iter().any(Rule::needs_request))
+    }
+
     /// DENY, then ALLOW, then AUDIT.
     pub fn in_evaluation_order(&self) -> impl Iterator<Item = &Arc<Policy>> {
         self.deny.iter().chain(&self.allow).chain(&self.audit)
@@ -579,8 +674,8 @@ impl WorkloadPolicies {
         for position in candidates {
             let (policy, r) = &self.rules[position as usize];
             let rule = &policy.rules[*r];
-            if rule.matches(c) {
-                let allowed = position as usize >= self.deny_rules;
+            let allowed = position as usize >= self.deny_rules;
+            if rule.matches(c, !allowed) {
                 return Decision { allowed, by: DecidedBy::Rule { policy: policy.clone(), rule: rule.index } };
             }
         }
@@ -663,6 +758,7 @@ pub fn plaintext_table(policies: &WorkloadPolicies, addresses: &[IpAddr]) -> Vec
                         destination_ip: *destination,
                         destination_port: port,
                         sni: None,
+                        request: None,
                     };
                     let decision = policies.evaluate(&c);
                     (decision.allowed, decision.id())

@@ -195,7 +195,8 @@ fn action(value: &Value) -> Option<String> {
 /// A `when` key the agent evaluates, or the fail-closed notice for one it does not.
 fn condition_key(value: &Value, closed: &str) -> Option<String> {
     let key = value.as_str()?;
-    (!crate::compile::policy::CONDITION_KEYS.contains(&key)).then(|| format!("{key:?} {closed}"))
+    let request_header = key.starts_with("request.headers[") && key.ends_with(']') && key.len() > "request.headers[]".len();
+    (!crate::compile::policy::CONDITION_KEYS.contains(&key) && !request_header).then(|| format!("{key:?} {closed}"))
 }
 
 fn condition_key_allow(value: &Value) -> Option<String> {
@@ -236,8 +237,8 @@ fn authorization_policy(policy_action: &str) -> Table {
         ("rules[].when[].values", Field),
         ("rules[].when[].notValues", Field),
     ]);
-    // What the agent checks on a connection (see compile::policy); JWT principals and request attributes
-    // need what only an L7 proxy that validates tokens sees.
+    // What the agent checks on a connection, and per request on HTTP ports (see compile::policy); JWT
+    // principals need a proxy that validates tokens.
     for field in ["principals", "notPrincipals", "namespaces", "notNamespaces", "ipBlocks", "notIpBlocks", "remoteIpBlocks", "notRemoteIpBlocks"] {
         t.insert(format!("rules[].from[].source.{field}"), Field);
     }
@@ -245,7 +246,7 @@ fn authorization_policy(policy_action: &str) -> Table {
         t.insert(format!("rules[].from[].source.{field}"), rule_field());
     }
     for field in ["hosts", "notHosts", "methods", "notMethods", "paths", "notPaths"] {
-        t.insert(format!("rules[].to[].operation.{field}"), rule_field());
+        t.insert(format!("rules[].to[].operation.{field}"), Field);
     }
     t
 }
@@ -478,12 +479,12 @@ mod tests {
     fn security_fields_say_they_fail_closed() {
         let allow = reviewed("AuthorizationPolicy", "rules: [{from: [{source: {requestPrincipals: ['*']}}]}]");
         assert_eq!(allow, ["spec.rules[0].from[0].source.requestPrincipals: is not enforced yet: fail closed — an ALLOW rule that uses it matches nothing"]);
-        let remote = reviewed("AuthorizationPolicy", "action: ALLOW\nrules: [{from: [{source: {notRemoteIpBlocks: [10.0.0.0/8]}}], to: [{operation: {notPaths: [/x], notHosts: [h], notMethods: [GET]}}]}]");
-        assert_eq!(remote.len(), 3, "every request attribute named (notRemoteIpBlocks is enforced): {remote:#?}");
-        let when = reviewed("AuthorizationPolicy", "rules: [{when: [{key: source.ip, values: [10.0.0.1]}, {key: 'request.headers[x]', values: [y]}]}]");
-        assert_eq!(when, ["spec.rules[0].when[1].key: \"request.headers[x]\" is not enforced yet: fail closed — an ALLOW rule that uses it matches nothing"]);
-        let deny = reviewed("AuthorizationPolicy", "action: DENY\nrules: [{to: [{operation: {ports: ['9090'], methods: [GET]}}]}]");
-        assert_eq!(deny, ["spec.rules[0].to[0].operation.methods: is not enforced yet: fail closed — this DENY rule applies without it (denies more, never less)"]);
+        let request = reviewed("AuthorizationPolicy", "action: ALLOW\nrules: [{from: [{source: {notRemoteIpBlocks: [10.0.0.0/8]}}], to: [{operation: {notPaths: [/x], notHosts: [h], notMethods: [GET]}}]}]");
+        assert_eq!(request, Vec::<String>::new(), "request attributes are enforced per request: {request:#?}");
+        let when = reviewed("AuthorizationPolicy", "rules: [{when: [{key: 'request.headers[x]', values: [y]}, {key: 'request.auth.claims[iss]', values: [y]}]}]");
+        assert_eq!(when, ["spec.rules[0].when[1].key: \"request.auth.claims[iss]\" is not enforced yet: fail closed — an ALLOW rule that uses it matches nothing"]);
+        let deny = reviewed("AuthorizationPolicy", "action: DENY\nrules: [{from: [{source: {notRequestPrincipals: ['*']}}]}]");
+        assert_eq!(deny, ["spec.rules[0].from[0].source.notRequestPrincipals: is not enforced yet: fail closed — this DENY rule applies without it (denies more, never less)"]);
         assert_eq!(reviewed("PeerAuthentication", "selector: {matchLabels: {app: a}}\nportLevelMtls: {'80': {mode: DISABLE, mod: x}}"),
             ["spec.portLevelMtls.80.mod: \"mod\" is not a field of Istio's PeerAuthentication API: it is kept, and has no effect"]);
     }

@@ -284,7 +284,7 @@ fn the_index_decides_like_checking_every_rule() {
                         rule.from.push(source);
                     }
                     if next(2) == 0 {
-                        rule.to.push(Operation { ports: vec![80, 9080][..1 + next(2)].to_vec(), not_ports: vec![] });
+                        rule.to.push(Operation { ports: vec![80, 9080][..1 + next(2)].to_vec(), not_ports: vec![], ..Default::default() });
                     }
                     rule
                 })
@@ -303,4 +303,30 @@ fn the_index_decides_like_checking_every_rule() {
         }
     }
     assert!(checked > 10_000);
+}
+
+/// Decides a GET or POST of `path` with `headers` on an HBONE connection from sleep.
+fn request_allowed(set: &WorkloadPolicies, method: &str, path: &str, headers: &[(&str, &str)]) -> bool {
+    let header = |name: &str| headers.iter().find(|(k, _)| *k == name).map(|(_, v)| *v);
+    let request = Request { method, host: "httpbin:8000", path, header: &header };
+    let connection = Connection::new("10.0.0.1".parse().unwrap(), Some(SLEEP), "10.244.0.9:8000".parse().unwrap());
+    set.evaluate(&connection.with_request(&request)).allowed
+}
+
+#[test]
+fn request_attributes_decide_per_request_and_fail_closed_without_one() {
+    let get_only = set(&[policy("get", Action::Allow, vec![rule(json!({"index": 0, "to": [{"methods": ["GET"]}]}))])]);
+    assert!(request_allowed(&get_only, "GET", "/ip", &[]));
+    assert!(!request_allowed(&get_only, "POST", "/ip", &[]), "control: another method");
+    assert!(!allowed(&get_only, from("10.0.0.1", Some(SLEEP), 8000)), "no request (a TCP port): the ALLOW rule matches nothing");
+    let deny_admin = set(&[policy(
+        "admin",
+        Action::Deny,
+        vec![rule(json!({"index": 0, "to": [{"paths": ["/admin*"]}], "when": [{"key": "request.headers", "name": "x-user", "notValues": ["root"]}]}))],
+    )]);
+    assert!(!request_allowed(&deny_admin, "GET", "/admin/x", &[("x-user", "bob")]));
+    assert!(request_allowed(&deny_admin, "GET", "/admin/x", &[("x-user", "root")]), "the header condition");
+    assert!(request_allowed(&deny_admin, "GET", "/status", &[]), "another path");
+    assert!(!allowed(&deny_admin, from("10.0.0.1", Some(SLEEP), 8000)), "no request: the DENY rule applies without them");
+    assert!(get_only.need_requests() && deny_admin.need_requests() && !set(&[]).need_requests());
 }

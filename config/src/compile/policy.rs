@@ -2,9 +2,12 @@
 //! (principals and namespaces into matchers, CIDRs into prefixes, ports into numbers), never on the
 //! connection path.
 //!
-//! What a rule says that the agent cannot check at L4 — request attributes (hosts, methods, paths),
-//! JWT principals (`requestPrincipals`), conditions on other keys — fails closed, as Istio ambient's ztunnel
-//! does, and [`crate::support`] names each such field:
+//! Request attributes (hosts, methods, paths, `request.headers[…]` conditions) compile into the
+//! operation and condition matchers the destination agent checks per request on HTTP ports (on a TCP
+//! port, Istio's rule: an ALLOW rule naming them matches nothing, a DENY rule applies without them).
+//!
+//! What a rule says that the agent cannot check — JWT principals (`requestPrincipals`), conditions on
+//! other keys — fails closed, and [`crate::support`] names each such field:
 //! - an ALLOW rule that uses one matches nothing (it is left out; an ALLOW policy left without rules
 //!   allows nothing, as in Istio);
 //! - a DENY (or AUDIT) rule applies without it, on the rest of its match (denies more, never less);
@@ -20,7 +23,7 @@ use crate::{
     tables::Origin,
 };
 
-/// The condition keys the agent evaluates (at L4).
+/// The condition keys the agent evaluates (and `request.headers[<name>]`, per request).
 pub const CONDITION_KEYS: &[&str] = &[
     "source.ip",
     "remote.ip",
@@ -116,10 +119,25 @@ fn source(s: &RuleSource, complete: &mut bool) -> Source {
 }
 
 fn operation(o: &RuleOperation, complete: &mut bool) -> Operation {
-    // Request attributes: the L7 proxy's, not yet Warren's.
-    let request = [&o.hosts, &o.not_hosts, &o.methods, &o.not_methods, &o.paths, &o.not_paths];
-    *complete &= request.iter().all(|v| v.is_empty()) && o.unknown.is_empty();
-    Operation { ports: ports(&o.ports, complete), not_ports: ports(&o.not_ports, complete) }
+    *complete &= o.unknown.is_empty();
+    // Hosts match case-insensitively: the matchers are lower-case, as the agent lower-cases the Host.
+    let hosts = |values: &[String]| values.iter().map(|h| StringMatch::parse(&h.to_ascii_lowercase())).collect();
+    Operation {
+        ports: ports(&o.ports, complete),
+        not_ports: ports(&o.not_ports, complete),
+        hosts: hosts(&o.hosts),
+        not_hosts: hosts(&o.not_hosts),
+        methods: strings(&o.methods, complete),
+        not_methods: strings(&o.not_methods, complete),
+        paths: strings(&o.paths, complete),
+        not_paths: strings(&o.not_paths, complete),
+    }
+}
+
+/// `request.headers[name]` → the header's lower-case name.
+fn request_header(key: &str) -> Option<String> {
+    let name = key.strip_prefix("request.headers[")?.strip_suffix(']')?;
+    (!name.is_empty()).then(|| name.to_ascii_lowercase())
 }
 
 /// The condition, when its key is one the agent evaluates and its values parse.
@@ -136,7 +154,9 @@ fn condition(c: &RuleCondition, complete: &mut bool) -> Option<Condition> {
             "destination.ip" => Some(Condition::DestinationIp(values_of(values, not_values, nets, ok))),
             "destination.port" => Some(Condition::DestinationPort(values_of(values, not_values, ports, ok))),
             "connection.sni" => Some(Condition::ConnectionSni(values_of(values, not_values, strings, ok))),
-            _ => None,
+            key => request_header(key).map(|name| {
+                Condition::RequestHeader(authz::HeaderCondition { name, values: values_of(values, not_values, strings, ok) })
+            }),
         }
     };
     if condition.is_none() || !ok {
@@ -205,11 +225,15 @@ mod tests {
         assert!(compiled.rules.is_empty(), "the rule is left out: the ALLOW policy allows nothing");
         assert_eq!(notices, ["spec.rules[0].from[0].source.requestPrincipals"]);
         assert!(!decide(compiled, Some(SLEEP), 80));
-        // L7 attributes and unknown condition keys too; the checkable rule beside them stays, with its index.
+        // Unknown condition keys too; the checkable rules beside them stay, with their index — request
+        // attributes among them (decided per request).
         let (compiled, _) = policy(
-            "  rules:\n  - to: [{operation: {methods: [GET]}}]\n  - when: [{key: 'request.headers[x]', values: [y]}]\n  - from: [{source: {namespaces: [shop]}}]\n",
+            "  rules:\n  - to: [{operation: {methods: [GET], hosts: [Shop.Example]}}]\n  - when: [{key: 'request.auth.claims[iss]', values: [y]}]\n  - when: [{key: 'request.headers[X-User]', values: [y]}]\n",
         );
-        assert_eq!(compiled.rules.iter().map(|r| r.index).collect::<Vec<_>>(), [2]);
+        assert_eq!(compiled.rules.iter().map(|r| r.index).collect::<Vec<_>>(), [0, 2]);
+        assert_eq!(compiled.rules[0].to[0].methods, [StringMatch::Exact("GET".into())]);
+        assert_eq!(compiled.rules[0].to[0].hosts, [StringMatch::Exact("shop.example".into())], "hosts match case-insensitively");
+        assert!(matches!(&compiled.rules[1].when[0], Condition::RequestHeader(h) if h.name == "x-user"));
         // Control: an attribute-free rule allows everything, and is kept.
         let (compiled, notices) = policy("  rules: [{}]\n");
         assert_eq!(compiled.rules.len(), 1);
@@ -224,20 +248,13 @@ mod tests {
         );
         let rule = &compiled.rules[0];
         assert_eq!(rule.from[0].namespaces, [StringMatch::Exact("dev".into())], "the source keeps what is checkable");
-        assert_eq!(rule.to[0].ports, [9090]);
-        assert_eq!(rule.when.len(), 1, "the request condition is left out, source.ip stays");
-        assert_eq!(
-            notices,
-            [
-                "spec.rules[0].from[0].source.requestPrincipals",
-                "spec.rules[0].to[0].operation.methods",
-                "spec.rules[0].when[0].key"
-            ]
-        );
+        assert_eq!((rule.to[0].ports.as_slice(), rule.to[0].methods.len()), ([9090u16].as_slice(), 1), "methods are decided per request");
+        assert_eq!(rule.when.len(), 1, "the JWT claim condition is left out, source.ip stays");
+        assert_eq!(notices, ["spec.rules[0].from[0].source.requestPrincipals", "spec.rules[0].when[0].key"]);
         let (custom, notices) =
             policy("  action: CUSTOM\n  provider: {name: ext}\n  rules: [{to: [{operation: {paths: [/admin]}}]}]\n");
         assert_eq!(custom.action, Action::Deny, "CUSTOM is enforced as DENY");
-        assert!(custom.rules[0].to[0].ports.is_empty(), "…on every port");
+        assert!(custom.rules[0].to[0].ports.is_empty() && custom.rules[0].to[0].paths.len() == 1, "…on its paths, every port");
         assert!(notices.contains(&"spec.action".to_string()), "{notices:?}");
         assert!(!decide(custom, Some(SLEEP), 80));
     }
