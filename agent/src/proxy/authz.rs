@@ -42,6 +42,8 @@ pub enum Enforcer {
     Hbone,
     /// The agent's plaintext inbound listener.
     Plaintext,
+    /// The inbound L7 stage, per HTTP request.
+    Http,
 }
 
 impl Enforcer {
@@ -50,6 +52,7 @@ impl Enforcer {
             Enforcer::Kernel => "kernel",
             Enforcer::Hbone => "hbone",
             Enforcer::Plaintext => "plaintext",
+            Enforcer::Http => "http",
         }
     }
 }
@@ -89,7 +92,11 @@ impl Authorizer {
                 self.count_hit(&workload, &policy.name(), |h| h.audited += 1);
             }
         }
-        if !decision.allowed {
+        if !decision.allowed && connection.request.is_some() {
+            warn!(workload = %workload, client = %client, %destination, peer = ?connection.principal, policy = %decision.policy_name(),
+                rule = ?rule_of(&decision), action = decision.action_name(), enforcer = by.as_str(), request = ?connection.request,
+                "request denied by AuthorizationPolicy");
+        } else if !decision.allowed {
             warn!(workload = %workload, client = %client, %destination, peer = ?connection.principal, policy = %decision.policy_name(),
                 rule = ?rule_of(&decision), action = decision.action_name(), enforcer = by.as_str(),
                 "connection denied by AuthorizationPolicy");
@@ -148,8 +155,6 @@ fn rule_of(decision: &Decision) -> Option<u32> {
     }
 }
 
-/// Closes established inbound connections that the tables, once changed, deny (as ztunnel does): each
-/// open connection is decided again with what was known when it was accepted.
 /// Names and counts each connection the kernel refused, as its events arrive.
 pub async fn record_kernel_denials(
     mut denials: tokio::sync::mpsc::UnboundedReceiver<KernelDenial>,
@@ -162,6 +167,9 @@ pub async fn record_kernel_denials(
     }
 }
 
+/// Closes established inbound connections that the tables, once changed, deny (as ztunnel does): each
+/// open connection is decided again with what was known when it was accepted. Connections authorized
+/// per request are left alone: their next request is decided by the new tables.
 pub async fn close_newly_denied(
     mut tables: watch::Receiver<Arc<MeshTables>>,
     connections: ConnectionTable,
@@ -170,7 +178,7 @@ pub async fn close_newly_denied(
     while tables.changed().await.is_ok() {
         let current = tables.borrow_and_update().clone();
         let closed = connections.close_where(|c| {
-            if c.direction != "inbound" {
+            if c.direction != "inbound" || c.protocol == "http" {
                 return None;
             }
             let connection = Connection::new(c.client.ip(), c.peer_identity.as_deref(), c.original_dst);

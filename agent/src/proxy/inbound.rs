@@ -4,19 +4,22 @@
 //! - HBONE on the pod's port 15008 (never captured): mTLS proves the peer's identity, each CONNECT names
 //!   the destination, which must be one of the pod's own addresses.
 //! Either way the agent dials the workload inside the pod (a self-addressed connection sk_lookup lets by).
+//! On an HTTP port whose policies name request attributes, the connection goes to the inbound L7 stage
+//! ([`http::inbound`]), which decides each request.
 use std::{net::IpAddr, sync::Arc};
 
-use http::StatusCode;
+use ::http::StatusCode;
 use tokio::net::TcpListener;
 use tokio_rustls::TlsAcceptor;
 use tracing::{info, warn};
 use warren_identity::Identity;
 
-use super::{Direction, ProxyShared, Record, authz::Enforcer, connect_from, forward, hbone};
+use super::{Direction, ProxyShared, Record, authz::Enforcer, connect_from, forward, hbone, http};
 use crate::{inpod::Netns, state::peer_authentication::Mode};
 
 pub async fn serve(listener: TcpListener, netns: Arc<Netns>, pod: Arc<String>, shared: ProxyShared) {
     info!(pod = %pod, addr = ?listener.local_addr().ok(), "inbound listener ready");
+    let workload = http::Upstreams::local(netns.clone(), shared.clone());
     loop {
         let (client, peer) = match listener.accept().await {
             Ok(accepted) => accepted,
@@ -36,6 +39,12 @@ pub async fn serve(listener: TcpListener, netns: Arc<Netns>, pod: Arc<String>, s
             // A zero linger resets the connection (no blocking on drop, unlike a positive linger).
             #[allow(deprecated)]
             let _ = client.set_linger(Some(std::time::Duration::ZERO));
+            continue;
+        }
+        // Per request, on an HTTP port whose policies name request attributes (the request decides).
+        if shared.tables().authorizes_requests(&destination) {
+            let inbound = http::inbound::Inbound { pod: pod.clone(), client: peer, destination, identity: None };
+            tokio::spawn(http::inbound::serve_inbound(client, inbound, workload.clone(), shared.clone()));
             continue;
         }
         // The kernel refused what its table decides; the agent decides again with the full policy (the same
@@ -72,6 +81,7 @@ pub async fn serve_hbone(
     let Some(pool) = shared.hbone.clone() else {
         return;
     };
+    let workload = http::Upstreams::local(netns.clone(), shared.clone());
     loop {
         let (tcp, remote) = match listener.accept().await {
             Ok(accepted) => accepted,
@@ -83,8 +93,15 @@ pub async fn serve_hbone(
         // HTTP/2 sends small control frames (WINDOW_UPDATE, SETTINGS ACK) while data is in flight: without
         // NODELAY they wait for delayed ACKs and the tunnel crawls.
         let _ = tcp.set_nodelay(true);
-        let (netns, pod, pod_ips, shared, pool, identity) =
-            (netns.clone(), pod.clone(), pod_ips.clone(), shared.clone(), pool.clone(), identity.clone());
+        let (netns, pod, pod_ips, shared, pool, identity, workload) = (
+            netns.clone(),
+            pod.clone(),
+            pod_ips.clone(),
+            shared.clone(),
+            pool.clone(),
+            identity.clone(),
+            workload.clone(),
+        );
         tokio::spawn(async move {
             let config = match pool.certificates().server_config(&identity).await {
                 Ok(config) => config,
@@ -105,7 +122,8 @@ pub async fn serve_hbone(
                 return;
             };
             let result = hbone::server::serve(tls, peer, move |destination, peer, tunnel| {
-                let (netns, pod, pod_ips, shared) = (netns.clone(), pod.clone(), pod_ips.clone(), shared.clone());
+                let (netns, pod, pod_ips, shared, workload) =
+                    (netns.clone(), pod.clone(), pod_ips.clone(), shared.clone(), workload.clone());
                 async move {
                     if !pod_ips.contains(&destination.ip()) {
                         warn!(pod = %pod, peer = %peer, %destination, "HBONE CONNECT for an address that is not this pod's");
@@ -114,6 +132,13 @@ pub async fn serve_hbone(
                     }
                     // The peer's identity is what its certificate proved in this connection's handshake.
                     let identity = peer.to_string();
+                    // Per request, on an HTTP port whose policies name request attributes.
+                    if shared.tables().authorizes_requests(&destination) {
+                        let Ok(stream) = tunnel.accept() else { return };
+                        let inbound =
+                            http::inbound::Inbound { pod, client: remote, destination, identity: Some(identity) };
+                        return http::inbound::serve_inbound(stream, inbound, workload, shared).await;
+                    }
                     if !shared.authorize(remote, Some(&identity), destination, Enforcer::Hbone).allowed {
                         shared.metrics.policy_refused.inc();
                         tunnel.refuse(StatusCode::FORBIDDEN);

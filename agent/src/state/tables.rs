@@ -41,6 +41,9 @@ pub struct MeshTables {
     http_routes: HashMap<String, Arc<CompiledRoute>>,
     /// Pods by `namespace/name`: the source of a request, for `sourceLabels` / `sourceNamespace` matches.
     pods: HashMap<String, Arc<Pod>>,
+    /// Endpoint addresses (pod IP, target port) of service ports declared HTTP: where the inbound stage
+    /// can decide per request.
+    http_endpoints: std::collections::HashSet<SocketAddr>,
 }
 
 /// One workload's policies, compiled for this version.
@@ -68,6 +71,10 @@ impl MeshTables {
             match resource {
                 Resource::Service(s) => {
                     let s = Arc::new(s.clone());
+                    for port in s.ports.iter().filter(|p| p.app_protocol().is_http()) {
+                        let endpoints = s.endpoints.iter().map(|e| SocketAddr::new(e.ip, port.target_port));
+                        index.http_endpoints.extend(endpoints);
+                    }
                     for vip in &s.vips {
                         for port in &s.ports {
                             index.by_vip.insert(SocketAddr::new(*vip, port.port), s.clone());
@@ -126,6 +133,14 @@ impl MeshTables {
     /// The compiled `http` rules that route `service` (`namespace/name`), if a VirtualService has any.
     pub fn http_route(&self, service: &str) -> Option<&Arc<CompiledRoute>> {
         self.http_routes.get(service)
+    }
+
+    /// Whether inbound connections to `destination` (a pod address and port) are authorized per request:
+    /// the port is a declared-HTTP port of a service the pod backs, and the pod's policies name request
+    /// attributes (otherwise the connection's decision is every request's).
+    pub fn authorizes_requests(&self, destination: &SocketAddr) -> bool {
+        self.http_endpoints.contains(destination)
+            && self.authz.get(&destination.ip()).is_some_and(|a| a.policies.need_requests())
     }
 
     /// A pod by `namespace/name`.

@@ -10,6 +10,7 @@
 //! Envoy's status, body and response flag.
 pub mod detect;
 mod error;
+pub mod inbound;
 mod rewrite;
 mod upstream;
 

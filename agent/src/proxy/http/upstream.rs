@@ -68,6 +68,8 @@ impl AsyncWrite for Transport {
 /// One source pod's upstream connections.
 pub struct Upstreams {
     netns: Arc<Netns>,
+    /// Only the pod's own workload, over its loopback-reachable address (the inbound stage's upstream).
+    local: bool,
     source: Option<Identity>,
     shared: ProxyShared,
     idle_h1: Mutex<HashMap<SocketAddr, Vec<http1::SendRequest<Body>>>>,
@@ -76,7 +78,12 @@ pub struct Upstreams {
 
 impl Upstreams {
     pub fn new(netns: Arc<Netns>, source: Option<Identity>, shared: ProxyShared) -> Arc<Self> {
-        Arc::new(Upstreams { netns, source, shared, idle_h1: Mutex::default(), h2: Mutex::default() })
+        Arc::new(Upstreams { netns, local: false, source, shared, idle_h1: Mutex::default(), h2: Mutex::default() })
+    }
+
+    /// Connections to the pod's own workload, dialed inside its netns (never captured again).
+    pub fn local(netns: Arc<Netns>, shared: ProxyShared) -> Arc<Self> {
+        Arc::new(Upstreams { netns, local: true, source: None, shared, idle_h1: Mutex::default(), h2: Mutex::default() })
     }
 
     /// Sends `request` to `endpoint` over HTTP/2 when `version` is, else HTTP/1.1 (an upgrade always on a
@@ -168,7 +175,7 @@ impl Upstreams {
     }
 
     async fn dial(&self, endpoint: SocketAddr) -> Result<Transport, Error> {
-        let hbone = self.shared.hbone.clone().zip(self.source.clone()).and_then(|(pool, source)| {
+        let hbone = self.shared.hbone.clone().zip(self.source.clone()).filter(|_| !self.local).and_then(|(pool, source)| {
             let mesh = self.shared.mesh.read().unwrap();
             let peer = mesh.enrolled(&endpoint.ip())?.identity(pool.certificates().trust_domain());
             Some((pool, source, peer))

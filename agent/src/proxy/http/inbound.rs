@@ -1,0 +1,119 @@
+//! The inbound L7 stage: on a declared-HTTP port of a workload whose AuthorizationPolicies name request
+//! attributes, the destination's agent reads each request off the connection (an HBONE tunnel, or
+//! plaintext), decides it with the full policy — the connection's attributes and the request's — and
+//! answers a denied one 403 `RBAC: access denied`, as Istio does; an allowed one goes to the workload.
+use std::{convert::Infallible, net::SocketAddr, sync::Arc};
+
+use http::{Request, Response, StatusCode, Version};
+use http_body_util::BodyExt;
+use hyper::{body::Incoming, service::service_fn};
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use tokio::io::{AsyncRead, AsyncWrite};
+use tracing::debug;
+use warren_api::authz;
+
+use super::{Body, Error, Head, MAX_HEADER_BYTES, Upstreams, authority, is_upgrade, rewrite, splice_upgrade};
+use crate::{
+    metrics::HttpRequestLabels,
+    proxy::{Direction, ProxyShared, authz::Enforcer},
+};
+
+/// One inbound connection decided per request.
+pub struct Inbound {
+    /// `namespace/name` of the destination pod.
+    pub pod: Arc<String>,
+    pub client: SocketAddr,
+    /// The workload's address and port.
+    pub destination: SocketAddr,
+    /// The client's SPIFFE identity, when mTLS proved it (HBONE).
+    pub identity: Option<String>,
+}
+
+pub async fn serve_inbound<IO>(io: IO, inbound: Inbound, workload: Arc<Upstreams>, shared: ProxyShared)
+where
+    IO: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+{
+    let inbound = Arc::new(inbound);
+    let id = shared.connections.open(
+        Direction::Inbound.as_str(),
+        inbound.pod.to_string(),
+        inbound.client,
+        inbound.destination,
+        "http",
+        inbound.identity.clone(),
+    );
+    let closer = shared.connections.closer(id);
+    let service = {
+        let (inbound, shared) = (inbound.clone(), shared.clone());
+        service_fn(move |request| {
+            let (inbound, workload, shared) = (inbound.clone(), workload.clone(), shared.clone());
+            async move { Ok::<_, Infallible>(handle(request, &inbound, &workload, &shared).await) }
+        })
+    };
+    let mut builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
+    builder.http1().max_buf_size(MAX_HEADER_BYTES).keep_alive(true);
+    let connection = builder.serve_connection_with_upgrades(TokioIo::new(io), service);
+    let error = tokio::select! {
+        result = connection => result.err().map(|e| format!("http: {e}")),
+        reason = closer.closed() => Some(reason),
+    };
+    shared.connections.close(id, 0, 0, error);
+}
+
+async fn handle(request: Request<Incoming>, inbound: &Inbound, workload: &Arc<Upstreams>, shared: &ProxyShared) -> Response<Body> {
+    let (response, flag) = match authorize_and_forward(request, inbound, workload, shared).await {
+        Ok(response) => (response, "-"),
+        Err(e) => {
+            debug!(pod = %inbound.pod, client = %inbound.client, flag = e.flag(), "{e}");
+            let flag = e.flag();
+            (e.into_response(), flag)
+        }
+    };
+    let labels = HttpRequestLabels {
+        direction: Direction::Inbound.as_str(),
+        response_code: response.status().as_u16(),
+        response_flags: flag,
+    };
+    shared.metrics.http_requests.get_or_create(&labels).inc();
+    response
+}
+
+/// Decides the request by the tables in force.
+fn authorize(request: &Request<Incoming>, inbound: &Inbound, shared: &ProxyShared) -> bool {
+    let host = authority(request.headers(), request.uri()).to_ascii_lowercase();
+    let headers = request.headers();
+    let header = |name: &str| headers.get(name).and_then(|v| v.to_str().ok());
+    let attributes = authz::Request { method: request.method().as_str(), host: &host, path: request.uri().path(), header: &header };
+    let connection = authz::Connection::new(inbound.client.ip(), inbound.identity.as_deref(), inbound.destination);
+    let tables = shared.tables();
+    let decision =
+        shared.authorizer.check(&tables, &connection.with_request(&attributes), inbound.client, inbound.destination, Enforcer::Http);
+    decision.allowed
+}
+
+async fn authorize_and_forward(
+    mut request: Request<Incoming>,
+    inbound: &Inbound,
+    workload: &Arc<Upstreams>,
+    shared: &ProxyShared,
+) -> Result<Response<Body>, Error> {
+    if !authorize(&request, inbound, shared) {
+        shared.metrics.policy_refused.inc();
+        return Err(Error::Denied);
+    }
+    let on_upgrade = is_upgrade(&request).then(|| hyper::upgrade::on(&mut request));
+    let (parts, body) = request.into_parts();
+    let version = if parts.version == Version::HTTP_2 { Version::HTTP_2 } else { Version::HTTP_11 };
+    let mut headers = parts.headers;
+    rewrite::strip_hop_by_hop(&mut headers, on_upgrade.is_some());
+    let path = parts.uri.path_and_query().cloned().unwrap_or_else(|| http::uri::PathAndQuery::from_static("/"));
+    let head = Head { method: parts.method, authority: authority(&headers, &parts.uri), path, headers };
+    let mut response = workload.send(inbound.destination, version, head.request(version, body.boxed_unsync())?).await?;
+    let upgraded = response.status() == StatusCode::SWITCHING_PROTOCOLS;
+    if let Some(downstream) = on_upgrade.filter(|_| upgraded) {
+        splice_upgrade(downstream, hyper::upgrade::on(&mut response));
+    }
+    let (mut parts, body) = response.into_parts();
+    rewrite::strip_hop_by_hop(&mut parts.headers, upgraded);
+    Ok(Response::from_parts(parts, body.boxed_unsync()))
+}
