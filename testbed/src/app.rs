@@ -243,7 +243,8 @@ impl HttpRequests {
 
     /// The command line after `warren-testapp`.
     pub fn to_args(&self, to: SocketAddr) -> Vec<String> {
-        let mut args = vec!["http".to_string(), "--to".into(), to.to_string(), "--count".into(), self.count.to_string()];
+        let mut args = vec!["http".to_string(), "--to".into(), to.to_string()];
+        args.extend(["--count".into(), self.count.to_string()]);
         args.extend(["--concurrency".into(), self.concurrency.to_string(), "--method".into(), self.method.clone()]);
         args.extend(["--path".into(), self.path.clone(), "--timeout-ms".into(), self.timeout_ms.to_string()]);
         for (name, value) in &self.headers {

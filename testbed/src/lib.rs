@@ -507,7 +507,8 @@ impl Pod {
         let out = self.run(cmd)?;
         let stdout = String::from_utf8_lossy(&out.stdout);
         let line = stdout.lines().rev().find(|l| l.starts_with('{')).with_context(|| {
-            format!("warren-testapp http printed no report ({}); stderr: {}", out.status, String::from_utf8_lossy(&out.stderr))
+            let stderr = String::from_utf8_lossy(&out.stderr);
+            format!("warren-testapp http printed no report ({}); stderr: {stderr}", out.status)
         })?;
         let report: app::HttpReport = serde_json::from_str(line).context("warren-testapp http's report")?;
         if report.results.len() != requests.count {

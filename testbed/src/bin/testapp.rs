@@ -164,7 +164,10 @@ fn main() -> ExitCode {
         Cmd::App { service, version, port, pod, calls, call_timeout_ms, call_retries } => {
             let calls: Result<Vec<_>, _> = calls
                 .iter()
-                .map(|c| warren_testbed::app::Upstream::parse_arg(c, call_timeout_ms, call_retries).map_err(|e| format!("--call {c}: {e}")))
+                .map(|c| {
+                    warren_testbed::app::Upstream::parse_arg(c, call_timeout_ms, call_retries)
+                        .map_err(|e| format!("--call {c}: {e}"))
+                })
                 .collect();
             let calls = match calls {
                 Ok(calls) => calls,
@@ -176,7 +179,19 @@ fn main() -> ExitCode {
             let pod = pod.unwrap_or_else(|| service.clone());
             app::run(warren_testbed::app::AppOptions { service, version, port, calls }, pod)
         }
-        Cmd::Http { to, count, concurrency, path, method, headers, host, body_bytes, http2, upgrade_websocket, timeout_ms } => {
+        Cmd::Http {
+            to,
+            count,
+            concurrency,
+            path,
+            method,
+            headers,
+            host,
+            body_bytes,
+            http2,
+            upgrade_websocket,
+            timeout_ms,
+        } => {
             let mut parsed = vec![];
             for h in &headers {
                 let Some((name, value)) = h.split_once(':') else {

@@ -1,9 +1,11 @@
 //! Istio's bookinfo on the testbed, for scenarios that read like Istio's traffic-management tasks.
 //!
 //! ```text
-//!  node-1: sleep (the client)  productpage-v1 ─┬─> details-v1                 node-2: reviews-v1
-//!                                              └─> reviews (v1|v2|v3) ─┐                reviews-v2 ─┐
-//!          ratings-v1 <────────────────────────────────────────────────┴─ (v2, v3 only) reviews-v3 ─┘
+//!  node-1:  sleep ──> productpage-v1 ──┬──> details-v1
+//!                                      └──> reviews ──────────┐
+//!           ratings-v1 <─────────────┐                        │
+//!  node-2:                           └── reviews-v2, -v3 <────┤ (reviews-v1 calls no ratings)
+//!                                        reviews-v1 <─────────┘
 //! ```
 //!
 //! The controller reads a directory holding the conformance data's `bookinfo.yaml`, unchanged (Services,
@@ -138,9 +140,10 @@ pub struct BookinfoLab {
 fn pod_yaml(pod: &Pod, app: &str, version: &str, node: &str) -> String {
     let account = if app == "sleep" { "sleep".to_string() } else { format!("bookinfo-{app}") };
     format!(
-        "apiVersion: v1\nkind: Pod\nmetadata:\n  name: {}\n  namespace: default\n  uid: {}\n  labels: {{app: {app}, version: {version}}}\n\
-         spec:\n  nodeName: {node}\n  serviceAccountName: {account}\n  containers:\n  - name: {app}\n    image: warren-testapp\n    \
-         ports: [{{containerPort: {BOOKINFO_PORT}}}]\nstatus: {{phase: Running, podIP: {}}}\n---\n",
+        "apiVersion: v1\nkind: Pod\nmetadata:\n  name: {}\n  namespace: default\n  uid: {}\n  \
+         labels: {{app: {app}, version: {version}}}\nspec:\n  nodeName: {node}\n  serviceAccountName: {account}\n  \
+         containers:\n  - name: {app}\n    image: warren-testapp\n    ports: [{{containerPort: {BOOKINFO_PORT}}}]\n\
+         status: {{phase: Running, podIP: {}}}\n---\n",
         pod.name, pod.uid, pod.ip
     )
 }
@@ -177,13 +180,17 @@ fn objects(text: &str) -> Result<Vec<(String, String, Option<usize>)>> {
 /// Whether an agent's `/config` view holds `object` as the file has it.
 fn holds(view: &serde_json::Value, (kind, name, http): &(String, String, Option<usize>)) -> bool {
     let origin = format!("{kind} default/{name}");
-    let is_origin = |v: &serde_json::Value| v.as_str().is_some_and(|o| o == origin || o.starts_with(&format!("{origin} (")));
+    // "VirtualService default/reviews", with " (generation N)" when the object has one.
+    let is_origin =
+        |v: &serde_json::Value| v.as_str().is_some_and(|o| o == origin || o.starts_with(&format!("{origin} (")));
     let empty = vec![];
     match kind.as_str() {
         "VirtualService" => view["routes"].as_array().unwrap_or(&empty).iter().any(|r| {
             is_origin(&r["origin"]) && http.is_none_or(|n| r["http"].as_array().is_some_and(|rules| rules.len() == n))
         }),
-        "DestinationRule" => view["services"].as_array().unwrap_or(&empty).iter().any(|s| is_origin(&s["subsetOrigin"])),
+        "DestinationRule" => {
+            view["services"].as_array().unwrap_or(&empty).iter().any(|s| is_origin(&s["subsetOrigin"]))
+        }
         _ => true,
     }
 }
@@ -203,8 +210,9 @@ impl BookinfoLab {
         let (n1, n2) = (bed.add_node("node-1")?, bed.add_node("node-2")?);
         let dir = bed.state_dir().join("bookinfo");
         std::fs::create_dir_all(&dir)?;
-        let mut yaml = "apiVersion: v1\nkind: Namespace\nmetadata: {name: default, labels: {warren.dev/mesh: enabled}}\n---\n"
-            .to_string();
+        let mut yaml =
+            "apiVersion: v1\nkind: Namespace\nmetadata: {name: default, labels: {warren.dev/mesh: enabled}}\n---\n"
+                .to_string();
         let mut pods = BTreeMap::new();
         for (name, app, version, node) in WORKLOADS {
             let pod = if *node == "node-1" { n1.add_pod(name, true)? } else { n2.add_pod(name, true)? };
@@ -230,8 +238,12 @@ impl BookinfoLab {
         for node in [&n1, &n2] {
             node.reach_host_port(controller.push_port)?;
         }
-        let options =
-            AgentOptions { mtls: true, controller: Some(controller.address()), ebpf_log_level: "info", ..Default::default() };
+        let options = AgentOptions {
+            mtls: true,
+            controller: Some(controller.address()),
+            ebpf_log_level: "info",
+            ..Default::default()
+        };
         let agent1 = n1.start_agent_with(options.clone())?;
         let agent2 = n2.start_agent_with(options)?;
         let objects: Vec<_> = files
@@ -242,7 +254,8 @@ impl BookinfoLab {
         for agent in [&agent1, &agent2] {
             agent.wait_config(Duration::from_secs(20), |c| objects.iter().all(|o| holds(c, o)))?;
         }
-        let mut lab = BookinfoLab { dir, controller, agent1, agent2, sleep, pods, apps: BTreeMap::new(), vips: BTreeMap::new(), bed };
+        let (apps, vips) = (BTreeMap::new(), BTreeMap::new());
+        let mut lab = BookinfoLab { dir, controller, agent1, agent2, sleep, pods, apps, vips, bed };
         lab.wait_ready().map_err(|e| e.context(lab.logs()))?;
         Ok(lab)
     }
@@ -259,7 +272,8 @@ impl BookinfoLab {
             let view = agent.wait_config(Duration::from_secs(20), |view| {
                 SERVICES.iter().all(|name| {
                     service(view, name).is_some_and(|s| {
-                        s["vips"].as_array().is_some_and(|v| !v.is_empty()) && s["endpoints"].as_u64() == Some(endpoints(name))
+                        s["vips"].as_array().is_some_and(|v| !v.is_empty())
+                            && s["endpoints"].as_u64() == Some(endpoints(name))
                     })
                 })
             })?;
@@ -282,7 +296,9 @@ impl BookinfoLab {
                 "productpage-v1" => options
                     .call(Upstream::new("details", vip("details")).timeout(three))
                     .call(Upstream::new("reviews", vip("reviews")).timeout(three).retries(1)),
-                "reviews-v2" | "reviews-v3" => options.call(Upstream::new("ratings", vip("ratings")).timeout(Duration::from_secs(10))),
+                "reviews-v2" | "reviews-v3" => {
+                    options.call(Upstream::new("ratings", vip("ratings")).timeout(Duration::from_secs(10)))
+                }
                 _ => options,
             }
         };
@@ -325,7 +341,8 @@ impl BookinfoLab {
 
     fn install(&self, file: &str, text: &str) -> Result<()> {
         let objects = objects(text).with_context(|| format!("parsing {file}"))?;
-        let version = |agent: &Agent| -> Result<u64> { agent.config()?["version"].as_u64().context("no version in /config") };
+        let version =
+            |agent: &Agent| -> Result<u64> { agent.config()?["version"].as_u64().context("no version in /config") };
         let before = [version(&self.agent1)?, version(&self.agent2)?];
         write_atomically(&self.dir, file, text.as_bytes())?;
         for (agent, before) in [&self.agent1, &self.agent2].into_iter().zip(before) {
@@ -361,7 +378,8 @@ impl BookinfoLab {
     /// The last lines of both agents' and the controller's logs.
     pub fn logs(&self) -> String {
         format!(
-            "agent node-1 (productpage, details, ratings, sleep):\n{}\n\nagent node-2 (reviews):\n{}\n\ncontroller:\n{}",
+            "agent node-1 (productpage, details, ratings, sleep):\n{}\n\n\
+             agent node-2 (reviews):\n{}\n\ncontroller:\n{}",
             tail(&self.agent1.log(), 40),
             tail(&self.agent2.log(), 40),
             tail(&self.controller.log(), 40)

@@ -177,7 +177,8 @@ impl App {
         };
         let bare = path.split('?').next().unwrap_or("");
         if let Some(code) = bare.strip_prefix("/status/") {
-            let status = code.parse().ok().and_then(|c| StatusCode::from_u16(c).ok()).unwrap_or(StatusCode::BAD_REQUEST);
+            let status = code.parse().ok().and_then(|c| StatusCode::from_u16(c).ok());
+            let status = status.unwrap_or(StatusCode::BAD_REQUEST);
             return json_response(status, &answer);
         }
         let delay = bare.strip_prefix("/delay/").map(str::to_string).or_else(|| {
@@ -226,9 +227,14 @@ impl App {
         record
     }
 
-    async fn attempt(&self, upstream: &Upstream, forward: &[(String, String)]) -> Result<(u16, serde_json::Value), String> {
+    async fn attempt(
+        &self,
+        upstream: &Upstream,
+        forward: &[(String, String)],
+    ) -> Result<(u16, serde_json::Value), String> {
         let uri = format!("http://{}/{}/0", upstream.address, upstream.name);
-        let mut request = Request::get(uri).header(header::HOST, format!("{}:{}", upstream.name, upstream.address.port()));
+        let host = format!("{}:{}", upstream.name, upstream.address.port());
+        let mut request = Request::get(uri).header(header::HOST, host);
         for (name, value) in forward {
             request = request.header(name.as_str(), value.as_str());
         }
@@ -300,5 +306,6 @@ fn upgrade(request: Request<Incoming>) -> Response<Frames> {
 
 /// JSON when it parses, else (lossy) text.
 pub fn parse_body(body: &[u8]) -> serde_json::Value {
-    serde_json::from_slice(body).unwrap_or_else(|_| serde_json::Value::String(String::from_utf8_lossy(body).into_owned()))
+    serde_json::from_slice(body)
+        .unwrap_or_else(|_| serde_json::Value::String(String::from_utf8_lossy(body).into_owned()))
 }

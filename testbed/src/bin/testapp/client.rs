@@ -160,7 +160,8 @@ async fn exchange(
         }
     }
     .map_err(|e| format!("request: {e}"))?;
-    let (status, version, headers) = (response.status().as_u16(), version_text(response.version()), header_map(response.headers()));
+    let (status, version) = (response.status().as_u16(), version_text(response.version()));
+    let headers = header_map(response.headers());
     if status == 101 && requests.upgrade_websocket {
         let upgraded = hyper::upgrade::on(response).await.map_err(|e| format!("upgrade: {e}"))?;
         let mut io = TokioIo::new(upgraded);
