@@ -201,8 +201,8 @@ pub struct HttpRequests {
     pub body_bytes: usize,
     /// HTTP/2 with prior knowledge (h2c) instead of HTTP/1.1.
     pub http2: bool,
-    /// Ask for `Upgrade: websocket` and, on a 101, echo a message over the upgraded connection (one
-    /// connection per request, as upgrades consume it).
+    /// Ask for `Upgrade: websocket` and, on a 101 whose `Sec-WebSocket-Accept` answers the key, echo a
+    /// message over the upgraded connection (one connection per request, as upgrades consume it).
     pub upgrade_websocket: bool,
     /// How long one request may take, until its whole response is read.
     pub timeout_ms: u64,
@@ -302,4 +302,92 @@ pub struct HttpReport {
     pub results: Vec<HttpResult>,
     /// Each distinct error with how many requests got it, e.g. `3× timeout`.
     pub errors: Vec<String>,
+}
+
+/// `Sec-WebSocket-Accept` for a request's `Sec-WebSocket-Key` (RFC 6455 §4.2.2: base64 of the SHA-1 of
+/// the key followed by the protocol's GUID).
+pub fn websocket_accept(key: &str) -> String {
+    let digest = sha1(format!("{}258EAFA5-E914-47DA-95CA-C5AB0DC85B11", key.trim()).as_bytes());
+    base64(&digest)
+}
+
+/// SHA-1 (FIPS 180-4), for the WebSocket handshake only.
+fn sha1(message: &[u8]) -> [u8; 20] {
+    let mut h: [u32; 5] = [0x6745_2301, 0xEFCD_AB89, 0x98BA_DCFE, 0x1032_5476, 0xC3D2_E1F0];
+    let mut padded = message.to_vec();
+    padded.push(0x80);
+    while padded.len() % 64 != 56 {
+        padded.push(0);
+    }
+    padded.extend_from_slice(&((message.len() as u64) * 8).to_be_bytes());
+    for block in padded.chunks(64) {
+        let mut w = [0u32; 80];
+        for (i, word) in block.chunks(4).enumerate() {
+            w[i] = u32::from_be_bytes([word[0], word[1], word[2], word[3]]);
+        }
+        for i in 16..80 {
+            w[i] = (w[i - 3] ^ w[i - 8] ^ w[i - 14] ^ w[i - 16]).rotate_left(1);
+        }
+        let [mut a, mut b, mut c, mut d, mut e] = h;
+        for (i, word) in w.iter().enumerate() {
+            let (f, k) = match i {
+                0..20 => ((b & c) | (!b & d), 0x5A82_7999),
+                20..40 => (b ^ c ^ d, 0x6ED9_EBA1),
+                40..60 => ((b & c) | (b & d) | (c & d), 0x8F1B_BCDC),
+                _ => (b ^ c ^ d, 0xCA62_C1D6),
+            };
+            let t = a.rotate_left(5).wrapping_add(f).wrapping_add(e).wrapping_add(k).wrapping_add(*word);
+            (e, d, c, b, a) = (d, c, b.rotate_left(30), a, t);
+        }
+        for (x, y) in h.iter_mut().zip([a, b, c, d, e]) {
+            *x = x.wrapping_add(y);
+        }
+    }
+    let mut out = [0u8; 20];
+    for (chunk, word) in out.chunks_mut(4).zip(h) {
+        chunk.copy_from_slice(&word.to_be_bytes());
+    }
+    out
+}
+
+/// Standard base64 with padding.
+fn base64(bytes: &[u8]) -> String {
+    const ALPHABET: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
+    let mut out = String::new();
+    for chunk in bytes.chunks(3) {
+        let n = (u32::from(chunk[0]) << 16)
+            | (u32::from(*chunk.get(1).unwrap_or(&0)) << 8)
+            | u32::from(*chunk.get(2).unwrap_or(&0));
+        for i in 0..4 {
+            if i <= chunk.len() {
+                out.push(ALPHABET[(n >> (18 - 6 * i) & 63) as usize] as char);
+            } else {
+                out.push('=');
+            }
+        }
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn websocket_accept_is_rfc_6455s() {
+        // The example of RFC 6455 §1.3.
+        assert_eq!(websocket_accept("dGhlIHNhbXBsZSBub25jZQ=="), "s3pPLMBiTxaQ9kYGzzhZRbK+xOo=");
+        assert_eq!(base64(b"ab"), "YWI=");
+        assert_eq!(base64(b"a"), "YQ==");
+    }
+
+    #[test]
+    fn call_arguments_round_trip() {
+        let address = "10.96.0.5:9080".parse().unwrap();
+        let upstream = Upstream::new("reviews", address).timeout(Duration::from_secs(3)).retries(1);
+        assert_eq!(Upstream::parse_arg(&upstream.to_arg(), 0, 0).unwrap(), upstream);
+        let defaults = Upstream::parse_arg("ratings=10.96.0.6:9080", 10_000, 2).unwrap();
+        assert_eq!((defaults.timeout_ms, defaults.retries), (10_000, 2));
+        assert!(Upstream::parse_arg("ratings=10.96.0.6:9080,speed=fast", 0, 0).is_err());
+    }
 }

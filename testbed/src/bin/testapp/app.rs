@@ -285,9 +285,10 @@ impl App {
     }
 }
 
-/// Answers 101 and echoes whatever bytes arrive on the upgraded connection (no WebSocket framing: enough
-/// to show an upgrade went through).
+/// Answers 101 (with the handshake's `Sec-WebSocket-Accept`) and echoes whatever bytes arrive on the
+/// upgraded connection, as they come (no WebSocket framing: enough to show an upgrade went through).
 fn upgrade(request: Request<Incoming>) -> Response<Frames> {
+    let key = request.headers().get("sec-websocket-key").and_then(|k| k.to_str().ok()).unwrap_or("").to_string();
     tokio::spawn(async move {
         match hyper::upgrade::on(request).await {
             Ok(upgraded) => {
@@ -299,6 +300,9 @@ fn upgrade(request: Request<Incoming>) -> Response<Frames> {
     });
     let mut response = Response::new(Frames(VecDeque::new()));
     *response.status_mut() = StatusCode::SWITCHING_PROTOCOLS;
+    if let Ok(accept) = HeaderValue::from_str(&warren_testbed::app::websocket_accept(&key)) {
+        response.headers_mut().insert("sec-websocket-accept", accept);
+    }
     response.headers_mut().insert(header::UPGRADE, HeaderValue::from_static("websocket"));
     response.headers_mut().insert(header::CONNECTION, HeaderValue::from_static("Upgrade"));
     response

@@ -16,9 +16,12 @@ use http_body_util::{BodyExt, Full};
 use hyper::client::conn::{http1, http2};
 use hyper_util::rt::{TokioExecutor, TokioIo};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use warren_testbed::app::{HttpReport, HttpRequests, HttpResult};
+use warren_testbed::app::{HttpReport, HttpRequests, HttpResult, websocket_accept};
 
 use crate::app::{header_map, parse_body, version_text};
+
+/// The client's `Sec-WebSocket-Key` (any 16 bytes in base64).
+const WEBSOCKET_KEY: &str = "d2FycmVuLXRlc3RhcHAtd3M=";
 
 /// One connection's request sender.
 enum Sender {
@@ -145,7 +148,7 @@ async fn exchange(
             .header(header::CONNECTION, "Upgrade")
             .header(header::UPGRADE, "websocket")
             .header("sec-websocket-version", "13")
-            .header("sec-websocket-key", "d2FycmVuLXRlc3RhcHAtd3M=");
+            .header("sec-websocket-key", WEBSOCKET_KEY);
     }
     let body = Full::new(Bytes::from(vec![b'x'; requests.body_bytes]));
     let request = request.body(body).map_err(|e| format!("request: {e}"))?;
@@ -163,6 +166,10 @@ async fn exchange(
     let (status, version) = (response.status().as_u16(), version_text(response.version()));
     let headers = header_map(response.headers());
     if status == 101 && requests.upgrade_websocket {
+        let accept = headers.get("sec-websocket-accept").map(String::as_str);
+        if accept != Some(websocket_accept(WEBSOCKET_KEY).as_str()) {
+            return Err(format!("upgrade: sec-websocket-accept {accept:?} does not answer the key"));
+        }
         let upgraded = hyper::upgrade::on(response).await.map_err(|e| format!("upgrade: {e}"))?;
         let mut io = TokioIo::new(upgraded);
         let message = format!("warren-testapp upgraded echo #{index}");
