@@ -27,6 +27,7 @@
 //! # Ok(()) }
 //! ```
 mod agent;
+pub mod app;
 mod bins;
 mod capture;
 mod controller;
@@ -35,6 +36,7 @@ mod privileges;
 mod process;
 
 pub use agent::{Agent, AgentOptions};
+pub use app::{AppOptions, AppResponse, CallRecord, HttpRequests, HttpResult, ReceivedRequest, Upstream};
 pub use bins::bin_path;
 pub use capture::{Capture, testapp_payload};
 pub use controller::{Controller, ControllerOptions};
@@ -483,6 +485,36 @@ impl Pod {
         let mut process = self.spawn(cmd)?;
         process.wait_for_line("ready", std::time::Duration::from_secs(10))?;
         Ok(process)
+    }
+
+    /// Starts warren-testapp's application stand-in here ([`app`]: `options.service` `options.version`
+    /// on `options.port`, calling `options.calls` per request), reporting this pod's name; returns once it
+    /// listens. [`app::received`] reads what it was sent.
+    pub fn serve_app(&self, options: &AppOptions) -> Result<Process> {
+        let mut cmd = std::process::Command::new(bin_path("warren-testapp")?);
+        cmd.args(options.to_args()).args(["--pod", &self.name]);
+        let mut process = self.spawn(cmd)?;
+        process.wait_for_line("ready", std::time::Duration::from_secs(10))?;
+        Ok(process)
+    }
+
+    /// Sends `requests` to `to` from inside this pod (warren-testapp http); one result per request, in
+    /// order. Requests that got no response are results too (status 0, `error`); fails only when the
+    /// client itself did.
+    pub fn http(&self, to: SocketAddr, requests: &HttpRequests) -> Result<Vec<HttpResult>> {
+        let mut cmd = std::process::Command::new(bin_path("warren-testapp")?);
+        cmd.args(requests.to_args(to));
+        let out = self.run(cmd)?;
+        let stdout = String::from_utf8_lossy(&out.stdout);
+        let line = stdout.lines().rev().find(|l| l.starts_with('{')).with_context(|| {
+            let stderr = String::from_utf8_lossy(&out.stderr);
+            format!("warren-testapp http printed no report ({}); stderr: {stderr}", out.status)
+        })?;
+        let report: app::HttpReport = serde_json::from_str(line).context("warren-testapp http's report")?;
+        if report.results.len() != requests.count {
+            bail!("{} → {to}: {} results for {} requests", self.name, report.results.len(), requests.count);
+        }
+        Ok(report.results)
     }
 
     /// Opens `count` connections to `to` from inside this pod, one after another, each with one echo of

@@ -62,10 +62,12 @@ impl Directory {
         Ok(changed)
     }
 
-    /// Everything read, as one state.
+    /// Everything read, as one state, with cluster IPs for the Services that have none (as the API server
+    /// would allocate them: `cluster_ip`).
     pub fn state(&self) -> ClusterState {
         let mut state = ClusterState::default();
         state.apply_reads(self.files.values().map(|(_, read)| read));
+        state.allocate_cluster_ips();
         state
     }
 

@@ -23,6 +23,7 @@
 //! Notices about a file rather than an object (not YAML, too large, …) have an empty `object` and the file
 //! (`name:line` where known) as `source`; per-kind notices (WAR0001, WAR0002) name only the kind.
 mod assemble;
+mod cluster_ip;
 mod directory;
 mod document;
 mod object;

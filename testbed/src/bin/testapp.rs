@@ -7,6 +7,15 @@
 //! - `connect-times`: opens connections one after another, each with one echo, and reports how long each took.
 //! - `hold`: opens one connection, checks an echo, then keeps it open and reports when (and how) it ended.
 //! - `pause`: sleeps; a testbed pod's first process, as Kubernetes' pause container.
+//! - `app`: an HTTP/1.1 + h2c application stand-in (bookinfo's services), calling its upstreams per request.
+//! - `http`: an HTTP client: N requests over C keep-alive connections, one JSON report.
+//!
+//! `app` and `http` speak warren_testbed::app's types.
+#[path = "testapp/app.rs"]
+mod app;
+#[path = "testapp/client.rs"]
+mod client;
+
 use std::{
     io::{BufRead, BufReader, Read, Write},
     net::{Shutdown, SocketAddr, TcpListener, TcpStream},
@@ -90,6 +99,53 @@ enum Cmd {
     },
     /// Sleep until killed (a pod's pause process).
     Pause,
+    /// An application stand-in on `port`: answers every path with a JSON echo of the request, after calling
+    /// each `--call NAME=ADDRESS[,timeout_ms=N][,retries=N]` (`GET /NAME/0`, Host `NAME:PORT`).
+    App {
+        #[arg(long)]
+        service: String,
+        #[arg(long, default_value = "v1")]
+        version: String,
+        #[arg(long, default_value_t = warren_testbed::app::BOOKINFO_PORT)]
+        port: u16,
+        /// The pod's name, reported in answers (default: the service's).
+        #[arg(long)]
+        pod: Option<String>,
+        #[arg(long = "call")]
+        calls: Vec<String>,
+        /// Timeout of each call attempt that does not give its own.
+        #[arg(long, default_value_t = 10_000)]
+        call_timeout_ms: u64,
+        /// Retries of each call that does not give its own.
+        #[arg(long, default_value_t = 0)]
+        call_retries: u32,
+    },
+    /// `count` requests over `concurrency` keep-alive connections; prints one JSON report.
+    Http {
+        #[arg(long)]
+        to: SocketAddr,
+        #[arg(long, default_value_t = 1)]
+        count: usize,
+        #[arg(long, default_value_t = 1)]
+        concurrency: usize,
+        #[arg(long, default_value = "/")]
+        path: String,
+        #[arg(long, default_value = "GET")]
+        method: String,
+        /// A request header, `name: value` (repeatable).
+        #[arg(short = 'H', long = "header")]
+        headers: Vec<String>,
+        #[arg(long)]
+        host: Option<String>,
+        #[arg(long, default_value_t = 0)]
+        body_bytes: usize,
+        #[arg(long)]
+        http2: bool,
+        #[arg(long)]
+        upgrade_websocket: bool,
+        #[arg(long, default_value_t = 30_000)]
+        timeout_ms: u64,
+    },
 }
 
 fn main() -> ExitCode {
@@ -105,6 +161,59 @@ fn main() -> ExitCode {
         Cmd::Pause => loop {
             std::thread::park();
         },
+        Cmd::App { service, version, port, pod, calls, call_timeout_ms, call_retries } => {
+            let calls: Result<Vec<_>, _> = calls
+                .iter()
+                .map(|c| {
+                    warren_testbed::app::Upstream::parse_arg(c, call_timeout_ms, call_retries)
+                        .map_err(|e| format!("--call {c}: {e}"))
+                })
+                .collect();
+            let calls = match calls {
+                Ok(calls) => calls,
+                Err(e) => {
+                    eprintln!("warren-testapp app: {e}");
+                    return ExitCode::FAILURE;
+                }
+            };
+            let pod = pod.unwrap_or_else(|| service.clone());
+            app::run(warren_testbed::app::AppOptions { service, version, port, calls }, pod)
+        }
+        Cmd::Http {
+            to,
+            count,
+            concurrency,
+            path,
+            method,
+            headers,
+            host,
+            body_bytes,
+            http2,
+            upgrade_websocket,
+            timeout_ms,
+        } => {
+            let mut parsed = vec![];
+            for h in &headers {
+                let Some((name, value)) = h.split_once(':') else {
+                    eprintln!("warren-testapp http: -H {h:?}: expected 'name: value'");
+                    return ExitCode::FAILURE;
+                };
+                parsed.push((name.trim().to_string(), value.trim().to_string()));
+            }
+            let requests = warren_testbed::app::HttpRequests {
+                count,
+                concurrency,
+                method,
+                path,
+                headers: parsed,
+                host,
+                body_bytes,
+                http2,
+                upgrade_websocket,
+                timeout_ms,
+            };
+            client::run(to, requests)
+        }
     }
 }
 
