@@ -120,7 +120,8 @@ fn virtual_service() -> Table {
         ("http[].mirrorPercentage", Field),
         ("http[].mirrorPercentage.value", Field),
     ]);
-    for field in ["name", "uri", "scheme", "method", "authority", "port", "gateways", "ignoreUriCase", "sourceNamespace"] {
+    let match_fields = ["name", "uri", "scheme", "method", "authority", "port", "gateways", "ignoreUriCase", "sourceNamespace"];
+    for field in match_fields {
         t.insert(format!("http[].match[].{field}"), Field);
     }
     // String matches: the four attributes, and the values of the three maps.

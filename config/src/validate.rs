@@ -326,7 +326,8 @@ fn check_authority_rewrite(errors: &mut Errors, at: &str, route: &HttpRoute) {
     let request = route.headers.as_ref().and_then(|h| h.request.as_ref());
     let headers = request.into_iter().flat_map(|r| r.set.iter().chain(r.add.iter()));
     let mut sources: Vec<&str> = route.rewrite.iter().filter_map(|r| r.authority.as_deref()).collect();
-    sources.extend(headers.filter(|(k, _)| k.eq_ignore_ascii_case("host") || k.eq_ignore_ascii_case(":authority")).map(|(_, v)| v.as_str()));
+    let is_authority = |name: &str| name.eq_ignore_ascii_case("host") || name.eq_ignore_ascii_case(":authority");
+    sources.extend(headers.filter(|(k, _)| is_authority(k)).map(|(_, v)| v.as_str()));
     if sources.len() > 1 {
         errors.add(format!("{at}.headers.request"), format!("the authority is set more than once ({sources:?})"));
     }

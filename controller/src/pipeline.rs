@@ -257,7 +257,8 @@ mod tests {
     #[tokio::test]
     async fn unsupported_fields_are_named_and_the_object_applies() {
         let mut state = state("1s", 1);
-        state.virtual_services[0].spec.http[0].cors_policy = Some(serde_json::json!({"allowOrigins": [{"exact": "x"}]}));
+        let cors = serde_json::json!({"allowOrigins": [{"exact": "x"}]});
+        state.virtual_services[0].spec.http[0].cors_policy = Some(cors);
         let (_states_tx, states) = watch::channel(state);
         let (verdicts_tx, verdicts) = watch::channel(Vec::new());
         let snapshots = run(states, verdicts_tx, None);
@@ -274,7 +275,8 @@ mod tests {
         let snapshots = run(states, verdicts_tx, None);
         let mut bad = state("1s", 2);
         let uri = warren_config::istio::StringMatch { regex: Some("(".into()), ..Default::default() };
-        bad.virtual_services[0].spec.http[0].matches = vec![warren_config::istio::HttpMatchRequest { uri: Some(uri), ..Default::default() }];
+        let matches = vec![warren_config::istio::HttpMatchRequest { uri: Some(uri), ..Default::default() }];
+        bad.virtual_services[0].spec.http[0].matches = matches;
         states_tx.send(bad).unwrap();
         let refused = tokio::time::timeout(
             std::time::Duration::from_secs(5),
@@ -287,9 +289,8 @@ mod tests {
         assert_eq!(refused[0].errors[0].field, "spec.http[0].match[0].uri.regex", "{refused:?}");
         assert!(refused[0].errors[0].reason.starts_with("\"(\" is not a valid regex: "), "{refused:?}");
         assert_eq!(refused[0].kept_generation, Some(1));
-        let Some(Resource::Route(route)) = snapshots.borrow().compiled.resources.get("route/shop/reviews").map(|r| (**r).clone()) else {
-            panic!("the route stays")
-        };
+        let kept = snapshots.borrow().compiled.resources.get("route/shop/reviews").map(|r| (**r).clone());
+        let Some(Resource::Route(route)) = kept else { panic!("the route stays") };
         assert!(route.http[0].matches.is_empty(), "generation 1, without the bad match");
     }
 

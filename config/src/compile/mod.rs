@@ -336,7 +336,10 @@ fn http_rule(h: &HttpRoute, namespace: &str, services: &HashMap<String, String>)
         headers: header_operations(&h.headers),
         rewrite: h.rewrite.as_ref().map(|r| Rewrite {
             uri: r.uri.clone(),
-            uri_regex: r.uri_regex_rewrite.as_ref().map(|x| RegexRewrite { pattern: x.pattern.clone(), rewrite: x.rewrite.clone() }),
+            uri_regex: r
+                .uri_regex_rewrite
+                .as_ref()
+                .map(|x| RegexRewrite { pattern: x.pattern.clone(), rewrite: x.rewrite.clone() }),
             authority: r.authority.clone(),
         }),
         redirect: h.redirect.as_ref().map(|r| Redirect {
@@ -350,7 +353,7 @@ fn http_rule(h: &HttpRoute, namespace: &str, services: &HashMap<String, String>)
             status: u16::try_from(d.status).unwrap_or(u16::MAX),
             body: d.body.as_ref().and_then(|b| match (&b.string, &b.bytes) {
                 (Some(text), _) => Some(text.clone()),
-                (None, Some(encoded)) => base64_decode(encoded).map(|bytes| String::from_utf8_lossy(&bytes).into_owned()),
+                (None, Some(encoded)) => base64_decode(encoded).map(|b| String::from_utf8_lossy(&b).into_owned()),
                 (None, None) => None,
             }),
         }),
@@ -366,7 +369,8 @@ fn mirrors(h: &HttpRoute, namespace: &str, services: &HashMap<String, String>) -
         Mirror { service: to.service, subset: to.subset, port: to.port, percent }
     };
     let single = h.mirror.as_ref().map(|d| mirror(d, fault_percent(&h.mirror_percentage, h.mirror_percent)));
-    single.into_iter().chain(h.mirrors.iter().map(|m| mirror(&m.destination, fault_percent(&m.percentage, None)))).collect()
+    let listed = h.mirrors.iter().map(|m| mirror(&m.destination, fault_percent(&m.percentage, None)));
+    single.into_iter().chain(listed).collect()
 }
 
 fn header_operations(headers: &Option<istio::Headers>) -> HeaderOperations {
@@ -375,7 +379,8 @@ fn header_operations(headers: &Option<istio::Headers>) -> HeaderOperations {
             .map(|o| HeaderOps { set: o.set.clone(), add: o.add.clone(), remove: o.remove.clone() })
             .unwrap_or_default()
     };
-    headers.as_ref().map(|h| HeaderOperations { request: ops(&h.request), response: ops(&h.response) }).unwrap_or_default()
+    let operations = |h: &istio::Headers| HeaderOperations { request: ops(&h.request), response: ops(&h.response) };
+    headers.as_ref().map(operations).unwrap_or_default()
 }
 
 /// A tcp route as rules the agent evaluates: one per match (matches are alternatives), the port being the
@@ -508,7 +513,8 @@ mod tests {
     }
 
     fn http_rules(spec: &str) -> Vec<HttpRule> {
-        let c = compiled(&format!("{VS}metadata: {{name: r, namespace: bookinfo}}\nspec:\n  hosts: [reviews]\n  http:\n{spec}"));
+        let yaml = format!("{VS}metadata: {{name: r, namespace: bookinfo}}\nspec:\n  hosts: [reviews]\n  http:\n{spec}");
+        let c = compiled(&yaml);
         route_of(&c, "r").http.clone()
     }
 
@@ -527,7 +533,8 @@ mod tests {
         assert_eq!(rules[0].headers.response, ops(&[], &[], &["server"]));
         let to = &rules[0].destinations[0];
         assert_eq!((to.service.as_str(), to.subset.as_deref(), to.weight), ("bookinfo/reviews", Some("v1"), 100));
-        assert_eq!(to.headers, HeaderOperations { request: HeaderOps::default(), response: ops(&[("x-v", "v1")], &[], &[]) });
+        let response = ops(&[("x-v", "v1")], &[], &[]);
+        assert_eq!(to.headers, HeaderOperations { request: HeaderOps::default(), response });
     }
 
     #[test]
@@ -540,7 +547,8 @@ mod tests {
         assert_eq!(rules[0].matches[0].uri.as_ref().unwrap().prefix.as_deref(), Some("/api/"));
         assert_eq!(rules[0].matches[0].headers["end-user"].exact.as_deref(), Some("jason"));
         assert_eq!(rules[0].timeout_ms, Some(1500));
-        assert_eq!(rules[0].rewrite, Some(Rewrite { uri: Some("/v2/".into()), uri_regex: None, authority: Some("reviews.example".into()) }));
+        let prefix = Rewrite { uri: Some("/v2/".into()), uri_regex: None, authority: Some("reviews.example".into()) };
+        assert_eq!(rules[0].rewrite, Some(prefix));
         let regex = RegexRewrite { pattern: "^/old/(.*)$".into(), rewrite: "/new/\\1".into() };
         assert_eq!(rules[1].rewrite, Some(Rewrite { uri: None, uri_regex: Some(regex), authority: None }));
     }
@@ -562,9 +570,11 @@ mod tests {
             status: 308,
         };
         assert_eq!(rules[0].redirect, Some(redirect));
-        assert_eq!(rules[1].redirect.as_ref().map(|r| (r.uri.as_deref(), r.status)), Some((Some("/elsewhere"), 301)), "301 by default");
+        let plain = rules[1].redirect.as_ref().map(|r| (r.uri.as_deref(), r.status));
+        assert_eq!(plain, Some((Some("/elsewhere"), 301)), "301 by default");
         assert_eq!(rules[2].direct_response, Some(DirectResponse { status: 503, body: Some("unavailable".into()) }));
-        assert_eq!(rules[3].direct_response, Some(DirectResponse { status: 200, body: Some("hello, world".into()) }), "bytes: base64");
+        let decoded = DirectResponse { status: 200, body: Some("hello, world".into()) };
+        assert_eq!(rules[3].direct_response, Some(decoded), "bytes: base64");
         assert_eq!(rules[4].direct_response, Some(DirectResponse { status: 204, body: None }));
         assert!(rules.iter().all(|r| r.destinations.is_empty()), "{rules:#?}");
     }
@@ -586,7 +596,8 @@ mod tests {
         assert_eq!(rules[0].mirrors, [mirror("bookinfo/reviews", Some("v3"), None, 100.0)], "100% by default");
         assert_eq!(rules[1].mirrors, [mirror("shadow.example.com", None, Some(8080), 12.5)]);
         assert_eq!(rules[2].mirrors, [mirror("bookinfo/reviews", None, None, 30.0)], "the legacy integer");
-        let expected = [mirror("bookinfo/reviews", Some("v3"), None, 5.0), mirror("other.bookinfo.svc.cluster.local", None, None, 100.0)];
+        let expected =
+            [mirror("bookinfo/reviews", Some("v3"), None, 5.0), mirror("other.bookinfo.svc.cluster.local", None, None, 100.0)];
         assert_eq!(rules[3].mirrors, expected, "a host that names no service stays qualified");
     }
 
@@ -597,9 +608,11 @@ mod tests {
              \x20 - fault: {abort: {grpcStatus: UNAVAILABLE, percentage: {value: 50}}}\n    route: [{destination: {host: reviews}}]\n",
         );
         let fault = rules[0].fault.clone().unwrap();
-        assert_eq!((fault.delay_ms, fault.delay_percent, fault.abort_http_status, fault.abort_percent), (Some(7000), 100.0, Some(500), 10.0));
+        let http = (fault.delay_ms, fault.delay_percent, fault.abort_http_status, fault.abort_percent);
+        assert_eq!(http, (Some(7000), 100.0, Some(500), 10.0));
         let grpc = rules[1].fault.clone().unwrap();
-        assert_eq!((grpc.abort_grpc_status, grpc.abort_http_status, grpc.abort_percent, grpc.delay_ms), (Some(14), None, 50.0, None));
+        let code = (grpc.abort_grpc_status, grpc.abort_http_status, grpc.abort_percent, grpc.delay_ms);
+        assert_eq!(code, (Some(14), None, 50.0, None));
         assert_eq!(crate::validate::grpc_code("OK"), Some(0));
         assert_eq!(crate::validate::grpc_code("UNAUTHENTICATED"), Some(16));
         assert_eq!(crate::validate::grpc_code("unavailable"), None, "names are upper case, as in Istio");
