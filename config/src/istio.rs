@@ -83,13 +83,13 @@ pub struct HttpRoute {
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub route: Vec<HttpRouteDestination>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub redirect: Option<Value>,
+    pub redirect: Option<HttpRedirect>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub direct_response: Option<Value>,
+    pub direct_response: Option<HttpDirectResponse>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub delegate: Option<Value>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub rewrite: Option<Value>,
+    pub rewrite: Option<HttpRewrite>,
     /// A protobuf Duration string ("1.5s", "300ms").
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub timeout: Option<String>,
@@ -97,23 +97,128 @@ pub struct HttpRoute {
     pub retries: Option<HttpRetry>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub fault: Option<HttpFault>,
+    /// One mirror, with `mirrorPercentage` (or the legacy `mirrorPercent`); `mirrors` is the newer form.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub mirror: Option<Value>,
+    pub mirror: Option<Destination>,
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
-    pub mirrors: Vec<Value>,
+    pub mirrors: Vec<HttpMirrorPolicy>,
+    /// Legacy integer percentage of `mirror` (a UInt32Value: written as a plain number).
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub mirror_percent: Option<Value>,
+    pub mirror_percent: Option<i64>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub mirror_percentage: Option<Value>,
+    pub mirror_percentage: Option<Percent>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub cors_policy: Option<Value>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub headers: Option<Value>,
+    pub headers: Option<Headers>,
     #[serde(flatten)]
     pub unknown: Unknown,
 }
 
+/// `redirect`: a 3xx answer whose Location takes these parts in place of the request's own.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct HttpRedirect {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub uri: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub authority: Option<String>,
+    /// One of `port` and `derivePort` (FROM_PROTOCOL_DEFAULT, FROM_REQUEST_PORT).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub port: Option<u32>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub derive_port: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub scheme: Option<String>,
+    /// 301 when unset.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub redirect_code: Option<u32>,
+    #[serde(flatten)]
+    pub unknown: Unknown,
+}
 
+/// `directResponse`: answer with this status and body instead of routing.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct HttpDirectResponse {
+    #[serde(default)]
+    pub status: u32,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub body: Option<HttpBody>,
+    #[serde(flatten)]
+    pub unknown: Unknown,
+}
+
+/// One of `string` and `bytes` (base64, as protobuf's JSON writes bytes).
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize, JsonSchema)]
+pub struct HttpBody {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub string: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub bytes: Option<String>,
+    #[serde(flatten)]
+    pub unknown: Unknown,
+}
+
+/// `rewrite`: the path (`uri`, or `uriRegexRewrite`) and the authority of requests before they are forwarded.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct HttpRewrite {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub uri: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub authority: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub uri_regex_rewrite: Option<RegexRewrite>,
+    #[serde(flatten)]
+    pub unknown: Unknown,
+}
+
+/// `match` (RE2) and its replacement (`\1` for groups).
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize, JsonSchema)]
+pub struct RegexRewrite {
+    #[serde(default, rename = "match")]
+    pub pattern: String,
+    #[serde(default)]
+    pub rewrite: String,
+    #[serde(flatten)]
+    pub unknown: Unknown,
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize, JsonSchema)]
+pub struct HttpMirrorPolicy {
+    #[serde(default)]
+    pub destination: Destination,
+    /// 100 when unset.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub percentage: Option<Percent>,
+    #[serde(flatten)]
+    pub unknown: Unknown,
+}
+
+/// `headers` of a rule or a route destination.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize, JsonSchema)]
+pub struct Headers {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub request: Option<HeaderOperations>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub response: Option<HeaderOperations>,
+    #[serde(flatten)]
+    pub unknown: Unknown,
+}
+
+/// `set` replaces a header, `add` appends a value, `remove` drops it.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize, JsonSchema)]
+pub struct HeaderOperations {
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub set: BTreeMap<String, String>,
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub add: BTreeMap<String, String>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub remove: Vec<String>,
+    #[serde(flatten)]
+    pub unknown: Unknown,
+}
 
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize, JsonSchema)]
 #[serde(rename_all = "camelCase")]
@@ -123,7 +228,7 @@ pub struct HttpRouteDestination {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub weight: Option<i64>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub headers: Option<Value>,
+    pub headers: Option<Headers>,
     #[serde(flatten)]
     pub unknown: Unknown,
 }
@@ -199,6 +304,7 @@ pub struct FaultDelay {
 pub struct FaultAbort {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub http_status: Option<i64>,
+    /// A gRPC status name (`UNAVAILABLE`, `NOT_FOUND`, …).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub grpc_status: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]

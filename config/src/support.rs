@@ -32,9 +32,13 @@ pub enum Support {
     Unsupported(&'static str),
 }
 
-const L7: &str = "needs the L7 proxy, which Warren does not have yet (HTTP is routed per connection by the rule without a match)";
-const HTTP_MATCH: &str = "HTTP match conditions need the L7 proxy, which Warren does not have yet: this rule is not applied, \
-     connections take the first rule without a match";
+const RETRIES: &str = "is not implemented by the L7 proxy yet: a failed request is not retried";
+const CORS: &str = "is not implemented by the L7 proxy yet: requests pass without CORS handling (no preflight answers)";
+const DELEGATE: &str = "is not implemented yet: a rule that delegates routes nothing";
+const STAT_PREFIX: &str = "is not implemented: Warren's metrics are not named by route";
+const DERIVE_PORT: &str = "is not implemented: the redirect keeps the port the request was sent to";
+const EXPONENTIAL_DELAY: &str = "is not implemented (Istio does not support it either): no delay is injected";
+const HTTP2_ERROR: &str = "is not implemented (Istio does not support it either): no abort is injected";
 const TCP_MATCH: &str = "is not evaluated yet: this match is not applied (a rule whose matches are all unapplied is skipped)";
 const TLS_ROUTES: &str = "TLS (SNI) routing is not implemented: TLS connections take the tcp rules, or the service itself";
 const EXPORT_TO: &str = "only \"*\" (the default) is implemented: the object is visible to every namespace";
@@ -72,10 +76,9 @@ fn virtual_service() -> Table {
         ("tls", Unsupported(TLS_ROUTES)),
         ("http", Field),
         ("http[].name", Field),
-        ("http[].match", Unsupported(HTTP_MATCH)),
         ("http[].route", Field),
         ("http[].route[].weight", Field),
-        ("http[].route[].headers", Unsupported(L7)),
+        ("http[].route[].headers", Field),
         ("tcp", Field),
         ("tcp[].match", Field),
         ("tcp[].match[].port", Field),
@@ -86,12 +89,76 @@ fn virtual_service() -> Table {
         ("tcp[].match[].sourceSubnet", Unsupported(TCP_MATCH)),
         ("tcp[].route", Field),
         ("tcp[].route[].weight", Field),
+        // What the agent's L7 proxy applies to each request.
+        ("http[].match", Field),
+        ("http[].match[].headers", MapOf),
+        ("http[].match[].queryParams", MapOf),
+        ("http[].match[].withoutHeaders", MapOf),
+        ("http[].match[].sourceLabels", Map),
+        ("http[].match[].statPrefix", Unsupported(STAT_PREFIX)),
+        ("http[].timeout", Field),
+        ("http[].retries", Unsupported(RETRIES)),
+        ("http[].corsPolicy", Unsupported(CORS)),
+        ("http[].delegate", Unsupported(DELEGATE)),
+        ("http[].fault", Field),
+        ("http[].fault.delay", Field),
+        ("http[].fault.delay.exponentialDelay", Unsupported(EXPONENTIAL_DELAY)),
+        ("http[].fault.abort", Field),
+        ("http[].fault.abort.http2Error", Unsupported(HTTP2_ERROR)),
+        ("http[].rewrite", Field),
+        ("http[].rewrite.uriRegexRewrite", Field),
+        ("http[].redirect", Field),
+        ("http[].redirect.derivePort", Unsupported(DERIVE_PORT)),
+        ("http[].directResponse", Field),
+        ("http[].directResponse.body", Field),
+        ("http[].mirror", Field),
+        ("http[].mirrors", Field),
+        ("http[].mirrors[].destination", Field),
+        ("http[].mirrors[].percentage", Field),
+        ("http[].mirrors[].percentage.value", Field),
+        ("http[].mirrorPercent", Field),
+        ("http[].mirrorPercentage", Field),
+        ("http[].mirrorPercentage.value", Field),
     ]);
-    for l7 in [
-        "redirect", "directResponse", "delegate", "rewrite", "timeout", "retries", "fault", "mirror", "mirrors",
-        "mirrorPercent", "mirrorPercentage", "corsPolicy", "headers",
-    ] {
-        t.insert(format!("http[].{l7}"), Unsupported(L7));
+    let match_fields = ["name", "uri", "scheme", "method", "authority", "port", "gateways", "ignoreUriCase", "sourceNamespace"];
+    for field in match_fields {
+        t.insert(format!("http[].match[].{field}"), Field);
+    }
+    // String matches: the four attributes, and the values of the three maps.
+    for at in ["uri", "scheme", "method", "authority", "headers.*", "queryParams.*", "withoutHeaders.*"] {
+        for kind in ["exact", "prefix", "regex"] {
+            t.insert(format!("http[].match[].{at}.{kind}"), Field);
+        }
+    }
+    for field in ["fixedDelay", "percentage", "percentage.value", "percent"] {
+        t.insert(format!("http[].fault.delay.{field}"), Field);
+    }
+    for field in ["httpStatus", "grpcStatus", "percentage", "percentage.value", "percent"] {
+        t.insert(format!("http[].fault.abort.{field}"), Field);
+    }
+    for field in ["uri", "authority", "uriRegexRewrite.match", "uriRegexRewrite.rewrite"] {
+        t.insert(format!("http[].rewrite.{field}"), Field);
+    }
+    for field in ["uri", "authority", "port", "scheme", "redirectCode"] {
+        t.insert(format!("http[].redirect.{field}"), Field);
+    }
+    t.insert("http[].directResponse.status".into(), Field);
+    t.insert("http[].directResponse.body.string".into(), Field);
+    t.insert("http[].directResponse.body.bytes".into(), Check(body_bytes));
+    // Header operations: a rule's and a route destination's.
+    for at in ["http[]", "http[].route[]"] {
+        t.insert(format!("{at}.headers"), Field);
+        for side in ["request", "response"] {
+            t.insert(format!("{at}.headers.{side}"), Field);
+            t.insert(format!("{at}.headers.{side}.set"), Map);
+            t.insert(format!("{at}.headers.{side}.add"), Map);
+            t.insert(format!("{at}.headers.{side}.remove"), Field);
+        }
+    }
+    for at in ["http[].mirror", "http[].mirrors[].destination"] {
+        for field in ["host", "subset", "port", "port.number"] {
+            t.insert(format!("{at}.{field}"), Field);
+        }
     }
     for route in ["http[].route[]", "tcp[].route[]"] {
         for field in ["destination", "destination.host", "destination.subset", "destination.port", "destination.port.number"] {
@@ -99,6 +166,15 @@ fn virtual_service() -> Table {
         }
     }
     t
+}
+
+/// `directResponse.body.bytes` is sent as text: bytes that are not UTF-8 are named (invalid base64 is a
+/// validation error).
+fn body_bytes(value: &Value) -> Option<String> {
+    let bytes = crate::validate::base64_decode(value.as_str()?)?;
+    std::str::from_utf8(&bytes).is_err().then(|| {
+        "binary bodies are not supported yet: bytes that are not UTF-8 text are sent with U+FFFD in their place".into()
+    })
 }
 
 fn destination_rule() -> Table {
@@ -458,21 +534,56 @@ mod tests {
     fn fields_that_change_behaviour_are_named() {
         let found = reviewed(
             "VirtualService",
-            "hosts: [r]\nhttp:\n- match: [{queryParams: {v: {exact: '1'}}}]\n  route: [{destination: {host: r}}]\n  mirror: {host: m}\n\
+            "hosts: [r]\nhttp:\n- match: [{queryParams: {v: {exact: '1'}}, statPrefix: x}]\n  route: [{destination: {host: r}}]\n  mirror: {host: m}\n\
+             \x20 retries: {attempts: 3}\n  corsPolicy: {allowOrigins: [{exact: x}]}\n\
              - route: [{destination: {host: r, subsetz: v1}}]\ntcp: [{match: [{sourceLabels: {app: a}}], route: [{destination: {host: r}}]}]\n",
         );
-        assert!(found[0].starts_with("spec.http[0].match: HTTP match conditions need the L7 proxy"), "{found:#?}");
-        assert!(found.iter().any(|f| f.starts_with("spec.http[0].mirror: needs the L7 proxy")), "{found:#?}");
-        assert!(found.iter().any(|f| f.starts_with("spec.http[1].route[0].destination.subsetz: \"subsetz\" is not a field")), "{found:#?}");
-        assert!(found.iter().any(|f| f.starts_with("spec.tcp[0].match[0].sourceLabels: is not evaluated")), "{found:#?}");
+        let fields: Vec<&str> = found.iter().map(|f| f.split(": ").next().unwrap()).collect();
+        assert_eq!(fields, [
+            "spec.http[0].corsPolicy",
+            "spec.http[0].match[0].statPrefix",
+            "spec.http[0].retries",
+            "spec.http[1].route[0].destination.subsetz",
+            "spec.tcp[0].match[0].sourceLabels",
+        ], "{found:#?}");
+        assert!(found[2].starts_with("spec.http[0].retries: is not implemented by the L7 proxy yet"), "{found:#?}");
+        assert!(found[3].starts_with("spec.http[1].route[0].destination.subsetz: \"subsetz\" is not a field"), "{found:#?}");
+        assert!(found[4].starts_with("spec.tcp[0].match[0].sourceLabels: is not evaluated"), "{found:#?}");
+        let l7 = reviewed(
+            "VirtualService",
+            "hosts: [r]\nhttp:\n- redirect: {uri: /x, derivePort: FROM_REQUEST_PORT}\n\
+             - directResponse: {status: 200, body: {bytes: /w==}}\n\
+             - fault: {delay: {exponentialDelay: 1s}, abort: {http2Error: x}}\n  route: [{destination: {host: r}}]\n",
+        );
+        let fields: Vec<&str> = l7.iter().map(|f| f.split(": ").next().unwrap()).collect();
+        assert_eq!(fields, [
+            "spec.http[0].redirect.derivePort",
+            "spec.http[1].directResponse.body.bytes",
+            "spec.http[2].fault.abort.http2Error",
+            "spec.http[2].fault.delay.exponentialDelay",
+        ], "{l7:#?}");
+        assert!(l7[1].contains("binary bodies are not supported yet"), "{l7:#?}");
         let dr = reviewed("DestinationRule", "host: r\ntrafficPolicy: {connectionPool: {tcp: {maxConnections: 1}}, tls: {mode: ISTIO_MUTUAL}}\nsubsets: [{name: v1, labels: {version: v1}, trafficPolicy: {outlierDetection: {consecutive5xxErrors: 1}}}]");
         assert_eq!(dr.len(), 2, "{dr:#?}");
         assert!(dr[0].starts_with("spec.subsets[0].trafficPolicy.outlierDetection: is not implemented yet") || dr[1].starts_with("spec.subsets[0].trafficPolicy.outlierDetection"), "{dr:#?}");
         assert!(dr.iter().any(|f| f.starts_with("spec.trafficPolicy.connectionPool: is not implemented yet")), "{dr:#?}");
-        let headers = reviewed("VirtualService", "hosts: [r]\nhttp: [{headers: {request: {set: {x: y}}}, route: [{destination: {host: r}, headers: {response: {remove: [z]}}}]}]");
-        assert_eq!(headers.len(), 2, "both header manipulations: {headers:#?}");
         // Control: what Warren honours produces nothing.
         assert_eq!(reviewed("VirtualService", "hosts: [r]\ngateways: [mesh]\nhttp: [{route: [{destination: {host: r, subset: v1}, weight: 3}]}]"), Vec::<String>::new());
+        let honoured = "hosts: [r]\nhttp:\n\
+            - match: [{uri: {prefix: /a}, scheme: {exact: http}, method: {exact: GET}, authority: {regex: 'r.*'}, \
+              headers: {x: {exact: y}}, queryParams: {q: {prefix: p}}, ignoreUriCase: true, withoutHeaders: {z: {regex: '*'}}, \
+              port: 80, sourceLabels: {app: a}, sourceNamespace: shop, gateways: [mesh], name: m}]\n  \
+              headers: {request: {set: {x-a: b}, add: {x-b: c}, remove: [x-c]}, response: {set: {x-d: e}}}\n  \
+              rewrite: {uri: /b, authority: r2}\n  timeout: 1s\n  \
+              fault: {delay: {fixedDelay: 1s, percentage: {value: 5}}, abort: {grpcStatus: UNAVAILABLE, percent: 5}}\n  \
+              mirror: {host: m, subset: v1, port: {number: 80}}\n  mirrorPercentage: {value: 5}\n  mirrorPercent: 5\n  \
+              route: [{destination: {host: r}, headers: {request: {remove: [x-e]}}}]\n\
+            - rewrite: {uriRegexRewrite: {match: '^/a', rewrite: /b}}\n  \
+              mirrors: [{destination: {host: m}, percentage: {value: 50}}]\n  route: [{destination: {host: r}}]\n\
+            - redirect: {uri: /x, authority: a, port: 8080, scheme: https, redirectCode: 302}\n\
+            - directResponse: {status: 200, body: {string: ok}}\n\
+            - directResponse: {status: 200, body: {bytes: b2s=}}\n";
+        assert_eq!(reviewed("VirtualService", honoured), Vec::<String>::new(), "every L7 field the agent applies");
     }
 
     #[test]

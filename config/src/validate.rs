@@ -8,8 +8,9 @@ use serde_json::Value;
 
 use crate::{
     istio::{
-        AuthorizationPolicySpec, DestinationRuleSpec, FaultAbort, FaultDelay, GatewayServer, GatewaySpec, HttpRoute,
-        Percent, RuleSource, ServiceEntrySpec, StringMatch, TrafficPolicy, VirtualServiceSpec,
+        AuthorizationPolicySpec, DestinationRuleSpec, FaultAbort, FaultDelay, GatewayServer, GatewaySpec, Headers,
+        HttpDirectResponse, HttpRedirect, HttpRewrite, HttpRoute, Percent, RuleSource, ServiceEntrySpec, StringMatch,
+        TrafficPolicy, VirtualServiceSpec,
     },
     workloads::peer_authentication::Spec as PeerAuthenticationSpec,
 };
@@ -98,6 +99,46 @@ pub fn duration_ms(text: &str) -> Option<u64> {
 /// The percentage a fault applies to: `percentage.value`, else the legacy integer `percent`, else 100.
 pub fn fault_percent(percentage: &Option<Percent>, percent: Option<i64>) -> f64 {
     percentage.as_ref().map(|p| p.value).or(percent.map(|p| p as f64)).unwrap_or(100.0)
+}
+
+/// gRPC's status names, by code (as Istio's `grpcStatus` takes them).
+pub const GRPC_STATUS: [&str; 17] = [
+    "OK", "CANCELLED", "UNKNOWN", "INVALID_ARGUMENT", "DEADLINE_EXCEEDED", "NOT_FOUND", "ALREADY_EXISTS",
+    "PERMISSION_DENIED", "RESOURCE_EXHAUSTED", "FAILED_PRECONDITION", "ABORTED", "OUT_OF_RANGE", "UNIMPLEMENTED",
+    "INTERNAL", "UNAVAILABLE", "DATA_LOSS", "UNAUTHENTICATED",
+];
+
+/// A gRPC status name → its code (`UNAVAILABLE` → 14).
+pub fn grpc_code(name: &str) -> Option<u32> {
+    GRPC_STATUS.iter().position(|n| *n == name).map(|code| code as u32)
+}
+
+/// Protobuf JSON's `bytes`: base64 in the standard or the URL-safe alphabet, with or without padding.
+pub fn base64_decode(text: &str) -> Option<Vec<u8>> {
+    let data = text.trim_end_matches('=');
+    if text.len() - data.len() > 2 || data.len() % 4 == 1 {
+        return None;
+    }
+    let mut out = Vec::with_capacity(data.len() / 4 * 3 + 2);
+    let (mut acc, mut bits) = (0u32, 0u32);
+    for byte in data.bytes() {
+        let value = match byte {
+            b'A'..=b'Z' => byte - b'A',
+            b'a'..=b'z' => byte - b'a' + 26,
+            b'0'..=b'9' => byte - b'0' + 52,
+            b'+' | b'-' => 62,
+            b'/' | b'_' => 63,
+            _ => return None,
+        };
+        acc = (acc << 6) | u32::from(value);
+        bits += 6;
+        if bits >= 8 {
+            bits -= 8;
+            out.push((acc >> bits) as u8);
+            acc &= (1 << bits) - 1;
+        }
+    }
+    Some(out)
 }
 
 fn is_dns_label(label: &str) -> bool {
@@ -195,19 +236,199 @@ fn check_destination(errors: &mut Errors, field: &str, destination: &crate::isti
     }
 }
 
-fn check_string_match(errors: &mut Errors, field: String, s: &StringMatch) {
+/// Istio's limit on a regex (Envoy's RE2 program size, approximated by the length).
+const MAX_REGEX_BYTES: usize = 1024;
+
+/// A regex as Istio takes it: RE2 syntax (which the `regex` crate implements), at most 1024 bytes.
+fn check_regex(errors: &mut Errors, field: String, regex: &str) {
+    if regex.len() > MAX_REGEX_BYTES {
+        return errors.add(field, format!("a regex of {} bytes is longer than {MAX_REGEX_BYTES}", regex.len()));
+    }
+    if let Err(e) = regex::Regex::new(regex) {
+        // The parser's message draws the pattern over several lines; its last line says what is wrong.
+        let text = e.to_string();
+        let why = text.lines().last().unwrap_or_default().trim();
+        let why = why.strip_prefix("error: ").unwrap_or(why);
+        errors.add(field, format!("{regex:?} is not a valid regex: {why} (Istio takes RE2 syntax)"));
+    }
+}
+
+/// `empty_prefix`: whether an empty `prefix` matches (it does for `uri`, not for the other attributes).
+fn check_string_match(errors: &mut Errors, field: String, s: &StringMatch, empty_prefix: bool) {
     let set = [&s.exact, &s.prefix, &s.regex].iter().filter(|v| v.is_some()).count();
     if set > 1 {
         errors.add(field.clone(), "only one of exact, prefix, regex may be set");
     }
-    if let Some(regex) = &s.regex
-        && regex.len() > 1024
+    if !empty_prefix && s.prefix.as_deref() == Some("") {
+        errors.add(format!("{field}.prefix"), "an empty prefix is not a match");
+    }
+    match s.regex.as_deref() {
+        Some("") => errors.add(format!("{field}.regex"), "an empty regex is not a match"),
+        Some(regex) => check_regex(errors, format!("{field}.regex"), regex),
+        None => {}
+    }
+}
+
+/// RFC 7230's token characters, which header names are made of.
+fn is_header_token(name: &str) -> bool {
+    !name.is_empty() && name.bytes().all(|b| b.is_ascii_alphanumeric() || b"!#$%&'*+-.^_`|~".contains(&b))
+}
+
+/// A header a match reads: a header name, an HTTP/2 pseudo-header, or a JWT claim
+/// (`@request.auth.claims.<name>`, `@request.auth.claims[<name>]`).
+fn check_match_header(errors: &mut Errors, field: String, name: &str) {
+    const PSEUDO: [&str; 5] = [":method", ":scheme", ":authority", ":path", ":status"];
+    let claim = name.strip_prefix("@request.auth.claims").is_some_and(|rest| {
+        rest.strip_prefix('.').is_some_and(|c| !c.is_empty())
+            || rest.strip_prefix('[').and_then(|c| c.strip_suffix(']')).is_some_and(|c| !c.is_empty())
+    });
+    if !(claim || PSEUDO.contains(&name) || is_header_token(name)) {
+        errors.add(field, format!("{name:?} is not a header name"));
+    }
+}
+
+/// `headers` of a rule or route destination, by Istio's rules: request `set`/`add` may name the authority
+/// (`host`, `:authority`), nothing else may name `host` or a pseudo-header; values hold no control characters.
+fn check_header_operations(errors: &mut Errors, at: &str, headers: &Headers) {
+    let sides = [("request", &headers.request), ("response", &headers.response)];
+    for (side, ops) in sides.iter().filter_map(|(side, ops)| Some((*side, ops.as_ref()?))) {
+        let authority_allowed = side == "request";
+        for (op, entries) in [("set", &ops.set), ("add", &ops.add)] {
+            for (name, value) in entries {
+                let field = format!("{at}.headers.{side}.{op}.{name}");
+                check_operation_header(errors, field.clone(), name, authority_allowed);
+                if value.bytes().any(|b| (b < 0x20 && b != b'\t') || b == 0x7f) {
+                    errors.add(field, format!("{value:?}: a header value cannot hold control characters"));
+                }
+            }
+        }
+        for (i, name) in ops.remove.iter().enumerate() {
+            check_operation_header(errors, format!("{at}.headers.{side}.remove[{i}]"), name, false);
+        }
+    }
+}
+
+fn check_operation_header(errors: &mut Errors, field: String, name: &str, authority_allowed: bool) {
+    let authority = name.eq_ignore_ascii_case("host") || name.eq_ignore_ascii_case(":authority");
+    if name.is_empty() {
+        errors.add(field, "a header name cannot be empty");
+    } else if authority && !authority_allowed {
+        errors.add(field, format!("{name:?}: the Host header can only be set or added on requests"));
+    } else if name.starts_with(':') && !(authority && authority_allowed) {
+        errors.add(field, format!("{name:?}: a pseudo-header (\":\" prefix) cannot be changed"));
+    } else if !name.starts_with(':') && !is_header_token(name) {
+        errors.add(field, format!("{name:?} is not a header name"));
+    }
+}
+
+/// The authority is rewritten in one place only: `rewrite.authority` or a `host`/`:authority` request header.
+fn check_authority_rewrite(errors: &mut Errors, at: &str, route: &HttpRoute) {
+    let request = route.headers.as_ref().and_then(|h| h.request.as_ref());
+    let headers = request.into_iter().flat_map(|r| r.set.iter().chain(r.add.iter()));
+    let mut sources: Vec<&str> = route.rewrite.iter().filter_map(|r| r.authority.as_deref()).collect();
+    let is_authority = |name: &str| name.eq_ignore_ascii_case("host") || name.eq_ignore_ascii_case(":authority");
+    sources.extend(headers.filter(|(k, _)| is_authority(k)).map(|(_, v)| v.as_str()));
+    if sources.len() > 1 {
+        errors.add(format!("{at}.headers.request"), format!("the authority is set more than once ({sources:?})"));
+    }
+}
+
+fn check_redirect(errors: &mut Errors, at: &str, redirect: &HttpRedirect) {
+    let at = format!("{at}.redirect");
+    let HttpRedirect { uri, authority, port, derive_port, scheme, redirect_code, .. } = redirect;
+    if uri.is_none() && authority.is_none() && port.is_none() && derive_port.is_none() && scheme.is_none() {
+        errors.add(at.clone(), "must specify uri, authority, scheme or port");
+    }
+    if let Some(code) = redirect_code
+        && *code != 0
+        && !(300..=399).contains(code)
     {
-        errors.add(format!("{field}.regex"), format!("a regex of {} bytes is longer than 1024", regex.len()));
+        errors.add(format!("{at}.redirectCode"), format!("{code} is not a redirect code (3xx)"));
+    }
+    if let Some(scheme) = scheme
+        && !scheme.is_empty()
+        && scheme != "http"
+        && scheme != "https"
+    {
+        errors.add(format!("{at}.scheme"), format!("{scheme:?} is not a redirect scheme (http, https)"));
+    }
+    match (port, derive_port) {
+        (Some(_), Some(_)) => errors.add(at.clone(), "only one of port, derivePort may be set"),
+        (Some(port), None) if *port > 0 => check_port(errors, format!("{at}.port"), *port),
+        (None, Some(derive)) if derive != "FROM_PROTOCOL_DEFAULT" && derive != "FROM_REQUEST_PORT" => errors.add(
+            format!("{at}.derivePort"),
+            format!("{derive:?} is not a port selection (FROM_PROTOCOL_DEFAULT, FROM_REQUEST_PORT)"),
+        ),
+        _ => {}
+    }
+}
+
+/// Istio's limit on a direct response body (the control plane carries it).
+const MAX_BODY_BYTES: usize = 1 << 20;
+
+fn check_direct_response(errors: &mut Errors, at: &str, response: &HttpDirectResponse) {
+    let at = format!("{at}.directResponse");
+    if !(200..=599).contains(&response.status) {
+        errors.add(format!("{at}.status"), format!("{} is not an HTTP status (200-599)", response.status));
+    }
+    let Some(body) = &response.body else { return };
+    let size = match (&body.string, &body.bytes) {
+        (Some(_), Some(_)) => return errors.add(format!("{at}.body"), "only one of string, bytes may be set"),
+        (Some(text), None) => text.len(),
+        (None, Some(encoded)) => match base64_decode(encoded) {
+            Some(bytes) => bytes.len(),
+            None => return errors.add(format!("{at}.body.bytes"), "is not base64"),
+        },
+        (None, None) => 0,
+    };
+    if size > MAX_BODY_BYTES {
+        errors.add(format!("{at}.body"), format!("{size} bytes: a direct response body is at most 1 MiB"));
+    }
+}
+
+fn check_rewrite(errors: &mut Errors, at: &str, rewrite: &HttpRewrite) {
+    let at = format!("{at}.rewrite");
+    match (&rewrite.uri, &rewrite.uri_regex_rewrite, &rewrite.authority) {
+        (Some(_), Some(_), _) => errors.add(at.clone(), "only one of uri, uriRegexRewrite may be set"),
+        (None, None, None) => errors.add(at.clone(), "must specify uri, uriRegexRewrite or authority"),
+        _ => {}
+    }
+    if let Some(regex) = &rewrite.uri_regex_rewrite {
+        if regex.pattern.is_empty() || regex.rewrite.is_empty() {
+            errors.add(format!("{at}.uriRegexRewrite"), "needs both match and rewrite");
+        } else {
+            check_regex(errors, format!("{at}.uriRegexRewrite.match"), &regex.pattern);
+        }
+    }
+}
+
+fn check_mirrors(errors: &mut Errors, at: &str, route: &HttpRoute) {
+    if route.mirror.is_some() && !route.mirrors.is_empty() {
+        errors.add(at.to_string(), "only one of mirror, mirrors may be set");
+    }
+    if let Some(mirror) = &route.mirror {
+        check_destination(errors, &format!("{at}.mirror"), mirror);
+    }
+    if let Some(percent) = route.mirror_percent
+        && !(0..=100).contains(&percent)
+    {
+        errors.add(format!("{at}.mirrorPercent"), format!("{percent} is not a percentage between 0 and 100"));
+    }
+    if route.mirror_percentage.is_some() {
+        check_percent(errors, format!("{at}.mirrorPercentage"), &route.mirror_percentage, None);
+    }
+    for (i, mirror) in route.mirrors.iter().enumerate() {
+        check_destination(errors, &format!("{at}.mirrors[{i}].destination"), &mirror.destination);
+        if mirror.percentage.is_some() {
+            check_percent(errors, format!("{at}.mirrors[{i}].percentage"), &mirror.percentage, None);
+        }
     }
 }
 
 fn check_fault(errors: &mut Errors, at: &str, fault: &crate::istio::HttpFault) {
+    if fault.delay.is_none() && fault.abort.is_none() {
+        errors.add(format!("{at}.fault"), "needs an abort, a delay or both");
+    }
     if let Some(FaultDelay { fixed_delay, exponential_delay, percentage, percent, .. }) = &fault.delay {
         match (fixed_delay, exponential_delay) {
             (None, None) => errors.add(format!("{at}.fault.delay.fixedDelay"), "is required"),
@@ -216,9 +437,16 @@ fn check_fault(errors: &mut Errors, at: &str, fault: &crate::istio::HttpFault) {
                 check_duration(errors, format!("{at}.fault.delay.exponentialDelay"), exponential_delay);
             }
         }
+        if exponential_delay.is_some() {
+            errors.add(format!("{at}.fault.delay.exponentialDelay"), "is not supported by Istio yet");
+        }
         check_percent(errors, format!("{at}.fault.delay.percentage"), percentage, *percent);
     }
     if let Some(FaultAbort { http_status, grpc_status, http2_error, percentage, percent, .. }) = &fault.abort {
+        let set = [http_status.is_some(), grpc_status.is_some(), http2_error.is_some()].iter().filter(|s| **s).count();
+        if set > 1 {
+            errors.add(format!("{at}.fault.abort"), "only one of httpStatus, grpcStatus, http2Error may be set");
+        }
         match (http_status, grpc_status, http2_error) {
             (Some(status), _, _) if !(200..=599).contains(status) => {
                 errors.add(format!("{at}.fault.abort.httpStatus"), format!("{status} is not an HTTP status (200-599)"))
@@ -226,19 +454,51 @@ fn check_fault(errors: &mut Errors, at: &str, fault: &crate::istio::HttpFault) {
             (None, None, None) => errors.add(format!("{at}.fault.abort.httpStatus"), "is required"),
             _ => {}
         }
+        if let Some(name) = grpc_status
+            && grpc_code(name).is_none()
+        {
+            let known = GRPC_STATUS.join(", ");
+            errors.add(format!("{at}.fault.abort.grpcStatus"), format!("{name:?} is not a gRPC status ({known})"));
+        }
+        if http2_error.is_some() {
+            errors.add(format!("{at}.fault.abort.http2Error"), "is not supported by Istio yet");
+        }
         check_percent(errors, format!("{at}.fault.abort.percentage"), percentage, *percent);
     }
 }
 
-fn check_http_route(errors: &mut Errors, at: &str, route: &HttpRoute) {
-    let targets = [!route.route.is_empty(), route.redirect.is_some(), route.direct_response.is_some(), route.delegate.is_some()];
-    match targets.iter().filter(|t| **t).count() {
-        0 => errors.add(format!("{at}.route"), "one of route, redirect, directResponse, delegate is required"),
-        1 => {}
-        _ => errors.add(at.to_string(), "only one of route, redirect, directResponse, delegate may be set"),
+/// Istio's conflicts: a rule routes, redirects, answers directly or delegates — one of them; a redirect or
+/// direct response cannot be combined with fault injection or a rewrite either.
+fn check_http_targets(errors: &mut Errors, at: &str, route: &HttpRoute) {
+    let routes = !route.route.is_empty();
+    let answer = match (&route.redirect, &route.direct_response) {
+        (Some(_), Some(_)) => return errors.add(at.to_string(), "cannot contain both redirect and directResponse"),
+        (Some(_), None) => Some("redirect"),
+        (None, Some(_)) => Some("directResponse"),
+        (None, None) => None,
+    };
+    if let Some(answer) = answer {
+        for (set, what) in [(routes, "route"), (route.fault.is_some(), "fault"), (route.rewrite.is_some(), "rewrite")] {
+            if set {
+                errors.add(at.to_string(), format!("cannot contain both {what} and {answer}"));
+            }
+        }
     }
+    if route.delegate.is_some() && (routes || answer.is_some()) {
+        errors.add(at.to_string(), "only one of route, redirect, directResponse, delegate may be set");
+    }
+    if !routes && answer.is_none() && route.delegate.is_none() {
+        errors.add(format!("{at}.route"), "one of route, redirect, directResponse, delegate is required");
+    }
+}
+
+fn check_http_route(errors: &mut Errors, at: &str, route: &HttpRoute) {
+    check_http_targets(errors, at, route);
     for (i, d) in route.route.iter().enumerate() {
         check_destination(errors, &format!("{at}.route[{i}].destination"), &d.destination);
+        if let Some(headers) = &d.headers {
+            check_header_operations(errors, &format!("{at}.route[{i}]"), headers);
+        }
     }
     check_weights(errors, &format!("{at}.route"), &route.route.iter().map(|d| d.weight).collect::<Vec<_>>());
     check_duration(errors, format!("{at}.timeout"), &route.timeout);
@@ -252,21 +512,46 @@ fn check_http_route(errors: &mut Errors, at: &str, route: &HttpRoute) {
     if let Some(fault) = &route.fault {
         check_fault(errors, at, fault);
     }
+    if let Some(headers) = &route.headers {
+        check_header_operations(errors, at, headers);
+    }
+    check_authority_rewrite(errors, at, route);
+    if let Some(redirect) = &route.redirect {
+        check_redirect(errors, at, redirect);
+    }
+    if let Some(response) = &route.direct_response {
+        check_direct_response(errors, at, response);
+    }
+    if let Some(rewrite) = &route.rewrite {
+        check_rewrite(errors, at, rewrite);
+    }
+    check_mirrors(errors, at, route);
     for (i, m) in route.matches.iter().enumerate() {
         let field = |name: &str| format!("{at}.match[{i}].{name}");
         for (name, s) in [("uri", &m.uri), ("scheme", &m.scheme), ("method", &m.method), ("authority", &m.authority)] {
             if let Some(s) = s {
-                check_string_match(errors, field(name), s);
+                check_string_match(errors, field(name), s, name == "uri");
             }
         }
         for (map, entries) in [("headers", &m.headers), ("queryParams", &m.query_params), ("withoutHeaders", &m.without_headers)] {
             for (name, s) in entries {
-                check_string_match(errors, field(&format!("{map}.{name}")), s);
+                if map != "queryParams" {
+                    check_match_header(errors, field(&format!("{map}.{name}")), name);
+                }
+                // In withoutHeaders, `regex: "*"` is not a regex: it means the header is present.
+                if map == "withoutHeaders" && s.regex.as_deref() == Some("*") {
+                    continue;
+                }
+                check_string_match(errors, field(&format!("{map}.{name}")), s, false);
             }
         }
         if let Some(port) = m.port {
             check_port(errors, field("port"), port);
         }
+        if let Some(namespace) = &m.source_namespace {
+            check_namespace(errors, field("sourceNamespace"), namespace);
+        }
+        check_gateway_refs(errors, &field("gateways"), &m.gateways);
     }
 }
 
@@ -725,6 +1010,113 @@ mod tests {
         assert_eq!(vs("hosts: [r]\ngateways: [bad_name]\ntcp: [{route: [{destination: {host: r}}]}]"),
             ["spec.gateways[0]: \"bad_name\" is not a gateway name (mesh, name or namespace/name)"]);
         assert_eq!(vs("hosts: [r]\nhttp: [{name: x}]"), ["spec.http[0].route: one of route, redirect, directResponse, delegate is required"]);
+    }
+
+    #[test]
+    fn an_invalid_regex_is_an_error_naming_its_field() {
+        let errors = vs("hosts: [r]\nhttp: [{match: [{uri: {regex: '('}}], route: [{destination: {host: r}}]}]");
+        assert_eq!(errors.len(), 1, "{errors:#?}");
+        assert!(errors[0].starts_with("spec.http[0].match[0].uri.regex: \"(\" is not a valid regex: "), "{errors:#?}");
+        assert!(errors[0].contains("unclosed group"), "the parser's reason: {errors:#?}");
+        let every = vs("hosts: [r]\nhttp:\n- match:\n  - {uri: {regex: '/ok/.*'}, scheme: {regex: '['}, method: {regex: '(?P<'}, authority: {regex: 'a{2,1}'}}\n  \
+            - {headers: {x-a: {regex: '*'}}, queryParams: {q: {regex: '+'}}, withoutHeaders: {x-b: {regex: ')'}, x-c: {regex: '*'}}}\n  \
+            rewrite: {uriRegexRewrite: {match: '(?<', rewrite: /x}}\n  route: [{destination: {host: r}}]\n");
+        let fields: Vec<&str> = every.iter().map(|e| e.split(": ").next().unwrap()).collect();
+        assert_eq!(fields, [
+            "spec.http[0].rewrite.uriRegexRewrite.match",
+            "spec.http[0].match[0].scheme.regex",
+            "spec.http[0].match[0].method.regex",
+            "spec.http[0].match[0].authority.regex",
+            "spec.http[0].match[1].headers.x-a.regex",
+            "spec.http[0].match[1].queryParams.q.regex",
+            "spec.http[0].match[1].withoutHeaders.x-b.regex",
+        ], "withoutHeaders' `*` means present: {every:#?}");
+        assert!(every.iter().all(|e| e.contains("is not a valid regex")), "{every:#?}");
+        // RE2 has no backreferences or lookaround; the regex crate neither.
+        assert_eq!(vs("hosts: [r]\nhttp: [{match: [{uri: {regex: '(a)\\1'}}], route: [{destination: {host: r}}]}]").len(), 1);
+        assert_eq!(vs("hosts: [r]\nhttp: [{match: [{uri: {regex: '^/api/v[0-9]+/.*$'}}], route: [{destination: {host: r}}]}]"), Vec::<String>::new());
+    }
+
+    #[test]
+    fn redirects_direct_responses_and_rewrites_as_istio_checks_them() {
+        let http = |rule: &str| vs(&format!("hosts: [r]\nhttp: [{rule}]"));
+        assert_eq!(http("{redirect: {uri: /x}, route: [{destination: {host: r}}]}"), ["spec.http[0]: cannot contain both route and redirect"]);
+        assert_eq!(
+            http("{directResponse: {status: 200}, route: [{destination: {host: r}}], rewrite: {uri: /y}}"),
+            ["spec.http[0]: cannot contain both route and directResponse", "spec.http[0]: cannot contain both rewrite and directResponse"]
+        );
+        assert_eq!(http("{redirect: {uri: /x}, directResponse: {status: 200}}"), ["spec.http[0]: cannot contain both redirect and directResponse"]);
+        assert_eq!(http("{redirect: {}}"), ["spec.http[0].redirect: must specify uri, authority, scheme or port"]);
+        assert_eq!(
+            http("{redirect: {uri: /x, redirectCode: 200, scheme: ftp, port: 70000}}"),
+            [
+                "spec.http[0].redirect.redirectCode: 200 is not a redirect code (3xx)",
+                "spec.http[0].redirect.scheme: \"ftp\" is not a redirect scheme (http, https)",
+                "spec.http[0].redirect.port: 70000 is not a port (1-65535)",
+            ]
+        );
+        assert_eq!(http("{redirect: {derivePort: FROM_REQUEST_PORT, redirectCode: 302}}"), Vec::<String>::new());
+        assert_eq!(http("{directResponse: {status: 600}}"), ["spec.http[0].directResponse.status: 600 is not an HTTP status (200-599)"]);
+        assert_eq!(http("{directResponse: {status: 404, body: {bytes: 'not base64!'}}}"), ["spec.http[0].directResponse.body.bytes: is not base64"]);
+        assert_eq!(http("{directResponse: {status: 404, body: {string: a, bytes: YQ==}}}"), ["spec.http[0].directResponse.body: only one of string, bytes may be set"]);
+        assert_eq!(http("{directResponse: {status: 404, body: {string: gone}}}"), Vec::<String>::new());
+        assert_eq!(http("{rewrite: {}, route: [{destination: {host: r}}]}"), ["spec.http[0].rewrite: must specify uri, uriRegexRewrite or authority"]);
+        assert_eq!(
+            http("{rewrite: {uri: /a, uriRegexRewrite: {match: a, rewrite: b}}, route: [{destination: {host: r}}]}"),
+            ["spec.http[0].rewrite: only one of uri, uriRegexRewrite may be set"]
+        );
+        assert_eq!(
+            http("{rewrite: {authority: a}, headers: {request: {set: {Host: b}}}, route: [{destination: {host: r}}]}"),
+            ["spec.http[0].headers.request: the authority is set more than once ([\"a\", \"b\"])"]
+        );
+    }
+
+    #[test]
+    fn header_operations_mirrors_and_grpc_aborts_are_checked() {
+        let http = |rule: &str| vs(&format!("hosts: [r]\nhttp: [{rule}]"));
+        let headers = http(
+            "{headers: {request: {set: {':path': /x, host: h, 'bad name': v}, remove: [host]}, response: {add: {x-a: \"a\\nb\"}}}, \
+             route: [{destination: {host: r}, headers: {response: {set: {':authority': x}}}}]}",
+        );
+        assert_eq!(headers, [
+            "spec.http[0].route[0].headers.response.set.:authority: \":authority\": the Host header can only be set or added on requests",
+            "spec.http[0].headers.request.set.:path: \":path\": a pseudo-header (\":\" prefix) cannot be changed",
+            "spec.http[0].headers.request.set.bad name: \"bad name\" is not a header name",
+            "spec.http[0].headers.request.remove[0]: \"host\": the Host header can only be set or added on requests",
+            "spec.http[0].headers.response.add.x-a: \"a\\nb\": a header value cannot hold control characters",
+        ]);
+        assert_eq!(
+            http("{match: [{headers: {'@request.auth.claims.group': {exact: a}, ':authority': {prefix: x}, 'a b': {exact: c}}}], route: [{destination: {host: r}}]}"),
+            ["spec.http[0].match[0].headers.a b: \"a b\" is not a header name"]
+        );
+        assert_eq!(
+            http("{route: [{destination: {host: r}}], mirror: {host: m}, mirrors: [{destination: {host: '*'}, percentage: {value: 101}}], mirrorPercent: 120}"),
+            [
+                "spec.http[0]: only one of mirror, mirrors may be set",
+                "spec.http[0].mirrorPercent: 120 is not a percentage between 0 and 100",
+                "spec.http[0].mirrors[0].destination.host: \"*\": a destination host cannot be a wildcard",
+                "spec.http[0].mirrors[0].percentage: 101 is not a percentage between 0 and 100",
+            ]
+        );
+        assert_eq!(http("{route: [{destination: {host: r}}], mirror: {host: m}, mirrorPercentage: {value: 0.5}}"), Vec::<String>::new());
+        let grpc = http("{route: [{destination: {host: r}}], fault: {abort: {grpcStatus: NOPE}}}");
+        assert_eq!(grpc.len(), 1);
+        assert!(grpc[0].starts_with("spec.http[0].fault.abort.grpcStatus: \"NOPE\" is not a gRPC status (OK, CANCELLED,"), "{grpc:#?}");
+        assert_eq!(http("{route: [{destination: {host: r}}], fault: {abort: {grpcStatus: UNAVAILABLE, percentage: {value: 10}}}}"), Vec::<String>::new());
+        assert_eq!(http("{route: [{destination: {host: r}}], fault: {}}"), ["spec.http[0].fault: needs an abort, a delay or both"]);
+    }
+
+    #[test]
+    fn base64_as_protobuf_json_writes_bytes() {
+        assert_eq!(base64_decode("aGVsbG8sIHdvcmxk").unwrap(), b"hello, world");
+        assert_eq!(base64_decode("YQ==").unwrap(), b"a");
+        assert_eq!(base64_decode("YQ").unwrap(), b"a", "padding is optional");
+        assert_eq!(base64_decode("-_8=").unwrap(), [0xfb, 0xff], "URL-safe alphabet");
+        assert_eq!(base64_decode("+/8=").unwrap(), [0xfb, 0xff]);
+        assert_eq!(base64_decode("").unwrap(), b"");
+        for bad in ["a", "YQ===", "Y Q=", "é"] {
+            assert_eq!(base64_decode(bad), None, "{bad:?}");
+        }
     }
 
     #[test]

@@ -257,14 +257,41 @@ mod tests {
     #[tokio::test]
     async fn unsupported_fields_are_named_and_the_object_applies() {
         let mut state = state("1s", 1);
-        state.virtual_services[0].spec.http[0].mirror = Some(serde_json::json!({"host": "shadow"}));
+        let cors = serde_json::json!({"allowOrigins": [{"exact": "x"}]});
+        state.virtual_services[0].spec.http[0].cors_policy = Some(cors);
         let (_states_tx, states) = watch::channel(state);
         let (verdicts_tx, verdicts) = watch::channel(Vec::new());
         let snapshots = run(states, verdicts_tx, None);
         let verdict = verdicts.borrow()[0].clone();
         assert!(verdict.errors.is_empty());
-        assert_eq!(verdict.unsupported[0].field, "spec.http[0].mirror");
-        assert!(snapshots.borrow().compiled.resources.contains_key("route/shop/reviews"), "applied without the mirror");
+        assert_eq!(verdict.unsupported[0].field, "spec.http[0].corsPolicy");
+        assert!(snapshots.borrow().compiled.resources.contains_key("route/shop/reviews"), "applied without the CORS policy");
+    }
+
+    #[tokio::test]
+    async fn an_invalid_regex_is_named_by_its_field_and_the_last_valid_generation_stays() {
+        let (states_tx, states) = watch::channel(state("1s", 1));
+        let (verdicts_tx, mut verdicts) = watch::channel(Vec::<Verdict>::new());
+        let snapshots = run(states, verdicts_tx, None);
+        let mut bad = state("1s", 2);
+        let uri = warren_config::istio::StringMatch { regex: Some("(".into()), ..Default::default() };
+        let matches = vec![warren_config::istio::HttpMatchRequest { uri: Some(uri), ..Default::default() }];
+        bad.virtual_services[0].spec.http[0].matches = matches;
+        states_tx.send(bad).unwrap();
+        let refused = tokio::time::timeout(
+            std::time::Duration::from_secs(5),
+            verdicts.wait_for(|v| v.iter().any(|v| !v.errors.is_empty())),
+        )
+        .await
+        .unwrap()
+        .unwrap()
+        .clone();
+        assert_eq!(refused[0].errors[0].field, "spec.http[0].match[0].uri.regex", "{refused:?}");
+        assert!(refused[0].errors[0].reason.starts_with("\"(\" is not a valid regex: "), "{refused:?}");
+        assert_eq!(refused[0].kept_generation, Some(1));
+        let kept = snapshots.borrow().compiled.resources.get("route/shop/reviews").map(|r| (**r).clone());
+        let Some(Resource::Route(route)) = kept else { panic!("the route stays") };
+        assert!(route.http[0].matches.is_empty(), "generation 1, without the bad match");
     }
 
     fn policy(spec: &str) -> ClusterState {

@@ -14,12 +14,12 @@ use kube::ResourceExt;
 
 use crate::{
     cluster::ClusterState,
-    istio::{Destination, VirtualService},
+    istio::{self, Destination, HttpRoute, VirtualService},
     tables::{
-        Endpoint, Fault, HttpRule, Origin, Resource, Retries, Route, Service, ServicePort, Tables,
-        TcpRule, WeightedDestination,
+        DirectResponse, Endpoint, Fault, HeaderOperations, HeaderOps, HttpRule, Mirror, Origin, Redirect, RegexRewrite,
+        Resource, Retries, Rewrite, Route, Service, ServicePort, Tables, TcpRule, WeightedDestination,
     },
-    validate::{duration_ms, fault_percent},
+    validate::{base64_decode, duration_ms, fault_percent, grpc_code},
     workloads::{Pod, is_enrolled},
 };
 
@@ -303,34 +303,84 @@ fn route(vs: &VirtualService, services: &HashMap<String, String>) -> Route {
         services: resolved,
         hosts: vs.spec.hosts.clone(),
         gateways: vs.spec.gateways.clone(),
-        http: vs
-            .spec
-            .http
-            .iter()
-            .map(|h| HttpRule {
-                name: h.name.clone(),
-                matches: h.matches.clone(),
-                destinations: normalize(
-                    h.route.iter().map(|d| destination(&d.destination, d.weight, &ns, services)).collect(),
-                ),
-                timeout_ms: h.timeout.as_deref().and_then(duration_ms),
-                retries: h.retries.as_ref().map(|r| Retries {
-                    attempts: r.attempts.max(0) as u32,
-                    per_try_timeout_ms: r.per_try_timeout.as_deref().and_then(duration_ms),
-                    retry_on: r.retry_on.clone(),
-                }),
-                fault: h.fault.as_ref().map(|f| Fault {
-                    delay_ms: f.delay.as_ref().and_then(|d| d.fixed_delay.as_deref()).and_then(duration_ms),
-                    delay_percent: f.delay.as_ref().map(|d| fault_percent(&d.percentage, d.percent)).unwrap_or(0.0),
-                    abort_http_status: f.abort.as_ref().and_then(|a| a.http_status).map(|s| s as u16),
-                    abort_percent: f.abort.as_ref().map(|a| fault_percent(&a.percentage, a.percent)).unwrap_or(0.0),
-                    ..Default::default()
-                }),
-                ..Default::default()
-            })
-            .collect(),
+        http: vs.spec.http.iter().map(|h| http_rule(h, &ns, services)).collect(),
         tcp: vs.spec.tcp.iter().flat_map(|t| tcp_rules(t, &ns, services)).collect(),
     }
+}
+
+/// One `http` rule as the agent's proxy applies it. A rule that answers itself (`redirect`,
+/// `directResponse`) has no destinations, whatever `route` says (validation rejects both together).
+fn http_rule(h: &HttpRoute, namespace: &str, services: &HashMap<String, String>) -> HttpRule {
+    let answered = h.redirect.is_some() || h.direct_response.is_some();
+    let destinations = h.route.iter().filter(|_| !answered).map(|d| WeightedDestination {
+        headers: header_operations(&d.headers),
+        ..destination(&d.destination, d.weight, namespace, services)
+    });
+    HttpRule {
+        name: h.name.clone(),
+        matches: h.matches.clone(),
+        destinations: normalize(destinations.collect()),
+        timeout_ms: h.timeout.as_deref().and_then(duration_ms),
+        retries: h.retries.as_ref().map(|r| Retries {
+            attempts: r.attempts.max(0) as u32,
+            per_try_timeout_ms: r.per_try_timeout.as_deref().and_then(duration_ms),
+            retry_on: r.retry_on.clone(),
+        }),
+        fault: h.fault.as_ref().map(|f| Fault {
+            delay_ms: f.delay.as_ref().and_then(|d| d.fixed_delay.as_deref()).and_then(duration_ms),
+            delay_percent: f.delay.as_ref().map(|d| fault_percent(&d.percentage, d.percent)).unwrap_or(0.0),
+            abort_http_status: f.abort.as_ref().and_then(|a| a.http_status).and_then(|s| u16::try_from(s).ok()),
+            abort_grpc_status: f.abort.as_ref().and_then(|a| a.grpc_status.as_deref()).and_then(grpc_code),
+            abort_percent: f.abort.as_ref().map(|a| fault_percent(&a.percentage, a.percent)).unwrap_or(0.0),
+        }),
+        headers: header_operations(&h.headers),
+        rewrite: h.rewrite.as_ref().map(|r| Rewrite {
+            uri: r.uri.clone(),
+            uri_regex: r
+                .uri_regex_rewrite
+                .as_ref()
+                .map(|x| RegexRewrite { pattern: x.pattern.clone(), rewrite: x.rewrite.clone() }),
+            authority: r.authority.clone(),
+        }),
+        redirect: h.redirect.as_ref().map(|r| Redirect {
+            uri: r.uri.clone(),
+            authority: r.authority.clone(),
+            port: r.port.and_then(|p| u16::try_from(p).ok()),
+            scheme: r.scheme.clone(),
+            status: r.redirect_code.and_then(|c| u16::try_from(c).ok()).unwrap_or(301),
+        }),
+        direct_response: h.direct_response.as_ref().map(|d| DirectResponse {
+            status: u16::try_from(d.status).unwrap_or(u16::MAX),
+            body: d.body.as_ref().and_then(|b| match (&b.string, &b.bytes) {
+                (Some(text), _) => Some(text.clone()),
+                (None, Some(encoded)) => base64_decode(encoded).map(|b| String::from_utf8_lossy(&b).into_owned()),
+                (None, None) => None,
+            }),
+        }),
+        mirrors: mirrors(h, namespace, services),
+    }
+}
+
+/// `mirror` (with `mirrorPercentage`, else the legacy `mirrorPercent`, else 100) and then each of
+/// `mirrors` (its `percentage`, else 100), resolved like route destinations.
+fn mirrors(h: &HttpRoute, namespace: &str, services: &HashMap<String, String>) -> Vec<Mirror> {
+    let mirror = |d: &Destination, percent: f64| {
+        let to = destination(d, None, namespace, services);
+        Mirror { service: to.service, subset: to.subset, port: to.port, percent }
+    };
+    let single = h.mirror.as_ref().map(|d| mirror(d, fault_percent(&h.mirror_percentage, h.mirror_percent)));
+    let listed = h.mirrors.iter().map(|m| mirror(&m.destination, fault_percent(&m.percentage, None)));
+    single.into_iter().chain(listed).collect()
+}
+
+fn header_operations(headers: &Option<istio::Headers>) -> HeaderOperations {
+    let ops = |o: &Option<istio::HeaderOperations>| {
+        o.as_ref()
+            .map(|o| HeaderOps { set: o.set.clone(), add: o.add.clone(), remove: o.remove.clone() })
+            .unwrap_or_default()
+    };
+    let operations = |h: &istio::Headers| HeaderOperations { request: ops(&h.request), response: ops(&h.response) };
+    headers.as_ref().map(operations).unwrap_or_default()
 }
 
 /// A tcp route as rules the agent evaluates: one per match (matches are alternatives), the port being the
@@ -460,5 +510,111 @@ mod tests {
         ));
         let rules: Vec<_> = route_of(&c, "r").tcp.iter().map(|t| (t.port, t.destinations[0].subset.clone().unwrap())).collect();
         assert_eq!(rules, [(Some(9080), "v1".to_string()), (Some(9081), "v1".to_string())], "the sourceLabels rule is not applied to everyone");
+    }
+
+    fn http_rules(spec: &str) -> Vec<HttpRule> {
+        let yaml = format!("{VS}metadata: {{name: r, namespace: bookinfo}}\nspec:\n  hosts: [reviews]\n  http:\n{spec}");
+        let c = compiled(&yaml);
+        route_of(&c, "r").http.clone()
+    }
+
+    fn ops(set: &[(&str, &str)], add: &[(&str, &str)], remove: &[&str]) -> HeaderOps {
+        let map = |entries: &[(&str, &str)]| entries.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect();
+        HeaderOps { set: map(set), add: map(add), remove: remove.iter().map(|r| r.to_string()).collect() }
+    }
+
+    #[test]
+    fn header_operations_of_rules_and_destinations() {
+        let rules = http_rules(
+            "  - headers: {request: {set: {x-a: '1'}, add: {x-b: '2'}, remove: [x-c]}, response: {remove: [server]}}\n\
+             \x20   route:\n    - destination: {host: reviews, subset: v1}\n      headers: {response: {set: {x-v: v1}}}\n",
+        );
+        assert_eq!(rules[0].headers.request, ops(&[("x-a", "1")], &[("x-b", "2")], &["x-c"]));
+        assert_eq!(rules[0].headers.response, ops(&[], &[], &["server"]));
+        let to = &rules[0].destinations[0];
+        assert_eq!((to.service.as_str(), to.subset.as_deref(), to.weight), ("bookinfo/reviews", Some("v1"), 100));
+        let response = ops(&[("x-v", "v1")], &[], &[]);
+        assert_eq!(to.headers, HeaderOperations { request: HeaderOps::default(), response });
+    }
+
+    #[test]
+    fn matches_timeouts_and_rewrites_are_carried() {
+        let rules = http_rules(
+            "  - match: [{uri: {prefix: /api/}, headers: {end-user: {exact: jason}}}]\n    timeout: 1.5s\n\
+             \x20   rewrite: {uri: /v2/, authority: reviews.example}\n    route: [{destination: {host: reviews}}]\n\
+             \x20 - rewrite: {uriRegexRewrite: {match: '^/old/(.*)$', rewrite: '/new/\\1'}}\n    route: [{destination: {host: reviews}}]\n",
+        );
+        assert_eq!(rules[0].matches[0].uri.as_ref().unwrap().prefix.as_deref(), Some("/api/"));
+        assert_eq!(rules[0].matches[0].headers["end-user"].exact.as_deref(), Some("jason"));
+        assert_eq!(rules[0].timeout_ms, Some(1500));
+        let prefix = Rewrite { uri: Some("/v2/".into()), uri_regex: None, authority: Some("reviews.example".into()) };
+        assert_eq!(rules[0].rewrite, Some(prefix));
+        let regex = RegexRewrite { pattern: "^/old/(.*)$".into(), rewrite: "/new/\\1".into() };
+        assert_eq!(rules[1].rewrite, Some(Rewrite { uri: None, uri_regex: Some(regex), authority: None }));
+    }
+
+    #[test]
+    fn redirects_and_direct_responses_answer_without_destinations() {
+        let rules = http_rules(
+            "  - match: [{uri: {exact: /old}}]\n    redirect: {uri: /new, authority: example.com, port: 8080, scheme: https, redirectCode: 308}\n\
+             \x20 - redirect: {uri: /elsewhere}\n\
+             \x20 - match: [{uri: {prefix: /text}}]\n    directResponse: {status: 503, body: {string: unavailable}}\n\
+             \x20 - match: [{uri: {prefix: /bytes}}]\n    directResponse: {status: 200, body: {bytes: aGVsbG8sIHdvcmxk}}\n\
+             \x20 - directResponse: {status: 204}\n",
+        );
+        let redirect = Redirect {
+            uri: Some("/new".into()),
+            authority: Some("example.com".into()),
+            port: Some(8080),
+            scheme: Some("https".into()),
+            status: 308,
+        };
+        assert_eq!(rules[0].redirect, Some(redirect));
+        let plain = rules[1].redirect.as_ref().map(|r| (r.uri.as_deref(), r.status));
+        assert_eq!(plain, Some((Some("/elsewhere"), 301)), "301 by default");
+        assert_eq!(rules[2].direct_response, Some(DirectResponse { status: 503, body: Some("unavailable".into()) }));
+        let decoded = DirectResponse { status: 200, body: Some("hello, world".into()) };
+        assert_eq!(rules[3].direct_response, Some(decoded), "bytes: base64");
+        assert_eq!(rules[4].direct_response, Some(DirectResponse { status: 204, body: None }));
+        assert!(rules.iter().all(|r| r.destinations.is_empty()), "{rules:#?}");
+    }
+
+    #[test]
+    fn mirrors_resolve_like_destinations_with_their_percentages() {
+        let rules = http_rules(
+            "  - route: [{destination: {host: reviews, subset: v1}}]\n    mirror: {host: reviews, subset: v3}\n\
+             \x20 - route: [{destination: {host: reviews}}]\n    mirror: {host: shadow.example.com, port: {number: 8080}}\n    mirrorPercentage: {value: 12.5}\n\
+             \x20 - route: [{destination: {host: reviews}}]\n    mirror: {host: reviews}\n    mirrorPercent: 30\n\
+             \x20 - route: [{destination: {host: reviews}}]\n    mirrors: [{destination: {host: reviews, subset: v3}, percentage: {value: 5}}, {destination: {host: other}}]\n",
+        );
+        let mirror = |service: &str, subset: Option<&str>, port: Option<u16>, percent: f64| Mirror {
+            service: service.into(),
+            subset: subset.map(Into::into),
+            port,
+            percent,
+        };
+        assert_eq!(rules[0].mirrors, [mirror("bookinfo/reviews", Some("v3"), None, 100.0)], "100% by default");
+        assert_eq!(rules[1].mirrors, [mirror("shadow.example.com", None, Some(8080), 12.5)]);
+        assert_eq!(rules[2].mirrors, [mirror("bookinfo/reviews", None, None, 30.0)], "the legacy integer");
+        let expected =
+            [mirror("bookinfo/reviews", Some("v3"), None, 5.0), mirror("other.bookinfo.svc.cluster.local", None, None, 100.0)];
+        assert_eq!(rules[3].mirrors, expected, "a host that names no service stays qualified");
+    }
+
+    #[test]
+    fn faults_carry_http_and_grpc_aborts() {
+        let rules = http_rules(
+            "  - fault: {delay: {fixedDelay: 7s, percentage: {value: 100}}, abort: {httpStatus: 500, percent: 10}}\n    route: [{destination: {host: reviews}}]\n\
+             \x20 - fault: {abort: {grpcStatus: UNAVAILABLE, percentage: {value: 50}}}\n    route: [{destination: {host: reviews}}]\n",
+        );
+        let fault = rules[0].fault.clone().unwrap();
+        let http = (fault.delay_ms, fault.delay_percent, fault.abort_http_status, fault.abort_percent);
+        assert_eq!(http, (Some(7000), 100.0, Some(500), 10.0));
+        let grpc = rules[1].fault.clone().unwrap();
+        let code = (grpc.abort_grpc_status, grpc.abort_http_status, grpc.abort_percent, grpc.delay_ms);
+        assert_eq!(code, (Some(14), None, 50.0, None));
+        assert_eq!(crate::validate::grpc_code("OK"), Some(0));
+        assert_eq!(crate::validate::grpc_code("UNAUTHENTICATED"), Some(16));
+        assert_eq!(crate::validate::grpc_code("unavailable"), None, "names are upper case, as in Istio");
     }
 }

@@ -34,8 +34,9 @@ impl ClusterState {
             .filter_map(offset)
             .collect();
         taken.extend(RESERVED);
-        let mut wanting: Vec<usize> = (0..self.services.len()).filter(|&i| needs_cluster_ip(&self.services[i])).collect();
-        wanting.sort_by_key(|&i| (self.services[i].namespace().unwrap_or_default(), self.services[i].name_any()));
+        let services = &self.services;
+        let mut wanting: Vec<usize> = (0..services.len()).filter(|&i| needs_cluster_ip(&services[i])).collect();
+        wanting.sort_by_key(|&i| (services[i].namespace().unwrap_or_default(), services[i].name_any()));
         for i in wanting {
             let service = &mut self.services[i];
             let key = format!("{}/{}", service.namespace().unwrap_or_default(), service.name_any());
@@ -70,7 +71,8 @@ mod tests {
     use super::*;
 
     fn service(namespace: &str, name: &str, spec: &str) -> String {
-        format!("apiVersion: v1\nkind: Service\nmetadata: {{name: {name}, namespace: {namespace}}}\nspec: {spec}\n---\n")
+        let metadata = format!("{{name: {name}, namespace: {namespace}}}");
+        format!("apiVersion: v1\nkind: Service\nmetadata: {metadata}\nspec: {spec}\n---\n")
     }
 
     fn allocated(yaml: &str) -> Vec<(String, Option<String>)> {
@@ -80,7 +82,10 @@ mod tests {
         let mut ips: Vec<_> = state
             .services
             .iter()
-            .map(|s| (format!("{}/{}", s.namespace().unwrap(), s.name_any()), s.spec.as_ref().and_then(|s| s.cluster_ip.clone())))
+            .map(|s| {
+                let name = format!("{}/{}", s.namespace().unwrap(), s.name_any());
+                (name, s.spec.as_ref().and_then(|s| s.cluster_ip.clone()))
+            })
             .collect();
         ips.sort();
         ips

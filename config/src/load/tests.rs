@@ -328,7 +328,8 @@ fn the_bookinfo_samples_read_as_one_directory() {
     // bookinfo.yaml's Services have no clusterIP: the directory gives each one, as the API server would.
     let compiled = crate::compile::compile(&state);
     for name in services {
-        let Some(crate::tables::Resource::Service(service)) = compiled.resources.get(&format!("service/default/{name}")).map(|r| r.as_ref()) else { panic!("{name}") };
+        let resource = compiled.resources.get(&format!("service/default/{name}")).map(|r| r.as_ref());
+        let Some(crate::tables::Resource::Service(service)) = resource else { panic!("{name}") };
         assert_eq!(service.vips.len(), 1, "{name}: {:?}", service.vips);
         assert!(service.vips[0].to_string().starts_with("10.96."), "{name}: {:?}", service.vips);
     }
