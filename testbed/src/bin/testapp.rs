@@ -34,6 +34,14 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Cmd {
+    /// A server-first protocol (as SMTP or MySQL): each connection gets `220 <name> ready` before the
+    /// client says anything, then an echo of each line.
+    Banner {
+        #[arg(long)]
+        name: String,
+        #[arg(long)]
+        port: u16,
+    },
     Serve {
         #[arg(long)]
         name: String,
@@ -158,6 +166,7 @@ fn main() -> ExitCode {
         Cmd::HttpGet { to, path } => http_get(to, &path),
         Cmd::ConnectTimes { to, count, bytes } => connect_times(to, count, bytes),
         Cmd::Hold { to, bytes, probe_ms, max_ms } => hold(to, bytes, Duration::from_millis(probe_ms), Duration::from_millis(max_ms)),
+        Cmd::Banner { name, port } => banner(&name, port),
         Cmd::Pause => loop {
             std::thread::park();
         },
@@ -586,4 +595,31 @@ fn http_get(to: SocketAddr, path: &str) -> ExitCode {
             ExitCode::FAILURE
         }
     }
+}
+
+fn banner(name: &str, port: u16) -> ExitCode {
+    let listener = match TcpListener::bind(("::", port)) {
+        Ok(listener) => listener,
+        Err(e) => {
+            eprintln!("warren-testapp: banner on {port}: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    println!("ready");
+    for stream in listener.incoming().flatten() {
+        let greeting = format!("220 {name} ready\r\n");
+        std::thread::spawn(move || {
+            let mut writer = stream;
+            if writer.write_all(greeting.as_bytes()).is_err() {
+                return;
+            }
+            let Ok(reader) = writer.try_clone() else { return };
+            for line in BufReader::new(reader).lines().map_while(Result::ok) {
+                if writeln!(writer, "{line}").is_err() {
+                    break;
+                }
+            }
+        });
+    }
+    ExitCode::SUCCESS
 }
