@@ -213,6 +213,23 @@ pub struct Route {
     pub http: Vec<HttpRule>,
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub tcp: Vec<TcpRule>,
+    /// Warren's connection faults for the routed services (the VirtualService's `fault.warren.dev/*`
+    /// annotations): decided in the kernel, at connect().
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub connect_fault: Option<ConnectFault>,
+}
+
+/// Connection-level fault injection, a Warren extension: a share of connects to the service fails with
+/// ECONNREFUSED, and a share is held `delay_ms` before it reaches the upstream.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct ConnectFault {
+    #[serde(default)]
+    pub abort_percent: f64,
+    #[serde(default)]
+    pub delay_ms: u64,
+    #[serde(default)]
+    pub delay_percent: f64,
 }
 
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]

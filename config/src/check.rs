@@ -58,7 +58,9 @@ macro_rules! istio_object {
                 self.metadata.uid.clone()
             }
             fn validate(&self) -> Vec<FieldError> {
-                $validate(&self.spec)
+                let mut errors = $validate(&self.spec);
+                errors.extend(validate::annotations($kind, self.metadata.annotations.as_ref()));
+                errors
             }
             fn spec_json(&self) -> serde_json::Value {
                 serde_json::to_value(&self.spec).unwrap_or_default()

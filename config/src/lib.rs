@@ -5,6 +5,7 @@ pub mod analyze;
 pub mod check;
 pub mod cluster;
 pub mod compile;
+pub mod connect_fault;
 pub mod istio;
 pub mod load;
 pub mod support;

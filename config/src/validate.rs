@@ -571,6 +571,14 @@ fn check_gateway_refs(errors: &mut Errors, field: &str, gateways: &[String]) {
     }
 }
 
+/// Warren's annotations on an object of `kind`: a VirtualService's connection faults.
+pub fn annotations(kind: &str, annotations: Option<&std::collections::BTreeMap<String, String>>) -> Vec<FieldError> {
+    match (kind, annotations) {
+        ("VirtualService", Some(annotations)) => crate::connect_fault::parse(annotations).err().unwrap_or_default(),
+        _ => Vec::new(),
+    }
+}
+
 pub fn virtual_service(spec: &VirtualServiceSpec) -> Vec<FieldError> {
     let mut errors = Errors::default();
     if spec.hosts.is_empty() {

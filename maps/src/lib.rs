@@ -37,6 +37,27 @@ pub mod names {
     pub const L4_AUTHZ: &str = "L4_AUTHZ";
     /// Ring buffer of [`AuthzDenial`](super::AuthzDenial): one record per connection sk_lookup refused.
     pub const AUTHZ_DENIALS: &str = "AUTHZ_DENIALS";
+    /// [`ServiceKey`](super::ServiceKey) → [`ConnectFault`](super::ConnectFault): connection faults
+    /// connect4/6 inject for enrolled workloads' connects to a service address (Warren's L4 fault injection).
+    pub const CONNECT_FAULTS: &str = "CONNECT_FAULTS";
+}
+
+/// Capacity of [`names::CONNECT_FAULTS`].
+pub const MAX_CONNECT_FAULTS: u32 = 4096;
+
+/// Where an aborted connect is sent instead: a loopback port nothing listens on, so the kernel answers
+/// the SYN with a reset and connect() fails with ECONNREFUSED (as a refused connection does).
+pub const REFUSED_PORT: u16 = 1;
+
+/// Value of [`names::CONNECT_FAULTS`]; shares are parts per million of connects.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct ConnectFault {
+    pub abort_per_million: u32,
+    pub delay_per_million: u32,
+    /// How long the agent holds a delayed connection before it connects upstream.
+    pub delay_ms: u32,
+    pub _pad: u32,
 }
 
 /// Capacity of [`names::SERVICE_ROUTES`] (VIP:port pairs).
@@ -238,7 +259,8 @@ pub struct OriginalDst {
     pub ip: [u32; 4],
     pub port: u16,
     pub family: u16,
-    pub _pad: u32,
+    /// A connection fault connect4/6 decided: the agent waits this long before it connects (0: none).
+    pub delay_ms: u32,
     /// The cgroup that was matched in [`names::ENROLLED_CGROUPS`].
     pub cgroup_id: u64,
 }
@@ -270,10 +292,14 @@ pub enum Counter {
     /// sk_lookup refused a connection but `AUTHZ_DENIALS` was full: the denial record was dropped (the
     /// refusal itself still happened and was counted in `InboundDenied`).
     DenialEventsLost = 10,
+    /// connect4/6 aborted a connect by a [`ConnectFault`] (the agent never sees it).
+    ConnectAborted = 11,
+    /// connect4/6 marked a connection for a fault delay.
+    ConnectDelayed = 12,
 }
 
 impl Counter {
-    pub const ALL: [Counter; 11] = [
+    pub const ALL: [Counter; 13] = [
         Counter::Connect4,
         Counter::Connect4Redirected,
         Counter::OriginalDstRecorded,
@@ -285,6 +311,8 @@ impl Counter {
         Counter::SkMsgRedirected,
         Counter::InboundDenied,
         Counter::DenialEventsLost,
+        Counter::ConnectAborted,
+        Counter::ConnectDelayed,
     ];
     pub const fn name(self) -> &'static str {
         match self {
@@ -299,6 +327,8 @@ impl Counter {
             Counter::SkMsgRedirected => "sk_msg_redirected",
             Counter::InboundDenied => "inbound_denied",
             Counter::DenialEventsLost => "denial_events_lost",
+            Counter::ConnectAborted => "connect_aborted",
+            Counter::ConnectDelayed => "connect_delayed",
         }
     }
 }
@@ -319,6 +349,7 @@ mod user {
     unsafe impl aya::Pod for SocketKey {}
     unsafe impl aya::Pod for ServiceKey {}
     unsafe impl aya::Pod for ServiceRoute {}
+    unsafe impl aya::Pod for ConnectFault {}
     unsafe impl aya::Pod for AuthzTarget {}
     unsafe impl aya::Pod for AuthzVerdict {}
     unsafe impl aya::Pod for AuthzDenial {}
@@ -517,6 +548,7 @@ mod user {
         #[test]
         fn layouts_have_no_implicit_padding() {
             assert_eq!(core::mem::size_of::<EnrolledCgroup>(), 8);
+            assert_eq!(core::mem::size_of::<ConnectFault>(), 16);
             assert_eq!(core::mem::size_of::<ConnectionKey>(), 32);
             assert_eq!(core::mem::size_of::<OriginalDst>(), 32);
             assert_eq!(core::mem::size_of::<Settings>(), 8);

@@ -535,6 +535,19 @@ impl Pod {
         Ok(micros.iter().filter_map(|m| m.as_u64()).map(std::time::Duration::from_micros).collect())
     }
 
+    /// Opens `count` connections to `to` from inside this pod, one after another, each echoing `bytes`, and
+    /// keeps going past failures: what each attempt came to.
+    pub fn connect_outcomes(&self, to: SocketAddr, count: usize, bytes: usize) -> Result<ConnectOutcomes> {
+        let mut cmd = std::process::Command::new(bin_path("warren-testapp")?);
+        cmd.args(["connect-outcomes", "--to", &to.to_string(), "--count", &count.to_string(), "--bytes", &bytes.to_string()]);
+        let out = self.run(cmd)?;
+        let stdout = String::from_utf8_lossy(&out.stdout);
+        let line = stdout.lines().rev().find(|l| l.starts_with('{')).with_context(|| {
+            format!("connect-outcomes printed no result ({}); stderr: {}", out.status, String::from_utf8_lossy(&out.stderr))
+        })?;
+        Ok(serde_json::from_str(line)?)
+    }
+
     /// Opens one long-lived connection to `to` from inside this pod: returns once an echo crossed it
     /// (fails if it could not be opened); [`HeldConnection::wait_closed`] reports when it ended. With
     /// `probe`, the client echoes one byte that often ([`HeldConnection::probes`]); without, it sits in a
@@ -746,4 +759,15 @@ fn sweep_stale() {
             }
         }
     }
+}
+
+/// What [`Pod::connect_outcomes`] saw.
+#[derive(Debug, Clone, Default, serde::Deserialize)]
+pub struct ConnectOutcomes {
+    /// Each working connection's time, from `connect()` until its echo was back (µs).
+    pub micros: Vec<u64>,
+    /// Connects that failed with ECONNREFUSED.
+    pub refused: usize,
+    /// Every other failure.
+    pub failed: Vec<String>,
 }

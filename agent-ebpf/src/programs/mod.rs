@@ -8,8 +8,9 @@ use aya_ebpf::{
     maps::{Array, HashMap, LpmTrie, LruHashMap, PerCpuArray, RingBuf, SockHash},
 };
 use warren_maps::{
-    AUTHZ_DENIALS_BYTES, AuthzTarget, AuthzVerdict, ConnectionKey, Counter, EnrolledCgroup, ListenerKey, MAX_L4_AUTHZ,
-    MAX_SERVICE_ROUTES, NUM_COUNTERS, OriginalDst, ServiceKey, ServiceRoute, Settings, SocketKey,
+    AUTHZ_DENIALS_BYTES, AuthzTarget, AuthzVerdict, ConnectFault, ConnectionKey, Counter, EnrolledCgroup, ListenerKey,
+    MAX_CONNECT_FAULTS, MAX_L4_AUTHZ, MAX_SERVICE_ROUTES, NUM_COUNTERS, OriginalDst, ServiceKey, ServiceRoute, Settings,
+    SocketKey,
 };
 
 pub(crate) const AF_INET: u32 = warren_maps::AF_INET as u32;
@@ -50,6 +51,10 @@ pub(crate) static L4_AUTHZ: LpmTrie<AuthzTarget, AuthzVerdict> = LpmTrie::pinned
 /// One `warren_maps::AuthzDenial` per connection sk_lookup refused; the agent reads it.
 #[map(name = "AUTHZ_DENIALS")]
 pub(crate) static AUTHZ_DENIALS: RingBuf = RingBuf::pinned(AUTHZ_DENIALS_BYTES, 0);
+
+/// Connection faults (Warren's L4 fault injection), written by the agent from the controller's push.
+#[map(name = "CONNECT_FAULTS")]
+pub(crate) static CONNECT_FAULTS: HashMap<ServiceKey, ConnectFault> = HashMap::pinned(MAX_CONNECT_FAULTS, 0);
 
 #[map(name = "COUNTERS")]
 pub(crate) static COUNTERS: PerCpuArray<u64> = PerCpuArray::pinned(NUM_COUNTERS, 0);

@@ -8,14 +8,45 @@
 //!    sees as the peer of the accepted connection — so the agent recovers it with one lookup.
 use aya_ebpf::{
     EbpfContext,
-    helpers::{bpf_get_current_ancestor_cgroup_id, bpf_get_current_cgroup_id, bpf_get_netns_cookie, bpf_get_socket_cookie},
+    helpers::{
+        bpf_get_current_ancestor_cgroup_id, bpf_get_current_cgroup_id, bpf_get_netns_cookie, bpf_get_prandom_u32,
+        bpf_get_socket_cookie,
+    },
     macros::cgroup_sock_addr,
     programs::{SockAddrContext, SockOpsContext},
 };
 use aya_log_ebpf::{debug, warn};
-use warren_maps::{ConnectionKey, Counter, EnrolledCgroup, MAX_CGROUP_DEPTH, OriginalDst};
+use warren_maps::{ConnectionKey, Counter, EnrolledCgroup, MAX_CGROUP_DEPTH, OriginalDst, REFUSED_PORT, ServiceKey};
 
-use super::{AF_INET, AF_INET6, ENROLLED_CGROUPS, ORIGINAL_DST, ORIGINAL_DST_BY_COOKIE, count};
+use super::{AF_INET, AF_INET6, CONNECT_FAULTS, ENROLLED_CGROUPS, ORIGINAL_DST, ORIGINAL_DST_BY_COOKIE, count};
+
+/// What a connection fault decides for one connect.
+enum Fault {
+    None,
+    Abort,
+    /// The agent holds the connection this many milliseconds before connecting upstream.
+    Delay(u32),
+}
+
+/// Rolls the service's connection fault, if it has one (the shares are parts per million).
+#[inline(always)]
+fn connect_fault(ip: [u32; 4], port: u16, family: u16) -> Fault {
+    let key = ServiceKey { ip, port, family };
+    let Some(fault) = (unsafe { CONNECT_FAULTS.get(&key) }) else {
+        return Fault::None;
+    };
+    // SAFETY: a helper without arguments or memory access.
+    let roll = || unsafe { bpf_get_prandom_u32() } % 1_000_000;
+    if roll() < fault.abort_per_million {
+        count(Counter::ConnectAborted);
+        return Fault::Abort;
+    }
+    if fault.delay_ms > 0 && roll() < fault.delay_per_million {
+        count(Counter::ConnectDelayed);
+        return Fault::Delay(fault.delay_ms);
+    }
+    Fault::None
+}
 
 const SOCK_STREAM: u32 = 1;
 /// Return value of cgroup sock_addr programs that lets the syscall proceed.
@@ -71,7 +102,19 @@ pub fn connect4(ctx: SockAddrContext) -> i32 {
         return ALLOW;
     }
     let dst_port = u16::from_be(addr.user_port as u16);
-    let original = OriginalDst { ip: [dst_ip, 0, 0, 0], port: dst_port, family: AF_INET as u16, _pad: 0, cgroup_id };
+    let delay_ms = match connect_fault([dst_ip, 0, 0, 0], dst_port, AF_INET as u16) {
+        Fault::Abort => {
+            // To a loopback port nothing listens on: the kernel resets it, connect() gets ECONNREFUSED.
+            unsafe {
+                core::ptr::write_volatile(&mut addr.user_ip4, u32::to_be(0x7f00_0001));
+                core::ptr::write_volatile(&mut addr.user_port, u16::to_be(REFUSED_PORT) as u32);
+            }
+            return ALLOW;
+        }
+        Fault::Delay(ms) => ms,
+        Fault::None => 0,
+    };
+    let original = OriginalDst { ip: [dst_ip, 0, 0, 0], port: dst_port, family: AF_INET as u16, delay_ms, cgroup_id };
     if !remember(&ctx, &original) {
         return ALLOW;
     }
@@ -108,7 +151,21 @@ pub fn connect6(ctx: SockAddrContext) -> i32 {
         return ALLOW;
     }
     let dst_port = u16::from_be(addr.user_port as u16);
-    let original = OriginalDst { ip: dst, port: dst_port, family: AF_INET6 as u16, _pad: 0, cgroup_id };
+    let delay_ms = match connect_fault(dst, dst_port, AF_INET6 as u16) {
+        Fault::Abort => {
+            unsafe {
+                core::ptr::write_volatile(&mut addr.user_ip6[0], 0);
+                core::ptr::write_volatile(&mut addr.user_ip6[1], 0);
+                core::ptr::write_volatile(&mut addr.user_ip6[2], 0);
+                core::ptr::write_volatile(&mut addr.user_ip6[3], u32::to_be(1));
+                core::ptr::write_volatile(&mut addr.user_port, u16::to_be(REFUSED_PORT) as u32);
+            }
+            return ALLOW;
+        }
+        Fault::Delay(ms) => ms,
+        Fault::None => 0,
+    };
+    let original = OriginalDst { ip: dst, port: dst_port, family: AF_INET6 as u16, delay_ms, cgroup_id };
     if !remember(&ctx, &original) {
         return ALLOW;
     }

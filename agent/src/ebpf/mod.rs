@@ -53,6 +53,7 @@ pub struct Datapath {
     original_dst: OriginalDstLookup,
     counters: EbpfCounters,
     service_routes: HashMap<MapData, ServiceKey, ServiceRoute>,
+    connect_faults: HashMap<MapData, ServiceKey, warren_maps::ConnectFault>,
     l4_authz: AuthzTrie,
     /// Until [`Datapath::take_denials`] hands it to the reader. (Taken before capture_inbound is
     /// verified, like every map a program uses: its fd is what aya relocated into the program.)
@@ -120,6 +121,7 @@ impl Datapath {
         // attached from such an agent keep their reference until their links are replaced.)
         let _ = std::fs::remove_file(pin_dir.join("L4_POLICY"));
         let service_routes = HashMap::try_from(take_map(&mut ebpf, names::SERVICE_ROUTES)?)?;
+        let connect_faults = HashMap::try_from(take_map(&mut ebpf, names::CONNECT_FAULTS)?)?;
 
         let enrolled = HashMap::try_from(take_map(&mut ebpf, names::ENROLLED_CGROUPS)?)?;
         let inbound_listeners = SockHash::try_from(take_map(&mut ebpf, names::INBOUND_LISTENERS)?)?;
@@ -139,6 +141,7 @@ impl Datapath {
             original_dst,
             counters,
             service_routes,
+            connect_faults,
             l4_authz,
             authz_denials: Some(authz_denials),
             pin_dir: pin_dir.to_path_buf(),
@@ -204,6 +207,11 @@ impl Datapath {
 
     fn pod_link(&self, uid: &str) -> PathBuf {
         links_dir(&self.pin_dir).join("pods").join(uid)
+    }
+
+    /// Makes CONNECT_FAULTS hold exactly `want`; returns (written, removed).
+    pub fn sync_connect_faults(&mut self, want: &BTreeMap<ServiceKey, warren_maps::ConnectFault>) -> Result<(usize, usize)> {
+        sync_map(&mut self.connect_faults, want).context("writing CONNECT_FAULTS")
     }
 
     /// Makes SERVICE_ROUTES hold exactly `want`; returns (written, removed).

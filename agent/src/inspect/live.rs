@@ -145,6 +145,11 @@ fn destinations(v: &Value) -> String {
         .join(" ")
 }
 
+/// A percentage as written: `30`, `12.5`.
+fn percent(value: &Value) -> String {
+    value.as_f64().map(|p| format!("{p}")).unwrap_or_else(|| text(value))
+}
+
 /// The pushed tables, one view at a time; the header line says which version and whether the stream is up.
 pub fn config(admin: SocketAddr, what: ConfigView, output: Output) -> Result<String> {
     let view = fetch(admin, "/config")?;
@@ -216,12 +221,16 @@ pub fn config(admin: SocketAddr, what: ConfigView, output: Output) -> Result<Str
                 let fault = &f["fault"];
                 let delay = fault["delayMs"]
                     .as_u64()
-                    .map(|ms| format!("{ms}ms @{}%", text(&fault["delayPercent"])))
+                    .map(|ms| format!("{ms}ms @{}%", percent(&fault["delayPercent"])))
                     .unwrap_or("-".into());
-                let abort = fault["abortHttpStatus"]
-                    .as_u64()
-                    .map(|s| format!("{s} @{}%", text(&fault["abortPercent"])))
-                    .unwrap_or("-".into());
+                let abort = match (fault["abortHttpStatus"].as_u64(), fault["abortGrpcStatus"].as_u64()) {
+                    (_, Some(code)) => format!("grpc-status {code} @{}%", percent(&fault["abortPercent"])),
+                    (Some(status), None) => format!("{status} @{}%", percent(&fault["abortPercent"])),
+                    _ if fault["abortConnect"] == Value::Bool(true) => {
+                        format!("ECONNREFUSED @{}%", percent(&fault["abortPercent"]))
+                    }
+                    _ => "-".into(),
+                };
                 vec![join(&f["services"]), text(&f["rule"]), delay, abort, f["matches"].to_string(), text(&f["origin"])]
             })
             .collect(),

@@ -35,14 +35,21 @@ pub async fn serve(
             }
         };
         let _ = client.set_nodelay(true);
-        let Some(original) = original_dst(&shared, netns_cookie, peer) else {
+        let Some((original, fault_delay)) = original_dst(&shared, netns_cookie, peer) else {
             // Not redirected by us (someone dialed the port directly), or the record aged out.
             shared.metrics.original_dst_missing.inc();
             warn!(pod = %pod, client = %peer, "no original destination recorded; closing");
             continue;
         };
         let connection = Outbound { client, peer, original, netns: netns.clone(), pod: pod.clone(), source: source.clone() };
-        tokio::spawn(connection.proxy(shared.clone(), upstreams.clone()));
+        let (shared, upstreams) = (shared.clone(), upstreams.clone());
+        tokio::spawn(async move {
+            // A connection fault connect4/6 decided (CONNECT_FAULTS): held before anything reaches upstream.
+            if fault_delay > 0 {
+                tokio::time::sleep(std::time::Duration::from_millis(fault_delay.into())).await;
+            }
+            connection.proxy(shared, upstreams).await
+        });
     }
 }
 
@@ -148,7 +155,8 @@ pub(crate) fn random() -> u64 {
     })
 }
 
-fn original_dst(shared: &ProxyShared, netns_cookie: u64, peer: SocketAddr) -> Option<SocketAddr> {
+/// Where the client connected, and the connection-fault delay connect4/6 decided for it (ms, 0: none).
+fn original_dst(shared: &ProxyShared, netns_cookie: u64, peer: SocketAddr) -> Option<(SocketAddr, u32)> {
     // A v4 client on a dual-stack socket shows up as ::ffff:a.b.c.d; the map holds it as IPv4.
     let peer = match peer {
         SocketAddr::V6(v6) => match v6.ip().to_ipv4_mapped() {
@@ -157,5 +165,6 @@ fn original_dst(shared: &ProxyShared, netns_cookie: u64, peer: SocketAddr) -> Op
         },
         v4 => v4,
     };
-    shared.original_dst.get(&ConnectionKey::new(netns_cookie, peer)).and_then(|o| o.socket_addr())
+    let original = shared.original_dst.get(&ConnectionKey::new(netns_cookie, peer))?;
+    Some((original.socket_addr()?, original.delay_ms))
 }

@@ -84,6 +84,7 @@ impl Applier {
         let authz = crate::ebpf::l4_authz_entries(&index.l4_authz(&self.node));
         let mut datapath = self.datapath.lock().unwrap();
         datapath.sync_service_routes(&routes)?;
+        datapath.sync_connect_faults(&index.connect_faults())?;
         datapath.sync_l4_authz(&authz)?;
         Ok(())
     }

@@ -173,6 +173,25 @@ impl MeshTables {
         Some(L4Route { service: key, destinations, origin: Some(route.origin.to_string()), flags })
     }
 
+    /// CONNECT_FAULTS as it must be: every address and port of each service a connection fault's route
+    /// routes (shares as parts per million).
+    pub fn connect_faults(&self) -> BTreeMap<ServiceKey, warren_maps::ConnectFault> {
+        let per_million = |percent: f64| (percent.clamp(0.0, 100.0) * 10_000.0).round() as u32;
+        let mut out = BTreeMap::new();
+        for (vip, service) in &self.by_vip {
+            let route = self.routes.get(&service.key()).and_then(|r| r.first());
+            let Some(fault) = route.and_then(|r| r.connect_fault.as_ref()) else { continue };
+            let value = warren_maps::ConnectFault {
+                abort_per_million: per_million(fault.abort_percent),
+                delay_per_million: per_million(fault.delay_percent),
+                delay_ms: u32::try_from(fault.delay_ms).unwrap_or(u32::MAX),
+                _pad: 0,
+            };
+            out.insert(ServiceKey::new(*vip), value);
+        }
+        out
+    }
+
     /// SERVICE_ROUTES as it must be.
     pub fn service_routes(&self) -> BTreeMap<ServiceKey, ServiceRoute> {
         let mut out = BTreeMap::new();
@@ -330,6 +349,13 @@ impl MeshTables {
                         faults.push(json!({"origin": r.origin.to_string(), "rule": format!("http[{i}]"),
                             "services": r.services, "matches": rule.matches, "fault": fault}));
                     }
+                }
+                if let Some(f) = &r.connect_fault {
+                    let delay = (f.delay_ms > 0).then_some(f.delay_ms);
+                    let fault = json!({"delayMs": delay, "delayPercent": f.delay_percent,
+                        "abortConnect": f.abort_percent > 0.0, "abortPercent": f.abort_percent});
+                    faults.push(json!({"origin": r.origin.to_string(), "rule": "connect (eBPF)",
+                        "services": r.services, "matches": [], "fault": fault}));
                 }
             }
         }

@@ -305,6 +305,7 @@ fn route(vs: &VirtualService, services: &HashMap<String, String>) -> Route {
         gateways: vs.spec.gateways.clone(),
         http: vs.spec.http.iter().map(|h| http_rule(h, &ns, services)).collect(),
         tcp: vs.spec.tcp.iter().flat_map(|t| tcp_rules(t, &ns, services)).collect(),
+        connect_fault: vs.metadata.annotations.as_ref().and_then(|a| crate::connect_fault::parse(a).ok().flatten()),
     }
 }
 

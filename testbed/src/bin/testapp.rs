@@ -83,6 +83,17 @@ enum Cmd {
     },
     /// `count` connections one after another — connect, echo `bytes`, close — and one JSON line with each
     /// one's time in µs, from `connect()` until the echo is back (`{"ok":true,"micros":[…]}`).
+    /// [`Cmd::ConnectTimes`] that keeps going past failures: one JSON line
+    /// `{"micros":[…],"refused":N,"failed":[…]}` — the times of the connections that worked, how many connects
+    /// were refused (ECONNREFUSED), and every other failure.
+    ConnectOutcomes {
+        #[arg(long)]
+        to: SocketAddr,
+        #[arg(long, default_value_t = 100)]
+        count: usize,
+        #[arg(long, default_value_t = 64)]
+        bytes: usize,
+    },
     ConnectTimes {
         #[arg(long)]
         to: SocketAddr,
@@ -165,6 +176,7 @@ fn main() -> ExitCode {
         Cmd::Loop { to, bytes, interval_ms, duration_ms } => connect_loop(to, bytes, interval_ms, duration_ms),
         Cmd::HttpGet { to, path } => http_get(to, &path),
         Cmd::ConnectTimes { to, count, bytes } => connect_times(to, count, bytes),
+        Cmd::ConnectOutcomes { to, count, bytes } => connect_outcomes(to, count, bytes),
         Cmd::Hold { to, bytes, probe_ms, max_ms } => hold(to, bytes, Duration::from_millis(probe_ms), Duration::from_millis(max_ms)),
         Cmd::Banner { name, port } => banner(&name, port),
         Cmd::Pause => loop {
@@ -480,6 +492,39 @@ fn send(to: SocketAddr, bytes: u64, hold: Duration) -> ExitCode {
         serde_json::json!({"ok": ok, "sent": bytes, "received": received, "local": local, "peer": peer, "error": problem})
     );
     if ok { ExitCode::SUCCESS } else { ExitCode::FAILURE }
+}
+
+fn connect_outcomes(to: SocketAddr, count: usize, bytes: usize) -> ExitCode {
+    let (out, mut back) = (vec![0x5au8; bytes], vec![0u8; bytes]);
+    let (mut micros, mut refused, mut failed) = (Vec::with_capacity(count), 0, Vec::new());
+    for _ in 0..count {
+        let started = std::time::Instant::now();
+        let connected = TcpStream::connect_timeout(&to, Duration::from_secs(5));
+        let mut stream = match connected {
+            Ok(stream) => stream,
+            Err(e) if e.kind() == std::io::ErrorKind::ConnectionRefused => {
+                refused += 1;
+                continue;
+            }
+            Err(e) => {
+                failed.push(format!("connect: {e}"));
+                continue;
+            }
+        };
+        let exchange = (|| -> std::io::Result<()> {
+            stream.set_nodelay(true)?;
+            stream.set_read_timeout(Some(Duration::from_secs(10)))?;
+            stream.write_all(&out)?;
+            stream.read_exact(&mut back)
+        })();
+        match exchange {
+            Ok(()) if back == out => micros.push(started.elapsed().as_micros() as u64),
+            Ok(()) => failed.push("echo differs".into()),
+            Err(e) => failed.push(format!("echo: {e}")),
+        }
+    }
+    println!("{}", serde_json::json!({"micros": micros, "refused": refused, "failed": failed}));
+    ExitCode::SUCCESS
 }
 
 fn connect_times(to: SocketAddr, count: usize, bytes: usize) -> ExitCode {
