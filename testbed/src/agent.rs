@@ -159,6 +159,12 @@ impl Agent {
         Ok(cmd.output()?)
     }
 
+    /// The node's network namespace (in /run/netns), where the agent's admin endpoint listens: `ip netns
+    /// exec <it> warren-agent inspect …` reaches the agent from a shell.
+    pub fn netns(&self) -> &str {
+        &self.node_netns
+    }
+
     /// Runs `warren-agent inspect ARGS…` in the node's netns (where the admin endpoint listens) and
     /// returns its stdout; fails with its stderr.
     pub fn inspect_live(&self, args: &[&str]) -> Result<String> {

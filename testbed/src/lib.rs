@@ -28,6 +28,7 @@
 //! ```
 mod agent;
 pub mod app;
+pub mod bookinfo;
 mod bins;
 mod capture;
 mod controller;

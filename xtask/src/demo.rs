@@ -1,109 +1,139 @@
-//! `cargo xtask demo`: a local single-node mesh of netns pods on the embedded default, traffic through the
-//! agent, and the agent's view of it. No cluster needed.
-use std::time::Duration;
+//! `cargo xtask demo`: the Istio course's traffic-management labs on a local mesh, no cluster — bookinfo
+//! stand-ins as netns pods on two nodes (the testbed's [`BookinfoLab`]), the controller in directory mode,
+//! the shared conformance YAMLs applied unchanged in the order of Istio's tasks, and after each step a
+//! table of what the product page showed: which reviews version answered, status codes, latency.
+//! Each step also checks the outcome Istio documents; the demo fails when one does not hold.
+use std::{collections::BTreeMap, time::Duration};
 
-use anyhow::{Context, Result, bail};
-use warren_testbed::{AgentOptions, ECHO_PORT, Testbed};
+use anyhow::{Context, Result, bail, ensure};
+use warren_testbed::bookinfo::{BookinfoLab, JASON, Page};
+
+const DESTINATION_RULES: &str = "destination-rule-all.yaml";
+const ALL_V1: &str = "virtual-service-all-v1.yaml";
+const TEST_V2: &str = "virtual-service-reviews-test-v2.yaml";
+const DELAY: &str = "virtual-service-ratings-test-delay.yaml";
+const ABORT: &str = "virtual-service-ratings-test-abort.yaml";
+const FIFTY_V3: &str = "virtual-service-reviews-50-v3.yaml";
 
 pub fn run(keep: bool) -> Result<()> {
     if let Err(reason) = warren_testbed::check_privileges() {
         bail!("the demo needs root, BPF, cgroup2 and network namespaces: {reason}");
     }
-    let bed = Testbed::new("demo")?;
-    let node = bed.add_node("node-1")?;
-    let productpage = node.add_pod("productpage", true)?;
-    let reviews = node.add_pod("reviews", true)?;
-    let legacy = node.add_pod("legacy", false)?;
-    println!("Warren demo — node {} ({}), pods as network namespaces + cgroups:", node.name, node.ip);
-    for pod in node.pods() {
-        println!("  {:<12} {:<12} {:<18} {}", pod.name, pod.ip, pod.ip6, if node.is_enrolled(&pod) { "enrolled" } else { "not enrolled" });
-    }
-    reviews.serve("v1")?;
-    // The default pin and run directories, so `warren-agent inspect maps` works from another shell.
-    let agent = node.start_agent_with(AgentOptions {
-        pin_dir: Some(warren_maps_default_pin_dir()),
-        run_dir: Some("/run/warren".into()),
-        // Opt-in (see docs/architecture.md); on here to show its counters.
-        socket_acceleration: true,
-        ..AgentOptions::default()
-    })?;
-    println!("\nwarren-agent is running (maps pinned at {})\n", agent.pin_dir.display());
-
-    let dst = reviews.socket(ECHO_PORT);
-    let through = productpage.send(dst, 1 << 20)?;
-    println!(
-        "productpage → {dst}: {} of 1 MiB echoed back, {} (client's peer: {})",
-        through.received,
-        if through.ok { "byte-exact" } else { "MISMATCH" },
-        through.peer.as_deref().unwrap_or("?")
-    );
-    let direct = legacy.send(dst, 1 << 20)?;
-    println!(
-        "legacy      → {dst}: {} of 1 MiB echoed back, {} (client's peer: {})",
-        direct.received,
-        if direct.ok { "byte-exact" } else { "MISMATCH" },
-        direct.peer.as_deref().unwrap_or("?")
-    );
-    let dst6 = reviews.socket6(ECHO_PORT);
-    let over_v6 = productpage.send(dst6, 1 << 20)?;
-    println!(
-        "productpage → {dst6}: {} of 1 MiB echoed back, {} (client's peer: {})",
-        over_v6.received,
-        if over_v6.ok { "byte-exact" } else { "MISMATCH" },
-        over_v6.peer.as_deref().unwrap_or("?")
-    );
-    println!("(productpage is enrolled: its connects go to the agent on loopback; reviews is enrolled: the agent");
-    println!(" captures connections to it with sk_lookup; legacy is not enrolled: only the inbound end is meshed.)");
-
-    std::thread::sleep(Duration::from_millis(200)); // let the eBPF log lines arrive
-    println!("\n== the agent's connections (/connections)");
-    let connections = agent.connections()?;
-    for c in connections["recently_closed"].as_array().into_iter().flatten() {
-        println!(
-            "  {:<8} {:<20} client={:<24} destination={:<26} sent={}B received={}B",
-            c["direction"].as_str().unwrap_or(""),
-            c["pod"].as_str().unwrap_or(""),
-            c["client"].as_str().unwrap_or(""),
-            c["original_dst"].as_str().unwrap_or(""),
-            c["sent_bytes"],
-            c["received_bytes"]
-        );
-    }
-    println!("\n== warren-agent inspect workloads");
-    print!("{}", agent.inspect_live(&["workloads"])?);
-    println!("\n== the agent's metrics (/metrics, warren_*)");
-    for line in agent.get("/metrics")?.lines().filter(|l| l.starts_with("warren_") && !l.ends_with(" 0")) {
-        println!("  {line}");
-    }
-    println!("\n== eBPF log lines in the agent's log");
-    for line in agent.log().lines().filter(|l| l.contains("warren_ebpf")) {
-        println!("  {line}");
-    }
-    println!("\n== warren-agent inspect maps");
-    let inspect = agent.inspect(&["maps"])?;
-    print!("{}", String::from_utf8_lossy(&inspect.stdout));
-    if !inspect.status.success() {
-        bail!("inspect maps failed: {}", String::from_utf8_lossy(&inspect.stderr));
-    }
-    if !(through.ok && direct.ok && over_v6.ok) {
-        bail!("traffic was not byte-exact");
+    println!("Warren demo: Istio's bookinfo labs, no cluster, no sidecar, no waypoint.");
+    println!("Starting two nodes, bookinfo's pods (productpage, details, reviews v1/v2/v3, ratings), a client");
+    println!("`sleep`, warren-controller reading a directory, and one warren-agent per node…");
+    let lab = BookinfoLab::start("demo")?;
+    println!("Ready. The controller's directory: {}\n", lab.dir.display());
+    println!("{}", lab.agent1.inspect_live(&["services"])?);
+    let result = labs(&lab);
+    if let Err(e) = &result {
+        eprintln!("\n{}", lab.logs());
+        eprintln!("\nA lab's outcome was not what Istio documents: {e:#}");
     }
     if keep {
-        println!("\nThe mesh keeps running; try `warren-agent inspect maps` in another shell. Ctrl-C to tear down.");
+        println!("\nThe mesh keeps running. Edit the controller's directory ({}) and, in another shell:", lab.dir.display());
+        let agent = warren_testbed::bin_path("warren-agent")?;
+        for what in ["routes", "faults", "policies", "connections"] {
+            println!("  ip netns exec {} {} inspect {what}", lab.agent1.netns(), agent.display());
+        }
+        println!("Ctrl-C to tear down.");
         wait_for_interrupt().context("waiting for Ctrl-C")?;
     }
-    println!("\nTearing down (the pods, the node and the agent's pinned maps).");
-    drop(agent);
-    let _ = std::fs::remove_dir_all(warren_maps_default_pin_dir());
+    println!("\nTearing down (pods, nodes, agents, controller).");
+    result
+}
+
+fn labs(lab: &BookinfoLab) -> Result<()> {
+    step("No routing rules: reviews is a service of three versions, each request goes to any of them");
+    let pages = lab.productpage_with(None, 60, 8)?;
+    show(&[("anyone", &pages)]);
+    ensure!(tally(&pages).len() == 3, "every version answers");
+
+    step(&format!("Request routing: {DESTINATION_RULES} + {ALL_V1} — everything to v1"));
+    lab.apply(DESTINATION_RULES)?;
+    lab.apply(ALL_V1)?;
+    let pages = lab.productpage(None, 60)?;
+    show(&[("anyone", &pages)]);
+    ensure!(tally(&pages).keys().eq(["v1"]), "all v1");
+
+    step(&format!("Request routing: {TEST_V2} — jason (header end-user: jason) to v2, everyone else to v1"));
+    lab.apply(TEST_V2)?;
+    let (jason, others) = (lab.productpage(Some(JASON), 30)?, lab.productpage(None, 30)?);
+    show(&[("jason", &jason), ("anyone else", &others)]);
+    ensure!(tally(&jason).keys().eq(["v2"]) && tally(&others).keys().eq(["v1"]), "jason v2, others v1");
+
+    step(&format!("Fault injection: {DELAY} — a 7 s delay on jason's ratings calls"));
+    lab.apply(DELAY)?;
+    let (jason, others) = (lab.productpage(Some(JASON), 1)?, lab.productpage(None, 10)?);
+    show(&[("jason", &jason), ("anyone else", &others)]);
+    println!("  productpage gives up on reviews after 3 s + one retry (bookinfo's client timeouts): the page");
+    println!("  shows \"Sorry, product reviews are currently unavailable\" after ≈6 s, as Istio's task documents.");
+    ensure!(jason[0].reviews.is_err() && jason[0].latency >= Duration::from_secs(5), "jason's reviews time out");
+
+    step(&format!("Fault injection: {ABORT} — jason's ratings calls answered HTTP 500"));
+    lab.remove(DELAY)?;
+    lab.apply(ABORT)?;
+    let (jason, others) = (lab.productpage(Some(JASON), 20)?, lab.productpage(None, 20)?);
+    show(&[("jason", &jason), ("anyone else", &others)]);
+    ensure!(jason.iter().all(|p| p.ratings == Some(Ok(500))), "\"Ratings service is currently unavailable\"");
+
+    step(&format!("Traffic shifting: {FIFTY_V3} (after all-v1) — half of the requests to v3"));
+    lab.remove(ABORT)?;
+    lab.remove(TEST_V2)?;
+    lab.apply(FIFTY_V3)?;
+    let pages = lab.productpage_with(None, 400, 8)?;
+    show(&[("anyone", &pages)]);
+    let v3 = tally(&pages).get("v3").copied().unwrap_or(0) as f64 / pages.len() as f64;
+    ensure!((v3 - 0.5).abs() <= 0.08, "about half to v3, got {:.0} %", v3 * 100.0);
+    println!("\nEvery lab behaved as Istio's tasks document.");
     Ok(())
 }
 
-fn warren_maps_default_pin_dir() -> std::path::PathBuf {
-    "/sys/fs/bpf/warren".into()
+fn step(title: &str) {
+    println!("\n== {title}");
+}
+
+fn tally(pages: &[Page]) -> BTreeMap<String, usize> {
+    warren_testbed::bookinfo::reviews_tally(pages)
+}
+
+/// One row per group of pages: how many each reviews version served, the statuses, what ratings did, and
+/// the page latency (p50 / max).
+fn show(groups: &[(&str, &[Page])]) {
+    println!("  {:<12} {:>5}  {:<34} {:<22} {:<18} {:>8} {:>8}", "who", "pages", "reviews", "status", "ratings", "p50", "max");
+    for (who, pages) in groups {
+        let reviews = tally(pages).iter().map(|(v, n)| format!("{v}:{n}")).collect::<Vec<_>>().join(" ");
+        let mut statuses: BTreeMap<u16, usize> = BTreeMap::new();
+        let mut ratings: BTreeMap<String, usize> = BTreeMap::new();
+        for page in pages.iter() {
+            *statuses.entry(page.status).or_default() += 1;
+            let rating = match &page.ratings {
+                Some(Ok(status)) => status.to_string(),
+                Some(Err(e)) => e.clone(),
+                None => "-".into(),
+            };
+            *ratings.entry(rating).or_default() += 1;
+        }
+        let counts = |m: &BTreeMap<String, usize>| m.iter().map(|(k, n)| format!("{k}:{n}")).collect::<Vec<_>>().join(" ");
+        let statuses = statuses.iter().map(|(s, n)| format!("{s}:{n}")).collect::<Vec<_>>().join(" ");
+        let mut latencies: Vec<Duration> = pages.iter().map(|p| p.latency).collect();
+        latencies.sort();
+        let p50 = latencies.get(latencies.len() / 2).copied().unwrap_or_default();
+        let max = latencies.last().copied().unwrap_or_default();
+        println!(
+            "  {who:<12} {:>5}  {reviews:<34} {statuses:<22} {:<18} {:>8} {:>8}",
+            pages.len(),
+            counts(&ratings),
+            format!("{:.0?}", p50),
+            format!("{:.0?}", max)
+        );
+    }
 }
 
 fn wait_for_interrupt() -> Result<()> {
     // Block SIGINT/SIGTERM and wait for one, so the testbed's Drop still runs afterwards.
+    // SAFETY: a zeroed sigset_t is a valid argument for sigemptyset, which initialises it; the calls only
+    // touch this local set and the calling thread's mask.
     unsafe {
         let mut set: libc::sigset_t = std::mem::zeroed();
         libc::sigemptyset(&mut set);

@@ -1,8 +1,8 @@
 //! Warren's end-to-end tests live in `tests/`: each file is a group of scenarios on the testbed
 //! (real eBPF, real sockets in network namespaces) or on the local Kubernetes cluster. [`bookinfo`] is the
-//! lab of Istio's bookinfo that the traffic-management scenarios share.
+//! lab of Istio's bookinfo that the traffic-management scenarios (and `cargo xtask demo`) share.
 
-pub mod bookinfo;
+pub use warren_testbed::bookinfo;
 
 use std::time::{Duration, Instant};
 

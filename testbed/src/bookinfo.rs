@@ -27,7 +27,7 @@ use std::{
 };
 
 use anyhow::{Context, Result, bail};
-use warren_testbed::{
+use crate::{
     Agent, AgentOptions, AppOptions, Controller, ControllerOptions, HttpRequests, Pod, Process, Testbed, Upstream,
     app::BOOKINFO_PORT,
 };
@@ -81,7 +81,7 @@ pub struct Page {
 }
 
 impl Page {
-    fn from_result(result: &warren_testbed::HttpResult) -> Page {
+    fn from_result(result: &crate::HttpResult) -> Page {
         let app = result.app();
         let call = |name: &str| app.as_ref().and_then(|a| a.call(name).cloned());
         let (details, reviews) = (call("details"), call("reviews"));
@@ -337,6 +337,21 @@ impl BookinfoLab {
     /// directory): `virtual-service-ratings-…` replaces `virtual-service-all-v1.yaml`'s `ratings`.
     pub fn apply_yaml(&self, name: &str, yaml: &str) -> Result<()> {
         self.install(&format!("{name}.yaml"), yaml)
+    }
+
+    /// Deletes `file` from the controller's directory (as `kubectl delete -f` would its objects); waits
+    /// until both agents hold a newer version.
+    pub fn remove(&self, file: &str) -> Result<()> {
+        let version =
+            |agent: &Agent| -> Result<u64> { agent.config()?["version"].as_u64().context("no version in /config") };
+        let before = [version(&self.agent1)?, version(&self.agent2)?];
+        std::fs::remove_file(self.dir.join(file)).with_context(|| format!("removing {file}"))?;
+        for (agent, before) in [&self.agent1, &self.agent2].into_iter().zip(before) {
+            agent
+                .wait_config(Duration::from_secs(10), |c| c["version"].as_u64().is_some_and(|v| v > before))
+                .with_context(|| format!("removing {file} did not reach the agents"))?;
+        }
+        Ok(())
     }
 
     fn install(&self, file: &str, text: &str) -> Result<()> {
