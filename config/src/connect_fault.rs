@@ -1,7 +1,7 @@
 //! Connection faults, a Warren extension Istio has no field for: annotations on a VirtualService make a
 //! share of connects to its hosts' services fail (ECONNREFUSED), or wait before they reach the upstream —
 //! decided in the kernel (connect4/6), so an aborted connect never reaches the agent. Annotations keep the
-//! object plain Istio YAML (Istio ignores them) with the routes it already carries; see docs/faults.md.
+//! object plain Istio YAML (Istio ignores them) with the routes it already carries; see docs/traffic-management.md.
 //!
 //! - `fault.warren.dev/connect-abort-percent: "30"`
 //! - `fault.warren.dev/connect-delay: "200ms"`, with `fault.warren.dev/connect-delay-percent` (100 when
