@@ -203,8 +203,7 @@ impl BookinfoLab {
     }
 
     /// [`BookinfoLab::start`] with conformance files (`destination-rule-all.yaml`, …) in the directory
-    /// from the start: in force before any app opens a connection. (Routing at L4 is per connection, and
-    /// the apps keep theirs alive: what [`BookinfoLab::apply`] changes later reaches only new ones.)
+    /// from the start, in force before any app sends a request.
     pub fn start_with(label: &str, files: &[&str]) -> Result<BookinfoLab> {
         let bed = Testbed::new(label)?;
         let (n1, n2) = (bed.add_node("node-1")?, bed.add_node("node-2")?);

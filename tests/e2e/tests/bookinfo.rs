@@ -31,8 +31,8 @@ fn within_five_points(count: usize, total: usize, share: f64) -> bool {
 fn without_virtual_services_reviews_answers_from_every_version() -> Result<()> {
     require_privileges!(Ok(()));
     BookinfoLab::scenario("bookinfo-control", &[], |lab| {
-        // 32 pages at a time: productpage opens up to as many connections to reviews, and at L4 each goes to one
-        // pod (all three, but for a chance of 3 × (2/3)^32); the L7 proxy balances every request.
+        // 32 pages at a time over as many connections: the L7 proxy balances every request (and even a
+        // per-connection route would reach all three versions but for a chance of 3 × (2/3)^32).
         let pages = lab.productpage_with(None, 128, 32)?;
         all_ok(&pages)?;
         let tally = reviews_tally(&pages);
@@ -48,11 +48,16 @@ fn without_virtual_services_reviews_answers_from_every_version() -> Result<()> {
 }
 
 /// Request routing, step 1: `virtual-service-all-v1.yaml` (with `destination-rule-all.yaml`) sends every
-/// request to v1: the page never shows ratings.
+/// request to v1: the page never shows ratings. Applied to a running lab whose apps hold keep-alive
+/// connections to every version: the next requests on them follow the new rules.
 #[test]
 fn all_v1_routes_every_page_to_reviews_v1() -> Result<()> {
     require_privileges!(Ok(()));
-    BookinfoLab::scenario("bookinfo-all-v1", &[DESTINATION_RULES, ALL_V1], |lab| {
+    BookinfoLab::scenario("bookinfo-all-v1", &[], |lab| {
+        let before = reviews_tally(&lab.productpage_with(None, 60, 8)?);
+        ensure!(before.len() == 3, "control: every version answers before the rules: {before:?}");
+        lab.apply(DESTINATION_RULES)?;
+        lab.apply(ALL_V1)?;
         let pages = lab.productpage_with(None, 200, 16)?;
         all_ok(&pages)?;
         let tally = reviews_tally(&pages);

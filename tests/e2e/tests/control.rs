@@ -457,10 +457,40 @@ async fn api_scenario(kubeconfig: &Path) -> anyhow::Result<()> {
     let took = deleted.elapsed();
     assert!(took < Duration::from_secs(1), "took {took:?}");
 
+    // Istio's request-routing sample, unchanged, from the API server: the agent routes each request by
+    // its header match (jason → v2, everyone else → v1).
+    let sample = std::fs::read_to_string(warren_testbed::bookinfo::conformance_dir().join("virtual-service-reviews-test-v2.yaml"))?;
+    let sample: DynamicObject = serde_yaml::from_str(&sample)?;
+    // As `kubectl apply` sends it: in the sample's own API version (v1alpha3).
+    let version = sample.types.as_ref().and_then(|t| t.api_version.split_once('/')).map(|(_, v)| v.to_string());
+    let gvk = GroupVersionKind::gvk("networking.istio.io", version.as_deref().unwrap_or("v1"), "VirtualService");
+    Api::<DynamicObject>::namespaced_with(client.clone(), &ns, &ApiResource::from_gvk(&gvk))
+        .create(&PostParams::default(), &sample)
+        .await?;
+    let by_user = |user: Option<&'static str>| {
+        let client_pod = client_pod.clone();
+        tokio::task::spawn_blocking(move || served_by_for(&client_pod, vip, user))
+    };
+    let routed = warren_e2e::eventually_async(Duration::from_secs(5), || async {
+        let (jason, others) = (by_user(Some("jason")).await.ok()?, by_user(None).await.ok()?);
+        (jason == "reviews-v2" && others == "reviews-v1").then_some(())
+    })
+    .await;
+    assert!(routed.is_some(), "reviews-test-v2 from the API server: jason → v2, others → v1");
+
     // Controller outage: traffic continues by the last config.
     controller.kill();
-    let client_pod2 = client_pod.clone();
-    let served = tokio::task::spawn_blocking(move || served_by(&client_pod2, vip)).await?;
-    assert_eq!(served, "reviews-v2", "during the outage");
+    let (jason, others) = (by_user(Some("jason")).await?, by_user(None).await?);
+    assert_eq!((jason.as_str(), others.as_str()), ("reviews-v2", "reviews-v1"), "during the outage");
     Ok(())
+}
+
+/// [`served_by`] of a request with `end-user: <user>` (when given), as bookinfo's login sets it.
+fn served_by_for(client: &Pod, vip: SocketAddr, user: Option<&str>) -> String {
+    let mut requests = warren_testbed::HttpRequests::get("/", 1);
+    if let Some(user) = user {
+        requests = requests.header("end-user", user);
+    }
+    let result = client.http(vip, &requests).unwrap().remove(0);
+    result.body["pod"].as_str().unwrap_or_default().to_string()
 }
