@@ -37,3 +37,49 @@ where
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
 }
+
+/// A Pod object for the controller's directory: the testbed pod's uid and IP, `node`, its name as the
+/// service account, and `labels` (YAML flow entries, e.g. `app: web, version: v1`). Its namespace
+/// enrolls it unless the labels opt out.
+pub fn pod_yaml(pod: &warren_testbed::Pod, node: &str, labels: &str) -> String {
+    format!(
+        "apiVersion: v1\nkind: Pod\nmetadata: {{name: {}, namespace: {}, uid: {}, labels: {{{labels}}}}}\n\
+         spec: {{nodeName: {node}, serviceAccountName: {}, containers: [{{name: app, image: testapp}}]}}\n\
+         status: {{phase: Running, podIP: {}}}\n---\n",
+        pod.name, pod.namespace, pod.uid, pod.name, pod.ip
+    )
+}
+
+/// An enrolled namespace (`warren.dev/mesh: enabled`).
+pub fn namespace_yaml(name: &str) -> String {
+    format!("apiVersion: v1\nkind: Namespace\nmetadata: {{name: {name}, labels: {{warren.dev/mesh: enabled}}}}\n---\n")
+}
+
+/// A controller reading `dir` (polled every 50 ms) and an agent per node (mTLS, pushed tables): the mesh
+/// most scenarios run on.
+pub fn directory_mesh(
+    bed: &warren_testbed::Testbed,
+    dir: &std::path::Path,
+    nodes: &[&warren_testbed::Node],
+) -> anyhow::Result<(warren_testbed::Controller, Vec<warren_testbed::Agent>)> {
+    let controller = bed.start_controller(warren_testbed::ControllerOptions {
+        config_dir: Some(dir.to_path_buf()),
+        kubeconfig: None,
+        push_port: 0,
+        config_poll_ms: Some(50),
+    })?;
+    let options =
+        warren_testbed::AgentOptions { mtls: true, controller: Some(controller.address()), ..Default::default() };
+    let mut agents = Vec::new();
+    for node in nodes {
+        node.reach_host_port(controller.push_port)?;
+        agents.push(node.start_agent_with(options.clone())?);
+    }
+    Ok((controller, agents))
+}
+
+/// The last `lines` lines of a log, for a failing scenario's context.
+pub fn log_tail(log: &str, lines: usize) -> String {
+    let all: Vec<&str> = log.lines().collect();
+    all[all.len().saturating_sub(lines)..].join("\n")
+}

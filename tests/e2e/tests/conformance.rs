@@ -2,22 +2,9 @@
 //! Deployments) and every networking sample of the shared conformance data. `analyze` must report exactly
 //! what `istioctl analyze` reports for the cluster this directory describes once applied, and `run` must
 //! start on it and push it to an agent.
-use std::{collections::BTreeSet, path::PathBuf, process::Command};
+use std::{collections::BTreeSet, process::Command};
 
-use warren_testbed::{AgentOptions, ControllerOptions, Testbed, bin_path, require_privileges};
-
-fn conformance_dir() -> PathBuf {
-    let manifest = PathBuf::from(env!("CARGO_MANIFEST_DIR"));
-    [
-        std::env::var_os("WARREN_CONFORMANCE_DIR").map(PathBuf::from),
-        Some(manifest.join("../../../shared/conformance/istio-bookinfo")),
-        Some(PathBuf::from("/work/shared/conformance/istio-bookinfo")),
-    ]
-    .into_iter()
-    .flatten()
-    .find(|d| d.join("bookinfo.yaml").is_file())
-    .expect("the conformance data (../shared/conformance/istio-bookinfo)")
-}
+use warren_testbed::{AgentOptions, ControllerOptions, Testbed, bin_path, bookinfo::conformance_dir, require_privileges};
 
 /// The samples copied byte for byte into `dir`.
 fn user_directory(dir: &std::path::Path) -> usize {

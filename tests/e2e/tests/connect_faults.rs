@@ -7,7 +7,8 @@
 use std::{net::SocketAddr, path::PathBuf, time::Duration};
 
 use anyhow::{Context, Result, ensure};
-use warren_testbed::{Agent, AgentOptions, Controller, ControllerOptions, Pod, Process, Testbed, require_privileges};
+use warren_e2e::{directory_mesh, log_tail, namespace_yaml, pod_yaml};
+use warren_testbed::{Agent, Controller, Pod, Process, Testbed, require_privileges};
 
 const DB: &str = "10.96.2.10:5432";
 
@@ -20,15 +21,6 @@ struct Mesh {
     _db: Process,
 }
 
-fn pod_yaml(pod: &Pod, node: &str, app: &str) -> String {
-    format!(
-        "apiVersion: v1\nkind: Pod\nmetadata: {{name: {}, namespace: default, uid: {}, labels: {{app: {app}}}}}\n\
-         spec: {{nodeName: {node}, serviceAccountName: {}, containers: [{{name: app, image: testapp}}]}}\n\
-         status: {{phase: Running, podIP: {}}}\n---\n",
-        pod.name, pod.uid, pod.name, pod.ip
-    )
-}
-
 fn mesh(label: &str) -> Result<Mesh> {
     let bed = Testbed::new(label)?;
     let (n1, n2) = (bed.add_node("node-1")?, bed.add_node("node-2")?);
@@ -37,22 +29,12 @@ fn mesh(label: &str) -> Result<Mesh> {
     let serving = db.serve("v1")?;
     let dir = bed.state_dir().join("mesh-config");
     std::fs::create_dir_all(&dir)?;
-    let services = "apiVersion: v1\nkind: Namespace\nmetadata: {name: default, labels: {warren.dev/mesh: enabled}}\n---\n\
-        apiVersion: v1\nkind: Service\nmetadata: {name: db, namespace: default}\n\
+    let services = "apiVersion: v1\nkind: Service\nmetadata: {name: db, namespace: default}\n\
         spec: {clusterIP: 10.96.2.10, selector: {app: db}, ports: [{name: tcp-postgres, port: 5432, targetPort: 7000}]}\n---\n";
-    let pods = pod_yaml(&sleep, "node-1", "sleep") + &pod_yaml(&db, "node-2", "db");
-    std::fs::write(dir.join("00-mesh.yaml"), format!("{services}{pods}"))?;
-    let controller = bed.start_controller(ControllerOptions {
-        config_dir: Some(dir.clone()),
-        kubeconfig: None,
-        push_port: 0,
-        config_poll_ms: Some(50),
-    })?;
-    let options = AgentOptions { mtls: true, controller: Some(controller.address()), ..Default::default() };
-    for node in [&n1, &n2] {
-        node.reach_host_port(controller.push_port)?;
-    }
-    let agents = [n1.start_agent_with(options.clone())?, n2.start_agent_with(options)?];
+    let pods = pod_yaml(&sleep, "node-1", "app: sleep") + &pod_yaml(&db, "node-2", "app: db");
+    std::fs::write(dir.join("00-mesh.yaml"), format!("{}{services}{pods}", namespace_yaml("default")))?;
+    let (controller, agents) = directory_mesh(&bed, &dir, &[&n1, &n2])?;
+    let agents: [Agent; 2] = agents.try_into().map_err(|_| anyhow::anyhow!("two agents"))?;
     agents[0].wait_enrolled(&sleep, true, Duration::from_secs(15))?;
     agents[1].wait_enrolled(&db, true, Duration::from_secs(15))?;
     agents[0].wait_config(Duration::from_secs(15), |c| c.to_string().contains("default/db"))?;
@@ -62,8 +44,11 @@ fn mesh(label: &str) -> Result<Mesh> {
 fn scenario(label: &str, steps: impl FnOnce(&Mesh) -> Result<()>) -> Result<()> {
     let mesh = mesh(label)?;
     steps(&mesh).map_err(|e| {
-        let tail = |log: String| log.lines().rev().take(30).collect::<Vec<_>>().into_iter().rev().collect::<Vec<_>>().join("\n");
-        e.context(format!("client agent:\n{}\n\ncontroller:\n{}", tail(mesh.agents[0].log()), tail(mesh.controller.log())))
+        e.context(format!(
+            "client agent:\n{}\n\ncontroller:\n{}",
+            log_tail(&mesh.agents[0].log(), 30),
+            log_tail(&mesh.controller.log(), 30)
+        ))
     })
 }
 

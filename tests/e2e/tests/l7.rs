@@ -15,10 +15,9 @@ use std::{
 };
 
 use anyhow::{Context, Result, bail, ensure};
-use warren_e2e::eventually;
+use warren_e2e::{directory_mesh, eventually, log_tail, namespace_yaml, pod_yaml};
 use warren_testbed::{
-    Agent, AgentOptions, AppOptions, Controller, ControllerOptions, HttpRequests, HttpResult, Pod, Process, Testbed,
-    app, bin_path, require_privileges,
+    Agent, AppOptions, Controller, HttpRequests, HttpResult, Pod, Process, Testbed, app, bin_path, require_privileges,
 };
 
 const WEB: &str = "10.96.1.10:80";
@@ -35,17 +34,7 @@ struct Mesh {
     apps: BTreeMap<&'static str, Process>,
 }
 
-fn pod_yaml(pod: &Pod, node: &str, labels: &str) -> String {
-    format!(
-        "apiVersion: v1\nkind: Pod\nmetadata: {{name: {}, namespace: default, uid: {}, labels: {{{labels}}}}}\n\
-         spec: {{nodeName: {node}, serviceAccountName: {}, containers: [{{name: app, image: testapp}}]}}\n\
-         status: {{phase: Running, podIP: {}}}\n---\n",
-        pod.name, pod.uid, pod.name, pod.ip
-    )
-}
-
-const SERVICES: &str = "apiVersion: v1\nkind: Namespace\nmetadata: {name: default, labels: {warren.dev/mesh: enabled}}\n---\n\
-    apiVersion: v1\nkind: Service\nmetadata: {name: web, namespace: default}\n\
+const SERVICES: &str = "apiVersion: v1\nkind: Service\nmetadata: {name: web, namespace: default}\n\
     spec: {clusterIP: 10.96.1.10, selector: {app: web}, ports: [{name: http, port: 80, targetPort: 9080}]}\n---\n\
     apiVersion: v1\nkind: Service\nmetadata: {name: web-raw, namespace: default}\n\
     spec: {clusterIP: 10.96.1.11, selector: {app: web}, ports: [{port: 8080, targetPort: 9080}]}\n---\n\
@@ -85,18 +74,9 @@ fn mesh(label: &str) -> Result<Mesh> {
         pod_yaml(&mirror, "node-2", "app: mirror, version: v1"),
         pod_yaml(&banner, "node-2", "app: banner"),
     ];
-    std::fs::write(dir.join("00-mesh.yaml"), format!("{SERVICES}{}", pods.concat()))?;
-    let controller = bed.start_controller(ControllerOptions {
-        config_dir: Some(dir.clone()),
-        kubeconfig: None,
-        push_port: 0,
-        config_poll_ms: Some(50),
-    })?;
-    let options = AgentOptions { mtls: true, controller: Some(controller.address()), ..Default::default() };
-    for node in [&n1, &n2] {
-        node.reach_host_port(controller.push_port)?;
-    }
-    let agents = [n1.start_agent_with(options.clone())?, n2.start_agent_with(options)?];
+    std::fs::write(dir.join("00-mesh.yaml"), format!("{}{SERVICES}{}", namespace_yaml("default"), pods.concat()))?;
+    let (controller, agents) = directory_mesh(&bed, &dir, &[&n1, &n2])?;
+    let agents: [Agent; 2] = agents.try_into().map_err(|_| anyhow::anyhow!("two agents"))?;
     agents[0].wait_enrolled(&sleep, true, Duration::from_secs(15))?;
     agents[1].wait_enrolled(&v2, true, Duration::from_secs(15))?;
     for agent in &agents {
@@ -109,12 +89,11 @@ fn mesh(label: &str) -> Result<Mesh> {
 fn scenario(label: &str, steps: impl FnOnce(&Mesh) -> Result<()>) -> Result<()> {
     let mesh = mesh(label)?;
     steps(&mesh).map_err(|e| {
-        let tail = |log: String| log.lines().rev().take(30).collect::<Vec<_>>().into_iter().rev().collect::<Vec<_>>().join("\n");
         e.context(format!(
             "client agent:\n{}\n\nserver agent:\n{}\n\ncontroller:\n{}",
-            tail(mesh.agents[0].log()),
-            tail(mesh.agents[1].log()),
-            tail(mesh.controller.log())
+            log_tail(&mesh.agents[0].log(), 30),
+            log_tail(&mesh.agents[1].log(), 30),
+            log_tail(&mesh.controller.log(), 30)
         ))
     })
 }

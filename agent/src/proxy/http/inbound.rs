@@ -2,20 +2,19 @@
 //! attributes, the destination's agent reads each request off the connection (an HBONE tunnel, or
 //! plaintext), decides it with the full policy — the connection's attributes and the request's — and
 //! answers a denied one 403 `RBAC: access denied`, as Istio does; an allowed one goes to the workload.
-use std::{convert::Infallible, net::SocketAddr, sync::Arc};
+use std::{net::SocketAddr, sync::Arc};
 
 use http::{Request, Response, StatusCode, Version};
 use http_body_util::BodyExt;
-use hyper::{body::Incoming, service::service_fn};
-use hyper_util::rt::{TokioExecutor, TokioIo};
+use hyper::body::Incoming;
 use tokio::io::{AsyncRead, AsyncWrite};
 use tracing::debug;
 use warren_api::authz;
 
-use super::{Body, Error, Head, MAX_HEADER_BYTES, Upstreams, authority, is_upgrade, rewrite, splice_upgrade};
+use super::{Body, Error, Head, Upstreams, authority, is_upgrade, rewrite, serve_http, splice_upgrade};
 use crate::{
     metrics::HttpRequestLabels,
-    proxy::{Direction, ProxyShared, authz::Enforcer},
+    proxy::{Direction, ProxyShared, Record, authz::Enforcer},
 };
 
 /// One inbound connection decided per request.
@@ -34,30 +33,22 @@ where
     IO: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
     let inbound = Arc::new(inbound);
-    let id = shared.connections.open(
-        Direction::Inbound.as_str(),
-        inbound.pod.to_string(),
-        inbound.client,
-        inbound.destination,
-        "http",
-        inbound.identity.clone(),
-    );
-    let closer = shared.connections.closer(id);
-    let service = {
-        let (inbound, shared) = (inbound.clone(), shared.clone());
-        service_fn(move |request| {
+    let record = Record {
+        direction: Direction::Inbound,
+        pod: inbound.pod.clone(),
+        client: inbound.client,
+        destination: inbound.destination,
+        protocol: "http",
+        peer_identity: inbound.identity.clone(),
+    };
+    let handler = {
+        let shared = shared.clone();
+        move |request| {
             let (inbound, workload, shared) = (inbound.clone(), workload.clone(), shared.clone());
-            async move { Ok::<_, Infallible>(handle(request, &inbound, &workload, &shared).await) }
-        })
+            async move { handle(request, &inbound, &workload, &shared).await }
+        }
     };
-    let mut builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
-    builder.http1().max_buf_size(MAX_HEADER_BYTES).keep_alive(true);
-    let connection = builder.serve_connection_with_upgrades(TokioIo::new(io), service);
-    let error = tokio::select! {
-        result = connection => result.err().map(|e| format!("http: {e}")),
-        reason = closer.closed() => Some(reason),
-    };
-    shared.connections.close(id, 0, 0, error);
+    serve_http(io, record, &shared, handler).await
 }
 
 async fn handle(request: Request<Incoming>, inbound: &Inbound, workload: &Arc<Upstreams>, shared: &ProxyShared) -> Response<Body> {

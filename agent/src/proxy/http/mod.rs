@@ -62,29 +62,52 @@ pub struct Downstream {
     pub service: String,
 }
 
-/// Serves one client connection: HTTP/1.1, or HTTP/2 when it starts with the HTTP/2 preface.
-/// Malformed requests get 400 and the connection closes; oversized headers 431 (hyper's parser).
+/// Serves one client connection of the outbound side.
 pub async fn serve_outbound<IO>(io: IO, downstream: Downstream, upstreams: Arc<Upstreams>, shared: ProxyShared)
 where
     IO: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
     let downstream = Arc::new(downstream);
+    let record = super::Record {
+        direction: Direction::Outbound,
+        pod: downstream.pod.clone(),
+        client: downstream.client,
+        destination: downstream.vip,
+        protocol: "http",
+        peer_identity: None,
+    };
+    let handler = {
+        let shared = shared.clone();
+        move |request| {
+            let (downstream, upstreams, shared) = (downstream.clone(), upstreams.clone(), shared.clone());
+            async move { handle(request, &downstream, &upstreams, &shared).await }
+        }
+    };
+    serve_http(io, record, &shared, handler).await
+}
+
+/// Serves HTTP/1.1, or HTTP/2 when the connection starts with its preface, answering each request with
+/// `handler`; the connection is in the connection table meanwhile (closable by it). Malformed requests get
+/// 400 and the connection closes; oversized headers 431 (hyper's parser).
+async fn serve_http<IO, H, F>(io: IO, record: super::Record, shared: &ProxyShared, handler: H)
+where
+    IO: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+    H: Fn(Request<Incoming>) -> F + Clone + Send + Sync + 'static,
+    F: std::future::Future<Output = Response<Body>> + Send + 'static,
+{
     let id = shared.connections.open(
-        Direction::Outbound.as_str(),
-        downstream.pod.to_string(),
-        downstream.client,
-        downstream.vip,
-        "http",
-        None,
+        record.direction.as_str(),
+        record.pod.to_string(),
+        record.client,
+        record.destination,
+        record.protocol,
+        record.peer_identity.clone(),
     );
     let closer = shared.connections.closer(id);
-    let service = {
-        let (downstream, shared) = (downstream.clone(), shared.clone());
-        service_fn(move |request| {
-            let (downstream, upstreams, shared) = (downstream.clone(), upstreams.clone(), shared.clone());
-            async move { Ok::<_, Infallible>(handle(request, &downstream, &upstreams, &shared).await) }
-        })
-    };
+    let service = service_fn(move |request| {
+        let answer = handler(request);
+        async move { Ok::<_, Infallible>(answer.await) }
+    });
     let mut builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
     builder.http1().max_buf_size(MAX_HEADER_BYTES).keep_alive(true);
     let connection = builder.serve_connection_with_upgrades(TokioIo::new(io), service);
@@ -93,7 +116,7 @@ where
         reason = closer.closed() => Some(reason),
     };
     if let Some(e) = &error {
-        debug!(pod = %downstream.pod, client = %downstream.client, vip = %downstream.vip, "HTTP connection: {e}");
+        debug!(pod = %record.pod, client = %record.client, destination = %record.destination, "HTTP connection: {e}");
     }
     shared.connections.close(id, 0, 0, error);
 }
@@ -103,7 +126,12 @@ async fn handle(request: Request<Incoming>, downstream: &Downstream, upstreams: 
     let (response, flag) = match route_request(request, downstream, upstreams, shared).await {
         Ok(response) => (response, "-"),
         Err(e) => {
-            warn!(pod = %downstream.pod, service = %downstream.service, %method, %uri, flag = e.flag(), "{e}");
+            // Injected faults are what the user asked for: counted, not warned about per request.
+            if matches!(e, Error::FaultAbort(_) | Error::FaultAbortGrpc(_)) {
+                debug!(pod = %downstream.pod, service = %downstream.service, %method, %uri, flag = e.flag(), "{e}");
+            } else {
+                warn!(pod = %downstream.pod, service = %downstream.service, %method, %uri, flag = e.flag(), "{e}");
+            }
             let flag = e.flag();
             (e.into_response(), flag)
         }
