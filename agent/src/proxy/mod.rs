@@ -110,6 +110,20 @@ pub(crate) struct Record {
     pub peer_identity: Option<String>,
 }
 
+impl Record {
+    /// Adds the connection to `table`; returns its id.
+    pub(crate) fn open_in(&self, table: &ConnectionTable) -> u64 {
+        table.open(
+            self.direction.as_str(),
+            self.pod.to_string(),
+            self.client,
+            self.destination,
+            self.protocol,
+            self.peer_identity.clone(),
+        )
+    }
+}
+
 /// Proxies `client` to the upstream `open` establishes, and records it.
 pub(crate) async fn forward<C, U>(client: C, record: Record, shared: ProxyShared, open: impl Future<Output = Result<U>>)
 where
@@ -119,14 +133,7 @@ where
     let metrics = &shared.metrics;
     let labels = record.direction.labels();
     metrics.connections_opened.get_or_create(&labels).inc();
-    let id = shared.connections.open(
-        record.direction.as_str(),
-        record.pod.to_string(),
-        record.client,
-        record.destination,
-        record.protocol,
-        record.peer_identity.clone(),
-    );
+    let id = record.open_in(&shared.connections);
     debug!(pod = %record.pod, client = %record.client, destination = %record.destination, id,
         direction = record.direction.as_str(), protocol = record.protocol, peer = ?record.peer_identity, "connection");
     let closer = shared.connections.closer(id);

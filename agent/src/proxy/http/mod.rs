@@ -95,14 +95,7 @@ where
     H: Fn(Request<Incoming>) -> F + Clone + Send + Sync + 'static,
     F: std::future::Future<Output = Response<Body>> + Send + 'static,
 {
-    let id = shared.connections.open(
-        record.direction.as_str(),
-        record.pod.to_string(),
-        record.client,
-        record.destination,
-        record.protocol,
-        record.peer_identity.clone(),
-    );
+    let id = record.open_in(&shared.connections);
     let closer = shared.connections.closer(id);
     let service = service_fn(move |request| {
         let answer = handler(request);
