@@ -4,12 +4,14 @@
 //! h2c) answering every path with a JSON echo of the request ([`AppResponse`]), after calling its
 //! configured upstreams ([`Upstream`]) the way bookinfo's services call each other: `GET /<name>/0` with
 //! `Host: <name>:<port>`, the request's tracing and user headers propagated, a timeout and retries per
-//! upstream. `/status/N` answers N, `/delay/MS` (or `?delay_ms=MS`) waits first; `application/grpc`
-//! requests get a gRPC echo, `Upgrade: websocket` a byte echo on the upgraded connection. Every request it
-//! receives is one [`ReceivedRequest`] line on its stdout.
+//! upstream. `/status/N` answers N, `/delay/MS` (or `?delay_ms=MS`) waits first, `/bytes/N` answers N
+//! bytes (calling nothing); `application/grpc` requests get a gRPC echo, `Upgrade: websocket` a byte echo
+//! on the upgraded connection. Every request it receives is one [`ReceivedRequest`] line on its stdout
+//! (unless [`AppOptions::quiet`]).
 //!
 //! `http` is the client: `count` requests over `concurrency` keep-alive connections ([`HttpRequests`]),
-//! one [`HttpResult`] per request.
+//! one [`HttpResult`] per request. `load` is a load generator ([`Load`]): requests at a fixed rate, open
+//! loop, or as fast as answers come; one [`LoadReport`].
 use std::{collections::BTreeMap, net::SocketAddr, time::Duration};
 
 use anyhow::{Context, Result, bail};
@@ -83,12 +85,16 @@ pub struct AppOptions {
     pub version: String,
     pub port: u16,
     pub calls: Vec<Upstream>,
+    /// No [`ReceivedRequest`] line per request (under load: thousands a second).
+    #[serde(default)]
+    pub quiet: bool,
 }
 
 impl AppOptions {
     /// `service` `version` on bookinfo's port 9080, calling nothing.
     pub fn new(service: &str, version: &str) -> AppOptions {
-        AppOptions { service: service.to_string(), version: version.to_string(), port: BOOKINFO_PORT, calls: vec![] }
+        let (service, version) = (service.to_string(), version.to_string());
+        AppOptions { service, version, port: BOOKINFO_PORT, calls: vec![], quiet: false }
     }
 
     pub fn call(mut self, upstream: Upstream) -> AppOptions {
@@ -102,6 +108,9 @@ impl AppOptions {
         args.extend([self.version.clone(), "--port".into(), self.port.to_string()]);
         for call in &self.calls {
             args.extend(["--call".to_string(), call.to_arg()]);
+        }
+        if self.quiet {
+            args.push("--quiet".into());
         }
         args
     }
@@ -302,6 +311,104 @@ pub struct HttpReport {
     pub results: Vec<HttpResult>,
     /// Each distinct error with how many requests got it, e.g. `3× timeout`.
     pub errors: Vec<String>,
+}
+
+/// What `warren-testapp load` sends ([`crate::Pod::load`]): `POST path` with a body of `body_bytes`, on
+/// `connections` keep-alive connections (HTTP/2: that many connections, concurrent streams on them).
+///
+/// With `rps` > 0, open loop as wrk2 and fortio run it: request *i* is due at *start + i/rps*, on connection
+/// *i mod connections*, whether or not the earlier ones were answered; its latency runs from when it was
+/// due (not from when it could be sent) to the end of its response, so a stall counts for every request it
+/// held back (the correction of coordinated omission). An HTTP/1.1 request whose connection still waits for
+/// an answer waits too. With `rps` = 0, closed loop: each connection sends its next request as soon as the
+/// last is answered — the most the path carries, `achieved_rps`.
+///
+/// The first `warm_up_ms` are sent alike but not counted; the process prints `measuring` when the counted
+/// part starts and `measured` when it ends, then the report.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Load {
+    /// Requests per second; 0: as fast as they are answered.
+    pub rps: u64,
+    pub warm_up_ms: u64,
+    /// How long the counted part lasts.
+    pub duration_ms: u64,
+    pub connections: usize,
+    pub body_bytes: usize,
+    /// HTTP/2 with prior knowledge (h2c) instead of HTTP/1.1.
+    pub http2: bool,
+    /// The Host header (HTTP/2: the authority); default: the address connected to.
+    pub host: Option<String>,
+    /// Path and query; the app answers `/bytes/N` with N bytes.
+    pub path: String,
+    /// How long one request may take, from when it was due.
+    pub timeout_ms: u64,
+}
+
+impl Default for Load {
+    fn default() -> Self {
+        Load {
+            rps: 1000,
+            warm_up_ms: 0,
+            duration_ms: 10_000,
+            connections: 4,
+            body_bytes: 1024,
+            http2: false,
+            host: None,
+            path: "/bytes/1024".into(),
+            timeout_ms: 10_000,
+        }
+    }
+}
+
+impl Load {
+    /// The command line after `warren-testapp`.
+    pub fn to_args(&self, to: SocketAddr) -> Vec<String> {
+        let mut args = vec!["load".to_string(), "--to".into(), to.to_string(), "--rps".into(), self.rps.to_string()];
+        args.extend(["--warm-up-ms".into(), self.warm_up_ms.to_string()]);
+        args.extend(["--duration-ms".into(), self.duration_ms.to_string()]);
+        args.extend(["--connections".into(), self.connections.to_string()]);
+        args.extend(["--body-bytes".into(), self.body_bytes.to_string(), "--path".into(), self.path.clone()]);
+        args.extend(["--timeout-ms".into(), self.timeout_ms.to_string()]);
+        if let Some(host) = &self.host {
+            args.extend(["--host".to_string(), host.clone()]);
+        }
+        if self.http2 {
+            args.push("--http2".into());
+        }
+        args
+    }
+}
+
+/// The one JSON line `warren-testapp load` prints last. Latencies are of the counted requests answered
+/// 2xx (open loop: from when each was due).
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct LoadReport {
+    /// Counted requests sent, answered 2xx, and failed (error, timeout or another status).
+    pub sent: u64,
+    pub ok: u64,
+    pub errors: u64,
+    /// Each distinct error with how many requests got it, e.g. `3× timeout`.
+    pub error_kinds: Vec<String>,
+    pub p50_us: u64,
+    pub p90_us: u64,
+    pub p99_us: u64,
+    pub max_us: u64,
+    /// Counted 2xx answers per second, over the counted part (until its last answer).
+    pub achieved_rps: f64,
+    /// Open loop: how late after its due time the generator handed each request to its connection, p99 —
+    /// the generator's own timer and scheduling error, part of the latencies above.
+    pub dispatch_late_p99_us: u64,
+}
+
+/// Waits for a `warren-testapp load` process ([`crate::Pod::spawn_load`]) to end; its report.
+pub fn load_report(process: Process) -> Result<LoadReport> {
+    let out = process.wait_with_output()?;
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let line = stdout.lines().rev().find(|l| l.starts_with('{')).with_context(|| {
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        format!("warren-testapp load printed no report ({}); stderr: {stderr}", out.status)
+    })?;
+    serde_json::from_str(line).with_context(|| format!("warren-testapp load's report {line}"))
 }
 
 /// `Sec-WebSocket-Accept` for a request's `Sec-WebSocket-Key` (RFC 6455 §4.2.2: base64 of the SHA-1 of

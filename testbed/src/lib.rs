@@ -37,7 +37,9 @@ mod privileges;
 mod process;
 
 pub use agent::{Agent, AgentOptions};
-pub use app::{AppOptions, AppResponse, CallRecord, HttpRequests, HttpResult, ReceivedRequest, Upstream};
+pub use app::{
+    AppOptions, AppResponse, CallRecord, HttpRequests, HttpResult, Load, LoadReport, ReceivedRequest, Upstream,
+};
 pub use bins::bin_path;
 pub use capture::{Capture, testapp_payload};
 pub use controller::{Controller, ControllerOptions};
@@ -516,6 +518,20 @@ impl Pod {
             bail!("{} → {to}: {} results for {} requests", self.name, report.results.len(), requests.count);
         }
         Ok(report.results)
+    }
+
+    /// Runs `load` against `to` from inside this pod (warren-testapp load) to the end; its report.
+    pub fn load(&self, to: SocketAddr, load: &Load) -> Result<LoadReport> {
+        app::load_report(self.spawn_load(to, load)?)
+    }
+
+    /// Starts `load` against `to` from inside this pod: its stdout says `measuring` and `measured` around
+    /// the counted part (to sample something over just that window); [`app::load_report`] waits for the
+    /// report.
+    pub fn spawn_load(&self, to: SocketAddr, load: &Load) -> Result<Process> {
+        let mut cmd = std::process::Command::new(bin_path("warren-testapp")?);
+        cmd.args(load.to_args(to));
+        self.spawn(cmd)
     }
 
     /// Opens `count` connections to `to` from inside this pod, one after another, each with one echo of

@@ -59,9 +59,10 @@ enum Command {
     },
     /// Benchmarks (release build, real eBPF): `l4` — no mesh vs agent vs agent with sk_msg; `control`; `parse`;
     /// `authz` — one decision against 100 AuthorizationPolicies (p99), then a new HBONE connection with 100
-    /// policies on the server vs none.
+    /// policies on the server vs none; `l7` — 1 KiB requests at 1000 rps open loop and max rps: no mesh vs the
+    /// L4 HBONE path vs the L7 path (HTTP/1.1 and HTTP/2), agent CPU and RSS.
     Bench {
-        #[arg(value_parser = ["l4", "control", "parse", "authz"])]
+        #[arg(value_parser = ["l4", "control", "parse", "authz", "l7"])]
         suite: String,
         /// Extra arguments for the benchmark (e.g. a criterion filter).
         #[arg(trailing_var_arg = true, allow_hyphen_values = true)]

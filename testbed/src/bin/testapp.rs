@@ -9,12 +9,16 @@
 //! - `pause`: sleeps; a testbed pod's first process, as Kubernetes' pause container.
 //! - `app`: an HTTP/1.1 + h2c application stand-in (bookinfo's services), calling its upstreams per request.
 //! - `http`: an HTTP client: N requests over C keep-alive connections, one JSON report.
+//! - `load`: a load generator: POSTs at a fixed rate (open loop, as wrk2) or as fast as answered, on C
+//!   keep-alive connections; one JSON line with latency percentiles and the rate achieved.
 //!
 //! `app` and `http` speak warren_testbed::app's types.
 #[path = "testapp/app.rs"]
 mod app;
 #[path = "testapp/client.rs"]
 mod client;
+#[path = "testapp/load.rs"]
+mod load;
 
 use std::{
     io::{BufRead, BufReader, Read, Write},
@@ -138,6 +142,9 @@ enum Cmd {
         /// Retries of each call that does not give its own.
         #[arg(long, default_value_t = 0)]
         call_retries: u32,
+        /// No line on stdout per request received.
+        #[arg(long)]
+        quiet: bool,
     },
     /// `count` requests over `concurrency` keep-alive connections; prints one JSON report.
     Http {
@@ -165,6 +172,32 @@ enum Cmd {
         #[arg(long, default_value_t = 30_000)]
         timeout_ms: u64,
     },
+    /// `POST path` with a `body-bytes` body at `rps` a second (open loop; 0: closed loop, as fast as
+    /// answered) on `connections` keep-alive connections, for `warm-up-ms` uncounted then `duration-ms`;
+    /// prints `measuring`, `measured` around the counted part, then one JSON report (latency from each
+    /// request's due time).
+    Load {
+        #[arg(long)]
+        to: SocketAddr,
+        #[arg(long)]
+        rps: u64,
+        #[arg(long, default_value_t = 0)]
+        warm_up_ms: u64,
+        #[arg(long)]
+        duration_ms: u64,
+        #[arg(long, default_value_t = 4)]
+        connections: usize,
+        #[arg(long, default_value_t = 1024)]
+        body_bytes: usize,
+        #[arg(long)]
+        http2: bool,
+        #[arg(long)]
+        host: Option<String>,
+        #[arg(long, default_value = "/bytes/1024")]
+        path: String,
+        #[arg(long, default_value_t = 10_000)]
+        timeout_ms: u64,
+    },
 }
 
 fn main() -> ExitCode {
@@ -182,7 +215,7 @@ fn main() -> ExitCode {
         Cmd::Pause => loop {
             std::thread::park();
         },
-        Cmd::App { service, version, port, pod, calls, call_timeout_ms, call_retries } => {
+        Cmd::App { service, version, port, pod, calls, call_timeout_ms, call_retries, quiet } => {
             let calls: Result<Vec<_>, _> = calls
                 .iter()
                 .map(|c| {
@@ -198,7 +231,7 @@ fn main() -> ExitCode {
                 }
             };
             let pod = pod.unwrap_or_else(|| service.clone());
-            app::run(warren_testbed::app::AppOptions { service, version, port, calls }, pod)
+            app::run(warren_testbed::app::AppOptions { service, version, port, calls, quiet }, pod)
         }
         Cmd::Http {
             to,
@@ -234,6 +267,20 @@ fn main() -> ExitCode {
                 timeout_ms,
             };
             client::run(to, requests)
+        }
+        Cmd::Load { to, rps, warm_up_ms, duration_ms, connections, body_bytes, http2, host, path, timeout_ms } => {
+            let load = warren_testbed::Load {
+                rps,
+                warm_up_ms,
+                duration_ms,
+                connections,
+                body_bytes,
+                http2,
+                host,
+                path,
+                timeout_ms,
+            };
+            load::run(to, load)
         }
     }
 }

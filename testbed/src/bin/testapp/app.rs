@@ -132,6 +132,16 @@ fn json_response(status: StatusCode, body: &impl serde::Serialize) -> Response<F
     response
 }
 
+/// The largest `/bytes/N` answer.
+const MAX_BYTES: usize = 16 << 20;
+
+/// `size` bytes of `x` (a payload of a known size, as load generators ask for).
+fn bytes_response(size: usize) -> Response<Frames> {
+    let mut response = Response::new(Frames::data(vec![b'x'; size]));
+    response.headers_mut().insert(header::CONTENT_TYPE, HeaderValue::from_static("application/octet-stream"));
+    response
+}
+
 impl App {
     async fn handle(&self, request: Request<Incoming>) -> Response<Frames> {
         let path = request.uri().path_and_query().map(|p| p.as_str().to_string()).unwrap_or_else(|| "/".into());
@@ -152,7 +162,9 @@ impl App {
             headers: headers.clone(),
         };
         // One line per request, whole (println! holds stdout's lock for the line).
-        println!("{}", serde_json::to_string(&received).unwrap_or_default());
+        if !self.options.quiet {
+            println!("{}", serde_json::to_string(&received).unwrap_or_default());
+        }
 
         let grpc = headers.get("content-type").is_some_and(|c| c.starts_with("application/grpc"));
         if grpc {
@@ -176,6 +188,12 @@ impl App {
             calls: vec![],
         };
         let bare = path.split('?').next().unwrap_or("");
+        if let Some(size) = bare.strip_prefix("/bytes/") {
+            return match size.parse::<usize>() {
+                Ok(size) if size <= MAX_BYTES => bytes_response(size),
+                _ => json_response(StatusCode::BAD_REQUEST, &answer),
+            };
+        }
         if let Some(code) = bare.strip_prefix("/status/") {
             let status = code.parse().ok().and_then(|c| StatusCode::from_u16(c).ok());
             let status = status.unwrap_or(StatusCode::BAD_REQUEST);

@@ -24,7 +24,7 @@ use crate::app::{header_map, parse_body, version_text};
 const WEBSOCKET_KEY: &str = "d2FycmVuLXRlc3RhcHAtd3M=";
 
 /// One connection's request sender.
-enum Sender {
+pub enum Sender {
     H1(http1::SendRequest<Full<Bytes>>),
     H2(http2::SendRequest<Full<Bytes>>),
 }
@@ -68,7 +68,7 @@ async fn send_all(to: SocketAddr, requests: Arc<HttpRequests>) -> HttpReport {
     HttpReport { results, errors }
 }
 
-async fn connect(to: SocketAddr, http2: bool, upgrades: bool) -> Result<Sender, String> {
+pub async fn connect(to: SocketAddr, http2: bool, upgrades: bool) -> Result<Sender, String> {
     let stream = tokio::net::TcpStream::connect(to).await.map_err(|e| format!("connect: {e}"))?;
     let _ = stream.set_nodelay(true);
     let io = TokioIo::new(stream);

@@ -1,0 +1,375 @@
+//! `cargo xtask bench l7`: what the L7 path costs a request, against the L4 (HBONE) path and no mesh, in one
+//! run. A client pod on node-1 sends 1 KiB POSTs to an app on node-2 that answers 1 KiB (`/bytes/1024`),
+//! on 4 keep-alive connections, with `warren-testapp load`:
+//!
+//! - at a fixed 1000 requests a second, open loop (as wrk2 and fortio: each request is due at its slot,
+//!   answered or not the ones before, and its latency runs from when it was due — coordinated omission
+//!   corrected), 10 s after a 2 s warm-up: p50/p90/p99;
+//! - closed loop, each connection's next request as soon as the last is answered, 5 s after 1 s: max rps.
+//!
+//! Paths, each over HTTP/1.1 and HTTP/2 (h2c): **no mesh** (a pair of pods that is not enrolled, the same
+//! nodes), **L4 HBONE** (both enrolled; a Service port named `tcp-web`: one mTLS CONNECT stream per
+//! connection, bytes copied), **L7** (the same pods through a Service port named `http`: the client's agent
+//! proxies each request, then HBONE). Before timing, each path is checked to be what it says: only L7 answers
+//! carry the `x-request-id` the proxy adds, the L4 connection shows in the client agent's table as `hbone`,
+//! and no agent saw the no-mesh pair.
+//!
+//! Both agents' CPU (utime + stime of /proc/<pid>/stat) is sampled when the counted 1000 rps part starts and
+//! ends, their RSS after it. Prints a markdown table and writes it to `target/bench-l7.md`, with the targets:
+//! the L7 path adds at most 1.5× what the L4 path adds at p99 (each against the no-mesh p99 of its protocol),
+//! and an agent uses at most 0.05 vCPU per 1000 rps. A bench reports; it does not fail on timing. Without
+//! root, BPF, cgroup2 and netns it prints `SKIPPED` and exits 0 (under `CI=true` it fails).
+use std::{fmt::Write as _, net::SocketAddr, time::Duration, time::Instant};
+
+use warren_testbed::{
+    Agent, AgentOptions, AppOptions, Controller, ControllerOptions, HttpRequests, Load, LoadReport, Pod, Process,
+    Testbed, app, check_privileges, in_ci,
+};
+
+const RPS: u64 = 1000;
+const CONNECTIONS: usize = 4;
+const BODY_BYTES: usize = 1024;
+const WARM_UP_MS: u64 = 2000;
+const MEASURE_MS: u64 = 10_000;
+const MAX_WARM_UP_MS: u64 = 1000;
+const MAX_MS: u64 = 5000;
+const APP_PORT: u16 = 9080;
+/// Service `web`: port 80 named `http` (the L7 path).
+const WEB: &str = "10.96.1.10:80";
+/// Service `web-tcp`: the same pod, port 80 named `tcp-web` (the L4 path).
+const WEB_TCP: &str = "10.96.1.11:80";
+const L7_OVER_L4_TARGET: f64 = 1.5;
+const VCPU_PER_1000_RPS_TARGET: f64 = 0.05;
+
+struct Mesh {
+    _bed: Testbed,
+    _controller: Controller,
+    agents: [Agent; 2],
+    _apps: [Process; 2],
+    client: Pod,
+    server: Pod,
+    plain_client: Pod,
+    plain_server: Pod,
+}
+
+fn pod_yaml(pod: &Pod, node: &str, app: &str) -> String {
+    format!(
+        "apiVersion: v1\nkind: Pod\nmetadata: {{name: {}, namespace: {}, uid: {}, labels: {{app: {app}}}}}\n\
+         spec: {{nodeName: {node}, serviceAccountName: {}, containers: [{{name: app, image: testapp}}]}}\n\
+         status: {{phase: Running, podIP: {}}}\n---\n",
+        pod.name, pod.namespace, pod.uid, pod.name, pod.ip
+    )
+}
+
+const SERVICES: &str = "apiVersion: v1\nkind: Namespace\n\
+    metadata: {name: default, labels: {warren.dev/mesh: enabled}}\n---\n\
+    apiVersion: v1\nkind: Namespace\nmetadata: {name: plain}\n---\n\
+    apiVersion: v1\nkind: Service\nmetadata: {name: web, namespace: default}\n\
+    spec: {clusterIP: 10.96.1.10, selector: {app: web}, ports: [{name: http, port: 80, targetPort: 9080}]}\n---\n\
+    apiVersion: v1\nkind: Service\nmetadata: {name: web-tcp, namespace: default}\n\
+    spec: {clusterIP: 10.96.1.11, selector: {app: web}, ports: [{name: tcp-web, port: 80, targetPort: 9080}]}\n---\n";
+
+impl Mesh {
+    fn new() -> anyhow::Result<Mesh> {
+        let bed = Testbed::new("bench-l7")?;
+        let (n1, n2) = (bed.add_node("node-1")?, bed.add_node("node-2")?);
+        let client = n1.add_pod("sleep", true)?;
+        let server = n2.add_pod("web", true)?;
+        let plain_client = n1.add_pod_in("plain", "plain-sleep", false)?;
+        let plain_server = n2.add_pod_in("plain", "plain-web", false)?;
+        let quiet = |name| AppOptions { port: APP_PORT, quiet: true, ..AppOptions::new(name, "v1") };
+        let apps = [server.serve_app(&quiet("web"))?, plain_server.serve_app(&quiet("plain-web"))?];
+        let dir = bed.state_dir().join("mesh-config");
+        std::fs::create_dir_all(&dir)?;
+        let pods = [
+            pod_yaml(&client, "node-1", "sleep"),
+            pod_yaml(&server, "node-2", "web"),
+            pod_yaml(&plain_client, "node-1", "plain-sleep"),
+            pod_yaml(&plain_server, "node-2", "plain-web"),
+        ];
+        std::fs::write(dir.join("00-mesh.yaml"), format!("{SERVICES}{}", pods.concat()))?;
+        let controller = bed.start_controller(ControllerOptions {
+            config_dir: Some(dir.clone()),
+            kubeconfig: None,
+            push_port: 0,
+            config_poll_ms: Some(50),
+        })?;
+        let options = AgentOptions {
+            mtls: true,
+            controller: Some(controller.address()),
+            ebpf_log_level: "info",
+            ..Default::default()
+        };
+        for node in [&n1, &n2] {
+            node.reach_host_port(controller.push_port)?;
+        }
+        let agents = [n1.start_agent_with(options.clone())?, n2.start_agent_with(options)?];
+        let timeout = Duration::from_secs(15);
+        agents[0].wait_enrolled(&client, true, timeout)?;
+        agents[0].wait_enrolled(&plain_client, false, timeout)?;
+        agents[1].wait_enrolled(&server, true, timeout)?;
+        agents[1].wait_enrolled(&plain_server, false, timeout)?;
+        for agent in &agents {
+            agent.wait_config(timeout, |c| c.to_string().contains("default/web-tcp"))?;
+        }
+        Ok(Mesh { _bed: bed, _controller: controller, agents, _apps: apps, client, server, plain_client, plain_server })
+    }
+}
+
+#[derive(Clone, Copy, PartialEq)]
+enum Kind {
+    NoMesh,
+    L4,
+    L7,
+}
+
+struct Path {
+    name: &'static str,
+    kind: Kind,
+    http2: bool,
+}
+
+const PATHS: [Path; 6] = [
+    Path { name: "no mesh, HTTP/1.1", kind: Kind::NoMesh, http2: false },
+    Path { name: "L4 HBONE, HTTP/1.1", kind: Kind::L4, http2: false },
+    Path { name: "L7, HTTP/1.1", kind: Kind::L7, http2: false },
+    Path { name: "no mesh, HTTP/2", kind: Kind::NoMesh, http2: true },
+    Path { name: "L4 HBONE, HTTP/2", kind: Kind::L4, http2: true },
+    Path { name: "L7, HTTP/2", kind: Kind::L7, http2: true },
+];
+
+impl Mesh {
+    /// Who sends, and where to.
+    fn route(&self, path: &Path) -> (&Pod, SocketAddr) {
+        match path.kind {
+            Kind::NoMesh => (&self.plain_client, self.plain_server.socket(APP_PORT)),
+            Kind::L4 => (&self.client, WEB_TCP.parse().unwrap()),
+            Kind::L7 => (&self.client, WEB.parse().unwrap()),
+        }
+    }
+
+    /// HBONE connections the client's agent opened (or closed lately) to the server pod.
+    fn hbone_to_server(&self) -> anyhow::Result<usize> {
+        let table = self.agents[0].connections()?;
+        let all = ["open", "recently_closed"].iter().filter_map(|k| table[k].as_array().cloned()).flatten();
+        let server = self.server.socket(APP_PORT).to_string();
+        Ok(all.filter(|c| c["original_dst"] == server.as_str() && c["protocol"] == "hbone").count())
+    }
+
+    /// The path is what its name says (see the module's doc).
+    fn check(&self, path: &Path) -> anyhow::Result<()> {
+        let (from, to) = self.route(path);
+        let mut request = HttpRequests::get("/", 1);
+        request.http2 = path.http2;
+        let hbone_before = self.hbone_to_server()?;
+        let result = from.http(to, &request)?.remove(0);
+        let answer = result.app().ok_or_else(|| anyhow::anyhow!("{}: no app answer: {result:?}", path.name))?;
+        let proxied = answer.headers.contains_key("x-request-id");
+        anyhow::ensure!(proxied == (path.kind == Kind::L7), "{}: x-request-id {proxied}: {answer:?}", path.name);
+        let want = if path.http2 { "HTTP/2.0" } else { "HTTP/1.1" };
+        anyhow::ensure!(result.version == want, "{}: answered over {}", path.name, result.version);
+        match path.kind {
+            Kind::NoMesh => {
+                let ips = [self.plain_client.ip.to_string(), self.plain_server.ip.to_string()];
+                for agent in &self.agents {
+                    let table = agent.connections()?.to_string();
+                    let seen = ips.iter().any(|ip| table.contains(ip));
+                    anyhow::ensure!(!seen, "{}: an agent proxied the plain pods: {table}", path.name);
+                }
+            }
+            Kind::L4 => {
+                // Closed when the client's connection closed: poll briefly.
+                let opened = warren_e2e::eventually(Duration::from_secs(2), || {
+                    (self.hbone_to_server().ok()? > hbone_before).then_some(())
+                });
+                let table = self.agents[0].connections()?;
+                anyhow::ensure!(opened.is_some(), "{}: no new HBONE connection to the server: {table}", path.name);
+            }
+            Kind::L7 => {}
+        }
+        Ok(())
+    }
+}
+
+/// utime + stime of a process (all its threads), in seconds.
+fn cpu_seconds(pid: u32) -> f64 {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+    // After the command's `(name)`: state is field 3; utime and stime are fields 14 and 15.
+    let fields: Vec<&str> =
+        stat.rsplit_once(')').map(|(_, rest)| rest.split_whitespace().collect()).unwrap_or_default();
+    let ticks: u64 = [11, 12].iter().filter_map(|i| fields.get(*i)?.parse::<u64>().ok()).sum();
+    ticks as f64 / unsafe { libc::sysconf(libc::_SC_CLK_TCK) } as f64
+}
+
+/// VmRSS of a process, in MiB.
+fn rss_mib(pid: u32) -> f64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
+    let kib = status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:")?.trim().strip_suffix("kB")?.trim().parse::<f64>().ok());
+    kib.unwrap_or(0.0) / 1024.0
+}
+
+struct Figures {
+    paced: LoadReport,
+    max: LoadReport,
+    /// vCPU per 1000 rps, client's agent and server's.
+    vcpu: [f64; 2],
+    rss: [f64; 2],
+}
+
+fn measure(mesh: &Mesh, path: &Path) -> anyhow::Result<Figures> {
+    let (from, to) = mesh.route(path);
+    let paced = Load {
+        rps: RPS,
+        warm_up_ms: WARM_UP_MS,
+        duration_ms: MEASURE_MS,
+        connections: CONNECTIONS,
+        body_bytes: BODY_BYTES,
+        http2: path.http2,
+        host: Some("web".into()),
+        path: format!("/bytes/{BODY_BYTES}"),
+        timeout_ms: 10_000,
+    };
+    let mut load = from.spawn_load(to, &paced)?;
+    let pids = [mesh.agents[0].process.pid, mesh.agents[1].process.pid];
+    let wait = Duration::from_millis(WARM_UP_MS + MEASURE_MS) + Duration::from_secs(30);
+    load.wait_for_line("measuring", wait)?;
+    let (started, before) = (Instant::now(), pids.map(cpu_seconds));
+    load.wait_for_line("measured", wait)?;
+    let (window, after) = (started.elapsed().as_secs_f64(), pids.map(cpu_seconds));
+    let rss = pids.map(rss_mib);
+    let paced_report = app::load_report(load)?;
+    let per_1000 = paced_report.achieved_rps.max(1.0) / 1000.0;
+    let vcpu = [0, 1].map(|i| (after[i] - before[i]) / window / per_1000);
+    let max = Load { rps: 0, warm_up_ms: MAX_WARM_UP_MS, duration_ms: MAX_MS, ..paced };
+    let max = from.load(to, &max)?;
+    Ok(Figures { paced: paced_report, max, vcpu, rss })
+}
+
+fn main() {
+    if let Err(reason) = check_privileges() {
+        if in_ci() {
+            panic!("CI=true, but the l7 bench cannot run here: {reason}");
+        }
+        println!("SKIPPED: l7 bench needs root, BPF, cgroup2 and netns ({reason})");
+        return;
+    }
+    let started = Instant::now();
+    let mesh = Mesh::new().unwrap();
+    for path in &PATHS {
+        mesh.check(path).unwrap();
+    }
+    let mut figures = vec![];
+    for path in &PATHS {
+        let f = measure(&mesh, path).unwrap_or_else(|e| panic!("{}: {e:#}", path.name));
+        eprintln!(
+            "l7 bench: {:<19} p50 {:>5} µs  p90 {:>5} µs  p99 {:>5} µs  max {:>5} rps  \
+             agents {:.3} + {:.3} vCPU/1000 rps",
+            path.name, f.paced.p50_us, f.paced.p90_us, f.paced.p99_us, f.max.achieved_rps as u64, f.vcpu[0], f.vcpu[1]
+        );
+        figures.push(f);
+    }
+    let out = summary(&figures, started.elapsed());
+    println!("\n{out}");
+    let file = xtask::workspace_root().join("target").join("bench-l7.md");
+    match std::fs::write(&file, &out) {
+        Ok(()) => eprintln!("l7 bench: results written to {}", file.display()),
+        Err(e) => eprintln!("l7 bench: writing {}: {e}", file.display()),
+    }
+}
+
+fn summary(figures: &[Figures], took: Duration) -> String {
+    let mut out = format!(
+        "{BODY_BYTES} B POST → {BODY_BYTES} B answer, pod on node-1 → pod on node-2, {CONNECTIONS} keep-alive \
+         connections (HTTP/2: {CONNECTIONS} connections, a stream per request). Latency: {RPS} rps open loop \
+         (from each request's due time), {} s counted after {} s warm-up. Max rps: closed loop, {} s after {} s. \
+         Agent CPU over the counted {RPS} rps part, per 1000 rps achieved; RSS after it. {took:.0?} in all.\n\n\
+         | path | p50 µs | p90 µs | p99 µs | max µs | errors | rps | sent late p99 µs | p99 added µs | × L4's | \
+         max rps | agent vCPU/1000 rps (client + server) | agent RSS MiB (client, server) |\n\
+         |---|---|---|---|---|---|---|---|---|---|---|---|---|\n",
+        MEASURE_MS / 1000,
+        WARM_UP_MS / 1000,
+        MAX_MS / 1000,
+        MAX_WARM_UP_MS / 1000
+    );
+    // Rows come in threes per protocol: no mesh, L4, L7.
+    let added = |i: usize| figures[i].paced.p99_us as f64 - figures[i - i % 3].paced.p99_us as f64;
+    let mut verdicts = vec![];
+    for (i, (path, f)) in PATHS.iter().zip(figures).enumerate() {
+        let (added_text, ratio_text) = match path.kind {
+            Kind::NoMesh => ("—".to_string(), "—".to_string()),
+            Kind::L4 => (format!("{:+.0}", added(i)), "1".to_string()),
+            Kind::L7 => {
+                let (l7, l4) = (added(i), added(i - 1));
+                let ratio = if l4 > 0.0 { format!("{:.2}", l7 / l4) } else { "n/a".to_string() };
+                let verdict = if l4 <= 0.0 {
+                    let name = path.name;
+                    format!("{name}: the L4 path adds nothing measurable at p99 ({l4:+.0} µs), L7 adds {l7:+.0} µs")
+                } else {
+                    let held = if l7 / l4 <= L7_OVER_L4_TARGET { "met" } else { "NOT met" };
+                    format!(
+                        "{}: L7 adds {l7:+.0} µs at p99, L4 {l4:+.0} µs: **{:.2}×** \
+                         (target ≤ {L7_OVER_L4_TARGET}×): {held}",
+                        path.name,
+                        l7 / l4
+                    )
+                };
+                verdicts.push(verdict);
+                (format!("{l7:+.0}"), ratio)
+            }
+        };
+        let errors = f.paced.errors + f.max.errors;
+        writeln!(
+            out,
+            "| {} | {} | {} | {} | {} | {errors} | {:.0} | {} | {added_text} | {ratio_text} | {:.0} | {:.3} + {:.3} | \
+             {:.1}, {:.1} |",
+            path.name,
+            f.paced.p50_us,
+            f.paced.p90_us,
+            f.paced.p99_us,
+            f.paced.max_us,
+            f.paced.achieved_rps,
+            f.paced.dispatch_late_p99_us,
+            f.max.achieved_rps,
+            f.vcpu[0],
+            f.vcpu[1],
+            f.rss[0],
+            f.rss[1]
+        )
+        .unwrap();
+    }
+    out += "\n";
+    for verdict in verdicts {
+        writeln!(out, "- {verdict}").unwrap();
+    }
+    let meshed = PATHS.iter().zip(figures).filter(|(p, _)| p.kind != Kind::NoMesh);
+    let (worst_path, worst) = meshed
+        .flat_map(|(p, f)| f.vcpu.map(|v| (p.name, v)))
+        .max_by(|a, b| a.1.total_cmp(&b.1))
+        .unwrap_or(("-", 0.0));
+    let held = if worst <= VCPU_PER_1000_RPS_TARGET { "met" } else { "NOT met" };
+    writeln!(
+        out,
+        "- Agent CPU: at most {worst:.3} vCPU per 1000 rps for one agent ({worst_path}; target ≤ \
+         {VCPU_PER_1000_RPS_TARGET}): {held}. The no-mesh rows show the agents' idle use over the same window."
+    )
+    .unwrap();
+    let errors: Vec<String> = PATHS
+        .iter()
+        .zip(figures)
+        .flat_map(|(p, f)| {
+            f.paced.error_kinds.iter().chain(&f.max.error_kinds).map(move |e| format!("{}: {e}", p.name))
+        })
+        .collect();
+    writeln!(
+        out,
+        "- *sent late*: how late after its due time the load generator handed a request to its connection (p99) — \
+         its own delay on this machine, part of every latency in the row (a busy machine shows there first)."
+    )
+    .unwrap();
+    if !errors.is_empty() {
+        writeln!(out, "- Errors: {}.", errors.join("; ")).unwrap();
+    }
+    out
+}
