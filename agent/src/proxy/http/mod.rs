@@ -165,26 +165,13 @@ impl RouteTarget {
 }
 
 async fn route_request(
-    mut request: Request<Incoming>,
+    request: Request<Incoming>,
     downstream: &Downstream,
     upstreams: &Arc<Upstreams>,
     shared: &ProxyShared,
 ) -> Result<Response<Body>, Error> {
     let tables = shared.tables();
-    let source = tables.pod(&downstream.pod);
-    let context = RequestContext {
-        port: downstream.vip.port(),
-        source_labels: source.map(|p| &p.labels),
-        source_namespace: source.map(|p| p.namespace.as_str()),
-    };
-    let routed = match tables.http_route(&downstream.service) {
-        Some(route) => Some(route.route(request.method(), request.uri(), request.headers(), &context).ok_or_else(
-            || Error::NoRoute(format!("{} {} ({})", request.method(), request.uri(), route.origin)),
-        )?),
-        None => None,
-    };
-    let rule = routed.map(|(rule, _)| rule);
-    let matched = routed.and_then(|(_, m)| m);
+    let (rule, matched) = select_rule(&tables, &request, downstream)?;
     if let Some(answer) = rule.and_then(|r| answer_directly(r, &request)) {
         return Ok(answer);
     }
@@ -198,30 +185,72 @@ async fn route_request(
         None => &own,
     };
     let target = RouteTarget::resolve(&tables, destination, downstream.vip.port())?;
+    let routed = Routed { rule, matched, destination, target };
+    forward(request, &routed, &tables, downstream.vip.port(), upstreams).await
+}
+
+/// The rule that takes the request, and the match block that did; `None` for a service no VirtualService
+/// routes (its own endpoints take it). A VirtualService whose rules all pass the request by: 404.
+fn select_rule<'t>(
+    tables: &'t MeshTables,
+    request: &Request<Incoming>,
+    downstream: &Downstream,
+) -> Result<(Option<&'t CompiledRule>, Option<&'t CompiledMatch>), Error> {
+    let Some(route) = tables.http_route(&downstream.service) else {
+        return Ok((None, None));
+    };
+    let source = tables.pod(&downstream.pod);
+    let context = RequestContext {
+        port: downstream.vip.port(),
+        source_labels: source.map(|p| &p.labels),
+        source_namespace: source.map(|p| p.namespace.as_str()),
+    };
+    let (rule, matched) = route
+        .route(request.method(), request.uri(), request.headers(), &context)
+        .ok_or_else(|| Error::NoRoute(format!("{} {} ({})", request.method(), request.uri(), route.origin)))?;
+    Ok((Some(rule), matched))
+}
+
+/// Where routing sent a request.
+struct Routed<'a> {
+    rule: Option<&'a CompiledRule>,
+    matched: Option<&'a CompiledMatch>,
+    destination: &'a WeightedDestination,
+    target: RouteTarget,
+}
+
+/// Rewrites the request for its destination, mirrors it, sends it under the rule's timeout, and returns
+/// the answer with the response header operations applied.
+async fn forward(
+    mut request: Request<Incoming>,
+    routed: &Routed<'_>,
+    tables: &MeshTables,
+    port: u16,
+    upstreams: &Arc<Upstreams>,
+) -> Result<Response<Body>, Error> {
     let on_upgrade = is_upgrade(&request).then(|| hyper::upgrade::on(&mut request));
     let (parts, body) = request.into_parts();
     let version = if parts.version == Version::HTTP_2 { Version::HTTP_2 } else { Version::HTTP_11 };
-    let head = Head::prepare(parts, rule, matched, destination, on_upgrade.is_some())?;
-    let mirrors: Vec<&Mirror> = rule.map(|r| r.rule.mirrors.iter().filter(|m| roll(m.percent)).collect()).unwrap_or_default();
+    let head = Head::prepare(parts, routed.rule, routed.matched, routed.destination, on_upgrade.is_some())?;
+    let mirrors: Vec<&Mirror> =
+        routed.rule.map(|r| r.rule.mirrors.iter().filter(|m| roll(m.percent)).collect()).unwrap_or_default();
     let body = if mirrors.is_empty() {
         body.boxed_unsync()
     } else {
-        let bytes = Limited::new(body, MIRROR_BODY_LIMIT)
-            .collect()
-            .await
-            .map_err(|_| Error::TooLarge(MIRROR_BODY_LIMIT))?
-            .to_bytes();
+        let limited = Limited::new(body, MIRROR_BODY_LIMIT).collect().await;
+        let bytes = limited.map_err(|_| Error::TooLarge(MIRROR_BODY_LIMIT))?.to_bytes();
         for mirror in mirrors {
-            send_mirror(&tables, mirror, &head, bytes.clone(), downstream.vip.port(), version, upstreams);
+            send_mirror(tables, mirror, &head, bytes.clone(), port, version, upstreams);
         }
         full(bytes)
     };
-    let timeout = rule
+    let timeout = routed
+        .rule
         .filter(|r| r.rule.fault.is_none())
         .and_then(|r| r.rule.timeout_ms)
         .filter(|ms| *ms > 0)
         .map(Duration::from_millis);
-    let send = upstreams.send(target.endpoint, version, head.request(version, body)?);
+    let send = upstreams.send(routed.target.endpoint, version, head.request(version, body)?);
     let mut response = match timeout {
         Some(limit) => tokio::time::timeout(limit, send).await.map_err(|_| Error::UpstreamTimeout(limit))??,
         None => send.await?,
@@ -232,10 +261,10 @@ async fn route_request(
     }
     let (mut parts, body) = response.into_parts();
     rewrite::strip_hop_by_hop(&mut parts.headers, upgraded);
-    if let Some(rule) = rule {
+    if let Some(rule) = routed.rule {
         rewrite::apply(&rule.rule.headers.response, &mut parts.headers);
     }
-    rewrite::apply(&destination.headers.response, &mut parts.headers);
+    rewrite::apply(&routed.destination.headers.response, &mut parts.headers);
     Ok(Response::from_parts(parts, body.boxed_unsync()))
 }
 
