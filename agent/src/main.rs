@@ -156,7 +156,13 @@ fn run(
         config.validate()?;
     }
     init_logging();
-    tokio::runtime::Builder::new_multi_thread().enable_all().build()?.block_on(warren_agent::run::run(config))
+    let mut runtime = tokio::runtime::Builder::new_multi_thread();
+    // Worker threads (default: one per CPU). Fewer threads mean fewer cross-thread wakeups, which dominate
+    // the agent's CPU at moderate request rates (docs/traffic-management.md#cost).
+    if let Some(threads) = std::env::var("WARREN_WORKER_THREADS").ok().and_then(|t| t.parse().ok()) {
+        runtime.worker_threads(threads);
+    }
+    runtime.enable_all().build()?.block_on(warren_agent::run::run(config))
 }
 
 fn init_logging() {
