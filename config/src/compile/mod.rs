@@ -253,13 +253,22 @@ pub fn compile(state: &ClusterState) -> Compiled {
         }
     }
 
-    // Several VirtualServices for one host: the oldest routes it (Istio's order); analyze reports IST0109.
+    // Several VirtualServices for one service: one naming its host exactly wins over a wildcard host (the
+    // more specific, as Istio), then the oldest (Istio's order); analyze reports IST0109.
     let mut virtual_services: Vec<_> = state.virtual_services.iter().collect();
     virtual_services.sort_by(|a, b| istio_order(*a, *b));
-    let mut routed = std::collections::HashSet::new();
-    for vs in virtual_services {
-        let mut route = route(vs, &services_by_host);
-        route.services.retain(|service| routed.insert(service.clone()));
+    let compiled: Vec<(Route, Vec<String>)> = virtual_services.iter().map(|vs| route(vs, &services_by_host)).collect();
+    let mut claimed: HashMap<String, usize> = HashMap::new();
+    for wildcard_pass in [false, true] {
+        for (i, (route, by_wildcard)) in compiled.iter().enumerate() {
+            for service in route.services.iter().filter(|s| by_wildcard.contains(s) == wildcard_pass) {
+                claimed.entry(service.clone()).or_insert(i);
+            }
+        }
+    }
+    for (i, (mut route, _)) in compiled.into_iter().enumerate() {
+        route.services.retain(|service| claimed.get(service) == Some(&i));
+        route.services.dedup();
         add(Resource::Route(route));
     }
     for ap in &state.authorization_policies {
@@ -290,15 +299,35 @@ fn normalize(mut destinations: Vec<WeightedDestination>) -> Vec<WeightedDestinat
     destinations
 }
 
-fn route(vs: &VirtualService, services: &HashMap<String, String>) -> Route {
+/// Whether `host` (a service's hostname) is one `pattern` names: the same name, or a wildcard (`*`, or
+/// `*.<suffix>` for any name ending in `.<suffix>`).
+fn host_matches(pattern: &str, host: &str) -> bool {
+    match pattern.strip_prefix('*') {
+        Some("") => true,
+        Some(suffix) => host.ends_with(suffix) && host.len() > suffix.len(),
+        None => pattern == host,
+    }
+}
+
+/// The VirtualService as a route, and which of the services it routes it names by a wildcard host.
+fn route(vs: &VirtualService, services: &HashMap<String, String>) -> (Route, Vec<String>) {
     let ns = vs.namespace().unwrap_or_default();
     let mesh = vs.spec.gateways.is_empty() || vs.spec.gateways.iter().any(|g| g == "mesh");
-    let resolved: Vec<String> = if mesh {
-        vs.spec.hosts.iter().filter_map(|h| services.get(&qualify(h, &ns)).cloned()).collect()
-    } else {
-        Vec::new()
-    };
-    Route {
+    let (mut exact, mut by_wildcard) = (Vec::new(), Vec::new());
+    for host in vs.spec.hosts.iter().filter(|_| mesh).map(|h| qualify(h, &ns)) {
+        if !host.starts_with('*') {
+            exact.extend(services.get(&host).cloned());
+            continue;
+        }
+        let matched = services.iter().filter(|(hostname, _)| host_matches(&host, hostname));
+        by_wildcard.extend(matched.map(|(_, key)| key.clone()));
+    }
+    by_wildcard.sort();
+    by_wildcard.dedup();
+    // A service named both exactly and by a wildcard is named exactly.
+    by_wildcard.retain(|s| !exact.contains(s));
+    let resolved: Vec<String> = exact.iter().chain(&by_wildcard).cloned().collect();
+    let route = Route {
         origin: Origin::new("VirtualService", &ns, &vs.name_any(), vs.metadata.generation),
         services: resolved,
         hosts: vs.spec.hosts.clone(),
@@ -306,7 +335,8 @@ fn route(vs: &VirtualService, services: &HashMap<String, String>) -> Route {
         http: vs.spec.http.iter().map(|h| http_rule(h, &ns, services)).collect(),
         tcp: vs.spec.tcp.iter().flat_map(|t| tcp_rules(t, &ns, services)).collect(),
         connect_fault: vs.metadata.annotations.as_ref().and_then(|a| crate::connect_fault::parse(a).ok().flatten()),
-    }
+    };
+    (route, by_wildcard)
 }
 
 /// One `http` rule as the agent's proxy applies it. A rule that answers itself (`redirect`,
@@ -473,6 +503,27 @@ mod tests {
         assert_eq!((route_of(&older_a, "a").services.len(), route_of(&older_a, "b").services.len()), (1, 0));
         let older_b = two("2025-01-01T00:00:00Z", "2024-01-01T00:00:00Z");
         assert_eq!((route_of(&older_b, "a").services.len(), route_of(&older_b, "b").services.len()), (0, 1), "control: the other order");
+    }
+
+    #[test]
+    fn wildcard_hosts_route_the_services_they_name_and_exact_hosts_win() {
+        let c = compiled(&format!(
+            "{VS}metadata: {{name: all, namespace: bookinfo, creationTimestamp: '2024-01-01T00:00:00Z'}}\n\
+             spec: {{hosts: ['*.bookinfo.svc.cluster.local'], http: [{{route: [{{destination: {{host: reviews, subset: v3}}}}]}}]}}\n---\n\
+             {VS}metadata: {{name: ratings-wide, namespace: bookinfo, creationTimestamp: '2024-01-01T00:00:00Z'}}\n\
+             spec: {{hosts: ['*.other.svc.cluster.local'], http: [{{route: [{{destination: {{host: reviews}}}}]}}]}}\n"
+        ));
+        assert_eq!(route_of(&c, "all").services, ["bookinfo/reviews"], "the wildcard names reviews");
+        assert!(route_of(&c, "ratings-wide").services.is_empty(), "control: another namespace's suffix");
+        let both = compiled(&format!(
+            "{VS}metadata: {{name: all, namespace: bookinfo, creationTimestamp: '2024-01-01T00:00:00Z'}}\n\
+             spec: {{hosts: ['*'], http: [{{route: [{{destination: {{host: reviews, subset: v3}}}}]}}]}}\n---\n\
+             {VS}metadata: {{name: reviews, namespace: bookinfo, creationTimestamp: '2025-01-01T00:00:00Z'}}\n\
+             spec: {{hosts: [reviews], http: [{{route: [{{destination: {{host: reviews, subset: v1}}}}]}}]}}\n"
+        ));
+        assert_eq!(route_of(&both, "reviews").services, ["bookinfo/reviews"], "the exact host wins, though younger");
+        assert!(route_of(&both, "all").services.is_empty());
+        assert!(host_matches("*.a.b", "x.a.b") && !host_matches("*.a.b", "a.b") && host_matches("*", "x"));
     }
 
     #[test]
