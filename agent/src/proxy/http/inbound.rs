@@ -5,13 +5,12 @@
 use std::{net::SocketAddr, sync::Arc};
 
 use http::{Request, Response, StatusCode, Version};
-use http_body_util::BodyExt;
 use hyper::body::Incoming;
 use tokio::io::{AsyncRead, AsyncWrite};
 use tracing::debug;
 use warren_api::authz;
 
-use super::{Body, Error, Head, Upstreams, authority, is_upgrade, rewrite, serve_http, splice_upgrade};
+use super::{Body, Error, Head, Upstreams, authority, boxed, is_upgrade, rewrite, serve_http, splice_upgrade};
 use crate::{
     metrics::HttpRequestLabels,
     proxy::{Direction, ProxyShared, Record, authz::Enforcer},
@@ -99,12 +98,12 @@ async fn authorize_and_forward(
     rewrite::strip_hop_by_hop(&mut headers, on_upgrade.is_some());
     let path = parts.uri.path_and_query().cloned().unwrap_or_else(|| http::uri::PathAndQuery::from_static("/"));
     let head = Head { method: parts.method, authority: authority(&headers, &parts.uri), path, headers };
-    let mut response = workload.send(inbound.destination, version, head.request(version, body.boxed_unsync())?).await?;
+    let mut response = workload.send(inbound.destination, version, head.request(version, boxed(body))?).await?;
     let upgraded = response.status() == StatusCode::SWITCHING_PROTOCOLS;
     if let Some(downstream) = on_upgrade.filter(|_| upgraded) {
         splice_upgrade(downstream, hyper::upgrade::on(&mut response));
     }
     let (mut parts, body) = response.into_parts();
     rewrite::strip_hop_by_hop(&mut parts.headers, upgraded);
-    Ok(Response::from_parts(parts, body.boxed_unsync()))
+    Ok(Response::from_parts(parts, boxed(body)))
 }

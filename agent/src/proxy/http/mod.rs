@@ -8,6 +8,7 @@
 //! fire-and-forget), send (pooled upstream connections, [`upstream`]) under the rule's `timeout` — none
 //! by default, and none on a rule with a fault, as Istio. Every way this can fail is an [`Error`] with
 //! Envoy's status, body and response flag.
+mod deadline;
 pub mod detect;
 mod error;
 pub mod inbound;
@@ -38,12 +39,24 @@ use crate::{
     },
 };
 
+/// Why a body ended early (the peer's error, or the route's deadline).
+pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
+
 /// Bodies the proxy sends: the peer's, streamed, or its own.
-pub type Body = UnsyncBoxBody<Bytes, hyper::Error>;
+pub type Body = UnsyncBoxBody<Bytes, BoxError>;
 
 /// A body of the proxy's own.
 pub fn full(bytes: Bytes) -> Body {
     Full::new(bytes).map_err(|never: Infallible| match never {}).boxed_unsync()
+}
+
+/// A peer's body, streamed on.
+fn boxed<B>(body: B) -> Body
+where
+    B: hyper::body::Body<Data = Bytes> + Send + 'static,
+    B::Error: Into<BoxError>,
+{
+    body.map_err(Into::into).boxed_unsync()
 }
 
 /// Request headers larger than this are answered 431 (Envoy's default limit is 60 KiB).
@@ -235,7 +248,7 @@ async fn forward(
     let mirrors: Vec<&Mirror> =
         routed.rule.map(|r| r.rule.mirrors.iter().filter(|m| roll(m.percent)).collect()).unwrap_or_default();
     let body = if mirrors.is_empty() {
-        body.boxed_unsync()
+        boxed(body)
     } else {
         let limited = Limited::new(body, MIRROR_BODY_LIMIT).collect().await;
         let bytes = limited.map_err(|_| Error::TooLarge(MIRROR_BODY_LIMIT))?.to_bytes();
@@ -250,9 +263,10 @@ async fn forward(
         .and_then(|r| r.rule.timeout_ms)
         .filter(|ms| *ms > 0)
         .map(Duration::from_millis);
+    let deadline = timeout.map(|limit| (tokio::time::Instant::now() + limit, limit));
     let send = upstreams.send(routed.target.endpoint, version, head.request(version, body)?);
-    let mut response = match timeout {
-        Some(limit) => tokio::time::timeout(limit, send).await.map_err(|_| Error::UpstreamTimeout(limit))??,
+    let mut response = match deadline {
+        Some((at, limit)) => tokio::time::timeout_at(at, send).await.map_err(|_| Error::UpstreamTimeout(limit))??,
         None => send.await?,
     };
     let upgraded = response.status() == StatusCode::SWITCHING_PROTOCOLS;
@@ -265,7 +279,12 @@ async fn forward(
         rewrite::apply(&rule.rule.headers.response, &mut parts.headers);
     }
     rewrite::apply(&routed.destination.headers.response, &mut parts.headers);
-    Ok(Response::from_parts(parts, body.boxed_unsync()))
+    // The timeout covers the whole response, as Envoy's route timeout: the body must end by it too.
+    let body = match deadline {
+        Some((at, _)) => boxed(deadline::DeadlineBody::new(body, at)),
+        None => boxed(body),
+    };
+    Ok(Response::from_parts(parts, body))
 }
 
 /// `redirect` and `directResponse`: the proxy answers, nothing is sent upstream.
