@@ -150,6 +150,13 @@ fn a_route_timeout_answers_504_when_the_upstream_is_slower() -> Result<()> {
         ensure!(took >= Duration::from_millis(450) && took < Duration::from_millis(1500), "504 after {took:?}, not ≈0.5 s");
         let quick = mesh.get(WEB, "/delay/100")?;
         ensure!(quick.status == 200 && answered_by(&quick) == "v1", "within the timeout: {quick:?}");
+        // The connection table counts an L7 connection's bytes, as an L4 one's.
+        let counted = eventually(Duration::from_secs(5), || {
+            let connections = mesh.agents[0].connections().ok()?;
+            let closed = connections["recently_closed"].as_array()?.clone();
+            closed.into_iter().find(|c| c["protocol"] == "http" && c["sent_bytes"].as_u64() > Some(0) && c["received_bytes"].as_u64() > Some(0))
+        });
+        ensure!(counted.is_some(), "an HTTP connection with its bytes in /connections");
         Ok(())
     })
 }

@@ -8,6 +8,7 @@
 //! fire-and-forget), send (pooled upstream connections, [`upstream`]) under the rule's `timeout` — none
 //! by default, and none on a rule with a fault, as Istio. Every way this can fail is an [`Error`] with
 //! Envoy's status, body and response flag.
+mod counted;
 mod deadline;
 pub mod detect;
 mod error;
@@ -116,6 +117,7 @@ where
     });
     let mut builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
     builder.http1().max_buf_size(MAX_HEADER_BYTES).keep_alive(true);
+    let (io, counts) = counted::Counted::new(io);
     let connection = builder.serve_connection_with_upgrades(TokioIo::new(io), service);
     let error = tokio::select! {
         result = connection => result.err().map(|e| format!("http: {e}")),
@@ -124,7 +126,9 @@ where
     if let Some(e) = &error {
         debug!(pod = %record.pod, client = %record.client, destination = %record.destination, "HTTP connection: {e}");
     }
-    shared.connections.close(id, 0, 0, error);
+    // From the client's side: what it sent (read here) and what it got (written).
+    let (sent, received) = counts.get();
+    shared.connections.close(id, sent, received, error);
 }
 
 async fn handle(request: Request<Incoming>, downstream: &Downstream, upstreams: &Arc<Upstreams>, shared: &ProxyShared) -> Response<Body> {
