@@ -128,19 +128,11 @@ fn resolve_service(shared: &ProxyShared, destination: SocketAddr) -> Result<Sock
     let Some(route) = tables.l4_route(&destination) else {
         return Ok(destination);
     };
-    let roll = random();
-    let chosen = pick_weighted(&route.destinations, roll)
+    let chosen = pick_weighted(&route.destinations, random())
         .ok_or_else(|| format!("service {} has no route destination", route.service))?;
-    let service = tables
-        .service(&chosen.service)
-        .ok_or_else(|| format!("route destination {} is not a known service", chosen.service))?;
-    let port = chosen.port.unwrap_or(destination.port());
-    let target_port = service.port(port).map(|p| p.target_port).unwrap_or(port);
-    let ip = tables.endpoint_ip(&chosen.service, chosen.subset.as_deref(), (roll >> 32) as usize).ok_or_else(|| {
-        let subset = chosen.subset.as_deref().map(|s| format!(" subset {s}")).unwrap_or_default();
-        format!("service {}{subset} has no endpoints", chosen.service)
-    })?;
-    Ok(SocketAddr::new(ip, target_port))
+    // The same choice of port and endpoint as the L7 proxy's.
+    let target = http::RouteTarget::resolve(&tables, chosen, destination.port()).map_err(|e| e.to_string())?;
+    Ok(target.endpoint)
 }
 
 /// A cheap random number (std's per-process random hash keys, mixed with a counter).

@@ -133,11 +133,7 @@ impl CompiledMatch {
 
     pub fn matches(&self, method: &Method, uri: &Uri, headers: &HeaderMap, context: &RequestContext) -> bool {
         let header = |name: &HeaderName| headers.get(name).and_then(|v| v.to_str().ok());
-        let authority = headers
-            .get(http::header::HOST)
-            .and_then(|v| v.to_str().ok())
-            .or_else(|| uri.authority().map(|a| a.as_str()))
-            .unwrap_or("");
+        let authority = authority(headers, uri);
         self.mesh
             && self.port.is_none_or(|p| p == context.port)
             && self.uri_matches(uri)
@@ -150,6 +146,15 @@ impl CompiledMatch {
             && self.source_namespace.as_deref().is_none_or(|ns| context.source_namespace == Some(ns))
             && self.source_labels.iter().all(|(k, v)| context.source_labels.and_then(|l| l.get(k)) == Some(v))
     }
+}
+
+/// A request's authority: `Host` (HTTP/1.1), else the URI's (HTTP/2 `:authority`); empty when neither.
+pub fn authority<'a>(headers: &'a HeaderMap, uri: &'a Uri) -> &'a str {
+    headers
+        .get(http::header::HOST)
+        .and_then(|v| v.to_str().ok())
+        .or_else(|| uri.authority().map(|a| a.as_str()))
+        .unwrap_or("")
 }
 
 fn query_param(uri: &Uri, key: &str) -> Option<String> {

@@ -98,7 +98,7 @@ async fn authorize_and_forward(
     rewrite::strip_hop_by_hop(&mut headers, on_upgrade.is_some());
     let path = parts.uri.path_and_query().cloned().unwrap_or_else(|| http::uri::PathAndQuery::from_static("/"));
     let head = Head { method: parts.method, authority: authority(&headers, &parts.uri), path, headers };
-    let mut response = workload.send(inbound.destination, version, head.request(version, boxed(body))?).await?;
+    let mut response = workload.send(inbound.destination, version, head.into_request(version, boxed(body))?).await?;
     let upgraded = response.status() == StatusCode::SWITCHING_PROTOCOLS;
     if let Some(downstream) = on_upgrade.filter(|_| upgraded) {
         splice_upgrade(downstream, hyper::upgrade::on(&mut response));

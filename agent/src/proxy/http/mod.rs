@@ -166,7 +166,8 @@ pub struct RouteTarget {
 }
 
 impl RouteTarget {
-    fn resolve(tables: &MeshTables, destination: &WeightedDestination, port: u16) -> Result<RouteTarget, Error> {
+    /// The target `destination` names (its port, else `port`), with an endpoint of its service or subset.
+    pub fn resolve(tables: &MeshTables, destination: &WeightedDestination, port: u16) -> Result<RouteTarget, Error> {
         let service = tables
             .service(&destination.service)
             .cloned()
@@ -268,7 +269,7 @@ async fn forward(
         .filter(|ms| *ms > 0)
         .map(Duration::from_millis);
     let deadline = timeout.map(|limit| (tokio::time::Instant::now() + limit, limit));
-    let send = upstreams.send(routed.target.endpoint, version, head.request(version, body)?);
+    let send = upstreams.send(routed.target.endpoint, version, head.into_request(version, body)?);
     let mut response = match deadline {
         Some((at, limit)) => tokio::time::timeout_at(at, send).await.map_err(|_| Error::UpstreamTimeout(limit))??,
         None => send.await?,
@@ -366,32 +367,27 @@ impl Head {
 
     /// The request for an upstream connection of `version`: HTTP/1.1 carries the authority in `Host` and
     /// the path in origin form; HTTP/2 carries both in the URI (`:authority`, `:path`).
-    fn request(&self, version: Version, body: Body) -> Result<Request<Body>, Error> {
+    fn into_request(self, version: Version, body: Body) -> Result<Request<Body>, Error> {
         let invalid = |e: http::Error| Error::BadRequest(format!("authority {:?}: {e}", self.authority));
-        let mut headers = self.headers.clone();
+        let mut headers = self.headers;
         let uri = if version == Version::HTTP_2 {
             headers.remove(header::HOST);
             Uri::builder().scheme("http").authority(self.authority.as_str()).path_and_query(self.path.clone()).build()
         } else {
             let host = HeaderValue::from_str(&self.authority).map_err(|e| invalid(e.into()))?;
             headers.insert(header::HOST, host);
-            Uri::builder().path_and_query(self.path.clone()).build()
+            Uri::builder().path_and_query(self.path).build()
         }
         .map_err(invalid)?;
-        let mut request = Request::builder().method(self.method.clone()).uri(uri).version(version).body(body).map_err(invalid)?;
+        let mut request = Request::builder().method(self.method).uri(uri).version(version).body(body).map_err(invalid)?;
         *request.headers_mut() = headers;
         Ok(request)
     }
 }
 
-/// `Host` (HTTP/1.1) or the URI's authority (HTTP/2).
+/// `Host` (HTTP/1.1) or the URI's authority (HTTP/2), as the matchers see it.
 fn authority(headers: &http::HeaderMap, uri: &Uri) -> String {
-    headers
-        .get(header::HOST)
-        .and_then(|v| v.to_str().ok())
-        .map(str::to_string)
-        .or_else(|| uri.authority().map(|a| a.to_string()))
-        .unwrap_or_default()
+    crate::state::http_routes::authority(headers, uri).to_string()
 }
 
 fn is_upgrade(request: &Request<Incoming>) -> bool {
@@ -441,7 +437,7 @@ fn send_mirror(
         path: head.path.clone(),
         headers: head.headers.clone(),
     };
-    let Ok(request) = shadow.request(version, full(body)) else { return };
+    let Ok(request) = shadow.into_request(version, full(body)) else { return };
     let upstreams = upstreams.clone();
     tokio::spawn(async move {
         match upstreams.send(target.endpoint, version, request).await {
