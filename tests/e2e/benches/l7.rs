@@ -21,9 +21,9 @@
 //! root, BPF, cgroup2 and netns it prints `SKIPPED` and exits 0 (under `CI=true` it fails).
 use std::{fmt::Write as _, net::SocketAddr, time::Duration, time::Instant};
 
+use warren_e2e::{directory_mesh, pod_yaml};
 use warren_testbed::{
-    Agent, AgentOptions, AppOptions, Controller, ControllerOptions, HttpRequests, Load, LoadReport, Pod, Process,
-    Testbed, app, check_privileges, in_ci,
+    Agent, AppOptions, Controller, HttpRequests, Load, LoadReport, Pod, Process, Testbed, app, check_privileges, in_ci,
 };
 
 const RPS: u64 = 1000;
@@ -52,15 +52,6 @@ struct Mesh {
     plain_server: Pod,
 }
 
-fn pod_yaml(pod: &Pod, node: &str, app: &str) -> String {
-    format!(
-        "apiVersion: v1\nkind: Pod\nmetadata: {{name: {}, namespace: {}, uid: {}, labels: {{app: {app}}}}}\n\
-         spec: {{nodeName: {node}, serviceAccountName: {}, containers: [{{name: app, image: testapp}}]}}\n\
-         status: {{phase: Running, podIP: {}}}\n---\n",
-        pod.name, pod.namespace, pod.uid, pod.name, pod.ip
-    )
-}
-
 const SERVICES: &str = "apiVersion: v1\nkind: Namespace\n\
     metadata: {name: default, labels: {warren.dev/mesh: enabled}}\n---\n\
     apiVersion: v1\nkind: Namespace\nmetadata: {name: plain}\n---\n\
@@ -82,28 +73,14 @@ impl Mesh {
         let dir = bed.state_dir().join("mesh-config");
         std::fs::create_dir_all(&dir)?;
         let pods = [
-            pod_yaml(&client, "node-1", "sleep"),
-            pod_yaml(&server, "node-2", "web"),
-            pod_yaml(&plain_client, "node-1", "plain-sleep"),
-            pod_yaml(&plain_server, "node-2", "plain-web"),
+            pod_yaml(&client, "node-1", "app: sleep"),
+            pod_yaml(&server, "node-2", "app: web"),
+            pod_yaml(&plain_client, "node-1", "app: plain-sleep"),
+            pod_yaml(&plain_server, "node-2", "app: plain-web"),
         ];
         std::fs::write(dir.join("00-mesh.yaml"), format!("{SERVICES}{}", pods.concat()))?;
-        let controller = bed.start_controller(ControllerOptions {
-            config_dir: Some(dir.clone()),
-            kubeconfig: None,
-            push_port: 0,
-            config_poll_ms: Some(50),
-        })?;
-        let options = AgentOptions {
-            mtls: true,
-            controller: Some(controller.address()),
-            ebpf_log_level: "info",
-            ..Default::default()
-        };
-        for node in [&n1, &n2] {
-            node.reach_host_port(controller.push_port)?;
-        }
-        let agents = [n1.start_agent_with(options.clone())?, n2.start_agent_with(options)?];
+        let (controller, agents) = directory_mesh(&bed, &dir, &[&n1, &n2])?;
+        let agents: [Agent; 2] = agents.try_into().map_err(|_| anyhow::anyhow!("two agents"))?;
         let timeout = Duration::from_secs(15);
         agents[0].wait_enrolled(&client, true, timeout)?;
         agents[0].wait_enrolled(&plain_client, false, timeout)?;

@@ -55,8 +55,8 @@ pub fn namespace_yaml(name: &str) -> String {
     format!("apiVersion: v1\nkind: Namespace\nmetadata: {{name: {name}, labels: {{warren.dev/mesh: enabled}}}}\n---\n")
 }
 
-/// A controller reading `dir` (polled every 50 ms) and an agent per node (mTLS, pushed tables): the mesh
-/// most scenarios run on.
+/// A controller reading `dir` (polled every 50 ms) and an agent per node (mTLS, pushed tables; the eBPF
+/// programs log at info, not a line per connect): the mesh most scenarios and the L7 bench run on.
 pub fn directory_mesh(
     bed: &warren_testbed::Testbed,
     dir: &std::path::Path,
@@ -68,8 +68,12 @@ pub fn directory_mesh(
         push_port: 0,
         config_poll_ms: Some(50),
     })?;
-    let options =
-        warren_testbed::AgentOptions { mtls: true, controller: Some(controller.address()), ..Default::default() };
+    let options = warren_testbed::AgentOptions {
+        mtls: true,
+        controller: Some(controller.address()),
+        ebpf_log_level: "info",
+        ..Default::default()
+    };
     let mut agents = Vec::new();
     for node in nodes {
         node.reach_host_port(controller.push_port)?;
