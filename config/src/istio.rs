@@ -4,7 +4,7 @@
 //!
 //! Field names follow Istio's JSON (camelCase). Every field of Istio's API is here, typed where Warren acts on
 //! it and as raw JSON where it does not yet; fields Istio does not define land in each struct's `unknown`
-//! (the CRDs in deploy/crds/istio.yaml keep them too). Nothing is dropped: [`crate::support`] names every
+//! (the CRDs in deploy/helm/warren/crds/istio.yaml keep them too). Nothing is dropped: [`crate::support`] names every
 //! field that is set but not honoured, and [`crate::validate`] checks values (the v1.20 API server has no CEL).
 use std::collections::BTreeMap;
 

@@ -119,7 +119,7 @@ impl Stores {
             let _ = self.peer_authentications.wait_until_ready().await;
         };
         if tokio::time::timeout(Duration::from_secs(5), istio).await.is_err() {
-            warn!("Istio's CRDs are not (all) served yet (install deploy/crds/istio.yaml); continuing, their watches retry");
+            warn!("Istio's CRDs are not (all) served yet (install deploy/helm/warren/crds/istio.yaml); continuing, their watches retry");
         }
         Ok(())
     }

@@ -16,7 +16,7 @@ case "${1:-up}" in
     docker build -f deploy/Dockerfile -t "$IMAGE" .
     kind get clusters | grep -qx "$CLUSTER" || kind create cluster --name "$CLUSTER"
     kind load docker-image "$IMAGE" --name "$CLUSTER"
-    kubectl --context "kind-$CLUSTER" apply -f deploy/daemonset.yaml -f deploy/controller.yaml
+    kubectl --context "kind-$CLUSTER" apply -f deploy/helm/warren/crds/istio.yaml -f deploy/daemonset.yaml -f deploy/controller.yaml
     kubectl --context "kind-$CLUSTER" -n warren-system rollout status deployment/warren-controller --timeout=120s
     kubectl --context "kind-$CLUSTER" -n warren-system rollout status daemonset/warren-agent --timeout=120s
     echo "warren-agent runs on every node: kubectl --context kind-$CLUSTER -n warren-system get pods -o wide"

@@ -2,7 +2,7 @@ use std::process::ExitCode;
 
 use anyhow::Result;
 use clap::{Parser, Subcommand};
-use xtask::{build_binaries, cargo, cluster, demo, fuzz, run, setup};
+use xtask::{build_binaries, cargo, cluster, demo, fuzz, manifests, run, setup};
 
 /// Warren's project tooling.
 #[derive(Parser)]
@@ -68,6 +68,8 @@ enum Command {
         #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
         args: Vec<String>,
     },
+    /// Render deploy/daemonset.yaml and deploy/controller.yaml from the helm chart deploy/helm/warren.
+    Manifests,
     /// Local Kubernetes v1.20 (etcd, kube-apiserver, controller-manager, scheduler; --node: containerd + kubelet).
     Cluster {
         #[command(subcommand)]
@@ -143,6 +145,7 @@ fn dispatch(command: Command) -> Result<()> {
             }
             run(cargo().args(["bench", "--package", "warren-e2e", "--bench", &suite, "--"]).args(&args))
         }
+        Command::Manifests => manifests::write(),
         Command::Kind { action } => {
             let script = setup::scripts_dir().join("kind.sh");
             match action {

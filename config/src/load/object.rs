@@ -9,7 +9,7 @@ use serde_json::{Map, Value};
 use super::{Body, FileRead, Key, LIMIT_EXCEEDED, MAX_OBJECT_BYTES, Object, Template, UNREADABLE, UNSERVED_VERSION};
 use crate::{analyze::SCHEMA_VALIDATION_ERROR, cluster};
 
-/// The versions served of each API group Warren reads from (Istio's CRDs: deploy/crds/istio.yaml). Other
+/// The versions served of each API group Warren reads from (Istio's CRDs: deploy/helm/warren/crds/istio.yaml). Other
 /// groups are not checked: their objects are skipped anyway.
 const SERVED: &[(&str, &[&str])] = &[
     ("", &["v1"]),

@@ -285,7 +285,7 @@ fn controller_compiles_the_api_servers_istio_objects_into_every_agents_maps() {
 
 async fn install_crds(client: &Client) -> anyhow::Result<()> {
     let crds: Api<CustomResourceDefinition> = Api::all(client.clone());
-    let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../deploy/crds/istio.yaml");
+    let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../deploy/helm/warren/crds/istio.yaml");
     for document in serde_yaml::Deserializer::from_str(&std::fs::read_to_string(path)?) {
         let value = serde_json::Value::deserialize(document)?;
         if value.is_null() {

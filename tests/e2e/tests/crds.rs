@@ -1,4 +1,4 @@
-//! Istio's CRDs as Warren ships them (deploy/crds/istio.yaml), on the real local kube-apiserver (v1.20):
+//! Istio's CRDs as Warren ships them (deploy/helm/warren/crds/istio.yaml), on the real local kube-apiserver (v1.20):
 //! they become Established; Istio's bookinfo networking samples apply unchanged and read back identical at
 //! every served version; the structural schemas refuse wrongly typed fields; and fields Warren does not
 //! model are kept as written.
@@ -195,11 +195,11 @@ async fn scenario(kubeconfig: &Path, samples: &Path) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// Applies every CRD of deploy/crds/istio.yaml and waits until each is Established; returns their names.
+/// Applies every CRD of deploy/helm/warren/crds/istio.yaml and waits until each is Established; returns their names.
 async fn install_crds(client: &Client) -> anyhow::Result<BTreeSet<String>> {
     let crds: Api<CustomResourceDefinition> = Api::all(client.clone());
     let mut names = BTreeSet::new();
-    for document in yaml_documents(&workspace().join("deploy/crds/istio.yaml"))? {
+    for document in yaml_documents(&workspace().join("deploy/helm/warren/crds/istio.yaml"))? {
         let crd: CustomResourceDefinition = serde_json::from_value(document)?;
         let name = crd.name_any();
         assert_eq!(crd.labels().get("app.kubernetes.io/part-of").map(String::as_str), Some("warren"), "{name}");
