@@ -1,7 +1,7 @@
 //! Small Linux facts the agent needs: where cgroup2 is mounted, cgroup ids, bpffs, socket options.
 use std::{
     ffi::CString,
-    os::{fd::AsRawFd, unix::fs::MetadataExt},
+    os::fd::AsRawFd,
     path::{Path, PathBuf},
 };
 
@@ -26,11 +26,6 @@ fn cgroup2_mount_from(mountinfo: &str) -> Option<PathBuf> {
         }
         left.split_whitespace().nth(4).map(PathBuf::from)
     })
-}
-
-/// A cgroup2 directory's id, as bpf_get_current_cgroup_id() reports it (the kernfs inode number).
-pub fn cgroup_id(dir: &Path) -> Result<u64> {
-    Ok(std::fs::metadata(dir).with_context(|| format!("cgroup {}", dir.display()))?.ino())
 }
 
 fn statfs_magic(path: &Path) -> Option<i64> {
@@ -61,6 +56,21 @@ pub fn ensure_bpffs(pin_dir: &Path) -> Result<()> {
 }
 
 /// The cookie of the network namespace a socket lives in (what bpf_get_netns_cookie() returns).
+/// Sets SO_MARK (needs CAP_NET_ADMIN).
+pub fn set_mark(sock: &impl AsRawFd, mark: u32) -> std::io::Result<()> {
+    // SAFETY: setsockopt reads exactly `size_of::<u32>()` bytes from a live local.
+    let rc = unsafe {
+        libc::setsockopt(
+            sock.as_raw_fd(),
+            libc::SOL_SOCKET,
+            libc::SO_MARK,
+            (&mark as *const u32).cast(),
+            std::mem::size_of::<u32>() as libc::socklen_t,
+        )
+    };
+    if rc == 0 { Ok(()) } else { Err(std::io::Error::last_os_error()) }
+}
+
 pub fn socket_netns_cookie(sock: &impl AsRawFd) -> std::io::Result<u64> {
     let mut cookie: u64 = 0;
     let mut len = std::mem::size_of::<u64>() as libc::socklen_t;

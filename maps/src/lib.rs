@@ -13,8 +13,11 @@ pub const DEFAULT_PIN_DIR: &str = "/sys/fs/bpf/warren";
 
 /// Map names: the name a map has in the eBPF object is also its pin file name.
 pub mod names {
-    /// cgroup id → [`EnrolledCgroup`]: which cgroups' sockets are redirected into the agent.
-    pub const ENROLLED_CGROUPS: &str = "ENROLLED_CGROUPS";
+    /// network namespace cookie → [`EnrolledNetns`](super::EnrolledNetns): which pods' sockets are
+    /// redirected into the agent. Keyed by netns, not cgroup, so that it works on every node layout: on a
+    /// hybrid host the kubelet's pods have no cgroup v2 group of their own, but every pod has its own netns.
+    /// (Replaces `ENROLLED_CGROUPS`; the new name keeps an old pinned map from ever being re-used.)
+    pub const ENROLLED_NETNS: &str = "ENROLLED_NETNS";
     /// socket cookie → [`OriginalDst`](super::OriginalDst): written by connect4, consumed by sockops.
     pub const ORIGINAL_DST_BY_COOKIE: &str = "ORIGINAL_DST_BY_COOKIE";
     /// [`ConnectionKey`](super::ConnectionKey) (client side of the redirected connection) → original destination.
@@ -223,14 +226,16 @@ pub struct SocketKey {
 pub const AF_INET: u16 = 2;
 pub const AF_INET6: u16 = 10;
 
-/// How deep the connect hook looks up a socket's cgroup ancestry for an enrolled cgroup
-/// (a pod's containers are children of the pod cgroup that is enrolled).
-pub const MAX_CGROUP_DEPTH: u32 = 12;
+/// SO_MARK of the sockets the agent itself makes inside a pod's network namespace (to the pod's app, or
+/// upstream from the pod's own address): connect4/6 never redirect them, though the netns is enrolled.
+/// Marks stay inside the pod's netns (the kernel clears them when a packet crosses into another), so the
+/// value meets no node routing; it is the one ztunnel uses in the same place.
+pub const AGENT_SOCKET_MARK: u32 = 0x539;
 
-/// Value of [`names::ENROLLED_CGROUPS`].
+/// Value of [`names::ENROLLED_NETNS`].
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
-pub struct EnrolledCgroup {
+pub struct EnrolledNetns {
     /// Port on 127.0.0.1 inside the pod's network namespace where the agent accepts redirected
     /// outbound connections (15001, as ztunnel uses).
     pub outbound_port: u16,
@@ -261,8 +266,8 @@ pub struct OriginalDst {
     pub family: u16,
     /// A connection fault connect4/6 decided: the agent waits this long before it connects (0: none).
     pub delay_ms: u32,
-    /// The cgroup that was matched in [`names::ENROLLED_CGROUPS`].
-    pub cgroup_id: u64,
+    /// The enrolled network namespace the connect came from (its key in [`names::ENROLLED_NETNS`]).
+    pub netns_cookie: u64,
 }
 
 /// Indices into [`names::COUNTERS`].
@@ -341,7 +346,7 @@ mod user {
     use core::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 
     // SAFETY: plain #[repr(C)] data with explicit padding, every bit pattern valid.
-    unsafe impl aya::Pod for EnrolledCgroup {}
+    unsafe impl aya::Pod for EnrolledNetns {}
     unsafe impl aya::Pod for ConnectionKey {}
     unsafe impl aya::Pod for OriginalDst {}
     unsafe impl aya::Pod for Settings {}
@@ -547,7 +552,7 @@ mod user {
 
         #[test]
         fn layouts_have_no_implicit_padding() {
-            assert_eq!(core::mem::size_of::<EnrolledCgroup>(), 8);
+            assert_eq!(core::mem::size_of::<EnrolledNetns>(), 8);
             assert_eq!(core::mem::size_of::<ConnectFault>(), 16);
             assert_eq!(core::mem::size_of::<ConnectionKey>(), 32);
             assert_eq!(core::mem::size_of::<OriginalDst>(), 32);

@@ -51,7 +51,7 @@ impl Controller {
             (None, Some(kubeconfig)) => cmd.arg("--kubeconfig").arg(kubeconfig),
             (None, None) => bail!("ControllerOptions: set config_dir or kubeconfig"),
         };
-        let process = Process::spawn(&bed.inner, cmd, "", None)?;
+        let process = Process::spawn(&bed.inner, cmd, "", &[])?;
         let controller = Controller { process, push_port };
         controller.wait_ready(Duration::from_secs(60))?;
         Ok(controller)

@@ -132,7 +132,9 @@ pub struct Node {
 
 /// A pod: its own netns (eth0 on the node's bridge, lo up, IPv4 and IPv6) and its own cgroup
 /// `pod<uid>` under the node's (as kubelet names them), with a pause process in it, so the agent finds
-/// it by UID in /proc like on a real node.
+/// it by UID in /proc like on a real node. Or laid out as a cgroup v1 kubelet does on a hybrid host
+/// ([`Node::add_pod_v1_kubelet`]): `pod<uid>` only in a cgroup v1 hierarchy, its cgroup v2 group one that
+/// all such pods of the node share.
 #[derive(Clone, Debug)]
 pub struct Pod {
     pub name: String,
@@ -141,8 +143,20 @@ pub struct Pod {
     pub netns: String,
     pub ip: Ipv4Addr,
     pub ip6: Ipv6Addr,
+    /// The pod's cgroup v2 group: its own, or the node's shared one for a cgroup v1 kubelet's pod.
     pub cgroup: PathBuf,
+    /// The v1 group naming the pod, for a cgroup v1 kubelet's pod.
+    pub v1_cgroup: Option<PathBuf>,
     bed_processes: Arc<Inner>,
+}
+
+/// How a pod's cgroups are laid out.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum CgroupLayout {
+    /// A cgroup v2 group of its own (a cgroup v2 kubelet, kind).
+    OwnV2,
+    /// Named only in a cgroup v1 hierarchy, in a v2 group shared with the node's other such pods.
+    V1Kubelet,
 }
 
 impl std::fmt::Debug for Inner {
@@ -279,15 +293,29 @@ impl Node {
     /// lists it there (and the namespace as enrolled), so its identity is
     /// spiffe://cluster.local/ns/<namespace>/sa/<name>. Pod names stay unique per node (they name the netns).
     pub fn add_pod_in(&self, namespace: &str, name: &str, enrolled: bool) -> Result<Pod> {
-        self.add_pod_full(namespace, name, enrolled, None)
+        self.add_pod_full(namespace, name, enrolled, None, CgroupLayout::OwnV2)
+    }
+
+    /// [`Node::add_pod`] laid out as a cgroup v1 kubelet on a hybrid host lays out its pods: `pod<uid>` in
+    /// a cgroup v1 hierarchy (`pids`), and as its cgroup v2 group `<node>/containerd`, which every such
+    /// pod of the node shares (the runtime's service group). Fails where no v1 hierarchy is mounted.
+    pub fn add_pod_v1_kubelet(&self, name: &str, enrolled: bool) -> Result<Pod> {
+        self.add_pod_full("default", name, enrolled, None, CgroupLayout::V1Kubelet)
     }
 
     /// [`Node::add_pod`] with a given UID (e.g. the UID the API server gave a Pod object).
     pub fn add_pod_with_uid(&self, name: &str, enrolled: bool, uid: Option<&str>) -> Result<Pod> {
-        self.add_pod_full("default", name, enrolled, uid)
+        self.add_pod_full("default", name, enrolled, uid, CgroupLayout::OwnV2)
     }
 
-    fn add_pod_full(&self, namespace: &str, name: &str, enrolled: bool, uid: Option<&str>) -> Result<Pod> {
+    fn add_pod_full(
+        &self,
+        namespace: &str,
+        name: &str,
+        enrolled: bool,
+        uid: Option<&str>,
+        layout: CgroupLayout,
+    ) -> Result<Pod> {
         let mut pods = self.bed.pods.lock().unwrap();
         let on_node = pods.iter().filter(|(node, _, _)| *node == self.name).count();
         let host = u8::try_from(on_node + 2).ok().filter(|h| *h < 250).context("too many pods")?;
@@ -312,7 +340,14 @@ impl Node {
         net::ip(&["-n", &netns, "link", "set", "lo", "up"])?;
         net::ip(&["-n", &netns, "route", "add", "default", "via", &format!("10.244.{}.1", self.index)])?;
         net::ip(&["-n", &netns, "-6", "route", "add", "default", "via", &format!("fd00:10:244:{:x}::1", self.index)])?;
-        let cgroup = self.cgroup.join(format!("pod{uid}"));
+        let (cgroup, v1_cgroup) = match layout {
+            CgroupLayout::OwnV2 => (self.cgroup.join(format!("pod{uid}")), None),
+            CgroupLayout::V1Kubelet => {
+                let v1 = v1_root()?.join(&self.bed.id).join(&self.name).join(format!("pod{uid}"));
+                fs::create_dir_all(&v1).with_context(|| format!("creating cgroup {}", v1.display()))?;
+                (self.cgroup.join("containerd"), Some(v1))
+            }
+        };
         fs::create_dir_all(&cgroup).with_context(|| format!("creating cgroup {}", cgroup.display()))?;
         let pod = Pod {
             name: name.to_string(),
@@ -322,6 +357,7 @@ impl Node {
             ip,
             ip6,
             cgroup,
+            v1_cgroup,
             bed_processes: self.bed.clone(),
         };
         // The pod's "pause container": the process the agent finds the pod through.
@@ -407,14 +443,14 @@ impl Node {
 
     /// Spawns a process in this node's netns (not in any pod cgroup), tracked for teardown.
     pub fn spawn(&self, command: std::process::Command) -> Result<Process> {
-        Process::spawn(&self.bed, command, &self.netns, None)
+        Process::spawn(&self.bed, command, &self.netns, &[])
     }
 
     /// Spawns a process in this node's netns, in cgroup `<node cgroup>/<name>` (created if missing).
     pub fn spawn_in_cgroup(&self, command: std::process::Command, name: &str) -> Result<Process> {
         let cgroup = self.cgroup.join(name);
         fs::create_dir_all(&cgroup).with_context(|| format!("creating cgroup {}", cgroup.display()))?;
-        Process::spawn(&self.bed, command, &self.netns, Some(&cgroup))
+        Process::spawn(&self.bed, command, &self.netns, &[&cgroup])
     }
 }
 
@@ -460,9 +496,10 @@ impl Pod {
         Ok(stream??)
     }
 
-    /// Spawns a process inside this pod (its netns and cgroup), tracked for teardown.
+    /// Spawns a process inside this pod (its netns and cgroups), tracked for teardown.
     pub fn spawn(&self, command: std::process::Command) -> Result<Process> {
-        Process::spawn(&self.bed_processes, command, &self.netns, Some(&self.cgroup))
+        let cgroups: Vec<&Path> = std::iter::once(self.cgroup.as_path()).chain(self.v1_cgroup.as_deref()).collect();
+        Process::spawn(&self.bed_processes, command, &self.netns, &cgroups)
     }
 
     /// Runs a command inside this pod to completion.
@@ -643,6 +680,9 @@ impl Drop for Testbed {
             let _ = std::fs::remove_dir_all(pin_dir(&inner.id, &node.name));
         }
         remove_cgroup_tree(&inner.cgroup);
+        if let Ok(v1) = v1_root() {
+            remove_v1_tree(&v1.join(&inner.id));
+        }
         for node in &nodes {
             for pod in &node.pods {
                 net::del_netns(pod);
@@ -699,11 +739,11 @@ fn ca_files(bed: &Inner) -> Result<(PathBuf, PathBuf)> {
     Ok((cert, key))
 }
 
-fn pin_dir(testbed_id: &str, node: &str) -> PathBuf {
+pub(crate) fn pin_dir(testbed_id: &str, node: &str) -> PathBuf {
     Path::new(PIN_PARENT).join(format!("{testbed_id}-{node}"))
 }
 
-fn cgroup2_root() -> Result<PathBuf> {
+pub(crate) fn cgroup2_root() -> Result<PathBuf> {
     let info = fs::read_to_string("/proc/self/mountinfo")?;
     info.lines()
         .find_map(|line| {
@@ -716,6 +756,28 @@ fn cgroup2_root() -> Result<PathBuf> {
         .context("no cgroup2 mount")
 }
 
+/// Where the testbed makes cgroup v1 groups: a directory in the `pids` v1 hierarchy, as a hybrid host
+/// has it mounted (/sys/fs/cgroup/pids).
+fn v1_root() -> Result<PathBuf> {
+    let info = fs::read_to_string("/proc/self/mountinfo")?;
+    let pids = info.lines().find_map(|line| {
+        let (left, right) = line.split_once(" - ")?;
+        let mut fields = right.split_whitespace();
+        let (fstype, options) = (fields.next()?, fields.nth(1)?);
+        (fstype == "cgroup" && options.split(',').any(|o| o == "pids")).then(|| left.split_whitespace().nth(4))?
+    });
+    let pids = pids.context("no cgroup v1 `pids` hierarchy is mounted (a hybrid host has one)")?;
+    Ok(Path::new(pids).join(CGROUP_PARENT))
+}
+
+/// Removes a cgroup v1 subtree once its processes are gone (the v2 side's cgroup.kill kills them: every
+/// such pod's process is also in the testbed's v2 tree).
+fn remove_v1_tree(root: &Path) {
+    if root.is_dir() {
+        remove_dirs_leaves_first(root);
+    }
+}
+
 /// Kills every process in a cgroup subtree and removes it, leaves first.
 fn remove_cgroup_tree(root: &Path) {
     if !root.is_dir() {
@@ -723,6 +785,11 @@ fn remove_cgroup_tree(root: &Path) {
     }
     // cgroup.kill (5.14+) kills the whole subtree at once.
     let _ = fs::write(root.join("cgroup.kill"), "1");
+    remove_dirs_leaves_first(root);
+}
+
+/// Removes a cgroup directory tree, leaves first, waiting briefly on each for its last processes to exit.
+fn remove_dirs_leaves_first(root: &Path) {
     let mut dirs = vec![];
     let mut stack = vec![root.to_path_buf()];
     while let Some(dir) = stack.pop() {
@@ -764,6 +831,13 @@ fn sweep_stale() {
                 if dead(&e.file_name().to_string_lossy()) {
                     remove_cgroup_tree(&e.path());
                 }
+            }
+        }
+    }
+    if let Ok(entries) = v1_root().and_then(|root| Ok(fs::read_dir(root)?)) {
+        for e in entries.flatten() {
+            if dead(&e.file_name().to_string_lossy()) {
+                remove_v1_tree(&e.path());
             }
         }
     }

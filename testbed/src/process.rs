@@ -26,23 +26,28 @@ pub struct Process {
 }
 
 impl Process {
-    pub(crate) fn spawn(bed: &Arc<Inner>, mut command: Command, netns: &str, cgroup: Option<&Path>) -> Result<Process> {
+    /// Spawns `command` in `netns` ("" for the test's own) and in each of `cgroups` (a cgroup v2 group
+    /// and, for a pod laid out as a cgroup v1 kubelet does, a v1 one too).
+    pub(crate) fn spawn(bed: &Arc<Inner>, mut command: Command, netns: &str, cgroups: &[&Path]) -> Result<Process> {
         // Open everything before fork: between fork and exec only setns() and write() run.
         // An empty name: the test process's own (host) netns.
         let netns_file = match netns {
             "" => None,
             name => Some(File::open(Path::new("/run/netns").join(name)).with_context(|| format!("netns {name}"))?),
         };
-        let procs = match cgroup {
-            Some(dir) => Some(
-                OpenOptions::new().write(true).open(dir.join("cgroup.procs")).with_context(|| format!("cgroup {}", dir.display()))?,
-            ),
-            None => None,
-        };
-        let (ns_fd, procs_fd) = (netns_file.as_ref().map(|f| f.as_raw_fd()), procs.as_ref().map(|f| f.as_raw_fd()));
+        let procs: Vec<File> = cgroups
+            .iter()
+            .map(|dir| {
+                OpenOptions::new().write(true).open(dir.join("cgroup.procs")).with_context(|| format!("cgroup {}", dir.display()))
+            })
+            .collect::<Result<_>>()?;
+        let ns_fd = netns_file.as_ref().map(|f| f.as_raw_fd());
+        let procs_fds: Vec<i32> = procs.iter().map(|f| f.as_raw_fd()).collect();
+        // SAFETY: between fork and exec the closure only calls write() and setns() on descriptors opened
+        // above (kept open until the spawn returns) and reads a Vec built before the fork: no allocation.
         unsafe {
             command.pre_exec(move || {
-                if let Some(fd) = procs_fd {
+                for &fd in &procs_fds {
                     // "0" moves the writing process itself.
                     if libc::write(fd, b"0".as_ptr().cast(), 1) != 1 {
                         return Err(std::io::Error::last_os_error());

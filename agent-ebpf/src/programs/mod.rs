@@ -8,7 +8,7 @@ use aya_ebpf::{
     maps::{Array, HashMap, LpmTrie, LruHashMap, PerCpuArray, RingBuf, SockHash},
 };
 use warren_maps::{
-    AUTHZ_DENIALS_BYTES, AuthzTarget, AuthzVerdict, ConnectFault, ConnectionKey, Counter, EnrolledCgroup, ListenerKey,
+    AUTHZ_DENIALS_BYTES, AuthzTarget, AuthzVerdict, ConnectFault, ConnectionKey, Counter, EnrolledNetns, ListenerKey,
     MAX_CONNECT_FAULTS, MAX_L4_AUTHZ, MAX_SERVICE_ROUTES, NUM_COUNTERS, OriginalDst, ServiceKey, ServiceRoute, Settings,
     SocketKey,
 };
@@ -16,8 +16,8 @@ use warren_maps::{
 pub(crate) const AF_INET: u32 = warren_maps::AF_INET as u32;
 pub(crate) const AF_INET6: u32 = warren_maps::AF_INET6 as u32;
 
-#[map(name = "ENROLLED_CGROUPS")]
-pub(crate) static ENROLLED_CGROUPS: HashMap<u64, EnrolledCgroup> = HashMap::pinned(16384, 0);
+#[map(name = "ENROLLED_NETNS")]
+pub(crate) static ENROLLED_NETNS: HashMap<u64, EnrolledNetns> = HashMap::pinned(16384, 0);
 
 /// Short-lived: lives from connect() until the handshake completes (LRU so that connects that never
 /// establish cannot fill it).

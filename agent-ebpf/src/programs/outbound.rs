@@ -1,24 +1,25 @@
 //! Outbound redirect of enrolled workloads into the node agent.
 //!
-//! 1. `connect4`/`connect6`: a TCP connect() from a socket whose cgroup (or an ancestor) is in
-//!    `ENROLLED_CGROUPS` is rewritten to the agent's listener on loopback inside the same netns. The
-//!    destination the workload dialed is stored under the socket cookie.
+//! 1. `connect4`/`connect6` (attached at the cgroup v2 root, or the subtree `cgroupAttach` names): a TCP
+//!    connect() from a socket whose network namespace is in `ENROLLED_NETNS` is rewritten to the agent's
+//!    listener on loopback inside that netns. The destination the workload dialed is stored under the
+//!    socket cookie. Keyed by netns rather than cgroup: every pod has a netns of its own on every node
+//!    layout, while a cgroup v1 kubelet on a hybrid host leaves all pods in one cgroup v2 group.
 //! 2. `track_sockets` (sock_ops ACTIVE_ESTABLISHED, in accelerate.rs): once the client's source port is
 //!    known, [`record_original_dst`] re-keys it by (netns cookie, client ip, client port) — what the agent
 //!    sees as the peer of the accepted connection — so the agent recovers it with one lookup.
 use aya_ebpf::{
     EbpfContext,
     helpers::{
-        bpf_get_current_ancestor_cgroup_id, bpf_get_current_cgroup_id, bpf_get_netns_cookie, bpf_get_prandom_u32,
-        bpf_get_socket_cookie,
+        bpf_get_netns_cookie, bpf_get_prandom_u32, bpf_get_socket_cookie,
     },
     macros::cgroup_sock_addr,
     programs::{SockAddrContext, SockOpsContext},
 };
 use aya_log_ebpf::{debug, warn};
-use warren_maps::{ConnectionKey, Counter, EnrolledCgroup, MAX_CGROUP_DEPTH, OriginalDst, REFUSED_PORT, ServiceKey};
+use warren_maps::{AGENT_SOCKET_MARK, ConnectionKey, Counter, EnrolledNetns, OriginalDst, REFUSED_PORT, ServiceKey};
 
-use super::{AF_INET, AF_INET6, CONNECT_FAULTS, ENROLLED_CGROUPS, ORIGINAL_DST, ORIGINAL_DST_BY_COOKIE, count};
+use super::{AF_INET, AF_INET6, CONNECT_FAULTS, ENROLLED_NETNS, ORIGINAL_DST, ORIGINAL_DST_BY_COOKIE, count};
 
 /// What a connection fault decides for one connect.
 enum Fault {
@@ -52,26 +53,21 @@ const SOCK_STREAM: u32 = 1;
 /// Return value of cgroup sock_addr programs that lets the syscall proceed.
 const ALLOW: i32 = 1;
 
-/// The enrollment of the calling task's cgroup, or of its nearest enrolled ancestor.
+/// The socket's network namespace and its enrollment, when it is an enrolled pod's and the socket is not
+/// one the agent made there (marked [`AGENT_SOCKET_MARK`]: redirected, the agent would dial itself).
 #[inline(always)]
-fn enrolled_cgroup() -> Option<(u64, EnrolledCgroup)> {
-    let own = unsafe { bpf_get_current_cgroup_id() };
-    if let Some(e) = unsafe { ENROLLED_CGROUPS.get(&own) } {
-        return Some((own, *e));
+fn enrolled_netns(ctx: &SockAddrContext) -> Option<(u64, EnrolledNetns)> {
+    // SAFETY: `sk` of a sock_addr program's context is the calling socket (the verifier's PTR_TO_SOCKET),
+    // valid for the whole call.
+    let mark = unsafe { (*(*ctx.sock_addr).__bindgen_anon_1.sk).mark };
+    if mark == AGENT_SOCKET_MARK {
+        return None;
     }
-    let mut level = 1;
-    while level <= MAX_CGROUP_DEPTH {
-        let id = unsafe { bpf_get_current_ancestor_cgroup_id(level as i32) };
-        if id == 0 || id == own {
-            // Past the task's own depth: nothing above matched either.
-            return None;
-        }
-        if let Some(e) = unsafe { ENROLLED_CGROUPS.get(&id) } {
-            return Some((id, *e));
-        }
-        level += 1;
-    }
-    None
+    // SAFETY: the helper reads the netns of the socket behind this program's own context.
+    let cookie = unsafe { bpf_get_netns_cookie(ctx.as_ptr()) };
+    // SAFETY: a plain hash map lookup; the value is copied out at once.
+    let enrolled = unsafe { ENROLLED_NETNS.get(&cookie) }?;
+    Some((cookie, *enrolled))
 }
 
 /// Stores what the socket dialed; false when the map refused (then the connect must not be redirected).
@@ -93,7 +89,7 @@ pub fn connect4(ctx: SockAddrContext) -> i32 {
         return ALLOW; // UDP (DNS included) is never touched
     }
     count(Counter::Connect4);
-    let Some((cgroup_id, enrolled)) = enrolled_cgroup() else {
+    let Some((netns_cookie, enrolled)) = enrolled_netns(&ctx) else {
         return ALLOW;
     };
     let dst_ip = addr.user_ip4; // network byte order
@@ -114,7 +110,7 @@ pub fn connect4(ctx: SockAddrContext) -> i32 {
         Fault::Delay(ms) => ms,
         Fault::None => 0,
     };
-    let original = OriginalDst { ip: [dst_ip, 0, 0, 0], port: dst_port, family: AF_INET as u16, delay_ms, cgroup_id };
+    let original = OriginalDst { ip: [dst_ip, 0, 0, 0], port: dst_port, family: AF_INET as u16, delay_ms, netns_cookie };
     if !remember(&ctx, &original) {
         return ALLOW;
     }
@@ -125,8 +121,8 @@ pub fn connect4(ctx: SockAddrContext) -> i32 {
     count(Counter::Connect4Redirected);
     debug!(
         &ctx,
-        "connect4: cgroup {} dialed {:i}:{}, redirected to 127.0.0.1:{}",
-        cgroup_id,
+        "connect4: netns {} dialed {:i}:{}, redirected to 127.0.0.1:{}",
+        netns_cookie,
         u32::from_be(dst_ip),
         dst_port,
         enrolled.outbound_port
@@ -141,7 +137,7 @@ pub fn connect6(ctx: SockAddrContext) -> i32 {
         return ALLOW;
     }
     count(Counter::Connect6);
-    let Some((cgroup_id, enrolled)) = enrolled_cgroup() else {
+    let Some((netns_cookie, enrolled)) = enrolled_netns(&ctx) else {
         return ALLOW;
     };
     let dst = unsafe { super::read_ip6(&addr.user_ip6) }; // four network-order words
@@ -165,7 +161,7 @@ pub fn connect6(ctx: SockAddrContext) -> i32 {
         Fault::Delay(ms) => ms,
         Fault::None => 0,
     };
-    let original = OriginalDst { ip: dst, port: dst_port, family: AF_INET6 as u16, delay_ms, cgroup_id };
+    let original = OriginalDst { ip: dst, port: dst_port, family: AF_INET6 as u16, delay_ms, netns_cookie };
     if !remember(&ctx, &original) {
         return ALLOW;
     }
@@ -181,8 +177,8 @@ pub fn connect6(ctx: SockAddrContext) -> i32 {
     let dst_bytes: [u8; 16] = unsafe { core::mem::transmute(dst) };
     debug!(
         &ctx,
-        "connect6: cgroup {} dialed [{:i}]:{}, redirected to [::1]:{}",
-        cgroup_id,
+        "connect6: netns {} dialed [{:i}]:{}, redirected to [::1]:{}",
+        netns_cookie,
         dst_bytes,
         dst_port,
         enrolled.outbound_port

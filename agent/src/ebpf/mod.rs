@@ -33,7 +33,7 @@ use aya::{
 };
 use tokio::sync::mpsc::UnboundedReceiver;
 use warren_maps::{
-    AuthzEntryKey, AuthzVerdict, ConnectionKey, Counter, EnrolledCgroup, ListenerKey, OriginalDst, ServiceKey, ServiceRoute,
+    AuthzEntryKey, AuthzVerdict, ConnectionKey, Counter, EnrolledNetns, ListenerKey, OriginalDst, ServiceKey, ServiceRoute,
     Settings, names,
 };
 
@@ -45,7 +45,7 @@ static EBPF_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"),
 /// The loaded programs and the maps the agent writes.
 pub struct Datapath {
     ebpf: Ebpf,
-    enrolled: HashMap<MapData, u64, EnrolledCgroup>,
+    enrolled: HashMap<MapData, u64, EnrolledNetns>,
     inbound_listeners: SockHash<MapData, ListenerKey>,
     /// Not read again, but its fd must stay open: aya relocates the map's fd into the programs, which
     /// are verified after the maps are taken.
@@ -120,10 +120,12 @@ impl Datapath {
         // Agents before L4_AUTHZ pinned a hash map L4_POLICY; nothing reads it any more. (Programs still
         // attached from such an agent keep their reference until their links are replaced.)
         let _ = std::fs::remove_file(pin_dir.join("L4_POLICY"));
+        // Likewise ENROLLED_CGROUPS, before enrollment was keyed by network namespace.
+        let _ = std::fs::remove_file(pin_dir.join("ENROLLED_CGROUPS"));
         let service_routes = HashMap::try_from(take_map(&mut ebpf, names::SERVICE_ROUTES)?)?;
         let connect_faults = HashMap::try_from(take_map(&mut ebpf, names::CONNECT_FAULTS)?)?;
 
-        let enrolled = HashMap::try_from(take_map(&mut ebpf, names::ENROLLED_CGROUPS)?)?;
+        let enrolled = HashMap::try_from(take_map(&mut ebpf, names::ENROLLED_NETNS)?)?;
         let inbound_listeners = SockHash::try_from(take_map(&mut ebpf, names::INBOUND_LISTENERS)?)?;
         let original_dst =
             OriginalDstLookup(Arc::new(HashMap::try_from(take_map(&mut ebpf, names::ORIGINAL_DST)?)?));
@@ -149,15 +151,15 @@ impl Datapath {
         })
     }
 
-    /// Redirects the sockets of `cgroup_id` (and its descendants) into the agent.
-    pub fn enroll(&mut self, cgroup_id: u64, entry: EnrolledCgroup) -> Result<()> {
-        self.enrolled.insert(cgroup_id, entry, 0).with_context(|| format!("enrolling cgroup {cgroup_id}"))
+    /// Redirects the TCP connects of sockets in the network namespace `netns_cookie` into the agent.
+    pub fn enroll(&mut self, netns_cookie: u64, entry: EnrolledNetns) -> Result<()> {
+        self.enrolled.insert(netns_cookie, entry, 0).with_context(|| format!("enrolling netns {netns_cookie}"))
     }
 
-    pub fn unenroll(&mut self, cgroup_id: u64) -> Result<()> {
-        match self.enrolled.remove(&cgroup_id) {
+    pub fn unenroll(&mut self, netns_cookie: u64) -> Result<()> {
+        match self.enrolled.remove(&netns_cookie) {
             Ok(()) | Err(aya::maps::MapError::KeyNotFound) => Ok(()),
-            Err(e) => Err(e).with_context(|| format!("un-enrolling cgroup {cgroup_id}")),
+            Err(e) => Err(e).with_context(|| format!("un-enrolling netns {netns_cookie}")),
         }
     }
 
@@ -165,7 +167,7 @@ impl Datapath {
     pub fn retain_enrolled(&mut self, keep: &BTreeSet<u64>) -> Result<()> {
         let stale: Vec<u64> = self.enrolled.keys().filter_map(Result::ok).filter(|k| !keep.contains(k)).collect();
         for id in stale {
-            tracing::info!(cgroup_id = id, "removing stale enrollment");
+            tracing::info!(netns_cookie = id, "removing stale enrollment");
             self.unenroll(id)?;
         }
         Ok(())

@@ -3,7 +3,7 @@ use std::path::{Path, PathBuf};
 
 use anyhow::{Context, Result, bail};
 use aya::maps::{HashMap, LpmTrie, Map, MapData, PerCpuArray};
-use warren_maps::{AuthzEntryKey, AuthzTarget, AuthzVerdict, ConnectionKey, Counter, EnrolledCgroup, OriginalDst, names};
+use warren_maps::{AuthzEntryKey, AuthzTarget, AuthzVerdict, ConnectionKey, Counter, EnrolledNetns, OriginalDst, names};
 
 pub struct PinnedMaps {
     pub dir: PathBuf,
@@ -11,7 +11,7 @@ pub struct PinnedMaps {
 
 impl PinnedMaps {
     pub fn open(dir: &Path) -> Result<Self> {
-        if !dir.join(names::ENROLLED_CGROUPS).exists() {
+        if !dir.join(names::ENROLLED_NETNS).exists() {
             bail!("no pinned maps in {}: warren-agent has not run on this node", dir.display());
         }
         Ok(PinnedMaps { dir: dir.to_path_buf() })
@@ -30,8 +30,8 @@ impl PinnedMaps {
         Map::from_map_data(data).with_context(|| format!("pinned map {}", path.display()))
     }
 
-    pub fn enrolled_cgroups(&self) -> Result<Vec<(u64, EnrolledCgroup)>> {
-        let map: HashMap<_, u64, EnrolledCgroup> = HashMap::try_from(self.map(names::ENROLLED_CGROUPS)?)?;
+    pub fn enrolled_netns(&self) -> Result<Vec<(u64, EnrolledNetns)>> {
+        let map: HashMap<_, u64, EnrolledNetns> = HashMap::try_from(self.map(names::ENROLLED_NETNS)?)?;
         let mut entries: Vec<_> = map.iter().collect::<Result<_, _>>()?;
         entries.sort_by_key(|(id, _)| *id);
         Ok(entries)

@@ -1,6 +1,9 @@
-//! Finding a pod's cgroup and network namespace from its UID, as a node agent must: scan /proc for a
-//! process whose cgroup path names the pod (kubelet puts `pod<uid>` — or `pod<uid with _>.slice` with the
-//! systemd driver — in every container's cgroup path). The testbed lays pods out the same way.
+//! Finding a pod's network namespace from its UID, as a node agent must: scan /proc for a process whose
+//! cgroup path names the pod (kubelet puts `pod<uid>` — or `pod<uid with _>.slice` with the systemd
+//! driver — in every container's cgroup path). A cgroup v2 kubelet names it in the unified hierarchy
+//! (`0::/kubepods/.../pod<uid>/...`); a cgroup v1 kubelet on a hybrid host only in the v1 hierarchies
+//! (`4:memory:/kubepods/.../pod<uid>/...`), its pods sharing one v2 group. Either way the process leads to
+//! the pod's netns, which is what enrollment is keyed by. The testbed lays pods out both ways.
 use std::{
     fs::File,
     path::{Path, PathBuf},
@@ -11,8 +14,9 @@ use anyhow::{Result, bail};
 /// Where a pod lives on this host.
 #[derive(Debug)]
 pub struct PodLocation {
-    /// The pod-level cgroup (v2) directory: the ancestor of its containers' cgroups named after the pod.
-    pub cgroup: PathBuf,
+    /// The pod-level cgroup v2 directory (the ancestor of its containers' groups named after the pod), when
+    /// the pod has one: not under a cgroup v1 kubelet.
+    pub cgroup: Option<PathBuf>,
     /// An open handle on the pod's netns (keeps it identifiable while we use it).
     pub netns: File,
     /// The process it was found through.
@@ -22,24 +26,17 @@ pub struct PodLocation {
 /// Finds the pod with `uid` under `proc_root` (normally /proc), given the cgroup2 mount point.
 pub fn find_pod(uid: &str, proc_root: &Path, cgroup2_mount: &Path) -> Result<PodLocation> {
     let underscored = uid.replace('-', "_");
-    let mut v1_only = false;
     for entry in std::fs::read_dir(proc_root)?.flatten() {
         let Ok(pid) = entry.file_name().to_string_lossy().parse::<i32>() else { continue };
         let Ok(cgroups) = std::fs::read_to_string(entry.path().join("cgroup")) else { continue };
-        if !cgroups.contains(uid) && !cgroups.contains(&underscored) {
-            continue;
-        }
-        // The unified hierarchy's line is "0::/path".
-        let Some(path) = cgroups.lines().find_map(|l| l.strip_prefix("0::")) else { continue };
-        let Some(pod_dir) = pod_cgroup_dir(path, uid, &underscored) else {
-            v1_only = true; // the pod is named only in v1 hierarchies
-            continue;
-        };
+        // Lines are "id:controllers:path"; the unified hierarchy's is "0::path".
+        let named = |line: &&str| line.splitn(3, ':').nth(2).and_then(|path| pod_cgroup_dir(path, uid, &underscored));
+        let Some(any) = cgroups.lines().find(|l| named(l).is_some()) else { continue };
+        let v2 = cgroups.lines().filter(|l| l.starts_with("0::")).find_map(|l| named(&l));
         let Ok(netns) = File::open(entry.path().join("ns/net")) else { continue };
-        return Ok(PodLocation { cgroup: cgroup2_mount.join(pod_dir.trim_start_matches('/')), netns, pid });
-    }
-    if v1_only {
-        bail!("pod {uid} has no cgroup v2 group of its own (a cgroup v1 kubelet): not supported");
+        let cgroup = v2.map(|dir| cgroup2_mount.join(dir.trim_start_matches('/')));
+        tracing::debug!(uid, pid, line = any, "found the pod's process");
+        return Ok(PodLocation { cgroup, netns, pid });
     }
     bail!("no process of pod {uid} found in {}", proc_root.display())
 }
@@ -73,5 +70,33 @@ mod tests {
             Some("/kubepods.slice/kubepods-pod0b1c_22.slice")
         );
         assert_eq!(pod_cgroup_dir("/", uid, "0b1c_22"), None);
+    }
+
+    /// A fake /proc with one process whose /proc/<pid>/cgroup says `cgroups`.
+    fn proc_with(cgroups: &str) -> PathBuf {
+        let root = std::env::temp_dir().join(format!("warren-discover-{}-{}", std::process::id(), cgroups.len()));
+        std::fs::create_dir_all(root.join("42/ns")).unwrap();
+        std::fs::write(root.join("42/cgroup"), cgroups).unwrap();
+        std::fs::write(root.join("42/ns/net"), "").unwrap();
+        root
+    }
+
+    #[test]
+    fn a_cgroup_v1_kubelets_pod_is_found_without_a_v2_group() {
+        let uid = "0b1c-22";
+        let v1 = proc_with("4:memory:/kubepods/besteffort/pod0b1c-22/3f9e\n1:cpu:/kubepods/besteffort/pod0b1c-22/3f9e\n0::/system.slice/containerd.service\n");
+        let found = find_pod(uid, &v1, Path::new("/sys/fs/cgroup")).unwrap();
+        assert_eq!((found.pid, found.cgroup), (42, None));
+
+        let v2 = proc_with("0::/kubepods/besteffort/pod0b1c-22/3f9e\n");
+        let found = find_pod(uid, &v2, Path::new("/sys/fs/cgroup")).unwrap();
+        assert_eq!(found.cgroup, Some(PathBuf::from("/sys/fs/cgroup/kubepods/besteffort/pod0b1c-22")));
+
+        // Control: another pod's process is not taken for this one.
+        let error = find_pod("ffff-00", &v1, Path::new("/sys/fs/cgroup")).unwrap_err();
+        assert!(error.to_string().contains("no process of pod ffff-00"), "{error}");
+        for dir in [v1, v2] {
+            std::fs::remove_dir_all(dir).unwrap();
+        }
     }
 }

@@ -1,9 +1,10 @@
 //! Keeps the enrolled pods on this node in line with the workloads a source reports: enrolls new ones,
 //! un-enrolls the ones that left, live and without touching the pods.
 //!
-//! Enroll, in this order so that no connection meets a half-built path: find the pod (cgroup, netns) →
-//! open the agent's listeners in its netns → register the inbound listener and attach sk_lookup → put its
-//! cgroup in ENROLLED_CGROUPS. Un-enroll in reverse: map entry and sk_lookup first (new connections go
+//! Enroll, in this order so that no connection meets a half-built path: find the pod's netns → open the
+//! agent's listeners in it → register the inbound listener and attach sk_lookup → put the netns in
+//! ENROLLED_NETNS (keyed by its cookie, so enrollment works whether or not the pod has a cgroup v2 group
+//! of its own). Un-enroll in reverse: map entry and sk_lookup first (new connections go
 //! around the agent at once), listeners a moment later (a connect already redirected still lands).
 use std::{
     collections::{BTreeMap, BTreeSet},
@@ -18,7 +19,7 @@ use anyhow::{Context, Result};
 use serde::Serialize;
 use tokio::{net::TcpSocket, task::JoinHandle};
 use tracing::{info, warn};
-use warren_maps::{EnrolledCgroup, ListenerKey};
+use warren_maps::{EnrolledNetns, ListenerKey};
 
 use super::{Netns, discover};
 use crate::{
@@ -37,8 +38,8 @@ pub struct PortConfig {
 
 struct EnrolledPod {
     key: String,
-    cgroup_id: u64,
-    cgroup: PathBuf,
+    netns_cookie: u64,
+    cgroup: Option<PathBuf>,
     ips: Vec<IpAddr>,
     listener_keys: Vec<ListenerKey>,
     listeners: Vec<JoinHandle<()>>,
@@ -51,8 +52,10 @@ pub struct PodStatus {
     pub uid: String,
     pub ips: Vec<IpAddr>,
     pub enrolled: bool,
+    /// The pod's own cgroup v2 group; none under a cgroup v1 kubelet (a hybrid host).
     pub cgroup: Option<PathBuf>,
-    pub cgroup_id: Option<u64>,
+    /// The cookie of the pod's netns: its key in ENROLLED_NETNS.
+    pub netns_cookie: Option<u64>,
     /// Why a pod that should be enrolled is not (yet).
     pub error: Option<String>,
 }
@@ -65,6 +68,8 @@ pub struct InpodManager {
     shared: ProxyShared,
     enrolled: BTreeMap<String, EnrolledPod>,
     status: Arc<Mutex<Vec<PodStatus>>>,
+    /// The cookie of the agent's own (the node's) netns, which is never enrolled.
+    host_netns_cookie: Option<u64>,
 }
 
 impl InpodManager {
@@ -75,7 +80,17 @@ impl InpodManager {
         cgroup2_mount: PathBuf,
         shared: ProxyShared,
     ) -> Self {
-        InpodManager { datapath, node_name, ports, cgroup2_mount, shared, enrolled: BTreeMap::new(), status: Arc::default() }
+        let host_netns_cookie = TcpSocket::new_v4().and_then(|s| crate::sys::socket_netns_cookie(&s)).ok();
+        InpodManager {
+            datapath,
+            node_name,
+            ports,
+            cgroup2_mount,
+            shared,
+            enrolled: BTreeMap::new(),
+            status: Arc::default(),
+            host_netns_cookie,
+        }
     }
 
     /// A live view of every known pod's enrollment, for the admin endpoint.
@@ -118,8 +133,8 @@ impl InpodManager {
                     uid: p.uid.clone(),
                     ips: p.ips.clone(),
                     enrolled: enrolled.is_some(),
-                    cgroup: enrolled.map(|e| e.cgroup.clone()),
-                    cgroup_id: enrolled.map(|e| e.cgroup_id),
+                    cgroup: enrolled.and_then(|e| e.cgroup.clone()),
+                    netns_cookie: enrolled.map(|e| e.netns_cookie),
                     error: errors.get(&p.uid).cloned(),
                 }
             })
@@ -129,17 +144,16 @@ impl InpodManager {
     /// Removes what an earlier agent left for pods that are not enrolled now (call after the first
     /// reconcile).
     pub fn drop_stale_state(&self) -> Result<()> {
-        let cgroups: BTreeSet<u64> = self.enrolled.values().map(|p| p.cgroup_id).collect();
+        let netns: BTreeSet<u64> = self.enrolled.values().map(|p| p.netns_cookie).collect();
         let uids: BTreeSet<String> = self.enrolled.keys().cloned().collect();
         let mut datapath = self.datapath.lock().unwrap();
-        datapath.retain_enrolled(&cgroups)?;
+        datapath.retain_enrolled(&netns)?;
         datapath.retain_pod_links(&uids);
         Ok(())
     }
 
     async fn enroll(&mut self, pod: &Pod) -> Result<()> {
         let location = discover::find_pod(&pod.uid, std::path::Path::new("/proc"), &self.cgroup2_mount)?;
-        let cgroup_id = crate::sys::cgroup_id(&location.cgroup)?;
         let label = PathBuf::from(format!("/proc/{}/ns/net", location.pid));
         let netns = Arc::new(Netns::from_file(location.netns, &label)?);
         let key = Arc::new(pod.key());
@@ -167,6 +181,13 @@ impl InpodManager {
             }
         }
         let netns_cookie = crate::sys::socket_netns_cookie(&outbound[0]).context("SO_NETNS_COOKIE")?;
+        // A pod in the node's own netns (hostNetwork, which the enrollment rules already leave out) must
+        // never be enrolled: every connect of the node, the agent's own included, would be redirected.
+        anyhow::ensure!(
+            Some(netns_cookie) != self.host_netns_cookie,
+            "pod {} shares the node's network namespace: not enrolled",
+            pod.key()
+        );
 
         let mut listener_keys = vec![];
         {
@@ -180,7 +201,7 @@ impl InpodManager {
                 }
             }
             datapath.attach_inbound_capture(netns.file(), &pod.uid)?;
-            datapath.enroll(cgroup_id, EnrolledCgroup { outbound_port: self.ports.outbound, ..Default::default() })?;
+            datapath.enroll(netns_cookie, EnrolledNetns { outbound_port: self.ports.outbound, ..Default::default() })?;
         }
 
         let mut listeners = vec![];
@@ -209,10 +230,18 @@ impl InpodManager {
         for listener in std::iter::once(inbound_v4).chain(inbound_v6) {
             listeners.push(tokio::spawn(proxy::inbound::serve(listener, netns.clone(), key.clone(), self.shared.clone())));
         }
-        info!(pod = %key, uid = %pod.uid, cgroup_id, cgroup = %location.cgroup.display(), "pod enrolled");
+        let cgroup = location.cgroup.as_ref().map(|c| c.display().to_string());
+        info!(pod = %key, uid = %pod.uid, netns_cookie, cgroup = cgroup.as_deref().unwrap_or("(none of its own)"), "pod enrolled");
         self.enrolled.insert(
             pod.uid.clone(),
-            EnrolledPod { key: key.to_string(), cgroup_id, cgroup: location.cgroup, ips: pod.ips.clone(), listener_keys, listeners },
+            EnrolledPod {
+                key: key.to_string(),
+                netns_cookie,
+                cgroup: location.cgroup,
+                ips: pod.ips.clone(),
+                listener_keys,
+                listeners,
+            },
         );
         Ok(())
     }
@@ -221,7 +250,7 @@ impl InpodManager {
         let Some(pod) = self.enrolled.remove(uid) else { return };
         {
             let mut datapath = self.datapath.lock().unwrap();
-            if let Err(e) = datapath.unenroll(pod.cgroup_id) {
+            if let Err(e) = datapath.unenroll(pod.netns_cookie) {
                 warn!(pod = %pod.key, "{e:#}");
             }
             datapath.detach_inbound_capture(uid);

@@ -7,6 +7,7 @@ use std::{
 };
 
 use anyhow::{Context, Result, anyhow};
+use tokio::net::TcpSocket;
 
 type Job = Box<dyn FnOnce() + Send>;
 
@@ -60,6 +61,15 @@ impl Netns {
             let _ = tx.send(f());
         }))?;
         rx.await.map_err(|_| anyhow!("netns thread for {} stopped", self.path.display()))
+    }
+
+    /// A TCP socket (no delay) in this netns, marked as the agent's own ([`warren_maps::AGENT_SOCKET_MARK`])
+    /// so that connect4/6 leave it alone although the netns is enrolled.
+    pub async fn agent_socket(&self, ipv4: bool) -> Result<TcpSocket> {
+        let socket = self.run(move || if ipv4 { TcpSocket::new_v4() } else { TcpSocket::new_v6() }).await??;
+        crate::sys::set_mark(&socket, warren_maps::AGENT_SOCKET_MARK).context("SO_MARK on the agent's socket")?;
+        socket.set_nodelay(true)?;
+        Ok(socket)
     }
 
     fn submit(&self, job: Job) -> Result<()> {

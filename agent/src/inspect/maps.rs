@@ -1,8 +1,5 @@
 //! `warren-agent inspect maps`: the pinned eBPF maps.
-use std::{
-    os::unix::fs::MetadataExt,
-    path::{Path, PathBuf},
-};
+use std::path::{Path, PathBuf};
 
 use anyhow::Result;
 use serde::Serialize;
@@ -12,8 +9,7 @@ use crate::ebpf::PinnedMaps;
 
 #[derive(Serialize)]
 struct EnrolledRow {
-    cgroup_id: u64,
-    cgroup: Option<PathBuf>,
+    netns_cookie: u64,
     outbound_port: u16,
 }
 
@@ -22,7 +18,6 @@ struct OriginalDstRow {
     netns_cookie: u64,
     client: String,
     original_dst: String,
-    cgroup_id: u64,
 }
 
 #[derive(Serialize)]
@@ -38,7 +33,7 @@ struct AuthzRow {
 #[derive(Serialize)]
 struct MapsView {
     pin_dir: PathBuf,
-    enrolled_cgroups: Vec<EnrolledRow>,
+    enrolled_netns: Vec<EnrolledRow>,
     original_destinations: Vec<OriginalDstRow>,
     l4_authz: Vec<AuthzRow>,
     /// Keys in L4_AUTHZ that are no valid entry (0 unless something else wrote the map).
@@ -48,18 +43,13 @@ struct MapsView {
 
 pub fn render(pin_dir: &Path, output: Output) -> Result<String> {
     let maps = PinnedMaps::open(pin_dir)?;
-    let cgroup_root = crate::sys::cgroup2_mount().ok();
     let (authz, l4_authz_invalid_keys) = maps.l4_authz()?;
     let view = MapsView {
         pin_dir: pin_dir.to_path_buf(),
-        enrolled_cgroups: maps
-            .enrolled_cgroups()?
+        enrolled_netns: maps
+            .enrolled_netns()?
             .into_iter()
-            .map(|(id, e)| EnrolledRow {
-                cgroup_id: id,
-                cgroup: cgroup_root.as_deref().and_then(|root| find_cgroup(root, id)),
-                outbound_port: e.outbound_port,
-            })
+            .map(|(cookie, e)| EnrolledRow { netns_cookie: cookie, outbound_port: e.outbound_port })
             .collect(),
         original_destinations: maps
             .original_dsts()?
@@ -68,7 +58,6 @@ pub fn render(pin_dir: &Path, output: Output) -> Result<String> {
                 netns_cookie: k.netns_cookie,
                 client: k.socket_addr().map(|a| a.to_string()).unwrap_or_else(|| "?".into()),
                 original_dst: v.socket_addr().map(|a| a.to_string()).unwrap_or_else(|| "?".into()),
-                cgroup_id: v.cgroup_id,
             })
             .collect(),
         l4_authz: authz
@@ -94,28 +83,23 @@ pub fn render(pin_dir: &Path, output: Output) -> Result<String> {
     Ok(match output {
         Output::Json => serde_json::to_string_pretty(&view)? + "\n",
         Output::Table => {
-            let mut out = format!("ENROLLED CGROUPS ({})\n", pin_dir.join(warren_maps::names::ENROLLED_CGROUPS).display());
+            let mut out =
+                format!("ENROLLED NETWORK NAMESPACES ({})\n", pin_dir.join(warren_maps::names::ENROLLED_NETNS).display());
             out += &table(
-                &["CGROUP ID", "OUTBOUND PORT", "CGROUP"],
+                &["NETNS COOKIE", "OUTBOUND PORT"],
                 &view
-                    .enrolled_cgroups
+                    .enrolled_netns
                     .iter()
-                    .map(|r| {
-                        vec![
-                            r.cgroup_id.to_string(),
-                            r.outbound_port.to_string(),
-                            r.cgroup.as_ref().map(|p| p.display().to_string()).unwrap_or_else(|| "-".into()),
-                        ]
-                    })
+                    .map(|r| vec![r.netns_cookie.to_string(), r.outbound_port.to_string()])
                     .collect::<Vec<_>>(),
             );
             out += &format!("\nORIGINAL DESTINATIONS ({})\n", pin_dir.join(warren_maps::names::ORIGINAL_DST).display());
             out += &table(
-                &["NETNS COOKIE", "CLIENT", "ORIGINAL DST", "CGROUP ID"],
+                &["NETNS COOKIE", "CLIENT", "ORIGINAL DST"],
                 &view
                     .original_destinations
                     .iter()
-                    .map(|r| vec![r.netns_cookie.to_string(), r.client.clone(), r.original_dst.clone(), r.cgroup_id.to_string()])
+                    .map(|r| vec![r.netns_cookie.to_string(), r.client.clone(), r.original_dst.clone()])
                     .collect::<Vec<_>>(),
             );
             out += &format!("\nL4 AUTHORIZATION ({})\n", pin_dir.join(warren_maps::names::L4_AUTHZ).display());
@@ -140,21 +124,3 @@ pub fn render(pin_dir: &Path, output: Output) -> Result<String> {
     })
 }
 
-/// The cgroup directory whose id (inode) is `id`, searched breadth-first and bounded.
-fn find_cgroup(root: &Path, id: u64) -> Option<PathBuf> {
-    let mut queue = std::collections::VecDeque::from([root.to_path_buf()]);
-    let mut visited = 0;
-    while let Some(dir) = queue.pop_front() {
-        visited += 1;
-        if visited > 50_000 {
-            return None;
-        }
-        if std::fs::metadata(&dir).ok().map(|m| m.ino()) == Some(id) {
-            return Some(dir);
-        }
-        if let Ok(entries) = std::fs::read_dir(&dir) {
-            queue.extend(entries.flatten().filter(|e| e.file_type().map(|t| t.is_dir()).unwrap_or(false)).map(|e| e.path()));
-        }
-    }
-    None
-}

@@ -26,7 +26,7 @@ use anyhow::Result;
 use tokio::sync::watch;
 use tokio::{
     io::{AsyncRead, AsyncWrite},
-    net::{TcpSocket, TcpStream},
+    net::TcpStream,
 };
 use tracing::{debug, warn};
 use warren_api::authz::Decision;
@@ -167,7 +167,6 @@ where
 
 /// Opens a connection from inside the pod's netns, so it carries the pod's source address.
 pub(crate) async fn connect_from(netns: &Netns, dst: SocketAddr) -> Result<TcpStream> {
-    let socket = netns.run(move || if dst.is_ipv4() { TcpSocket::new_v4() } else { TcpSocket::new_v6() }).await??;
-    socket.set_nodelay(true)?;
+    let socket = netns.agent_socket(dst.is_ipv4()).await?;
     Ok(socket.connect(dst).await?)
 }

@@ -133,6 +133,60 @@ fn enroll_and_unenroll_a_running_pod_while_it_connects() {
     assert_eq!(count(&agent, "outbound"), through_agent, "the agent carried exactly the enrolled flows");
 }
 
+/// A cgroup v1 kubelet on a hybrid host (as this machine's local node runs one) names its pods only in
+/// cgroup v1 hierarchies and leaves all of them in one cgroup v2 group. Enrollment keyed by network
+/// namespace still takes exactly the enrolled pods: inbound to an enrolled server is captured while its
+/// neighbour in the same v2 group connects around the agent, and a running client is enrolled and
+/// un-enrolled live, its connections never failing.
+#[test]
+fn pods_of_a_cgroup_v1_kubelet_are_enrolled_by_their_network_namespace() {
+    require_privileges!();
+    let bed = Testbed::new("v1-kubelet").unwrap();
+    let node = bed.add_node("node-1").unwrap();
+    let client = node.add_pod_v1_kubelet("client", false).unwrap();
+    let neighbour = node.add_pod_v1_kubelet("neighbour", false).unwrap();
+    let server = node.add_pod_v1_kubelet("server", true).unwrap();
+    assert_eq!(client.cgroup, server.cgroup, "the node's pods share one cgroup v2 group");
+    server.serve("v1").unwrap();
+    let agent = node.start_agent().unwrap();
+    agent.wait_enrolled(&server, true, Duration::from_secs(5)).unwrap();
+    let target = server.socket(ECHO_PORT);
+
+    // The neighbour, in the server's v2 group but not enrolled: not redirected, yet captured inbound.
+    let direct = neighbour.send(target, 64 * 1024).unwrap();
+    assert!(direct.ok, "{direct:?}");
+    assert_eq!(direct.peer.as_deref(), Some(target.to_string().as_str()), "the neighbour dialed directly");
+    assert_eq!(flows(&agent), (0, 1), "inbound to the enrolled server only");
+
+    let client_loop = client.connect_loop(target, 10, 2500).unwrap();
+    sleep(Duration::from_millis(500));
+    let enroll_asked = now_ms();
+    node.set_enrolled(&client, true).unwrap();
+    agent.wait_enrolled(&client, true, Duration::from_secs(5)).unwrap();
+    let enrolled = now_ms();
+    sleep(Duration::from_millis(800));
+    let unenroll_asked = now_ms();
+    node.set_enrolled(&client, false).unwrap();
+    agent.wait_enrolled(&client, false, Duration::from_secs(5)).unwrap();
+    let unenrolled = now_ms();
+    let attempts = client_loop.attempts().unwrap();
+
+    let failed: Vec<_> = attempts.iter().filter(|a| !a.ok).collect();
+    assert!(failed.is_empty(), "failed connections: {failed:?}");
+    let via_agent = |a: &&warren_testbed::Attempt| a.peer.as_deref() == Some("127.0.0.1:15001");
+    assert!(attempts.iter().filter(|a| a.at_ms < enroll_asked).all(|a| !via_agent(&a)), "redirected before enrollment");
+    let between: Vec<_> = attempts.iter().filter(|a| a.at_ms > enrolled && a.at_ms < unenroll_asked).collect();
+    assert!(between.len() > 20 && between.iter().all(via_agent), "not redirected while enrolled: {between:?}");
+    assert!(attempts.iter().filter(|a| a.at_ms > unenrolled + 50).all(|a| !via_agent(&a)), "redirected after");
+    let through_agent = attempts.iter().filter(via_agent).count() as u64;
+    assert_eq!(count(&agent, "outbound"), through_agent, "the agent carried exactly the enrolled client's flows");
+
+    // And the neighbour still goes around the agent.
+    let outbound_before = count(&agent, "outbound");
+    assert!(neighbour.send(target, 1024).unwrap().ok);
+    assert_eq!(count(&agent, "outbound"), outbound_before, "the neighbour was redirected");
+}
+
 fn fd_count(pid: u32) -> usize {
     std::fs::read_dir(format!("/proc/{pid}/fd")).unwrap().count()
 }

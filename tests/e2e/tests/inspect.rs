@@ -11,7 +11,7 @@ fn stderr(out: &std::process::Output) -> String {
 }
 
 #[test]
-fn inspect_maps_shows_enrolled_cgroups_and_original_destinations() {
+fn inspect_maps_shows_enrolled_netns_and_original_destinations() {
     require_privileges!();
     let bed = Testbed::new("inspect").unwrap();
     let node = bed.add_node("node-1").unwrap();
@@ -21,20 +21,27 @@ fn inspect_maps_shows_enrolled_cgroups_and_original_destinations() {
     let agent = node.start_agent().unwrap();
     assert!(client.send(server.socket(ECHO_PORT), 1024).unwrap().ok);
 
+    // The enrolled pod's netns cookie, as the agent's workload view reports it.
+    let workloads = agent.workloads().unwrap();
+    let cookie = |pod: &warren_testbed::Pod| {
+        workloads.as_array().unwrap().iter().find(|p| p["uid"] == pod.uid.as_str()).unwrap()["netns_cookie"].clone()
+    };
+    let client_cookie = cookie(&client).as_u64().expect("an enrolled pod has a netns cookie");
+    assert!(cookie(&server).is_null(), "a pod that is not enrolled has none: {workloads:#}");
+
     let table = agent.inspect(&["maps"]).unwrap();
     assert!(table.status.success(), "{}", stderr(&table));
     let text = stdout(&table);
-    assert!(text.contains("ENROLLED CGROUPS"), "{text}");
-    assert!(text.contains(&client.cgroup.display().to_string()), "enrolled pod's cgroup path listed:\n{text}");
+    assert!(text.contains("ENROLLED NETWORK NAMESPACES"), "{text}");
+    assert!(text.contains(&client_cookie.to_string()), "enrolled pod's netns listed:\n{text}");
     assert!(text.contains(&server.socket(ECHO_PORT).to_string()), "original destination listed:\n{text}");
-    assert!(!text.contains(&server.cgroup.display().to_string()), "a pod that is not enrolled is not listed:\n{text}");
 
     let json = agent.inspect(&["maps", "-o", "json"]).unwrap();
     assert!(json.status.success(), "{}", stderr(&json));
     let view: serde_json::Value = serde_json::from_slice(&json.stdout).unwrap();
-    let enrolled = view["enrolled_cgroups"].as_array().unwrap();
-    assert_eq!(enrolled.len(), 1);
-    assert_eq!(enrolled[0]["cgroup"], client.cgroup.display().to_string());
+    let enrolled = view["enrolled_netns"].as_array().unwrap();
+    assert_eq!(enrolled.len(), 1, "only the enrolled pod: {view:#}");
+    assert_eq!(enrolled[0]["netns_cookie"], client_cookie);
     assert_eq!(enrolled[0]["outbound_port"], 15001);
     let destinations = view["original_destinations"].as_array().unwrap();
     assert!(destinations.iter().any(|d| d["original_dst"] == server.socket(ECHO_PORT).to_string()), "{view:#}");

@@ -8,7 +8,6 @@ use std::{
 };
 
 use anyhow::{Context, Result};
-use tokio::net::TcpSocket;
 use tokio_rustls::{TlsConnector, rustls::pki_types::ServerName};
 use warren_identity::Identity;
 
@@ -53,8 +52,7 @@ impl Pool {
     async fn dial(&self, netns: &Netns, source: &Identity, peer: &Identity, ip: IpAddr) -> Result<Connection> {
         let config = self.certificates.client_config(source, peer).await?;
         let address = SocketAddr::new(ip, HBONE_PORT);
-        let socket = netns.run(move || if ip.is_ipv4() { TcpSocket::new_v4() } else { TcpSocket::new_v6() }).await??;
-        socket.set_nodelay(true)?;
+        let socket = netns.agent_socket(ip.is_ipv4()).await?;
         let tcp = socket.connect(address).await.with_context(|| format!("connecting to HBONE {address}"))?;
         // The peer is named by its SPIFFE identity, which the verifier checks; SNI carries nothing.
         let tls = TlsConnector::from(config)
