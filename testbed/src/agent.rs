@@ -63,53 +63,126 @@ pub struct Agent {
     pub config_path: PathBuf,
     pub pin_dir: PathBuf,
     pub run_dir: PathBuf,
+    admin_addr: String,
+    /// Where the admin endpoint listens: a node's netns, or "" for the host's.
     node_netns: String,
     bed: std::sync::Arc<crate::Inner>,
+    /// Remove `pin_dir` on drop (an agent on the host; a node's pins go with the testbed).
+    owns_pin_dir: bool,
+}
+
+/// Where an agent runs and what it serves, whatever its options.
+struct Placement {
+    node_name: String,
+    pin_dir: PathBuf,
+    run_dir: PathBuf,
+    cgroup_attach: PathBuf,
+    admin_addr: String,
+    workloads_file: Option<PathBuf>,
+}
+
+/// The agent's config file for `options` at `placement`.
+fn agent_config(options: &AgentOptions, placement: &Placement, node: Option<&Node>) -> Result<serde_json::Value> {
+    let mut config = serde_json::json!({
+        "nodeName": options.node_name.clone().unwrap_or_else(|| placement.node_name.clone()),
+        "pinDir": placement.pin_dir,
+        "runDir": placement.run_dir,
+        "cgroupAttach": placement.cgroup_attach,
+        "adminAddr": placement.admin_addr,
+        "ebpfLogLevel": options.ebpf_log_level,
+        "socketAcceleration": options.socket_acceleration,
+        "drainTimeoutSeconds": options.drain_timeout_seconds,
+        "workloadsFile": placement.workloads_file,
+    });
+    if options.mtls {
+        let node = node.context("testbed CA certificates (mtls) need a testbed node")?;
+        let (cert, key) = node.ca_files()?;
+        config["identity"] = serde_json::json!({ "trustDomain": "cluster.local", "caCertFile": cert, "caKeyFile": key });
+        if let Some(seconds) = options.certificate_lifetime_seconds {
+            config["identity"]["certificateLifetimeSeconds"] = seconds.into();
+        }
+    }
+    if let Some(identity) = &options.identity {
+        config["identity"] = identity.clone();
+    }
+    if let Some(kubeconfig) = &options.kubeconfig {
+        config["workloadsFile"] = serde_json::Value::Null;
+        config["kubernetes"] = serde_json::json!({ "kubeconfig": kubeconfig });
+    }
+    if let Some(address) = &options.controller {
+        config["workloadsFile"] = serde_json::Value::Null;
+        config["controller"] = serde_json::json!({ "address": address });
+    }
+    Ok(config)
+}
+
+fn agent_command(config_path: &std::path::Path) -> Result<Command> {
+    let mut cmd = Command::new(bin_path("warren-agent")?);
+    cmd.args(["run", "--config"]).arg(config_path).env("WARREN_LOG", "info,warren_agent=debug");
+    Ok(cmd)
 }
 
 impl Agent {
     pub(crate) fn start(node: &Node, options: AgentOptions) -> Result<Agent> {
         let dir = node.state_dir();
         std::fs::create_dir_all(&dir)?;
-        let pin_dir = options.pin_dir.clone().unwrap_or_else(|| node.pin_dir());
-        let run_dir = options.run_dir.clone().unwrap_or_else(|| dir.join("run"));
-        let mut config = serde_json::json!({
-            "nodeName": options.node_name.clone().unwrap_or_else(|| node.name.clone()),
-            "pinDir": pin_dir,
-            "runDir": run_dir,
-            "cgroupAttach": node.cgroup,
-            "adminAddr": ADMIN_ADDR,
-            "ebpfLogLevel": options.ebpf_log_level,
-            "socketAcceleration": options.socket_acceleration,
-            "drainTimeoutSeconds": options.drain_timeout_seconds,
-            "workloadsFile": node.workloads_file(),
-        });
-        if options.mtls {
-            let (cert, key) = node.ca_files()?;
-            config["identity"] = serde_json::json!({ "trustDomain": "cluster.local", "caCertFile": cert, "caKeyFile": key });
-            if let Some(seconds) = options.certificate_lifetime_seconds {
-                config["identity"]["certificateLifetimeSeconds"] = seconds.into();
-            }
-        }
-        if let Some(identity) = &options.identity {
-            config["identity"] = identity.clone();
-        }
-        if let Some(kubeconfig) = &options.kubeconfig {
-            config["workloadsFile"] = serde_json::Value::Null;
-            config["kubernetes"] = serde_json::json!({ "kubeconfig": kubeconfig });
-        }
-        if let Some(address) = &options.controller {
-            config["workloadsFile"] = serde_json::Value::Null;
-            config["controller"] = serde_json::json!({ "address": address });
-        }
+        let placement = Placement {
+            node_name: node.name.clone(),
+            pin_dir: options.pin_dir.clone().unwrap_or_else(|| node.pin_dir()),
+            run_dir: options.run_dir.clone().unwrap_or_else(|| dir.join("run")),
+            cgroup_attach: node.cgroup.clone(),
+            admin_addr: ADMIN_ADDR.to_string(),
+            workloads_file: Some(node.workloads_file()),
+        };
         let config_path = dir.join("agent.yaml");
-        std::fs::write(&config_path, serde_yaml::to_string(&config)?)?;
-        let mut cmd = Command::new(bin_path("warren-agent")?);
-        cmd.args(["run", "--config"]).arg(&config_path).env("WARREN_LOG", "info,warren_agent=debug");
+        std::fs::write(&config_path, serde_yaml::to_string(&agent_config(&options, &placement, Some(node))?)?)?;
         // In its own cgroup below the node's, as a DaemonSet pod is below the node's root: the programs
         // attached at the node's cgroup see the agent's sockets (socket acceleration needs both ends).
-        let process = node.spawn_in_cgroup(cmd, "warren-agent")?;
-        let agent = Agent { process, config_path, pin_dir, run_dir, node_netns: node.netns.clone(), bed: node.bed.clone() };
+        let process = node.spawn_in_cgroup(agent_command(&config_path)?, "warren-agent")?;
+        let agent = Agent {
+            process,
+            config_path,
+            pin_dir: placement.pin_dir,
+            run_dir: placement.run_dir,
+            admin_addr: placement.admin_addr,
+            node_netns: node.netns.clone(),
+            bed: node.bed.clone(),
+            owns_pin_dir: false,
+        };
+        agent.wait_ready(Duration::from_secs(20))?;
+        Ok(agent)
+    }
+
+    /// An agent on this host itself, as a DaemonSet's (host network, host PID) on a real node: in the
+    /// host's netns, its programs attached at the cgroup v2 root, its admin endpoint on a free loopback
+    /// port; workloads from `options.kubeconfig` (required), pods found among the host's processes (a real
+    /// kubelet's). Its pinned maps and links are removed when it is dropped, which detaches the programs.
+    pub fn start_on_host(bed: &crate::Testbed, node_name: &str, options: AgentOptions) -> Result<Agent> {
+        anyhow::ensure!(options.kubeconfig.is_some(), "an agent on the host takes its pods from a Kubernetes API");
+        let dir = bed.state_dir().join("host-agent");
+        std::fs::create_dir_all(&dir)?;
+        let port = std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?.port();
+        let placement = Placement {
+            node_name: node_name.to_string(),
+            pin_dir: options.pin_dir.clone().unwrap_or_else(|| crate::pin_dir(&bed.inner.id, "host")),
+            run_dir: options.run_dir.clone().unwrap_or_else(|| dir.join("run")),
+            cgroup_attach: crate::cgroup2_root()?,
+            admin_addr: format!("127.0.0.1:{port}"),
+            workloads_file: None,
+        };
+        let config_path = dir.join("agent.yaml");
+        std::fs::write(&config_path, serde_yaml::to_string(&agent_config(&options, &placement, None)?)?)?;
+        let process = Process::spawn(&bed.inner, agent_command(&config_path)?, "", &[])?;
+        let agent = Agent {
+            process,
+            config_path,
+            pin_dir: placement.pin_dir,
+            run_dir: placement.run_dir,
+            admin_addr: placement.admin_addr,
+            node_netns: String::new(),
+            bed: bed.inner.clone(),
+            owns_pin_dir: true,
+        };
         agent.wait_ready(Duration::from_secs(20))?;
         Ok(agent)
     }
@@ -137,8 +210,11 @@ impl Agent {
 
     /// GET on the admin endpoint (from inside the node's netns); the body of a 200 response.
     pub fn get(&self, path: &str) -> Result<String> {
-        let path = path.to_string();
-        in_netns(&self.node_netns, move || http_get(ADMIN_ADDR, &path))?
+        if self.node_netns.is_empty() {
+            return http_get(&self.admin_addr, path);
+        }
+        let (path, addr) = (path.to_string(), self.admin_addr.clone());
+        in_netns(&self.node_netns, move || http_get(&addr, &path))?
     }
 
     /// Sum of the samples of a Prometheus metric whose labels include every `labels` pair.
@@ -170,7 +246,7 @@ impl Agent {
     pub fn inspect_live(&self, args: &[&str]) -> Result<String> {
         let mut cmd = Command::new(bin_path("warren-agent")?);
         cmd.arg("inspect").args(args);
-        let out = crate::Process::spawn(&self.bed, cmd, &self.node_netns, None)?.wait_with_output()?;
+        let out = crate::Process::spawn(&self.bed, cmd, &self.node_netns, &[])?.wait_with_output()?;
         if !out.status.success() {
             bail!("warren-agent inspect {}: {}", args.join(" "), String::from_utf8_lossy(&out.stderr));
         }
@@ -215,17 +291,22 @@ impl Agent {
 
     /// Waits until the agent reports `pod` as enrolled (`true`) or not (`false`).
     pub fn wait_enrolled(&self, pod: &crate::Pod, enrolled: bool, timeout: Duration) -> Result<()> {
+        self.wait_uid_enrolled(&pod.uid, enrolled, timeout).with_context(|| format!("pod {}", pod.name))
+    }
+
+    /// [`Agent::wait_enrolled`] for a pod known by its UID only (e.g. one a real kubelet runs).
+    pub fn wait_uid_enrolled(&self, uid: &str, enrolled: bool, timeout: Duration) -> Result<()> {
         let deadline = Instant::now() + timeout;
         loop {
             let workloads = self.workloads()?;
             let state = workloads.as_array().and_then(|pods| {
-                pods.iter().find(|p| p["uid"] == pod.uid.as_str()).map(|p| p["enrolled"] == serde_json::Value::Bool(true))
+                pods.iter().find(|p| p["uid"] == uid).map(|p| p["enrolled"] == serde_json::Value::Bool(true))
             });
             if state == Some(enrolled) {
                 return Ok(());
             }
             if Instant::now() > deadline {
-                bail!("{} not {} after {timeout:?}: {workloads:#}", pod.name, if enrolled { "enrolled" } else { "un-enrolled" });
+                bail!("{uid} not {} after {timeout:?}: {workloads:#}", if enrolled { "enrolled" } else { "un-enrolled" });
             }
             std::thread::sleep(Duration::from_millis(20));
         }
@@ -235,6 +316,9 @@ impl Agent {
 impl Drop for Agent {
     fn drop(&mut self) {
         self.process.terminate();
+        if self.owns_pin_dir {
+            let _ = std::fs::remove_dir_all(&self.pin_dir);
+        }
     }
 }
 

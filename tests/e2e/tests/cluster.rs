@@ -22,7 +22,8 @@ use kube::{
 };
 use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
-use warren_testbed::{ECHO_PORT, Testbed, in_ci, require_privileges};
+use anyhow::Context as _;
+use warren_testbed::{Agent, AgentOptions, ECHO_PORT, Testbed, in_ci, require_privileges};
 
 static CLUSTER: std::sync::Mutex<()> = std::sync::Mutex::new(());
 
@@ -283,6 +284,103 @@ async fn enrollment_scenario(kubeconfig: &Path) -> anyhow::Result<()> {
     assert!(direct.ok && direct.peer.as_deref() == Some(server_pod.socket(ECHO_PORT).to_string().as_str()), "{direct:?}");
     assert_eq!(agent.metric("warren_tcp_connections_opened_total", &[("direction", "outbound")])?, 1.0);
     assert_eq!(agent.metric("warren_tcp_connections_opened_total", &[("direction", "inbound")])?, 1.0);
+    Ok(())
+}
+
+/// The real kubelet's pods on this host are enrolled: a warren-agent on the host (as a DaemonSet's, host
+/// network and PID) takes the node's pods from the API server, finds the containers containerd runs
+/// among the host's processes, and enrolls them by network namespace when their namespace is labelled —
+/// running pods, no restart. Their
+/// traffic then goes through the agent; unlabelled, they return to plain networking and keep talking.
+#[test]
+fn the_kubelets_running_pods_are_enrolled_by_labelling_their_namespace() {
+    require_privileges!();
+    if !cluster_built() {
+        return;
+    }
+    let _cluster = CLUSTER.lock().unwrap_or_else(|e| e.into_inner());
+    let kubeconfig = xtask::cluster::up(true).unwrap();
+    let result = tokio::runtime::Runtime::new().unwrap().block_on(kubelet_pods_scenario(&kubeconfig));
+    xtask::cluster::down().unwrap();
+    result.unwrap();
+}
+
+async fn running_pod(pods: &Api<Pod>, name: &str, command: &str) -> anyhow::Result<Pod> {
+    let object: Pod = serde_json::from_value(serde_json::json!({
+        "metadata": {"name": name, "labels": {"app": name}},
+        "spec": {"containers": [{"name": "c", "image": "docker.io/library/busybox:1.35-local",
+                 "imagePullPolicy": "Never", "command": ["sh", "-c", command]}],
+                 "terminationGracePeriodSeconds": 1}
+    }))?;
+    create_pod(pods, &object).await?;
+    tokio::time::timeout(Duration::from_secs(120), await_condition(pods.clone(), name, conditions::is_pod_running()))
+        .await
+        .map_err(|_| anyhow::anyhow!("pod {name} not Running within 120 s"))??;
+    Ok(pods.get(name).await?)
+}
+
+/// Requests the client's log says were answered (`wget` prints `ok` after each).
+async fn answered(pods: &Api<Pod>) -> anyhow::Result<usize> {
+    Ok(pods.logs("client", &Default::default()).await?.lines().filter(|l| *l == "ok").count())
+}
+
+async fn kubelet_pods_scenario(kubeconfig: &Path) -> anyhow::Result<()> {
+    let config = Config::from_custom_kubeconfig(Kubeconfig::read_from(kubeconfig)?, &KubeConfigOptions::default()).await?;
+    let client = Client::try_from(config)?;
+    let ns = format!("kubelet-{}", std::process::id());
+    let namespaces: Api<Namespace> = Api::all(client.clone());
+    namespaces.create(&PostParams::default(), &serde_json::from_value(serde_json::json!({"metadata": {"name": ns}}))?).await?;
+
+    // Two pods that talk before anything is meshed: the client fetches from the server every 200 ms.
+    let pods: Api<Pod> = Api::namespaced(client.clone(), &ns);
+    let server = running_pod(&pods, "server", "exec httpd -f -p 8080 -h /etc").await?;
+    let server_ip = server.status.as_ref().and_then(|s| s.pod_ip.clone()).context("server has no IP")?;
+    let node_name = server.spec.as_ref().and_then(|s| s.node_name.clone()).context("server has no node")?;
+    let fetch = format!("while true; do wget -q -O /dev/null http://{server_ip}:8080/hostname && echo ok; sleep 0.2; done");
+    let client_pod = running_pod(&pods, "client", &fetch).await?;
+    let uids = [client_pod.uid().context("uid")?, server.uid().context("uid")?];
+
+    let bed = Testbed::new("kubelet-pods")?;
+    let options = AgentOptions { kubeconfig: Some(kubeconfig.to_path_buf()), ..Default::default() };
+    let agent = Agent::start_on_host(&bed, &node_name, options)?;
+    let timeout = Duration::from_secs(15);
+    for uid in &uids {
+        agent.wait_uid_enrolled(uid, false, timeout)?;
+    }
+    let outbound = || agent.metric("warren_tcp_connections_opened_total", &[("direction", "outbound")]);
+    assert_eq!(outbound()?, 0.0, "nothing is meshed yet");
+
+    // Label the namespace: the running pods are enrolled, by their netns.
+    let label = |value: Option<&str>| serde_json::json!({"metadata": {"labels": {"warren.dev/mesh": value}}});
+    namespaces.patch(&ns, &PatchParams::default(), &Patch::Merge(&label(Some("enabled")))).await?;
+    for uid in &uids {
+        agent.wait_uid_enrolled(uid, true, timeout)?;
+    }
+    let workloads = agent.workloads()?;
+    for uid in &uids {
+        let pod = workloads.as_array().and_then(|w| w.iter().find(|p| p["uid"] == uid.as_str())).context("pod")?;
+        assert!(pod["netns_cookie"].is_u64(), "enrolled by netns: {pod:#}");
+    }
+    let through_agent = warren_e2e::eventually(timeout, || (outbound().ok()? >= 3.0).then_some(()));
+    assert!(through_agent.is_some(), "the client's requests do not go through the agent: {}", agent.connections()?);
+    let connections = agent.connections()?.to_string();
+    assert!(connections.contains(&format!("{server_ip}:8080")) && connections.contains(&format!("{ns}/client")), "{connections}");
+    let answered_meshed = answered(&pods).await?;
+
+    // Unlabel: back to plain networking, the pods still talk.
+    namespaces.patch(&ns, &PatchParams::default(), &Patch::Merge(&label(None))).await?;
+    for uid in &uids {
+        agent.wait_uid_enrolled(uid, false, timeout)?;
+    }
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let after_unlabel = outbound()?;
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    assert_eq!(outbound()?, after_unlabel, "connections still redirected after unlabelling");
+    assert!(answered(&pods).await? > answered_meshed + 3, "the client stopped getting answers once unmeshed");
+    let failed = agent.connections()?.to_string();
+    assert!(!failed.contains("\"error\":\""), "a proxied connection failed: {failed}");
+
+    namespaces.delete(&ns, &DeleteParams::default()).await?;
     Ok(())
 }
 
