@@ -212,7 +212,6 @@ mod controller {
 
     use anyhow::{Context, Result, bail};
     use rustls::ClientConfig;
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
     use tokio_rustls::{TlsConnector, rustls::pki_types::ServerName};
     use warren_identity::{Identity, WorkloadCertificate};
 
@@ -229,24 +228,30 @@ mod controller {
             .await
             .context("connecting to the controller's CA: timed out")?
             .with_context(|| format!("connecting to the controller's CA at {}", config.address))?;
-        let mut stream = TlsConnector::from(tls)
+        let stream = TlsConnector::from(tls)
             .connect(ServerName::try_from("warren-controller").expect("valid name"), tcp)
             .await
             .context("TLS to the controller's CA")?;
-        let request = format!(
-            "POST /v1/certificates HTTP/1.1\r\nhost: warren-controller\r\nauthorization: Bearer {}\r\n\
-             content-type: application/json\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{body}",
-            token.trim(),
-            body.len()
-        );
-        stream.write_all(request.as_bytes()).await?;
-        let mut response = String::new();
-        tokio::time::timeout(Duration::from_secs(10), stream.read_to_string(&mut response))
+        let (mut sender, connection) = hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(stream))
+            .await
+            .context("HTTP to the controller's CA")?;
+        tokio::spawn(connection);
+        let request = http::Request::post("/v1/certificates")
+            .header(http::header::HOST, "warren-controller")
+            .header(http::header::AUTHORIZATION, format!("Bearer {}", token.trim()))
+            .header(http::header::CONTENT_TYPE, "application/json")
+            .body(http_body_util::Full::new(bytes::Bytes::from(body)))
+            .context("a CSR request")?;
+        let exchange = async {
+            let response = sender.send_request(request).await?;
+            let status = response.status().as_u16();
+            anyhow::Ok((status, http_body_util::BodyExt::collect(response.into_body()).await?.to_bytes()))
+        };
+        let (status, answer) = tokio::time::timeout(Duration::from_secs(10), exchange)
             .await
             .context("the controller's CA did not answer")??;
-        let status: u16 = response.split_whitespace().nth(1).and_then(|s| s.parse().ok()).unwrap_or(0);
-        let json: serde_json::Value = serde_json::from_str(response.split_once("\r\n\r\n").map_or("null", |(_, b)| b))
-            .context("the controller's CA answered with no JSON")?;
+        let json: serde_json::Value =
+            serde_json::from_slice(&answer).context("the controller's CA answered with no JSON")?;
         if status != 200 {
             bail!("the controller's CA refused {identity} ({status}): {}", json["error"].as_str().unwrap_or("?"));
         }

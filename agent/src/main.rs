@@ -25,6 +25,8 @@ enum Command {
         #[arg(long, env = "WARREN_NODE_NAME")]
         node_name: Option<String>,
     },
+    /// Print the version.
+    Version,
     /// Show what the agent on this node holds.
     Inspect {
         #[command(subcommand)]
@@ -35,60 +37,33 @@ enum Command {
 #[derive(Subcommand)]
 enum Inspect {
     /// Connections the proxy carries now and the ones it closed last.
-    Connections {
-        /// The agent's admin endpoint.
-        #[arg(long, default_value = warren_agent::config::DEFAULT_ADMIN_ADDR)]
-        admin_addr: std::net::SocketAddr,
-        #[arg(short, long, value_enum, default_value = "table")]
-        output: inspect::Output,
-    },
+    #[command(after_help = "Examples:\n  warren-agent inspect connections\n  warren-agent inspect connections -n default --pod productpage-v1-5d9b4 -o json")]
+    Connections(inspect::ViewArgs),
     /// Workload certificates the agent holds: identity, serial, validity, time to rotation, chain.
-    Certs {
-        #[arg(long, default_value = warren_agent::config::DEFAULT_ADMIN_ADDR)]
-        admin_addr: std::net::SocketAddr,
-        #[arg(short, long, value_enum, default_value = "table")]
-        output: inspect::Output,
-    },
-    /// Pods on this node: enrolled or not, their cgroup, why enrollment failed.
-    Workloads {
-        #[arg(long, default_value = warren_agent::config::DEFAULT_ADMIN_ADDR)]
-        admin_addr: std::net::SocketAddr,
-        #[arg(short, long, value_enum, default_value = "table")]
-        output: inspect::Output,
-    },
+    #[command(after_help = "Example:\n  warren-agent inspect certs -n bookinfo")]
+    Certs(inspect::ViewArgs),
+    /// Pods on this node: enrolled or not, their netns, why enrollment failed.
+    #[command(after_help = "Examples:\n  warren-agent inspect workloads\n  warren-agent inspect workloads -n default -o yaml")]
+    Workloads(inspect::ViewArgs),
     /// Services the controller pushed: VIPs, ports, endpoints, subsets, the L4 route of each VIP:port.
-    Services {
-        #[arg(long, default_value = warren_agent::config::DEFAULT_ADMIN_ADDR)]
-        admin_addr: std::net::SocketAddr,
-        #[arg(short, long, value_enum, default_value = "table")]
-        output: inspect::Output,
-    },
+    #[command(after_help = "Example:\n  warren-agent inspect services -n bookinfo")]
+    Services(inspect::ViewArgs),
     /// Routes (VirtualServices) the controller pushed, rule by rule.
-    Routes {
-        #[arg(long, default_value = warren_agent::config::DEFAULT_ADMIN_ADDR)]
-        admin_addr: std::net::SocketAddr,
-        #[arg(short, long, value_enum, default_value = "table")]
-        output: inspect::Output,
-    },
+    #[command(after_help = "Example:\n  warren-agent inspect routes -o json")]
+    Routes(inspect::ViewArgs),
     /// Fault injection rules (delays, aborts) the controller pushed.
-    Faults {
-        #[arg(long, default_value = warren_agent::config::DEFAULT_ADMIN_ADDR)]
-        admin_addr: std::net::SocketAddr,
-        #[arg(short, long, value_enum, default_value = "table")]
-        output: inspect::Output,
-    },
+    Faults(inspect::ViewArgs),
     /// Per local workload, the AuthorizationPolicies that apply in evaluation order (DENY, ALLOW, AUDIT),
     /// and the plaintext connections the kernel refuses.
+    #[command(after_help = "Example:\n  warren-agent inspect policies --hits --pod reviews-v1-7f9")]
     Policies {
-        #[arg(long, default_value = warren_agent::config::DEFAULT_ADMIN_ADDR)]
-        admin_addr: std::net::SocketAddr,
+        #[command(flatten)]
+        view: inspect::ViewArgs,
         /// Also how many connections each policy allowed, denied and audited since the agent started.
         #[arg(long)]
         hits: bool,
-        #[arg(short, long, value_enum, default_value = "table")]
-        output: inspect::Output,
     },
-    /// The pinned eBPF maps: enrolled cgroups, original destinations, program counters.
+    /// The pinned eBPF maps: enrolled network namespaces, original destinations, program counters.
     Maps {
         /// bpffs directory the agent pinned its maps in.
         #[arg(long, default_value = warren_maps::DEFAULT_PIN_DIR)]
@@ -102,35 +77,21 @@ enum Inspect {
 }
 
 fn main() -> ExitCode {
-    let cli = Cli::parse();
+    let cli = match Cli::try_parse() {
+        Ok(cli) => cli,
+        Err(e) if e.use_stderr() && e.kind() != clap::error::ErrorKind::DisplayHelpOnMissingArgumentOrSubcommand => {
+            eprintln!("warren-agent: {}", one_line(&e));
+            return ExitCode::from(2);
+        }
+        Err(help_or_version) => help_or_version.exit(),
+    };
     let result = match cli.command {
         Command::Run { config, ebpf_log_level, node_name } => run(config, ebpf_log_level, node_name),
-        Command::Inspect { what: Inspect::Connections { admin_addr, output } } => {
-            inspect::live::connections(admin_addr, output).map(|text| print!("{text}"))
+        Command::Version => {
+            println!("warren-agent {}", env!("CARGO_PKG_VERSION"));
+            Ok(())
         }
-        Command::Inspect { what: Inspect::Certs { admin_addr, output } } => {
-            inspect::live::certificates(admin_addr, output).map(|text| print!("{text}"))
-        }
-        Command::Inspect { what: Inspect::Workloads { admin_addr, output } } => {
-            inspect::live::workloads(admin_addr, output).map(|text| print!("{text}"))
-        }
-        Command::Inspect { what: Inspect::Services { admin_addr, output } } => {
-            inspect::live::config(admin_addr, inspect::live::ConfigView::Services, output).map(|text| print!("{text}"))
-        }
-        Command::Inspect { what: Inspect::Routes { admin_addr, output } } => {
-            inspect::live::config(admin_addr, inspect::live::ConfigView::Routes, output).map(|text| print!("{text}"))
-        }
-        Command::Inspect { what: Inspect::Faults { admin_addr, output } } => {
-            inspect::live::config(admin_addr, inspect::live::ConfigView::Faults, output).map(|text| print!("{text}"))
-        }
-        Command::Inspect { what: Inspect::Policies { admin_addr, hits, output } } => {
-            inspect::live::policies(admin_addr, hits, output).map(|text| print!("{text}"))
-        }
-        Command::Inspect { what: Inspect::Maps { pin_dir, run_dir, output } } => {
-            inspect::require_running_agent(&run_dir)
-                .and_then(|_| inspect::maps::render(&pin_dir, output))
-                .map(|text| print!("{text}"))
-        }
+        Command::Inspect { what } => inspect_view(what).map(|text| print!("{text}")),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -138,6 +99,32 @@ fn main() -> ExitCode {
             // One line: the chain of causes, outermost first.
             eprintln!("warren-agent: {}", format!("{e:#}").replace('\n', " "));
             ExitCode::FAILURE
+        }
+    }
+}
+
+/// A command-line error on one line, with what would fix it (clap spreads it over several).
+fn one_line(e: &clap::Error) -> String {
+    let text = e.render().to_string();
+    let mut lines = text.lines().map(str::trim).filter(|l| !l.is_empty() && !l.starts_with("Usage:"));
+    let first = lines.next().unwrap_or("invalid arguments").trim_start_matches("error: ").to_string();
+    let hints: Vec<&str> = lines.filter(|l| !l.starts_with("For more information")).collect();
+    let hints = if hints.is_empty() { String::new() } else { format!(" {}", hints.join(" ")) };
+    format!("{first}{hints} (warren-agent --help)")
+}
+
+fn inspect_view(what: Inspect) -> anyhow::Result<String> {
+    use inspect::live::{self, ConfigView};
+    match what {
+        Inspect::Connections(view) => live::connections(&view),
+        Inspect::Certs(view) => live::certificates(&view),
+        Inspect::Workloads(view) => live::workloads(&view),
+        Inspect::Services(view) => live::config(&view, ConfigView::Services),
+        Inspect::Routes(view) => live::config(&view, ConfigView::Routes),
+        Inspect::Faults(view) => live::config(&view, ConfigView::Faults),
+        Inspect::Policies { view, hits } => live::policies(&view, hits),
+        Inspect::Maps { pin_dir, run_dir, output } => {
+            inspect::require_running_agent(&run_dir).and_then(|_| inspect::maps::render(&pin_dir, output))
         }
     }
 }

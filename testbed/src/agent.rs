@@ -1,7 +1,5 @@
 //! warren-agent running on a testbed node.
 use std::{
-    io::{Read, Write},
-    net::TcpStream,
     path::PathBuf,
     process::{Command, Output},
     time::{Duration, Instant},
@@ -324,16 +322,25 @@ impl Drop for Agent {
 
 /// Minimal HTTP/1.0 GET for the tests' admin queries.
 pub(crate) fn http_get(addr: &str, path: &str) -> Result<String> {
-    let mut stream = TcpStream::connect(addr).with_context(|| format!("connecting to {addr}"))?;
-    stream.set_read_timeout(Some(Duration::from_secs(5)))?;
-    write!(stream, "GET {path} HTTP/1.0\r\nHost: {addr}\r\n\r\n")?;
-    let mut response = String::new();
-    stream.read_to_string(&mut response)?;
-    let (head, body) = response.split_once("\r\n\r\n").context("malformed HTTP response")?;
-    if !head.starts_with("HTTP/1.1 200") && !head.starts_with("HTTP/1.0 200") {
-        bail!("GET {path}: {}", head.lines().next().unwrap_or(""));
-    }
-    Ok(body.to_string())
+    // A runtime of its own: callers are plain threads (some inside a node's netns, where the socket must
+    // be made).
+    let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
+    runtime.block_on(async {
+        let client = hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
+            .build_http::<http_body_util::Empty<bytes::Bytes>>();
+        let uri: hyper::Uri = format!("http://{addr}{path}").parse()?;
+        let response = tokio::time::timeout(Duration::from_secs(5), client.get(uri))
+            .await
+            .with_context(|| format!("GET {path} from {addr}: no answer in 5 s"))?
+            .with_context(|| format!("GET {path} from {addr}"))?;
+        if !response.status().is_success() {
+            bail!("GET {path}: {}", response.status());
+        }
+        let body = tokio::time::timeout(Duration::from_secs(5), http_body_util::BodyExt::collect(response.into_body()))
+            .await
+            .with_context(|| format!("GET {path} from {addr}: the body did not finish"))??;
+        Ok(String::from_utf8_lossy(&body.to_bytes()).into_owned())
+    })
 }
 
 pub(crate) fn sum_metric(text: &str, name: &str, labels: &[(&str, &str)]) -> f64 {

@@ -1,30 +1,44 @@
 //! `inspect connections|workloads|certs|services|routes|faults|policies`: read from the running agent's
 //! admin endpoint.
-use std::{
-    io::{Read, Write},
-    net::{SocketAddr, TcpStream},
-    time::Duration,
-};
+use std::{net::SocketAddr, time::Duration};
 
 use anyhow::{Context, Result, bail};
 use serde_json::Value;
 
 use warren_api::admin::PoliciesView;
 
-use super::{Output, table};
+use super::{Scope, ViewArgs, structured, table};
 
-fn fetch(admin: SocketAddr, path: &str) -> Result<Value> {
-    let mut stream = TcpStream::connect_timeout(&admin, Duration::from_secs(2))
-        .with_context(|| format!("warren-agent is not answering on {admin} (is it running on this node?)"))?;
-    stream.set_read_timeout(Some(Duration::from_secs(5)))?;
-    write!(stream, "GET {path} HTTP/1.0\r\nHost: {admin}\r\n\r\n")?;
-    let mut response = String::new();
-    stream.read_to_string(&mut response)?;
-    let (head, body) = response.split_once("\r\n\r\n").context("malformed response from the agent")?;
-    if !head.starts_with("HTTP/1.1 200") && !head.starts_with("HTTP/1.0 200") {
-        bail!("the agent answered {path} with {}", head.lines().next().unwrap_or("?"));
+/// GET `path` from the agent's admin endpoint (hyper's client), parsed as JSON.
+pub fn fetch(admin: SocketAddr, path: &str) -> Result<Value> {
+    let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
+    let body = runtime.block_on(async {
+        let client = hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
+            .build_http::<http_body_util::Empty<bytes::Bytes>>();
+        let uri: hyper::Uri = format!("http://{admin}{path}").parse()?;
+        let not_answering = || {
+            format!("no agent answers on {admin} (is warren-agent running on this node? --admin-addr names another)")
+        };
+        let response = tokio::time::timeout(Duration::from_secs(5), client.get(uri))
+            .await
+            .with_context(not_answering)?
+            .with_context(not_answering)?;
+        if !response.status().is_success() {
+            bail!("the agent answered {path} with {}", response.status());
+        }
+        let body = tokio::time::timeout(Duration::from_secs(5), http_body_util::BodyExt::collect(response.into_body()))
+            .await
+            .with_context(|| format!("the agent's {path} did not finish"))??;
+        anyhow::Ok(body.to_bytes())
+    })?;
+    serde_json::from_slice(&body).with_context(|| format!("the agent's {path} is not JSON"))
+}
+
+/// Keeps the items of a JSON array for which `keep` holds.
+fn retain(list: &mut Value, keep: impl Fn(&Value) -> bool) {
+    if let Some(items) = list.as_array_mut() {
+        items.retain(keep);
     }
-    serde_json::from_str(body).with_context(|| format!("the agent's {path} is not JSON"))
 }
 
 fn text(v: &Value) -> String {
@@ -35,10 +49,13 @@ fn text(v: &Value) -> String {
     }
 }
 
-pub fn connections(admin: SocketAddr, output: Output) -> Result<String> {
-    let view = fetch(admin, "/connections")?;
-    if output == Output::Json {
-        return Ok(serde_json::to_string_pretty(&view)? + "\n");
+pub fn connections(args: &ViewArgs) -> Result<String> {
+    let mut view = fetch(args.admin_addr, "/connections")?;
+    for list in ["open", "recently_closed"] {
+        retain(&mut view[list], |c| args.scope.admits_pod(c["pod"].as_str().unwrap_or_default()));
+    }
+    if let Some(text) = structured(&view, args.output) {
+        return text;
     }
     let row = |c: &Value| {
         vec![
@@ -63,10 +80,11 @@ pub fn connections(admin: SocketAddr, output: Output) -> Result<String> {
     Ok(table(&["ID", "DIRECTION", "POD", "CLIENT", "DESTINATION", "SENT", "RECEIVED", "STATE", "ERROR"], &rows))
 }
 
-pub fn workloads(admin: SocketAddr, output: Output) -> Result<String> {
-    let view = fetch(admin, "/workloads")?;
-    if output == Output::Json {
-        return Ok(serde_json::to_string_pretty(&view)? + "\n");
+pub fn workloads(args: &ViewArgs) -> Result<String> {
+    let mut view = fetch(args.admin_addr, "/workloads")?;
+    retain(&mut view, |p| args.scope.admits_pod(p["pod"].as_str().unwrap_or_default()));
+    if let Some(text) = structured(&view, args.output) {
+        return text;
     }
     let rows: Vec<Vec<String>> = view
         .as_array()
@@ -79,18 +97,21 @@ pub fn workloads(admin: SocketAddr, output: Output) -> Result<String> {
                 text(&p["uid"]),
                 ips,
                 if p["enrolled"] == Value::Bool(true) { "yes".into() } else { "no".into() },
+                text(&p["netns_cookie"]),
                 text(&p["cgroup"]),
                 text(&p["error"]),
             ]
         })
         .collect();
-    Ok(table(&["POD", "UID", "IPS", "ENROLLED", "CGROUP", "ERROR"], &rows))
+    Ok(table(&["POD", "UID", "IPS", "ENROLLED", "NETNS COOKIE", "CGROUP", "ERROR"], &rows))
 }
 
-pub fn certificates(admin: SocketAddr, output: Output) -> Result<String> {
-    let view = fetch(admin, "/certificates")?;
-    if output == Output::Json {
-        return Ok(serde_json::to_string_pretty(&view)? + "\n");
+pub fn certificates(args: &ViewArgs) -> Result<String> {
+    only_namespace(&args.scope, "certs (a certificate is a service account's, not a pod's)")?;
+    let mut view = fetch(args.admin_addr, "/certificates")?;
+    retain(&mut view, |c| args.scope.admits_identity(c["identity"].as_str().unwrap_or_default()));
+    if let Some(text) = structured(&view, args.output) {
+        return text;
     }
     let when = |v: &Value| {
         let secs = v.as_u64().unwrap_or(0);
@@ -150,17 +171,30 @@ fn percent(value: &Value) -> String {
     value.as_f64().map(|p| format!("{p}")).unwrap_or_else(|| text(value))
 }
 
+/// Fails when `--pod` is given to a view that is not per pod.
+fn only_namespace(scope: &Scope, view: &str) -> Result<()> {
+    if let Some(pod) = &scope.pod {
+        bail!("--pod {pod}: {view} is not per pod; use --namespace");
+    }
+    Ok(())
+}
+
 /// The pushed tables, one view at a time; the header line says which version and whether the stream is up.
-pub fn config(admin: SocketAddr, what: ConfigView, output: Output) -> Result<String> {
-    let view = fetch(admin, "/config")?;
+/// `--namespace` keeps what Istio objects of that namespace (or its Services) made.
+pub fn config(args: &ViewArgs, what: ConfigView) -> Result<String> {
     let key = match what {
         ConfigView::Services => "services",
         ConfigView::Routes => "routes",
         ConfigView::Faults => "faults",
     };
-    if output == Output::Json {
-        let selected = serde_json::json!({"version": view["version"], "push": view["push"], key: view[key]});
-        return Ok(serde_json::to_string_pretty(&selected)? + "\n");
+    only_namespace(&args.scope, key)?;
+    let mut view = fetch(args.admin_addr, "/config")?;
+    if let Some(namespace) = &args.scope.namespace {
+        retain(&mut view[key], |item| item["origin"]["namespace"] == namespace.as_str());
+    }
+    let selected = serde_json::json!({"version": view["version"], "push": view["push"], key: view[key]});
+    if let Some(text) = structured(&selected, args.output) {
+        return text;
     }
     let push = &view["push"];
     let mut out = if push.is_null() {
@@ -247,10 +281,12 @@ pub fn config(admin: SocketAddr, what: ConfigView, output: Output) -> Result<Str
 
 /// `inspect policies [--hits]`: per local workload, the policies in evaluation order; then what the kernel
 /// refuses (plaintext clients, by source prefix).
-pub fn policies(admin: SocketAddr, hits: bool, output: Output) -> Result<String> {
-    let view: PoliciesView = serde_json::from_value(fetch(admin, "/policies")?).context("the agent's /policies")?;
-    if output == Output::Json {
-        return Ok(serde_json::to_string_pretty(&view)? + "\n");
+pub fn policies(args: &ViewArgs, hits: bool) -> Result<String> {
+    let mut view: PoliciesView =
+        serde_json::from_value(fetch(args.admin_addr, "/policies")?).context("the agent's /policies")?;
+    view.workloads.retain(|w| args.scope.admits_pod(&w.workload));
+    if let Some(text) = structured(&view, args.output) {
+        return text;
     }
     let mut out = format!("version {}\n", view.version);
     let mut rows = Vec::new();

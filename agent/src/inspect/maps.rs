@@ -80,47 +80,44 @@ pub fn render(pin_dir: &Path, output: Output) -> Result<String> {
         l4_authz_invalid_keys,
         counters: maps.counters()?.into_iter().map(|(c, v)| (c.name(), v)).collect(),
     };
-    Ok(match output {
-        Output::Json => serde_json::to_string_pretty(&view)? + "\n",
-        Output::Table => {
-            let mut out =
-                format!("ENROLLED NETWORK NAMESPACES ({})\n", pin_dir.join(warren_maps::names::ENROLLED_NETNS).display());
-            out += &table(
-                &["NETNS COOKIE", "OUTBOUND PORT"],
-                &view
-                    .enrolled_netns
-                    .iter()
-                    .map(|r| vec![r.netns_cookie.to_string(), r.outbound_port.to_string()])
-                    .collect::<Vec<_>>(),
-            );
-            out += &format!("\nORIGINAL DESTINATIONS ({})\n", pin_dir.join(warren_maps::names::ORIGINAL_DST).display());
-            out += &table(
-                &["NETNS COOKIE", "CLIENT", "ORIGINAL DST"],
-                &view
-                    .original_destinations
-                    .iter()
-                    .map(|r| vec![r.netns_cookie.to_string(), r.client.clone(), r.original_dst.clone()])
-                    .collect::<Vec<_>>(),
-            );
-            out += &format!("\nL4 AUTHORIZATION ({})\n", pin_dir.join(warren_maps::names::L4_AUTHZ).display());
-            out += &table(
-                &["DESTINATION", "PORT", "SOURCE", "VERDICT", "DECISION ID"],
-                &view
-                    .l4_authz
-                    .iter()
-                    .map(|r| vec![r.destination.clone(), r.port.clone(), r.source.clone(), r.verdict.to_string(), r.decision_id.to_string()])
-                    .collect::<Vec<_>>(),
-            );
-            if view.l4_authz_invalid_keys > 0 {
-                out += &format!("({} keys that are no valid entry)\n", view.l4_authz_invalid_keys);
-            }
-            out += "\nEBPF COUNTERS\n";
-            out += &table(
-                &["EVENT", "COUNT"],
-                &view.counters.iter().map(|(k, v)| vec![k.to_string(), v.to_string()]).collect::<Vec<_>>(),
-            );
-            out
-        }
-    })
+    if let Some(text) = super::structured(&view, output) {
+        return text;
+    }
+    let mut out =
+        format!("ENROLLED NETWORK NAMESPACES ({})\n", pin_dir.join(warren_maps::names::ENROLLED_NETNS).display());
+    out += &table(
+        &["NETNS COOKIE", "OUTBOUND PORT"],
+        &view
+            .enrolled_netns
+            .iter()
+            .map(|r| vec![r.netns_cookie.to_string(), r.outbound_port.to_string()])
+            .collect::<Vec<_>>(),
+    );
+    out += &format!("\nORIGINAL DESTINATIONS ({})\n", pin_dir.join(warren_maps::names::ORIGINAL_DST).display());
+    out += &table(
+        &["NETNS COOKIE", "CLIENT", "ORIGINAL DST"],
+        &view
+            .original_destinations
+            .iter()
+            .map(|r| vec![r.netns_cookie.to_string(), r.client.clone(), r.original_dst.clone()])
+            .collect::<Vec<_>>(),
+    );
+    out += &format!("\nL4 AUTHORIZATION ({})\n", pin_dir.join(warren_maps::names::L4_AUTHZ).display());
+    out += &table(
+        &["DESTINATION", "PORT", "SOURCE", "VERDICT", "DECISION ID"],
+        &view
+            .l4_authz
+            .iter()
+            .map(|r| vec![r.destination.clone(), r.port.clone(), r.source.clone(), r.verdict.to_string(), r.decision_id.to_string()])
+            .collect::<Vec<_>>(),
+    );
+    if view.l4_authz_invalid_keys > 0 {
+        out += &format!("({} keys that are no valid entry)\n", view.l4_authz_invalid_keys);
+    }
+    out += "\nEBPF COUNTERS\n";
+    out += &table(
+        &["EVENT", "COUNT"],
+        &view.counters.iter().map(|(k, v)| vec![k.to_string(), v.to_string()]).collect::<Vec<_>>(),
+    );
+    Ok(out)
 }
-

@@ -1,15 +1,64 @@
-//! `warren-agent inspect …`: the agent's state, read back for people (tables) and tools (`-o json`).
+//! `warren-agent inspect …`: the agent's state, read back for people (tables) and tools (`-o json|yaml`).
 pub mod live;
 pub mod maps;
 
-use std::path::Path;
+use std::{net::SocketAddr, path::Path};
 
 use anyhow::{Result, bail};
+use serde::Serialize;
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
 pub enum Output {
     Table,
     Json,
+    Yaml,
+}
+
+/// What every live view takes: where the agent answers, how to print, and which pods to show.
+#[derive(Clone, Debug, clap::Args)]
+pub struct ViewArgs {
+    /// The agent's admin endpoint.
+    #[arg(long, default_value = crate::config::DEFAULT_ADMIN_ADDR)]
+    pub admin_addr: SocketAddr,
+    #[arg(short, long, value_enum, default_value = "table")]
+    pub output: Output,
+    #[command(flatten)]
+    pub scope: Scope,
+}
+
+/// Which pods a view shows: `--namespace NS`, `--pod NAME` (in NS, or in any namespace).
+#[derive(Clone, Debug, Default, clap::Args)]
+pub struct Scope {
+    /// Only this Kubernetes namespace.
+    #[arg(short = 'n', long)]
+    pub namespace: Option<String>,
+    /// Only this pod (its name; with --namespace, in that namespace).
+    #[arg(long)]
+    pub pod: Option<String>,
+}
+
+impl Scope {
+    /// Whether a pod known as `namespace/name` is in scope.
+    pub fn admits_pod(&self, key: &str) -> bool {
+        let (namespace, name) = key.split_once('/').unwrap_or(("", key));
+        self.namespace.as_deref().is_none_or(|n| n == namespace) && self.pod.as_deref().is_none_or(|p| p == name)
+    }
+
+    /// Whether a workload identity (`spiffe://td/ns/NS/sa/SA`) is in scope: by namespace only (a
+    /// certificate belongs to a service account, not a pod).
+    pub fn admits_identity(&self, identity: &str) -> bool {
+        let namespace = identity.split("/ns/").nth(1).and_then(|rest| rest.split('/').next());
+        self.namespace.as_deref().is_none_or(|n| Some(n) == namespace)
+    }
+}
+
+/// The view as JSON or YAML; `None` for a table, which each view draws itself.
+pub fn structured(view: &impl Serialize, output: Output) -> Option<Result<String>> {
+    match output {
+        Output::Table => None,
+        Output::Json => Some(serde_json::to_string_pretty(view).map(|s| s + "\n").map_err(Into::into)),
+        Output::Yaml => Some(serde_yaml::to_string(view).map_err(Into::into)),
+    }
 }
 
 /// Fails unless the agent that owns `run_dir` is alive.

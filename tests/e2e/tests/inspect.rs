@@ -100,14 +100,62 @@ fn inspect_maps_without_bpf_rights_fails_with_one_line() {
 }
 
 #[test]
-fn unknown_subcommand_prints_usage() {
+fn bad_arguments_get_one_line_with_the_fix() {
     let Ok(agent) = bin_path("warren-agent") else {
         panic!("warren-agent is not built: run `cargo build --workspace --bins` first");
     };
-    let out = Command::new(agent).args(["inspect", "mapz"]).output().unwrap();
-    assert_eq!(out.status.code(), Some(2));
-    let err = stderr(&out);
-    assert!(err.contains("unrecognized subcommand 'mapz'") && err.contains("Usage:"), "{err}");
+    let run = |args: &[&str]| Command::new(&agent).args(args).output().unwrap();
+    for (args, says) in [
+        (&["inspect", "mapz"][..], "unrecognized subcommand 'mapz'"),
+        (&["inspect", "workloads", "-o", "xml"][..], "invalid value 'xml' for '--output <OUTPUT>' [possible values: table, json, yaml]"),
+        (&["inspect", "routes", "--admin-addr", "nowhere"][..], "invalid value 'nowhere' for '--admin-addr"),
+        (&["inspect", "certs", "--pod", "a"][..], "--pod a: certs"),
+    ] {
+        let out = run(args);
+        assert!(!out.status.success(), "{args:?} succeeded");
+        let err = stderr(&out);
+        assert_eq!(err.lines().count(), 1, "{args:?}: one line: {err}");
+        assert!(err.contains(says), "{args:?}: {err}");
+    }
+    // Control: help is still the full, multi-line help, on stdout, and succeeds.
+    let help = run(&["inspect", "connections", "--help"]);
+    assert!(help.status.success() && stdout(&help).lines().count() > 5, "{}", stdout(&help));
+    assert!(stdout(&help).contains("Examples:"), "{}", stdout(&help));
+}
+
+/// Every live view takes the same --namespace / --pod scope and -o table|json|yaml.
+#[test]
+fn live_views_are_scoped_by_namespace_and_pod_and_print_yaml() {
+    require_privileges!();
+    let bed = Testbed::new("inspect-scope").unwrap();
+    let node = bed.add_node("node-1").unwrap();
+    let a = node.add_pod("a", true).unwrap();
+    let b = node.add_pod_in("other", "b", true).unwrap();
+    let server = node.add_pod("server", false).unwrap();
+    server.serve("v1").unwrap();
+    let agent = node.start_agent().unwrap();
+    for pod in [&a, &b] {
+        agent.wait_enrolled(pod, true, std::time::Duration::from_secs(5)).unwrap();
+        assert!(pod.send(server.socket(ECHO_PORT), 1024).unwrap().ok);
+    }
+    let yaml = |args: &[&str]| -> serde_yaml::Value {
+        let mut all = args.to_vec();
+        all.extend(["-o", "yaml"]);
+        serde_yaml::from_str(&agent.inspect_live(&all).unwrap()).unwrap()
+    };
+    let pods = |v: &serde_yaml::Value| -> Vec<String> {
+        v.as_sequence().unwrap().iter().filter(|p| p["enrolled"] == true).map(|p| p["pod"].as_str().unwrap().into()).collect()
+    };
+    assert_eq!(pods(&yaml(&["workloads"])), ["default/a", "other/b"], "control: both without a scope");
+    assert_eq!(pods(&yaml(&["workloads", "--pod", "a"])), ["default/a"]);
+    assert_eq!(pods(&yaml(&["workloads", "-n", "other"])), ["other/b"]);
+    assert!(pods(&yaml(&["workloads", "-n", "other", "--pod", "a"])).is_empty());
+    let closed = |v: serde_yaml::Value| -> Vec<String> {
+        v["recently_closed"].as_sequence().unwrap().iter().map(|c| c["pod"].as_str().unwrap().into()).collect()
+    };
+    assert_eq!(closed(yaml(&["connections", "-n", "other"])), ["other/b"]);
+    let table = agent.inspect_live(&["connections", "--pod", "a"]).unwrap();
+    assert!(table.contains("default/a") && !table.contains("other/b"), "{table}");
 }
 
 #[test]
@@ -148,5 +196,5 @@ fn inspect_connections_and_workloads_show_the_agents_view() {
         .unwrap();
     assert!(!out.status.success());
     assert_eq!(stderr(&out).lines().count(), 1, "{}", stderr(&out));
-    assert!(stderr(&out).contains("not answering on 127.0.0.1:1"), "{}", stderr(&out));
+    assert!(stderr(&out).contains("no agent answers on 127.0.0.1:1"), "{}", stderr(&out));
 }
