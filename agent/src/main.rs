@@ -27,6 +27,22 @@ enum Command {
     },
     /// Print the version.
     Version,
+    /// Whether the agent on this node is healthy, and why not: programs attached, maps and their fill,
+    /// the controller's push stream and config version, certificate expiry, pods failing to enroll.
+    /// Exits 1 when it is not healthy.
+    #[command(after_help = "Examples:\n  warren-agent status\n  warren-agent status -o json")]
+    Status {
+        #[arg(long, default_value = warren_agent::config::DEFAULT_ADMIN_ADDR)]
+        admin_addr: std::net::SocketAddr,
+        /// bpffs directory the agent pinned its maps and links in.
+        #[arg(long, default_value = warren_maps::DEFAULT_PIN_DIR)]
+        pin_dir: PathBuf,
+        /// The agent's runtime directory (holds agent.pid).
+        #[arg(long, default_value = warren_agent::config::DEFAULT_RUN_DIR)]
+        run_dir: PathBuf,
+        #[arg(short, long, value_enum, default_value = "table")]
+        output: inspect::Output,
+    },
     /// Show what the agent on this node holds.
     Inspect {
         #[command(subcommand)]
@@ -92,6 +108,14 @@ fn main() -> ExitCode {
             Ok(())
         }
         Command::Inspect { what } => inspect_view(what).map(|text| print!("{text}")),
+        Command::Status { admin_addr, pin_dir, run_dir, output } => {
+            let status = inspect::status::collect(&pin_dir, &run_dir, admin_addr);
+            match inspect::status::render(&status, output) {
+                Ok(text) => print!("{text}"),
+                Err(e) => eprintln!("warren-agent: {e:#}"),
+            }
+            return if status.healthy { ExitCode::SUCCESS } else { ExitCode::FAILURE };
+        }
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

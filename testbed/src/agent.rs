@@ -239,12 +239,17 @@ impl Agent {
         &self.node_netns
     }
 
-    /// Runs `warren-agent inspect ARGS…` in the node's netns (where the admin endpoint listens) and
-    /// returns its stdout; fails with its stderr.
-    pub fn inspect_live(&self, args: &[&str]) -> Result<String> {
+    /// Runs `warren-agent ARGS…` in the node's netns (where the admin endpoint listens), as an operator on
+    /// the node would; its output, whatever its exit status.
+    pub fn cli(&self, args: &[&str]) -> Result<Output> {
         let mut cmd = Command::new(bin_path("warren-agent")?);
-        cmd.arg("inspect").args(args);
-        let out = crate::Process::spawn(&self.bed, cmd, &self.node_netns, &[])?.wait_with_output()?;
+        cmd.args(args);
+        crate::Process::spawn(&self.bed, cmd, &self.node_netns, &[])?.wait_with_output()
+    }
+
+    /// Runs `warren-agent inspect ARGS…` in the node's netns and returns its stdout; fails with its stderr.
+    pub fn inspect_live(&self, args: &[&str]) -> Result<String> {
+        let out = self.cli(&[&["inspect"], args].concat())?;
         if !out.status.success() {
             bail!("warren-agent inspect {}: {}", args.join(" "), String::from_utf8_lossy(&out.stderr));
         }

@@ -1,6 +1,7 @@
 //! `warren-agent inspect …`: the agent's state, read back for people (tables) and tools (`-o json|yaml`).
 pub mod live;
 pub mod maps;
+pub mod status;
 
 use std::{net::SocketAddr, path::Path};
 

@@ -198,3 +198,36 @@ fn inspect_connections_and_workloads_show_the_agents_view() {
     assert_eq!(stderr(&out).lines().count(), 1, "{}", stderr(&out));
     assert!(stderr(&out).contains("no agent answers on 127.0.0.1:1"), "{}", stderr(&out));
 }
+
+/// `warren-agent status`: healthy with every program attached and the pod enrolled; once the agent stops,
+/// not healthy, saying why, exit 1.
+#[test]
+fn status_says_healthy_or_why_not() {
+    require_privileges!();
+    let bed = Testbed::new("status").unwrap();
+    let node = bed.add_node("node-1").unwrap();
+    let pod = node.add_pod("a", true).unwrap();
+    let agent = node.start_agent().unwrap();
+    agent.wait_enrolled(&pod, true, std::time::Duration::from_secs(5)).unwrap();
+    let pin_dir = agent.pin_dir.display().to_string();
+    let run_dir = agent.run_dir.display().to_string();
+    let status = |output: &str| agent.cli(&["status", "--pin-dir", &pin_dir, "--run-dir", &run_dir, "-o", output]).unwrap();
+
+    let out = status("json");
+    let view: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert!(out.status.success(), "{view:#} {}", stderr(&out));
+    assert_eq!(view["healthy"], true, "{view:#}");
+    assert!(view["programs"].as_array().unwrap().iter().all(|p| p["attached"] == true), "{view:#}");
+    assert_eq!((view["pods_enrolled"].as_u64(), view["pods_captured"].as_u64()), (Some(1), Some(1)), "{view:#}");
+    let enrolled = view["maps"].as_array().unwrap().iter().find(|m| m["name"] == "ENROLLED_NETNS").unwrap().clone();
+    assert_eq!(enrolled["entries"], 1, "{view:#}");
+    let table = stdout(&status("table"));
+    assert!(table.starts_with("healthy\n") && table.contains("connect4, connect6, track_sockets"), "{table}");
+
+    // Control: the same command once the agent has stopped.
+    agent.stop();
+    let out = status("table");
+    assert_eq!(out.status.code(), Some(1), "{}", stdout(&out));
+    let table = stdout(&out);
+    assert!(table.starts_with("NOT HEALTHY\n") && table.contains("warren-agent is not running"), "{table}");
+}
