@@ -5,7 +5,7 @@
 # Needs docker (with a running engine), kind and kubectl on PATH. Run from the workspace root.
 set -euo pipefail
 CLUSTER="${WARREN_KIND_CLUSTER:-warren}"
-IMAGE="warren-agent:dev"
+TAG="dev"
 need() { command -v "$1" >/dev/null 2>&1 || { echo "kind path: $1 is not installed ($2)" >&2; exit 1; }; }
 need docker "https://docs.docker.com/engine/install/"
 need kind "go install sigs.k8s.io/kind@latest, or a release binary"
@@ -13,9 +13,9 @@ need kubectl "https://kubernetes.io/docs/tasks/tools/"
 docker info >/dev/null 2>&1 || { echo "kind path: no Docker engine is running (docker info failed)" >&2; exit 1; }
 case "${1:-up}" in
   up)
-    docker build -f deploy/Dockerfile -t "$IMAGE" .
+    for image in agent controller; do docker build -f deploy/docker/$image.Dockerfile -t "warren-$image:$TAG" .; done
     kind get clusters | grep -qx "$CLUSTER" || kind create cluster --name "$CLUSTER"
-    kind load docker-image "$IMAGE" --name "$CLUSTER"
+    kind load docker-image "warren-agent:$TAG" "warren-controller:$TAG" --name "$CLUSTER"
     kubectl --context "kind-$CLUSTER" apply -f deploy/helm/warren/crds/istio.yaml -f deploy/daemonset.yaml -f deploy/controller.yaml
     kubectl --context "kind-$CLUSTER" -n warren-system rollout status deployment/warren-controller --timeout=120s
     kubectl --context "kind-$CLUSTER" -n warren-system rollout status daemonset/warren-agent --timeout=120s

@@ -3,6 +3,7 @@
 pub mod cluster;
 pub mod demo;
 pub mod fuzz;
+pub mod images;
 pub mod manifests;
 pub mod setup;
 

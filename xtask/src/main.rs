@@ -2,7 +2,7 @@ use std::process::ExitCode;
 
 use anyhow::Result;
 use clap::{Parser, Subcommand};
-use xtask::{build_binaries, cargo, cluster, demo, fuzz, manifests, run, setup};
+use xtask::{build_binaries, cargo, cluster, demo, fuzz, images, manifests, run, setup};
 
 /// Warren's project tooling.
 #[derive(Parser)]
@@ -70,6 +70,15 @@ enum Command {
     },
     /// Render deploy/daemonset.yaml and deploy/controller.yaml from the helm chart deploy/helm/warren.
     Manifests,
+    /// Without Docker: release binaries, then the images warren-agent:TAG and warren-controller:TAG as
+    /// tarballs in target/images/ (the binary and the libraries it links), which containerd imports
+    /// (`ctr -n k8s.io images import`); with --import, into the local node's containerd.
+    Images {
+        #[arg(long, default_value = "dev")]
+        tag: String,
+        #[arg(long)]
+        import: bool,
+    },
     /// Local Kubernetes v1.20 (etcd, kube-apiserver, controller-manager, scheduler; --node: containerd + kubelet).
     Cluster {
         #[command(subcommand)]
@@ -79,7 +88,7 @@ enum Command {
 
 #[derive(Subcommand)]
 enum KindAction {
-    /// Build release binaries and the image, create cluster "warren", deploy deploy/daemonset.yaml.
+    /// Build the images (docker), create cluster "warren", apply the CRDs and deploy/*.yaml.
     Up,
     /// Delete the cluster.
     Down,
@@ -146,12 +155,22 @@ fn dispatch(command: Command) -> Result<()> {
             run(cargo().args(["bench", "--package", "warren-e2e", "--bench", &suite, "--"]).args(&args))
         }
         Command::Manifests => manifests::write(),
+        Command::Images { tag, import } => {
+            setup::setup(false)?;
+            build_binaries(true)?;
+            for image in images::build(&xtask::workspace_root().join("target/release"), &tag)? {
+                println!("{}", image.display());
+                if import {
+                    images::import(&image)?;
+                }
+            }
+            Ok(())
+        }
         Command::Kind { action } => {
             let script = setup::scripts_dir().join("kind.sh");
             match action {
+                // The images build inside Docker (deploy/docker/), from the sources.
                 KindAction::Up => {
-                    setup::setup(false)?;
-                    build_binaries(true)?;
                     run(std::process::Command::new("bash").arg(script).arg("up").current_dir(xtask::workspace_root()))
                 }
                 KindAction::Down => run(std::process::Command::new("bash").arg(script).arg("down")),

@@ -384,6 +384,66 @@ async fn kubelet_pods_scenario(kubeconfig: &Path) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// The images `cargo xtask images` makes without Docker run on the real node: imported into its
+/// containerd, a pod of each binary runs `version` to completion. Control: an image that was not imported
+/// does not start.
+#[test]
+fn image_tarballs_run_on_the_local_node() {
+    require_privileges!();
+    if !cluster_built() {
+        return;
+    }
+    let _cluster = CLUSTER.lock().unwrap_or_else(|e| e.into_inner());
+    let kubeconfig = xtask::cluster::up(true).unwrap();
+    let result = tokio::runtime::Runtime::new().unwrap().block_on(images_scenario(&kubeconfig));
+    xtask::cluster::down().unwrap();
+    result.unwrap();
+}
+
+async fn images_scenario(kubeconfig: &Path) -> anyhow::Result<()> {
+    // The binaries next to the tests (debug builds: the same libraries as release ones).
+    let bin_dir = warren_testbed::bin_path("warren-agent")?.parent().context("bin dir")?.to_path_buf();
+    let tag = format!("e2e-{}", std::process::id());
+    for image in xtask::images::build(&bin_dir, &tag)? {
+        xtask::images::import(&image)?;
+    }
+    let config = Config::from_custom_kubeconfig(Kubeconfig::read_from(kubeconfig)?, &KubeConfigOptions::default()).await?;
+    let client = Client::try_from(config)?;
+    let ns = format!("images-{}", std::process::id());
+    let namespaces: Api<Namespace> = Api::all(client.clone());
+    namespaces.create(&PostParams::default(), &serde_json::from_value(serde_json::json!({"metadata": {"name": ns}}))?).await?;
+    let pods: Api<Pod> = Api::namespaced(client.clone(), &ns);
+    let pod = |name: &str, image: String| -> anyhow::Result<Pod> {
+        Ok(serde_json::from_value(serde_json::json!({
+            "metadata": {"name": name},
+            "spec": {"restartPolicy": "Never", "containers": [{"name": "c", "image": image, "imagePullPolicy": "Never", "args": ["version"]}]}
+        }))?)
+    };
+    for binary in xtask::images::BINARIES {
+        create_pod(&pods, &pod(binary, format!("{binary}:{tag}"))?).await?;
+    }
+    create_pod(&pods, &pod("not-imported", format!("warren-agent:not-imported-{tag}"))?).await?;
+    let completed = |p: Option<&Pod>| {
+        let phase = p.and_then(|p| p.status.as_ref()?.phase.clone());
+        matches!(phase.as_deref(), Some("Succeeded" | "Failed"))
+    };
+    for binary in xtask::images::BINARIES {
+        let done = tokio::time::timeout(Duration::from_secs(120), await_condition(pods.clone(), binary, completed))
+            .await
+            .map_err(|_| anyhow::anyhow!("pod {binary} did not complete within 120 s"))??;
+        let phase = done.and_then(|p| p.status).and_then(|s| s.phase);
+        assert_eq!(phase.as_deref(), Some("Succeeded"), "{binary}");
+        let log = pods.logs(binary, &Default::default()).await?;
+        assert!(log.starts_with(&format!("{binary} ")), "{binary} printed {log:?}");
+    }
+    let refused = pods.get("not-imported").await?;
+    let waiting = refused.status.and_then(|s| s.container_statuses).and_then(|c| c.first()?.state.clone()?.waiting);
+    let reason = waiting.and_then(|w| w.reason).unwrap_or_default();
+    assert_eq!(reason, "ErrImageNeverPull", "an image that was not imported");
+    namespaces.delete(&ns, &DeleteParams::default()).await?;
+    Ok(())
+}
+
 /// The controller's CA: root stored in a Secret (and kept across restarts), published in a ConfigMap;
 /// an agent authenticated by a token bound to its pod gets certificates only for identities of pods on
 /// its own node.

@@ -1,6 +1,6 @@
-{{/* The one image both workloads run. */}}
+{{/* A component's image: (dict "root" $ "name" "agent"|"controller"). */}}
 {{- define "warren.image" -}}
-{{ .Values.image.repository }}:{{ .Values.image.tag }}
+{{ index .root.Values.image .name }}:{{ .root.Values.image.tag }}
 {{- end }}
 
 {{/* Labels every object carries; `name` is the component. */}}
