@@ -3,7 +3,8 @@
 //! Data flows one way: a workload [`sources`] (a local file today; the Kubernetes API and the controller's
 //! push next) → [`state`] (which pods, enrolled or not) → [`inpod`] reconciles: [`ebpf`] maps that steer
 //! enrolled pods' sockets, and the [`proxy`] listeners inside each pod's network namespace. [`admin`]
-//! exposes metrics and state; [`inspect`] is the CLI that reads them back.
+//! exposes metrics and state; [`inspect`] is the CLI that reads them back; [`uninstall`] tells the last agent
+//! of a node from a restarting one.
 pub mod admin;
 pub mod config;
 pub mod identity;
@@ -14,5 +15,6 @@ pub mod metrics;
 pub mod proxy;
 pub mod run;
 pub mod sources;
+pub mod uninstall;
 pub mod state;
 pub mod sys;

@@ -8,7 +8,7 @@ use std::{
 use anyhow::{Context, Result};
 use prometheus_client::registry::Registry;
 use tokio::signal::unix::{SignalKind, signal};
-use tracing::info;
+use tracing::{info, warn};
 
 use crate::{
     admin::{self, AdminState},
@@ -143,8 +143,20 @@ pub async fn run(config: AgentConfig) -> Result<()> {
         }
     }
 
-    // Stop accepting; let open connections finish. Pinned maps and links stay, so redirect continues
-    // for the next agent.
+    // The last agent of the node (its DaemonSet is gone) leaves nothing behind; any other keeps its pinned
+    // maps and links, so redirect continues for the next agent.
+    let last = match crate::uninstall::Owner::from_env() {
+        Some(owner) => owner.is_gone().await.unwrap_or_else(|e| {
+            warn!("cannot tell an uninstall from a restart, keeping the pinned state: {e:#}");
+            false
+        }),
+        None => false,
+    };
+    if last {
+        info!("the DaemonSet is gone: un-enrolling every pod and removing the pinned programs and maps");
+        manager.unenroll_all();
+    }
+    // Stop accepting; let open connections finish.
     manager.stop_listening();
     let deadline = Instant::now() + Duration::from_secs(config.drain_timeout_seconds);
     while Instant::now() < deadline && connections.open_count() > 0 {
@@ -152,6 +164,9 @@ pub async fn run(config: AgentConfig) -> Result<()> {
     }
     let left = connections.open_count();
     info!(open_connections = left, "drained; exiting");
+    if last {
+        datapath.lock().unwrap().remove_pins()?;
+    }
     let _ = std::fs::remove_file(config.pid_file());
     Ok(())
 }

@@ -63,6 +63,11 @@ pub async fn serve(listener: TcpListener, tls: Arc<rustls::ServerConfig>, servic
 }
 
 async fn connection(acceptor: TlsAcceptor, tcp: tokio::net::TcpStream, peer: SocketAddr, service: Arc<PushService>) -> Result<()> {
+    // A TCP probe (the readiness probe, a port check) connects and closes without a byte: not a failed agent.
+    if tcp.peek(&mut [0u8; 1]).await.is_ok_and(|n| n == 0) {
+        tracing::debug!(%peer, "push port probed (closed before TLS)");
+        return Ok(());
+    }
     let tls = acceptor.accept(tcp).await.context("TLS handshake")?;
     let identity = warren_identity::tls::peer_identity(tls.get_ref().1).context("no client certificate")?;
     let mut h2 = h2::server::Builder::new()

@@ -209,7 +209,9 @@ impl Agent {
     /// GET on the admin endpoint (from inside the node's netns); the body of a 200 response.
     pub fn get(&self, path: &str) -> Result<String> {
         if self.node_netns.is_empty() {
-            return http_get(&self.admin_addr, path);
+            // On a thread of its own, as in a netns: the caller may be driving an async runtime itself.
+            return std::thread::scope(|s| s.spawn(|| http_get(&self.admin_addr, path)).join())
+                .unwrap_or_else(|_| bail!("GET {path}: the request thread panicked"));
         }
         let (path, addr) = (path.to_string(), self.admin_addr.clone());
         in_netns(&self.node_netns, move || http_get(&addr, &path))?
@@ -325,7 +327,8 @@ impl Drop for Agent {
     }
 }
 
-/// Minimal HTTP/1.0 GET for the tests' admin queries.
+/// GET for the tests' admin queries (hyper's client); the body of a 2xx answer. Blocks: call it off any
+/// async runtime's threads.
 pub(crate) fn http_get(addr: &str, path: &str) -> Result<String> {
     // A runtime of its own: callers are plain threads (some inside a node's netns, where the socket must
     // be made).

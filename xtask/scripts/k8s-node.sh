@@ -21,6 +21,10 @@ stop() {
 }
 start() {
   stop; mkdir -p $N/containerd $N/cni-conf $N/kubelet
+  # As on a systemd node: bpffs at /sys/fs/bpf, shared, so that a DaemonSet can mount it with
+  # Bidirectional propagation (the kubelet refuses a private one).
+  grep -q " /sys/fs/bpf .* - bpf " /proc/self/mountinfo || mount -t bpf bpf /sys/fs/bpf
+  mount --make-shared /sys/fs/bpf
   cat > $N/containerd/config.toml <<TOML
 version = 2
 root = "$N/containerd/root"

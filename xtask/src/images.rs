@@ -69,6 +69,19 @@ fn shared_libraries(binary: &Path) -> Result<Vec<PathBuf>> {
 
 /// Imports an image tarball into the local node's containerd (namespace k8s.io, where the kubelet looks).
 pub fn import(tarball: &Path) -> Result<()> {
+    ctr(&["images", "import", &tarball.display().to_string()]).with_context(|| format!("importing {}", tarball.display()))
+}
+
+/// Removes the images `<binary>:<tag>` from the local node's containerd (they take its disk otherwise).
+pub fn remove(tag: &str) -> Result<()> {
+    for name in BINARIES {
+        ctr(&["images", "rm", &format!("docker.io/library/{name}:{tag}")])?;
+    }
+    Ok(())
+}
+
+/// `ctr -n k8s.io ARGS` against the local node's containerd.
+fn ctr(args: &[&str]) -> Result<()> {
     let prefix = cluster::prefix();
     let ctr = prefix.join("tools/ct/usr/bin/ctr");
     let socket = prefix.join("node/containerd/containerd.sock");
@@ -78,12 +91,12 @@ pub fn import(tarball: &Path) -> Result<()> {
     let out = Command::new(&ctr)
         .arg("-a")
         .arg(&socket)
-        .args(["-n", "k8s.io", "images", "import"])
-        .arg(tarball)
+        .args(["-n", "k8s.io"])
+        .args(args)
         .output()
         .with_context(|| format!("running {}", ctr.display()))?;
     if !out.status.success() {
-        bail!("importing {}: {}", tarball.display(), String::from_utf8_lossy(&out.stderr).trim());
+        bail!("ctr {}: {}", args.join(" "), String::from_utf8_lossy(&out.stderr).trim());
     }
     Ok(())
 }

@@ -163,6 +163,12 @@ impl Datapath {
         }
     }
 
+    /// Removes every pin (maps and links): nothing outlives this agent, and its programs detach when it
+    /// exits and lets go of its links.
+    pub fn remove_pins(&self) -> Result<()> {
+        std::fs::remove_dir_all(&self.pin_dir).with_context(|| format!("removing {}", self.pin_dir.display()))
+    }
+
     /// Drops enrollments (left in the pinned map by an earlier run) that are not in `keep`.
     pub fn retain_enrolled(&mut self, keep: &BTreeSet<u64>) -> Result<()> {
         let stale: Vec<u64> = self.enrolled.keys().filter_map(Result::ok).filter(|k| !keep.contains(k)).collect();

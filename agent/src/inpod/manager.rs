@@ -268,6 +268,14 @@ impl InpodManager {
         });
     }
 
+    /// Un-enrolls every pod (the node is being left for good: see `uninstall`).
+    pub fn unenroll_all(&mut self) {
+        let uids: Vec<String> = self.enrolled.keys().cloned().collect();
+        for uid in uids {
+            self.unenroll(&uid);
+        }
+    }
+
     /// Stops accepting new connections in every pod (connections in flight continue).
     pub fn stop_listening(&mut self) {
         for pod in self.enrolled.values() {

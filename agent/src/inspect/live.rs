@@ -61,6 +61,7 @@ pub fn connections(args: &ViewArgs) -> Result<String> {
         vec![
             text(&c["id"]),
             text(&c["direction"]),
+            text(&c["protocol"]),
             text(&c["pod"]),
             text(&c["client"]),
             text(&c["original_dst"]),
@@ -77,7 +78,7 @@ pub fn connections(args: &ViewArgs) -> Result<String> {
         .chain(view["recently_closed"].as_array().into_iter().flatten().rev())
         .map(row)
         .collect();
-    Ok(table(&["ID", "DIRECTION", "POD", "CLIENT", "DESTINATION", "SENT", "RECEIVED", "STATE", "ERROR"], &rows))
+    Ok(table(&["ID", "DIRECTION", "PROTOCOL", "POD", "CLIENT", "DESTINATION", "SENT", "RECEIVED", "STATE", "ERROR"], &rows))
 }
 
 pub fn workloads(args: &ViewArgs) -> Result<String> {

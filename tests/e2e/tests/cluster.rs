@@ -441,6 +441,7 @@ async fn images_scenario(kubeconfig: &Path) -> anyhow::Result<()> {
     let reason = waiting.and_then(|w| w.reason).unwrap_or_default();
     assert_eq!(reason, "ErrImageNeverPull", "an image that was not imported");
     namespaces.delete(&ns, &DeleteParams::default()).await?;
+    xtask::images::remove(&tag)?;
     Ok(())
 }
 

@@ -9,7 +9,21 @@ app.kubernetes.io/name: {{ .name }}
 app.kubernetes.io/part-of: warren
 {{- end }}
 
-{{/* The controller's Service, as agents dial it. */}}
+{{/* The controller, as agents dial it: agent.controllerAddress, or its Service. */}}
 {{- define "warren.controllerHost" -}}
+{{- if .Values.agent.controllerAddress -}}
+{{ .Values.agent.controllerAddress }}
+{{- else -}}
 warren-controller.{{ .Release.Namespace }}.svc
+{{- end }}
+{{- end }}
+
+{{/* KUBERNETES_SERVICE_HOST/PORT overrides (k8sServiceHost/k8sServicePort), for a container's env. */}}
+{{- define "warren.apiServerEnv" -}}
+{{- if .Values.k8sServiceHost }}
+- name: KUBERNETES_SERVICE_HOST
+  value: {{ .Values.k8sServiceHost | quote }}
+- name: KUBERNETES_SERVICE_PORT
+  value: {{ .Values.k8sServicePort | quote }}
+{{- end }}
 {{- end }}

@@ -1,0 +1,249 @@
+//! The user's whole path on the real local node (containerd + kubelet): the images imported into
+//! containerd → `helm install` of deploy/helm/warren → two pods of a namespace talk in plaintext → label the
+//! namespace → their running pods are enrolled, no restart, and their traffic is HBONE (a capture on the
+//! node's interfaces finds no plaintext), visible in the agent's metrics and `inspect` → unlabel → plain again,
+//! still talking → label again, then `helm uninstall` → the pods keep talking and the node is clean (no
+//! pinned maps, no agent or controller process, nothing listening on the agent's ports).
+//!
+//! The local cluster has no kube-proxy and no cluster DNS, so the chart is installed as on a kube-proxy-free
+//! one-node cluster: `k8sServiceHost`/`k8sServicePort` name the API server, the controller runs in the
+//! node's netns and agents dial it on 127.0.0.1.
+use std::{
+    path::Path,
+    process::{Command, Output},
+    time::{Duration, Instant},
+};
+
+use anyhow::{Context, Result, bail, ensure};
+use k8s_openapi::api::core::v1::{Namespace, Pod};
+use kube::{
+    Client, Config, ResourceExt,
+    api::{Api, DeleteParams, Patch, PatchParams, PostParams},
+    config::{KubeConfigOptions, Kubeconfig},
+    runtime::{conditions, wait::await_condition},
+};
+use warren_e2e::{eventually, eventually_async};
+use warren_testbed::{in_ci, require_privileges};
+use xtask::{cluster, manifests};
+
+/// Where the DaemonSet's agent serves its admin endpoint (host network).
+const ADMIN: &str = "127.0.0.1:15000";
+/// What the client sends in every request: found on the wire unless the mesh encrypts it.
+const PLAINTEXT: &[u8] = b"GET /hostname";
+
+#[test]
+fn helm_install_label_unlabel_uninstall_on_the_real_node() {
+    require_privileges!();
+    if !cluster::is_built() || manifests::helm().is_err() {
+        let reason = "the local Kubernetes (with helm) is not built (cargo xtask setup --kubernetes)";
+        assert!(!in_ci(), "CI=true, but {reason}");
+        return eprintln!("SKIPPED: {reason}");
+    }
+    // Pins left by an agent that was not uninstalled would blur "the node is clean".
+    let _ = std::fs::remove_dir_all("/sys/fs/bpf/warren");
+    let kubeconfig = cluster::up(true).unwrap();
+    let tag = format!("helm-{}", std::process::id());
+    let result = tokio::runtime::Runtime::new().unwrap().block_on(walk(&kubeconfig, &tag));
+    let _ = helm(&kubeconfig, &["uninstall", "warren", "-n", manifests::NAMESPACE]);
+    let _ = xtask::images::remove(&tag);
+    cluster::down().unwrap();
+    let _ = std::fs::remove_dir_all("/sys/fs/bpf/warren");
+    result.unwrap();
+}
+
+async fn walk(kubeconfig: &Path, tag: &str) -> Result<()> {
+    let bin_dir = warren_testbed::bin_path("warren-agent")?.parent().context("bin dir")?.to_path_buf();
+    for image in xtask::images::build(&bin_dir, tag)? {
+        xtask::images::import(&image)?;
+    }
+    let values = format!(
+        "image.tag={tag},k8sServiceHost=127.0.0.1,k8sServicePort={},agent.controllerAddress=127.0.0.1,\
+         controller.hostNetwork=true",
+        cluster::API_PORT
+    );
+    let installed = helm(kubeconfig, &["install", "warren", manifests::CHART, "-n", manifests::NAMESPACE, "--create-namespace", "--set", &values])?;
+    ensure!(installed.status.success(), "helm install: {}", text(&installed.stderr));
+    let ready = eventually(Duration::from_secs(120), || admin_get("/ready").ok().filter(|r| r.trim() == "ready"));
+    ensure!(ready.is_some(), "the DaemonSet's agent is not ready on {ADMIN}");
+
+    let config = Config::from_custom_kubeconfig(Kubeconfig::read_from(kubeconfig)?, &KubeConfigOptions::default()).await?;
+    let client = Client::try_from(config)?;
+    let ns = format!("walk-{}", std::process::id());
+    let namespaces: Api<Namespace> = Api::all(client.clone());
+    namespaces.create(&PostParams::default(), &serde_json::from_value(serde_json::json!({"metadata": {"name": ns}}))?).await?;
+    let pods: Api<Pod> = Api::namespaced(client.clone(), &ns);
+    let server = running_pod(&pods, "server", "exec httpd -f -p 8080 -h /etc").await?;
+    let server_ip = server.status.as_ref().and_then(|s| s.pod_ip.clone()).context("server has no IP")?;
+    let fetch = format!("while true; do wget -q -O /dev/null http://{server_ip}:8080/hostname && echo ok; sleep 0.2; done");
+    let client_pod = running_pod(&pods, "client", &fetch).await?;
+    let uids = [client_pod.uid().context("uid")?, server.uid().context("uid")?];
+
+    // Not meshed: the request crosses the bridge in plaintext (the capture's control).
+    ensure!(contains(&capture(Duration::from_secs(2))?, PLAINTEXT), "no plaintext request seen unmeshed");
+
+    let label = |value: Option<&str>| serde_json::json!({"metadata": {"labels": {"warren.dev/mesh": value}}});
+    namespaces.patch(&ns, &PatchParams::default(), &Patch::Merge(&label(Some("enabled")))).await?;
+    wait_enrolled(&uids, true)?;
+    let hbone = eventually(Duration::from_secs(10), || {
+        let view: serde_json::Value = serde_json::from_str(&admin_get("/connections").ok()?).ok()?;
+        let all = ["open", "recently_closed"].iter().filter_map(|k| view[k].as_array().cloned()).flatten();
+        all.filter(|c| c["pod"] == format!("{ns}/client") && c["protocol"] == "hbone").last()
+    });
+    let hbone = hbone.context("no HBONE connection from the client")?;
+    assert_eq!(hbone["original_dst"], format!("{server_ip}:8080"));
+    assert_eq!(hbone["peer_identity"], format!("spiffe://cluster.local/ns/{ns}/sa/default"));
+    let wire = capture(Duration::from_secs(2))?;
+    ensure!(wire.len() > 1000, "the capture saw no traffic ({} bytes)", wire.len());
+    ensure!(!contains(&wire, PLAINTEXT), "plaintext on the node's interfaces while meshed");
+    let outbound = admin_metric("warren_tcp_connections_opened_total", "direction=\"outbound\"")?;
+    ensure!(outbound > 0.0, "no outbound connection in the agent's metrics");
+    let inspect = host_cli(&["inspect", "connections", "--admin-addr", ADMIN, "-n", &ns, "--pod", "client"])?;
+    ensure!(inspect.contains("hbone") && inspect.contains(&format!("{server_ip}:8080")), "inspect: {inspect}");
+
+    // Unlabel: plain networking, still answered.
+    namespaces.patch(&ns, &PatchParams::default(), &Patch::Merge(&label(None))).await?;
+    wait_enrolled(&uids, false)?;
+    let before = answered(&pods).await?;
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    ensure!(answered(&pods).await? > before + 3, "the client stopped getting answers once unmeshed");
+
+    // Meshed again, then uninstalled: the pods keep talking, the node keeps nothing of Warren.
+    namespaces.patch(&ns, &PatchParams::default(), &Patch::Merge(&label(Some("enabled")))).await?;
+    wait_enrolled(&uids, true)?;
+    let uninstalled = helm(kubeconfig, &["uninstall", "warren", "-n", manifests::NAMESPACE, "--wait"])?;
+    ensure!(uninstalled.status.success(), "helm uninstall: {}", text(&uninstalled.stderr));
+    let system: Api<Pod> = Api::namespaced(client.clone(), manifests::NAMESPACE);
+    let gone = eventually_async(Duration::from_secs(90), || async {
+        system.list(&Default::default()).await.ok()?.items.is_empty().then_some(())
+    })
+    .await;
+    ensure!(gone.is_some(), "Warren's pods are still there after helm uninstall");
+    let clean = eventually(Duration::from_secs(10), || (!Path::new("/sys/fs/bpf/warren").exists()).then_some(()));
+    ensure!(clean.is_some(), "pinned maps left in /sys/fs/bpf/warren after uninstall");
+    ensure!(warren_processes().is_empty(), "Warren processes left: {:?}", warren_processes());
+    for port in [15000, 15001, 15006, 15008, 15010, 15012] {
+        ensure!(std::net::TcpStream::connect(("127.0.0.1", port)).is_err(), "something still listens on {port}");
+    }
+    let before = answered(&pods).await?;
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    ensure!(answered(&pods).await? > before + 3, "the pods stopped talking after helm uninstall");
+    namespaces.delete(&ns, &DeleteParams::default()).await?;
+    Ok(())
+}
+
+fn helm(kubeconfig: &Path, args: &[&str]) -> Result<Output> {
+    let mut cmd = Command::new(manifests::helm()?);
+    cmd.current_dir(xtask::workspace_root()).arg("--kubeconfig").arg(kubeconfig).args(args);
+    cmd.output().context("running helm")
+}
+
+fn text(bytes: &[u8]) -> String {
+    String::from_utf8_lossy(bytes).into_owned()
+}
+
+/// `warren-agent ARGS` on the host, as an operator on the node runs it; its stdout.
+fn host_cli(args: &[&str]) -> Result<String> {
+    let out = Command::new(warren_testbed::bin_path("warren-agent")?).args(args).output()?;
+    ensure!(out.status.success(), "warren-agent {}: {}", args.join(" "), text(&out.stderr));
+    Ok(text(&out.stdout))
+}
+
+/// GET on the agent's admin endpoint, as `curl` from the node.
+fn admin_get(path: &str) -> Result<String> {
+    let out = Command::new("curl").args(["-sf", "--max-time", "5", &format!("http://{ADMIN}{path}")]).output()?;
+    ensure!(out.status.success(), "GET {path}: curl {}", out.status);
+    Ok(text(&out.stdout))
+}
+
+fn admin_metric(name: &str, label: &str) -> Result<f64> {
+    let metrics = admin_get("/metrics")?;
+    Ok(metrics
+        .lines()
+        .filter(|l| l.starts_with(name) && l.contains(label))
+        .filter_map(|l| l.rsplit_once(' ')?.1.parse::<f64>().ok())
+        .sum())
+}
+
+fn wait_enrolled(uids: &[String], enrolled: bool) -> Result<()> {
+    let done = eventually(Duration::from_secs(20), || {
+        let view: serde_json::Value = serde_json::from_str(&admin_get("/workloads").ok()?).ok()?;
+        let pods = view.as_array()?;
+        uids.iter().all(|uid| pods.iter().any(|p| p["uid"] == uid.as_str() && p["enrolled"] == enrolled)).then_some(())
+    });
+    ensure!(done.is_some(), "pods not {} in time", if enrolled { "enrolled" } else { "un-enrolled" });
+    Ok(())
+}
+
+async fn running_pod(pods: &Api<Pod>, name: &str, command: &str) -> Result<Pod> {
+    let object: Pod = serde_json::from_value(serde_json::json!({
+        "metadata": {"name": name},
+        "spec": {"containers": [{"name": "c", "image": "docker.io/library/busybox:1.35-local",
+                 "imagePullPolicy": "Never", "command": ["sh", "-c", command]}],
+                 "terminationGracePeriodSeconds": 1}
+    }))?;
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        // Admission refuses pods until the namespace's default ServiceAccount exists.
+        match pods.create(&PostParams::default(), &object).await {
+            Ok(_) => break,
+            Err(e) if Instant::now() < deadline && e.to_string().contains("serviceaccount") => {
+                tokio::time::sleep(Duration::from_millis(300)).await
+            }
+            Err(e) => return Err(e.into()),
+        }
+    }
+    tokio::time::timeout(Duration::from_secs(120), await_condition(pods.clone(), name, conditions::is_pod_running()))
+        .await
+        .map_err(|_| anyhow::anyhow!("pod {name} not Running within 120 s"))??;
+    Ok(pods.get(name).await?)
+}
+
+/// Requests the client's log says were answered (it prints `ok` after each).
+async fn answered(pods: &Api<Pod>) -> Result<usize> {
+    Ok(pods.logs("client", &Default::default()).await?.lines().filter(|l| *l == "ok").count())
+}
+
+fn contains(haystack: &[u8], needle: &[u8]) -> bool {
+    haystack.windows(needle.len()).any(|w| w == needle)
+}
+
+/// Host processes of Warren's binaries (the DaemonSet's and the Deployment's containers).
+fn warren_processes() -> Vec<String> {
+    let Ok(entries) = std::fs::read_dir("/proc") else { return vec![] };
+    entries
+        .flatten()
+        .filter_map(|e| {
+            let cmdline = std::fs::read(e.path().join("cmdline")).ok()?;
+            let cmdline = String::from_utf8_lossy(&cmdline).replace('\0', " ");
+            let ours = cmdline.starts_with("/usr/local/bin/warren-agent run") || cmdline.starts_with("/usr/local/bin/warren-controller run");
+            ours.then_some(cmdline)
+        })
+        .collect()
+}
+
+/// Every frame on every interface of the node's netns for `duration`, concatenated (an AF_PACKET socket, as
+/// `tcpdump -i any`): pods' traffic leaves their netns through their veths; only the legs between an app and
+/// the agent inside a pod's own netns are out of its sight.
+fn capture(duration: Duration) -> Result<Vec<u8>> {
+    let protocol = (libc::ETH_P_ALL as u16).to_be();
+    // SAFETY: plain syscalls on a descriptor this function owns and closes; buffers outlive each call.
+    unsafe {
+        let fd = libc::socket(libc::AF_PACKET, libc::SOCK_RAW, i32::from(protocol));
+        if fd < 0 {
+            bail!("AF_PACKET socket: {}", std::io::Error::last_os_error());
+        }
+        let timeout = libc::timeval { tv_sec: 0, tv_usec: 100_000 };
+        libc::setsockopt(fd, libc::SOL_SOCKET, libc::SO_RCVTIMEO, (&timeout as *const libc::timeval).cast(), size_of::<libc::timeval>() as u32);
+        let mut frames = vec![];
+        let mut buf = vec![0u8; 65536];
+        let deadline = Instant::now() + duration;
+        while Instant::now() < deadline {
+            let n = libc::recv(fd, buf.as_mut_ptr().cast(), buf.len(), 0);
+            if n > 0 {
+                frames.extend_from_slice(&buf[..n as usize]);
+            }
+        }
+        libc::close(fd);
+        Ok(frames)
+    }
+}
