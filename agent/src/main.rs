@@ -34,14 +34,8 @@ enum Command {
     Status {
         #[arg(long, default_value = warren_agent::config::DEFAULT_ADMIN_ADDR)]
         admin_addr: std::net::SocketAddr,
-        /// bpffs directory the agent pinned its maps and links in.
-        #[arg(long, default_value = warren_maps::DEFAULT_PIN_DIR)]
-        pin_dir: PathBuf,
-        /// The agent's runtime directory (holds agent.pid).
-        #[arg(long, default_value = warren_agent::config::DEFAULT_RUN_DIR)]
-        run_dir: PathBuf,
-        #[arg(short, long, value_enum, default_value = "table")]
-        output: inspect::Output,
+        #[command(flatten)]
+        node: inspect::NodeState,
     },
     /// Show what the agent on this node holds.
     Inspect {
@@ -80,16 +74,7 @@ enum Inspect {
         hits: bool,
     },
     /// The pinned eBPF maps: enrolled network namespaces, original destinations, program counters.
-    Maps {
-        /// bpffs directory the agent pinned its maps in.
-        #[arg(long, default_value = warren_maps::DEFAULT_PIN_DIR)]
-        pin_dir: PathBuf,
-        /// The agent's runtime directory (holds agent.pid).
-        #[arg(long, default_value = warren_agent::config::DEFAULT_RUN_DIR)]
-        run_dir: PathBuf,
-        #[arg(short, long, value_enum, default_value = "table")]
-        output: inspect::Output,
-    },
+    Maps(inspect::NodeState),
 }
 
 fn main() -> ExitCode {
@@ -108,9 +93,9 @@ fn main() -> ExitCode {
             Ok(())
         }
         Command::Inspect { what } => inspect_view(what).map(|text| print!("{text}")),
-        Command::Status { admin_addr, pin_dir, run_dir, output } => {
-            let status = inspect::status::collect(&pin_dir, &run_dir, admin_addr);
-            match inspect::status::render(&status, output) {
+        Command::Status { admin_addr, node } => {
+            let status = inspect::status::collect(&node.pin_dir, &node.run_dir, admin_addr);
+            match inspect::status::render(&status, node.output) {
                 Ok(text) => print!("{text}"),
                 Err(e) => eprintln!("warren-agent: {e:#}"),
             }
@@ -147,8 +132,8 @@ fn inspect_view(what: Inspect) -> anyhow::Result<String> {
         Inspect::Routes(view) => live::config(&view, ConfigView::Routes),
         Inspect::Faults(view) => live::config(&view, ConfigView::Faults),
         Inspect::Policies { view, hits } => live::policies(&view, hits),
-        Inspect::Maps { pin_dir, run_dir, output } => {
-            inspect::require_running_agent(&run_dir).and_then(|_| inspect::maps::render(&pin_dir, output))
+        Inspect::Maps(node) => {
+            inspect::require_running_agent(&node.run_dir).and_then(|_| inspect::maps::render(&node.pin_dir, node.output))
         }
     }
 }

@@ -137,18 +137,7 @@ impl Agent {
         // In its own cgroup below the node's, as a DaemonSet pod is below the node's root: the programs
         // attached at the node's cgroup see the agent's sockets (socket acceleration needs both ends).
         let process = node.spawn_in_cgroup(agent_command(&config_path)?, "warren-agent")?;
-        let agent = Agent {
-            process,
-            config_path,
-            pin_dir: placement.pin_dir,
-            run_dir: placement.run_dir,
-            admin_addr: placement.admin_addr,
-            node_netns: node.netns.clone(),
-            bed: node.bed.clone(),
-            owns_pin_dir: false,
-        };
-        agent.wait_ready(Duration::from_secs(20))?;
-        Ok(agent)
+        Agent::started(process, config_path, placement, node.netns.clone(), node.bed.clone(), false)
     }
 
     /// An agent on this host itself, as a DaemonSet's (host network, host PID) on a real node: in the
@@ -171,16 +160,20 @@ impl Agent {
         let config_path = dir.join("agent.yaml");
         std::fs::write(&config_path, serde_yaml::to_string(&agent_config(&options, &placement, None)?)?)?;
         let process = Process::spawn(&bed.inner, agent_command(&config_path)?, "", &[])?;
-        let agent = Agent {
-            process,
-            config_path,
-            pin_dir: placement.pin_dir,
-            run_dir: placement.run_dir,
-            admin_addr: placement.admin_addr,
-            node_netns: String::new(),
-            bed: bed.inner.clone(),
-            owns_pin_dir: true,
-        };
+        Agent::started(process, config_path, placement, String::new(), bed.inner.clone(), true)
+    }
+
+    /// The agent `process` just started, once it is ready.
+    fn started(
+        process: Process,
+        config_path: PathBuf,
+        placement: Placement,
+        node_netns: String,
+        bed: std::sync::Arc<crate::Inner>,
+        owns_pin_dir: bool,
+    ) -> Result<Agent> {
+        let Placement { pin_dir, run_dir, admin_addr, .. } = placement;
+        let agent = Agent { process, config_path, pin_dir, run_dir, admin_addr, node_netns, bed, owns_pin_dir };
         agent.wait_ready(Duration::from_secs(20))?;
         Ok(agent)
     }

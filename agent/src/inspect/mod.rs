@@ -27,6 +27,19 @@ pub struct ViewArgs {
     pub scope: Scope,
 }
 
+/// Where a node's agent keeps its state on the host: what `inspect maps` and `status` read.
+#[derive(Clone, Debug, clap::Args)]
+pub struct NodeState {
+    /// bpffs directory the agent pinned its maps and links in.
+    #[arg(long, default_value = warren_maps::DEFAULT_PIN_DIR)]
+    pub pin_dir: std::path::PathBuf,
+    /// The agent's runtime directory (holds agent.pid).
+    #[arg(long, default_value = crate::config::DEFAULT_RUN_DIR)]
+    pub run_dir: std::path::PathBuf,
+    #[arg(short, long, value_enum, default_value = "table")]
+    pub output: Output,
+}
+
 /// Which pods a view shows: `--namespace NS`, `--pod NAME` (in NS, or in any namespace).
 #[derive(Clone, Debug, Default, clap::Args)]
 pub struct Scope {

@@ -73,7 +73,8 @@ pub fn collect(pin_dir: &Path, run_dir: &Path, admin: SocketAddr) -> Status {
     let programs: Vec<Program> =
         PROGRAMS.iter().map(|name| Program { name, attached: links.join(name).exists() }).collect();
     for p in programs.iter().filter(|p| !p.attached) {
-        problems.push(format!("program {} is not attached (no pinned link {}): pods are not redirected", p.name, links.join(p.name).display()));
+        let link = links.join(p.name);
+        problems.push(format!("program {} is not attached (no pinned link {}): pods are not redirected", p.name, link.display()));
     }
     let pods_captured = std::fs::read_dir(links.join("pods")).map(|d| d.count()).unwrap_or(0);
     let maps: Vec<MapFill> = [
@@ -87,7 +88,8 @@ pub fn collect(pin_dir: &Path, run_dir: &Path, admin: SocketAddr) -> Status {
     for m in &maps {
         let percent = m.entries as f64 * 100.0 / f64::from(m.capacity.max(1));
         if percent >= MAP_FULL_PERCENT {
-            problems.push(format!("map {} is {percent:.0}% full ({} of {}): new entries will be refused", m.name, m.entries, m.capacity));
+            let (name, entries, capacity) = (m.name, m.entries, m.capacity);
+            problems.push(format!("map {name} is {percent:.0}% full ({entries} of {capacity}): new entries will be refused"));
         }
     }
     let mut status = Status {
@@ -120,7 +122,8 @@ fn add_live(status: &mut Status, admin: SocketAddr, problems: &mut Vec<String>) 
             if !push.is_null() {
                 if push["connected"] != Value::Bool(true) {
                     let version = status.config_version.unwrap_or(0);
-                    problems.push(format!("the push stream from {} is down: serving version {version}", push["controller"]));
+                    let controller = &push["controller"];
+                    problems.push(format!("the push stream from {controller} is down: serving version {version}"));
                 }
                 if let Some(nack) = push["lastNack"].as_str() {
                     problems.push(format!("the last push was refused: {nack}"));
@@ -136,7 +139,8 @@ fn add_live(status: &mut Status, admin: SocketAddr, problems: &mut Vec<String>) 
             let identity = c["identity"].as_str().unwrap_or("?").to_string();
             let expires_in_seconds = c["not_after_unix"].as_i64().unwrap_or(0) - now;
             if expires_in_seconds < CERTIFICATE_MARGIN_SECONDS as i64 {
-                problems.push(format!("the certificate of {identity} expires in {expires_in_seconds} s: renewal is failing"));
+                let left = expires_in_seconds;
+                problems.push(format!("the certificate of {identity} expires in {left} s: renewal is failing"));
             }
             status.certificates.push(CertificateExpiry { identity, expires_in_seconds });
         }
@@ -168,7 +172,10 @@ pub fn render(status: &Status, output: Output) -> Result<String> {
     );
     out += &format!("pods enrolled: {}, failing: {}\n", status.pods_enrolled, status.pods_failing);
     let controller = match &status.controller {
-        Some(push) => format!("{} ({})", push["controller"].as_str().unwrap_or("?"), if push["connected"] == true { "connected" } else { "disconnected" }),
+        Some(push) => {
+            let state = if push["connected"] == true { "connected" } else { "disconnected" };
+            format!("{} ({state})", push["controller"].as_str().unwrap_or("?"))
+        }
         None => "none (workloads from a file or the Kubernetes API)".into(),
     };
     let version = status.config_version.map_or("-".to_string(), |v| v.to_string());
@@ -180,7 +187,10 @@ pub fn render(status: &Status, output: Output) -> Result<String> {
         let rows: Vec<Vec<String>> = status
             .certificates
             .iter()
-            .map(|c| vec![c.identity.clone(), format!("{}h{:02}m", c.expires_in_seconds / 3600, c.expires_in_seconds % 3600 / 60)])
+            .map(|c| {
+                let (hours, minutes) = (c.expires_in_seconds / 3600, c.expires_in_seconds % 3600 / 60);
+                vec![c.identity.clone(), format!("{hours}h{minutes:02}m")]
+            })
             .collect();
         out += "\n";
         out += &table(&["CERTIFICATE", "EXPIRES IN"], &rows);

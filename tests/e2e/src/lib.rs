@@ -1,7 +1,9 @@
 //! Warren's end-to-end tests live in `tests/`: each file is a group of scenarios on the testbed
 //! (real eBPF, real sockets in network namespaces) or on the local Kubernetes cluster. [`bookinfo`] is the
-//! lab of Istio's bookinfo that the traffic-management scenarios (and `cargo xtask demo`) share.
+//! lab of Istio's bookinfo that the traffic-management scenarios (and `cargo xtask demo`) share; [`k8s`]
+//! makes pods on the local cluster.
 
+pub mod k8s;
 pub use warren_testbed::bookinfo;
 
 use std::time::{Duration, Instant};

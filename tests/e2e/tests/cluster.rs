@@ -23,6 +23,7 @@ use kube::{
 use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 use anyhow::Context as _;
+use warren_e2e::k8s::{answered, busybox_pod, create_pod, fetch_loop};
 use warren_testbed::{Agent, AgentOptions, ECHO_PORT, Testbed, in_ci, require_privileges};
 
 static CLUSTER: std::sync::Mutex<()> = std::sync::Mutex::new(());
@@ -129,21 +130,6 @@ fn cluster_up_serves_crds_and_pods_and_cluster_down_leaves_nothing_behind() {
     assert!(added_while_up.contains_key("processes") && added_while_up.contains_key("cgroups"), "{added_while_up:#?}");
     let left_behind = after.added_since(&before);
     assert!(left_behind.is_empty(), "cluster down left behind: {left_behind:#?}");
-}
-
-/// Creates a pod once its namespace's default ServiceAccount exists (the controller-manager makes it
-/// shortly after the namespace; admission refuses pods until then).
-async fn create_pod(api: &Api<Pod>, pod: &Pod) -> anyhow::Result<Pod> {
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
-    loop {
-        match api.create(&PostParams::default(), pod).await {
-            Ok(created) => return Ok(created),
-            Err(e) if tokio::time::Instant::now() < deadline && e.to_string().contains("serviceaccount") => {
-                tokio::time::sleep(Duration::from_millis(300)).await
-            }
-            Err(e) => return Err(e.into()),
-        }
-    }
 }
 
 async fn exercise_cluster(kubeconfig: &Path) -> anyhow::Result<()> {
@@ -305,25 +291,6 @@ fn the_kubelets_running_pods_are_enrolled_by_labelling_their_namespace() {
     result.unwrap();
 }
 
-async fn running_pod(pods: &Api<Pod>, name: &str, command: &str) -> anyhow::Result<Pod> {
-    let object: Pod = serde_json::from_value(serde_json::json!({
-        "metadata": {"name": name, "labels": {"app": name}},
-        "spec": {"containers": [{"name": "c", "image": "docker.io/library/busybox:1.35-local",
-                 "imagePullPolicy": "Never", "command": ["sh", "-c", command]}],
-                 "terminationGracePeriodSeconds": 1}
-    }))?;
-    create_pod(pods, &object).await?;
-    tokio::time::timeout(Duration::from_secs(120), await_condition(pods.clone(), name, conditions::is_pod_running()))
-        .await
-        .map_err(|_| anyhow::anyhow!("pod {name} not Running within 120 s"))??;
-    Ok(pods.get(name).await?)
-}
-
-/// Requests the client's log says were answered (`wget` prints `ok` after each).
-async fn answered(pods: &Api<Pod>) -> anyhow::Result<usize> {
-    Ok(pods.logs("client", &Default::default()).await?.lines().filter(|l| *l == "ok").count())
-}
-
 async fn kubelet_pods_scenario(kubeconfig: &Path) -> anyhow::Result<()> {
     let config = Config::from_custom_kubeconfig(Kubeconfig::read_from(kubeconfig)?, &KubeConfigOptions::default()).await?;
     let client = Client::try_from(config)?;
@@ -333,11 +300,10 @@ async fn kubelet_pods_scenario(kubeconfig: &Path) -> anyhow::Result<()> {
 
     // Two pods that talk before anything is meshed: the client fetches from the server every 200 ms.
     let pods: Api<Pod> = Api::namespaced(client.clone(), &ns);
-    let server = running_pod(&pods, "server", "exec httpd -f -p 8080 -h /etc").await?;
+    let server = busybox_pod(&pods, "server", "exec httpd -f -p 8080 -h /etc").await?;
     let server_ip = server.status.as_ref().and_then(|s| s.pod_ip.clone()).context("server has no IP")?;
     let node_name = server.spec.as_ref().and_then(|s| s.node_name.clone()).context("server has no node")?;
-    let fetch = format!("while true; do wget -q -O /dev/null http://{server_ip}:8080/hostname && echo ok; sleep 0.2; done");
-    let client_pod = running_pod(&pods, "client", &fetch).await?;
+    let client_pod = busybox_pod(&pods, "client", &fetch_loop(&format!("{server_ip}:8080"))).await?;
     let uids = [client_pod.uid().context("uid")?, server.uid().context("uid")?];
 
     let bed = Testbed::new("kubelet-pods")?;
@@ -365,7 +331,7 @@ async fn kubelet_pods_scenario(kubeconfig: &Path) -> anyhow::Result<()> {
     assert!(through_agent.is_some(), "the client's requests do not go through the agent: {}", agent.connections()?);
     let connections = agent.connections()?.to_string();
     assert!(connections.contains(&format!("{server_ip}:8080")) && connections.contains(&format!("{ns}/client")), "{connections}");
-    let answered_meshed = answered(&pods).await?;
+    let answered_meshed = answered(&pods, "client").await?;
 
     // Unlabel: back to plain networking, the pods still talk.
     namespaces.patch(&ns, &PatchParams::default(), &Patch::Merge(&label(None))).await?;
@@ -376,7 +342,7 @@ async fn kubelet_pods_scenario(kubeconfig: &Path) -> anyhow::Result<()> {
     let after_unlabel = outbound()?;
     tokio::time::sleep(Duration::from_secs(2)).await;
     assert_eq!(outbound()?, after_unlabel, "connections still redirected after unlabelling");
-    assert!(answered(&pods).await? > answered_meshed + 3, "the client stopped getting answers once unmeshed");
+    assert!(answered(&pods, "client").await? > answered_meshed + 3, "the client stopped getting answers once unmeshed");
     let failed = agent.connections()?.to_string();
     assert!(!failed.contains("\"error\":\""), "a proxied connection failed: {failed}");
 

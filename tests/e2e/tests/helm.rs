@@ -20,9 +20,11 @@ use kube::{
     Client, Config, ResourceExt,
     api::{Api, DeleteParams, Patch, PatchParams, PostParams},
     config::{KubeConfigOptions, Kubeconfig},
-    runtime::{conditions, wait::await_condition},
 };
-use warren_e2e::{eventually, eventually_async};
+use warren_e2e::{
+    eventually, eventually_async,
+    k8s::{answered, busybox_pod, fetch_loop},
+};
 use warren_testbed::{in_ci, require_privileges};
 use xtask::{cluster, manifests};
 
@@ -72,10 +74,9 @@ async fn walk(kubeconfig: &Path, tag: &str) -> Result<()> {
     let namespaces: Api<Namespace> = Api::all(client.clone());
     namespaces.create(&PostParams::default(), &serde_json::from_value(serde_json::json!({"metadata": {"name": ns}}))?).await?;
     let pods: Api<Pod> = Api::namespaced(client.clone(), &ns);
-    let server = running_pod(&pods, "server", "exec httpd -f -p 8080 -h /etc").await?;
+    let server = busybox_pod(&pods, "server", "exec httpd -f -p 8080 -h /etc").await?;
     let server_ip = server.status.as_ref().and_then(|s| s.pod_ip.clone()).context("server has no IP")?;
-    let fetch = format!("while true; do wget -q -O /dev/null http://{server_ip}:8080/hostname && echo ok; sleep 0.2; done");
-    let client_pod = running_pod(&pods, "client", &fetch).await?;
+    let client_pod = busybox_pod(&pods, "client", &fetch_loop(&format!("{server_ip}:8080"))).await?;
     let uids = [client_pod.uid().context("uid")?, server.uid().context("uid")?];
 
     // Not meshed: the request crosses the bridge in plaintext (the capture's control).
@@ -103,9 +104,9 @@ async fn walk(kubeconfig: &Path, tag: &str) -> Result<()> {
     // Unlabel: plain networking, still answered.
     namespaces.patch(&ns, &PatchParams::default(), &Patch::Merge(&label(None))).await?;
     wait_enrolled(&uids, false)?;
-    let before = answered(&pods).await?;
+    let before = answered(&pods, "client").await?;
     tokio::time::sleep(Duration::from_secs(2)).await;
-    ensure!(answered(&pods).await? > before + 3, "the client stopped getting answers once unmeshed");
+    ensure!(answered(&pods, "client").await? > before + 3, "the client stopped getting answers once unmeshed");
 
     // Meshed again, then uninstalled: the pods keep talking, the node keeps nothing of Warren.
     namespaces.patch(&ns, &PatchParams::default(), &Patch::Merge(&label(Some("enabled")))).await?;
@@ -124,9 +125,9 @@ async fn walk(kubeconfig: &Path, tag: &str) -> Result<()> {
     for port in [15000, 15001, 15006, 15008, 15010, 15012] {
         ensure!(std::net::TcpStream::connect(("127.0.0.1", port)).is_err(), "something still listens on {port}");
     }
-    let before = answered(&pods).await?;
+    let before = answered(&pods, "client").await?;
     tokio::time::sleep(Duration::from_secs(2)).await;
-    ensure!(answered(&pods).await? > before + 3, "the pods stopped talking after helm uninstall");
+    ensure!(answered(&pods, "client").await? > before + 3, "the pods stopped talking after helm uninstall");
     namespaces.delete(&ns, &DeleteParams::default()).await?;
     Ok(())
 }
@@ -172,35 +173,6 @@ fn wait_enrolled(uids: &[String], enrolled: bool) -> Result<()> {
     });
     ensure!(done.is_some(), "pods not {} in time", if enrolled { "enrolled" } else { "un-enrolled" });
     Ok(())
-}
-
-async fn running_pod(pods: &Api<Pod>, name: &str, command: &str) -> Result<Pod> {
-    let object: Pod = serde_json::from_value(serde_json::json!({
-        "metadata": {"name": name},
-        "spec": {"containers": [{"name": "c", "image": "docker.io/library/busybox:1.35-local",
-                 "imagePullPolicy": "Never", "command": ["sh", "-c", command]}],
-                 "terminationGracePeriodSeconds": 1}
-    }))?;
-    let deadline = Instant::now() + Duration::from_secs(30);
-    loop {
-        // Admission refuses pods until the namespace's default ServiceAccount exists.
-        match pods.create(&PostParams::default(), &object).await {
-            Ok(_) => break,
-            Err(e) if Instant::now() < deadline && e.to_string().contains("serviceaccount") => {
-                tokio::time::sleep(Duration::from_millis(300)).await
-            }
-            Err(e) => return Err(e.into()),
-        }
-    }
-    tokio::time::timeout(Duration::from_secs(120), await_condition(pods.clone(), name, conditions::is_pod_running()))
-        .await
-        .map_err(|_| anyhow::anyhow!("pod {name} not Running within 120 s"))??;
-    Ok(pods.get(name).await?)
-}
-
-/// Requests the client's log says were answered (it prints `ok` after each).
-async fn answered(pods: &Api<Pod>) -> Result<usize> {
-    Ok(pods.logs("client", &Default::default()).await?.lines().filter(|l| *l == "ok").count())
 }
 
 fn contains(haystack: &[u8], needle: &[u8]) -> bool {
