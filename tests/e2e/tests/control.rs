@@ -299,19 +299,6 @@ async fn install_crds(client: &Client) -> anyhow::Result<()> {
     Ok(())
 }
 
-async fn create_pod(api: &Api<K8sPod>, pod: &K8sPod) -> anyhow::Result<K8sPod> {
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
-    loop {
-        match api.create(&PostParams::default(), pod).await {
-            Ok(created) => return Ok(created),
-            Err(e) if tokio::time::Instant::now() < deadline && e.to_string().contains("serviceaccount") => {
-                tokio::time::sleep(Duration::from_millis(300)).await
-            }
-            Err(e) => return Err(e.into()),
-        }
-    }
-}
-
 /// Polls the pinned maps from a blocking thread.
 async fn until_all_async(pins: &[PathBuf], timeout: Duration, what: &'static str, check: fn(&Path, SocketAddr) -> bool, vip: SocketAddr) -> Duration {
     let pins = pins.to_vec();
@@ -340,7 +327,7 @@ async fn api_scenario(kubeconfig: &Path) -> anyhow::Result<()> {
             "metadata": {"name": name, "labels": labels},
             "spec": {"nodeName": node.name, "containers": [{"name": "app", "image": "warren-testapp:local"}]}
         }))?;
-        let created = create_pod(&pods_api, &object).await?;
+        let created = warren_e2e::k8s::create_pod(&pods_api, &object).await?;
         let pod = node.add_pod_with_uid(name, false, created.metadata.uid.as_deref())?;
         let status = serde_json::json!({"status": {"phase": "Running", "podIP": pod.ip.to_string()}});
         pods_api.patch_status(name, &PatchParams::default(), &Patch::Merge(&status)).await?;
