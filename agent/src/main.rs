@@ -27,6 +27,10 @@ enum Command {
     },
     /// Print the version.
     Version,
+    /// The process of a gateway pod (a Deployment whose pods an Istio Gateway selects): it only holds the
+    /// pod; the node's agent serves the Gateway's ports in the pod's network namespace. Exits on SIGTERM.
+    #[command(after_help = "Example (the chart's gateway Deployment):\n  warren-agent gateway")]
+    Gateway,
     /// Whether the agent on this node is healthy, and why not: programs attached, maps and their fill,
     /// the controller's push stream and config version, certificate expiry, pods failing to enroll.
     /// Exits 1 when it is not healthy.
@@ -63,6 +67,10 @@ enum Inspect {
     Routes(inspect::ViewArgs),
     /// Fault injection rules (delays, aborts) the controller pushed.
     Faults(inspect::ViewArgs),
+    /// The Istio Gateways this node's gateway pods serve: per pod and port, each server's hosts, TLS and
+    /// credential, the VirtualServices bound to it, and why a server is refused.
+    #[command(after_help = "Example:\n  warren-agent inspect gateways --namespace istio-system")]
+    Gateways(inspect::ViewArgs),
     /// Per local workload, the AuthorizationPolicies that apply in evaluation order (DENY, ALLOW, AUDIT),
     /// and the plaintext connections the kernel refuses.
     #[command(after_help = "Example:\n  warren-agent inspect policies --hits --pod reviews-v1-7f9")]
@@ -93,6 +101,7 @@ fn main() -> ExitCode {
             Ok(())
         }
         Command::Inspect { what } => inspect_view(what).map(|text| print!("{text}")),
+        Command::Gateway => hold_gateway_pod(),
         Command::Status { admin_addr, node } => {
             let status = inspect::status::collect(&node.pin_dir, &node.run_dir, admin_addr);
             match inspect::status::render(&status, node.output) {
@@ -110,6 +119,20 @@ fn main() -> ExitCode {
             ExitCode::FAILURE
         }
     }
+}
+
+/// Holds a gateway pod until the kubelet stops it: the Gateway's servers are the node agent's.
+fn hold_gateway_pod() -> anyhow::Result<()> {
+    let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
+    runtime.block_on(async {
+        let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
+        println!("warren-agent gateway: this pod's Gateway servers are served by the warren-agent of its node");
+        tokio::select! {
+            _ = term.recv() => {}
+            _ = tokio::signal::ctrl_c() => {}
+        }
+        Ok(())
+    })
 }
 
 /// A command-line error on one line, with what would fix it (clap spreads it over several).
@@ -131,6 +154,7 @@ fn inspect_view(what: Inspect) -> anyhow::Result<String> {
         Inspect::Services(view) => live::config(&view, ConfigView::Services),
         Inspect::Routes(view) => live::config(&view, ConfigView::Routes),
         Inspect::Faults(view) => live::config(&view, ConfigView::Faults),
+        Inspect::Gateways(view) => live::config(&view, ConfigView::Gateways),
         Inspect::Policies { view, hits } => live::policies(&view, hits),
         Inspect::Maps(node) => {
             inspect::require_running_agent(&node.run_dir).and_then(|_| inspect::maps::render(&node.pin_dir, node.output))

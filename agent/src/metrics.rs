@@ -47,6 +47,11 @@ pub struct Metrics {
     pub policy_refused: Counter,
     /// Outbound connections to a service address with no endpoint to route to.
     pub no_endpoint: Counter,
+    /// Outbound connections refused by `outboundTrafficPolicy: REGISTRY_ONLY` (the destination is unknown).
+    pub registry_only_refused: Counter,
+    /// Gateway connections refused: no server for the SNI, a TLS handshake that failed, a server that
+    /// cannot be served as written.
+    pub gateway_refused: Counter,
 }
 
 impl Metrics {
@@ -93,6 +98,16 @@ impl Metrics {
             "warren_outbound_no_endpoint",
             "Connections to a service address that had no endpoint to route to",
             self.no_endpoint.clone(),
+        );
+        registry.register(
+            "warren_outbound_registry_only_refused",
+            "Outbound connections refused by outboundTrafficPolicy REGISTRY_ONLY",
+            self.registry_only_refused.clone(),
+        );
+        registry.register(
+            "warren_gateway_refused",
+            "Gateway connections refused (no server for the host, TLS handshake failed, server refused as written)",
+            self.gateway_refused.clone(),
         );
         registry.register(
             "warren_original_dst_missing",

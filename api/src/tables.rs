@@ -52,6 +52,11 @@ pub enum Resource {
     Route(Route),
     Policy(Policy),
     PeerAuthentication(PeerAuthentication),
+    Gateway(Gateway),
+    /// A TLS credential (a `credentialName` Secret), pushed only to the nodes of the gateway pods using it.
+    Credential(Credential),
+    /// The mesh-wide settings of Istio's `meshConfig` Warren honours.
+    MeshConfig(MeshConfig),
 }
 
 impl Resource {
@@ -66,7 +71,164 @@ impl Resource {
             Resource::PeerAuthentication(p) => {
                 format!("peerauthentication/{}/{}", p.metadata.namespace, p.metadata.name)
             }
+            Resource::Gateway(g) => format!("gateway/{}/{}", g.origin.namespace, g.origin.name),
+            Resource::Credential(c) => format!("credential/{}/{}", c.namespace, c.name),
+            Resource::MeshConfig(_) => "meshconfig//mesh".into(),
         }
+    }
+}
+
+/// Istio's `meshConfig.outboundTrafficPolicy.mode`: where enrolled pods may connect outside the registry.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "SCREAMING_SNAKE_CASE")]
+pub enum OutboundTrafficPolicy {
+    /// Anywhere (Istio's default): destinations the registry does not know pass through.
+    #[default]
+    AllowAny,
+    /// Only to services, ServiceEntries and mesh workloads; anything else is refused.
+    RegistryOnly,
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct MeshConfig {
+    #[serde(default)]
+    pub outbound_traffic_policy: OutboundTrafficPolicy,
+    /// The ConfigMap it was read from (`istio` in the root namespace), when one was.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub origin: Option<Origin>,
+}
+
+/// An Istio Gateway, resolved: the pods its selector picks, and its servers.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Gateway {
+    pub origin: Origin,
+    /// `namespace/name` of the pods whose labels the selector matches (any namespace, as Istio).
+    #[serde(default)]
+    pub workloads: Vec<String>,
+    #[serde(default)]
+    pub servers: Vec<GatewayServer>,
+}
+
+impl Gateway {
+    /// `namespace/name`, as VirtualServices' `gateways` name it once qualified.
+    pub fn key(&self) -> String {
+        format!("{}/{}", self.origin.namespace, self.origin.name)
+    }
+}
+
+/// What a gateway server's port carries.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum GatewayProtocol {
+    #[default]
+    Http,
+    Https,
+    Http2,
+    Grpc,
+    Tcp,
+    Tls,
+}
+
+impl GatewayProtocol {
+    pub fn parse(name: &str) -> Option<GatewayProtocol> {
+        Some(match name.to_ascii_uppercase().as_str() {
+            "HTTP" => GatewayProtocol::Http,
+            "HTTPS" => GatewayProtocol::Https,
+            "HTTP2" => GatewayProtocol::Http2,
+            "GRPC" => GatewayProtocol::Grpc,
+            "TCP" => GatewayProtocol::Tcp,
+            "TLS" => GatewayProtocol::Tls,
+            _ => return None,
+        })
+    }
+
+    /// Requests are routed one by one (VirtualService `http` rules).
+    pub fn is_http(self) -> bool {
+        matches!(self, GatewayProtocol::Http | GatewayProtocol::Https | GatewayProtocol::Http2 | GatewayProtocol::Grpc)
+    }
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct GatewayServer {
+    /// `spec.servers[i]`: where messages point.
+    pub index: usize,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub name: Option<String>,
+    /// `port.number` as written.
+    pub port: u16,
+    /// The ports the gateway pods receive it on: the number itself, and the `targetPort` of a Service port
+    /// of that number that selects the gateway pods (as Istio maps a gateway Service's ports).
+    pub listen_ports: Vec<u16>,
+    pub protocol: GatewayProtocol,
+    /// `namespace/host` (a bare host is `*/host`), as written.
+    pub hosts: Vec<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tls: Option<ServerTls>,
+    /// Why the server cannot be served as written (a TLS setting Warren cannot enforce): connections to it
+    /// are refused (fail closed) rather than served with less security than asked.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub refused: Option<String>,
+}
+
+/// `servers[].tls`.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct ServerTls {
+    pub mode: ServerTlsMode,
+    /// `credentialName`: a Secret in the gateway pod's namespace (as Istio looks it up).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub credential: Option<String>,
+    /// `httpsRedirect`: plaintext requests are answered 301 to https.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub https_redirect: bool,
+    /// `minProtocolVersion` / `maxProtocolVersion`: TLSV1_2 or TLSV1_3 (`None`: both).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub min_version: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_version: Option<String>,
+}
+
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "SCREAMING_SNAKE_CASE")]
+pub enum ServerTlsMode {
+    /// Not set: only `httpsRedirect` (or nothing).
+    #[default]
+    None,
+    Simple,
+    /// SIMPLE, and the client must present a certificate the credential's CA signed.
+    Mutual,
+    Passthrough,
+}
+
+/// A TLS credential: the PEM certificate chain and key (`tls.crt`/`tls.key` or `cert`/`key`), and the CA
+/// that client certificates must chain to for MUTUAL (`ca.crt`/`cacert`, or the `<name>-cacert` Secret).
+#[derive(Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Credential {
+    pub namespace: String,
+    pub name: String,
+    pub cert_pem: String,
+    pub key_pem: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ca_pem: Option<String>,
+    /// Nodes that run a gateway pod using it: the only agents it is pushed to.
+    #[serde(default)]
+    pub nodes: Vec<String>,
+    pub origin: Origin,
+}
+
+/// Never prints the key.
+impl std::fmt::Debug for Credential {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Credential")
+            .field("namespace", &self.namespace)
+            .field("name", &self.name)
+            .field("nodes", &self.nodes)
+            .field("origin", &self.origin)
+            .finish_non_exhaustive()
     }
 }
 
@@ -91,6 +253,27 @@ pub struct Service {
     /// The DestinationRule that defined the subsets.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub subset_origin: Option<Origin>,
+    /// A ServiceEntry's `addresses` that are CIDR blocks (and single addresses): with resolution NONE,
+    /// connections to any address in them on a service port are the entry's, and go where the client sent
+    /// them.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub address_blocks: Vec<crate::authz::IpNet>,
+    /// A ServiceEntry's `resolution` (`None` for Kubernetes Services).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub resolution: Option<Resolution>,
+}
+
+/// ServiceEntry `resolution`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "SCREAMING_SNAKE_CASE")]
+pub enum Resolution {
+    /// To the address the client connected to.
+    None,
+    /// To the listed endpoints' addresses.
+    Static,
+    /// To the addresses the entry's host (or each endpoint's name) resolves to, looked up at connect time.
+    Dns,
+    DnsRoundRobin,
 }
 
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -181,6 +364,10 @@ pub struct Endpoint {
     pub subsets: Vec<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub locality: Option<String>,
+    /// A ServiceEntry endpoint written as a DNS name (resolution DNS): looked up at connect time; `ip`
+    /// is unspecified until then.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub hostname: Option<String>,
 }
 
 impl Service {
@@ -207,6 +394,7 @@ pub struct Route {
     pub services: Vec<String>,
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub hosts: Vec<String>,
+    /// As written; [`Route::binds`] resolves them.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub gateways: Vec<String>,
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
@@ -217,6 +405,29 @@ pub struct Route {
     /// annotations): decided in the kernel, at connect().
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub connect_fault: Option<ConnectFault>,
+}
+
+impl Route {
+    /// Whether the route applies to `gateway` (`namespace/name`, or `mesh`): a route with no `gateways` is
+    /// the mesh's; a short gateway name is in the route's own namespace, as Istio resolves it.
+    pub fn binds(&self, gateway: &str) -> bool {
+        if self.gateways.is_empty() {
+            return gateway == MESH_GATEWAY;
+        }
+        self.gateways.iter().any(|g| qualify_gateway(g, &self.origin.namespace) == gateway)
+    }
+}
+
+/// The reserved gateway name of sidecar (here: agent) traffic.
+pub const MESH_GATEWAY: &str = "mesh";
+
+/// A VirtualService's `gateways` entry as `namespace/name` (`mesh` stays `mesh`).
+pub fn qualify_gateway(gateway: &str, namespace: &str) -> String {
+    match gateway {
+        MESH_GATEWAY => gateway.to_string(),
+        g if g.contains('/') => g.to_string(),
+        g => format!("{namespace}/{g}"),
+    }
 }
 
 /// Connection-level fault injection, a Warren extension: a share of connects to the service fails with

@@ -340,7 +340,6 @@ mod tests {
             "Error [IST0101] (VirtualService other/c) spec.tcp[0].route[0].destination.host: Referenced host not found: \"reviews.shop\"",
             "Error [IST0173] (DestinationRule shop/reviews) spec.subsets[1]: The Subset v2 defined in the DestinationRule does not select any pods. Which may lead to 503 UH (NoHealthyUpstream).",
             "Warning [IST0174] (DestinationRule shop/typo) spec.host: The host reveiws defined in the DestinationRule does not match any services in the mesh.",
-            "Warning [WAR0101] (VirtualService shop/b) spec.gateways[1]: \"edge\": only the mesh gateway is served (Warren has no gateways yet): routes bound to other gateways are not applied",
             "Info [IST0102] (Namespace other) The namespace is not enrolled in the mesh. Run 'kubectl label namespace other warren.dev/mesh=enabled' to enroll it, or 'kubectl label namespace other warren.dev/mesh=disabled' to mark it as not needing it.",
         ];
         for line in expect {

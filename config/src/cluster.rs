@@ -24,6 +24,10 @@ pub struct ClusterState {
     pub service_entries: Vec<ServiceEntry>,
     pub authorization_policies: Vec<AuthorizationPolicy>,
     pub peer_authentications: Vec<PeerAuthentication>,
+    /// Secrets: the TLS credentials gateways name (`credentialName`).
+    pub secrets: Vec<core::Secret>,
+    /// The `istio` ConfigMaps (Istio's mesh config, key `mesh`); the root namespace's applies.
+    pub mesh_config_maps: Vec<core::ConfigMap>,
     /// What reading the input found on the way (skipped kinds, unreadable files or objects), for `analyze`
     /// and the controller's log.
     pub notices: Vec<crate::analyze::Message>,
@@ -138,6 +142,13 @@ impl ClusterState {
             service_entries: list(&client, "ServiceEntries").await?,
             authorization_policies: list(&client, "AuthorizationPolicies").await?,
             peer_authentications,
+            // Reading Secrets may be forbidden to whoever runs analyze: then credentials are not checked.
+            secrets: list(&client, "secrets").await.unwrap_or_default(),
+            mesh_config_maps: list::<core::ConfigMap>(&client, "configmaps")
+                .await?
+                .into_iter()
+                .filter(|c| c.metadata.name.as_deref() == Some(crate::compile::MESH_CONFIG_MAP))
+                .collect(),
             ..Default::default()
         })
     }

@@ -42,7 +42,6 @@ const HTTP2_ERROR: &str = "is not implemented (Istio does not support it either)
 const TCP_MATCH: &str = "is not evaluated yet: this match is not applied (a rule whose matches are all unapplied is skipped)";
 const TLS_ROUTES: &str = "TLS (SNI) routing is not implemented: TLS connections take the tcp rules, or the service itself";
 const EXPORT_TO: &str = "only \"*\" (the default) is implemented: the object is visible to every namespace";
-const GATEWAYS: &str = "only the mesh gateway is served (Warren has no gateways yet): routes bound to other gateways are not applied";
 const RESILIENCE: &str = "is not implemented yet: the agent connects to a random endpoint of the destination with no limits";
 const CLIENT_TLS: &str = "is not implemented: the agent uses HBONE mTLS to enrolled destinations and plaintext to others";
 const SELECTOR_DR: &str = "is not implemented: the DestinationRule applies to every client";
@@ -50,7 +49,10 @@ const SE_ENDPOINT: &str = "is not implemented: endpoints are used by address wit
 const ALLOW_CLOSED: &str = "is not enforced yet: fail closed — an ALLOW rule that uses it matches nothing";
 const DENY_CLOSED: &str = "is not enforced yet: fail closed — this DENY rule applies without it (denies more, never less)";
 const TARGET_REF: &str = "is not supported: fail closed — the policy applies to every workload in its namespace";
-pub const GATEWAY_KIND: &str = "Warren has no gateways yet: this Gateway is checked, not served";
+const GATEWAY_TLS_FILES: &str = "is not supported (files in the gateway pod): use credentialName; a server that needs it is refused";
+const GATEWAY_PINNING: &str = "cannot be enforced: fail closed — connections to this server are refused";
+const CIPHER_SUITES: &str = "is not implemented: the gateway offers rustls' default suites (TLS 1.2 AEAD and TLS 1.3 only)";
+const BIND: &str = "is not implemented: the gateway serves the port on every address of its pods";
 
 type Table = HashMap<String, Support>;
 
@@ -71,7 +73,7 @@ fn virtual_service() -> Table {
     use Support::*;
     let mut t = table(&[
         ("hosts", Field),
-        ("gateways", Values(&["mesh"], GATEWAYS)),
+        ("gateways", Field),
         ("exportTo", Values(&["*"], EXPORT_TO)),
         ("tls", Unsupported(TLS_ROUTES)),
         ("http", Field),
@@ -215,19 +217,33 @@ fn destination_rule() -> Table {
 
 fn gateway() -> Table {
     use Support::*;
-    // Nothing here is served yet (GATEWAY_KIND says so once); the fields are listed so typos are named.
     table(&[
         ("selector", Map),
         ("servers", Field),
         ("servers[].port", Field),
         ("servers[].port.number", Field),
         ("servers[].port.name", Field),
-        ("servers[].port.protocol", Field),
-        ("servers[].port.targetPort", Field),
-        ("servers[].bind", Field),
+        ("servers[].port.protocol", Values(&["HTTP", "HTTPS", "HTTP2", "GRPC"], "only HTTP servers are served (HTTP, HTTPS, HTTP2, GRPC): connections to this server are refused")),
+        ("servers[].port.targetPort", Unsupported("is deprecated and not implemented: the gateway listens on the port and the target ports of its Services")),
+        ("servers[].bind", Unsupported(BIND)),
         ("servers[].hosts", Field),
         ("servers[].tls", Field),
-        ("servers[].defaultEndpoint", Field),
+        ("servers[].tls.mode", Values(&["SIMPLE", "MUTUAL"], "is not implemented: fail closed — connections to this server are refused")),
+        ("servers[].tls.httpsRedirect", Field),
+        ("servers[].tls.credentialName", Field),
+        ("servers[].tls.credentialNames", Unsupported(GATEWAY_TLS_FILES)),
+        ("servers[].tls.tlsCertificates", Unsupported(GATEWAY_TLS_FILES)),
+        ("servers[].tls.serverCertificate", Unsupported(GATEWAY_TLS_FILES)),
+        ("servers[].tls.privateKey", Unsupported(GATEWAY_TLS_FILES)),
+        ("servers[].tls.caCertificates", Unsupported(GATEWAY_TLS_FILES)),
+        ("servers[].tls.caCrl", Unsupported(GATEWAY_PINNING)),
+        ("servers[].tls.subjectAltNames", Unsupported(GATEWAY_PINNING)),
+        ("servers[].tls.verifyCertificateSpki", Unsupported(GATEWAY_PINNING)),
+        ("servers[].tls.verifyCertificateHash", Unsupported(GATEWAY_PINNING)),
+        ("servers[].tls.minProtocolVersion", Values(&["TLS_AUTO", "TLSV1_0", "TLSV1_1", "TLSV1_2", "TLSV1_3"], "is not a TLS version")),
+        ("servers[].tls.maxProtocolVersion", Values(&["TLS_AUTO", "TLSV1_2", "TLSV1_3"], "below TLSV1_2 cannot be served: fail closed — connections are refused")),
+        ("servers[].tls.cipherSuites", Unsupported(CIPHER_SUITES)),
+        ("servers[].defaultEndpoint", Unsupported("is for sidecars only (as in Istio): ignored")),
         ("servers[].name", Field),
     ])
 }
@@ -243,7 +259,7 @@ fn service_entry() -> Table {
         ("ports[].name", Field),
         ("ports[].targetPort", Field),
         ("location", Values(&["MESH_EXTERNAL"], "MESH_INTERNAL is not implemented: endpoints are reached in plaintext, without identities")),
-        ("resolution", Values(&["STATIC"], "only STATIC is implemented: connections go to the listed endpoints' addresses")),
+        ("resolution", Field),
         ("endpoints", Field),
         ("endpoints[].address", Field),
         ("endpoints[].labels", Map),
@@ -370,9 +386,6 @@ pub fn review(kind: &str, spec: &Value) -> Vec<FieldError> {
     let action = spec.get("action").and_then(Value::as_str).unwrap_or("ALLOW");
     let Some(table) = fields_of(kind, action) else { return Vec::new() };
     let mut walk = Walk { kind, table, found: Vec::new() };
-    if kind == "Gateway" {
-        walk.found.push(FieldError { field: "spec".into(), reason: GATEWAY_KIND.into() });
-    }
     walk.object(spec, "", "spec");
     walk.found
 }

@@ -756,10 +756,10 @@ fn check_gateway_server(errors: &mut Errors, at: &str, server: &GatewayServer) {
         };
         check_host(errors, format!("{at}.hosts[{i}]"), name);
     }
-    if let Some(mode) = server.tls.as_ref().and_then(|t| t.get("mode")) {
+    if let Some(mode) = server.tls.as_ref().and_then(|t| t.mode.as_deref()) {
         let modes = ["PASSTHROUGH", "SIMPLE", "MUTUAL", "AUTO_PASSTHROUGH", "ISTIO_MUTUAL", "OPTIONAL_MUTUAL"];
-        if !mode.as_str().is_some_and(|m| modes.contains(&m)) {
-            errors.add(format!("{at}.tls.mode"), format!("{mode} is not a TLS mode ({})", modes.join(", ")));
+        if !modes.contains(&mode) {
+            errors.add(format!("{at}.tls.mode"), format!("{mode:?} is not a TLS mode ({})", modes.join(", ")));
         }
     }
 }

@@ -41,9 +41,17 @@ where
     K: Resource + Clone + DeserializeOwned + std::fmt::Debug + Send + Sync + 'static,
     K::DynamicType: Default + Eq + std::hash::Hash + Clone,
 {
+    watch_selected(api, watcher::Config::default(), changed, what)
+}
+
+fn watch_selected<K>(api: Api<K>, config: watcher::Config, changed: Arc<Notify>, what: &'static str) -> Store<K>
+where
+    K: Resource + Clone + DeserializeOwned + std::fmt::Debug + Send + Sync + 'static,
+    K::DynamicType: Default + Eq + std::hash::Hash + Clone,
+{
     let (store, writer) = reflector::store();
     tokio::spawn(async move {
-        let mut stream = reflector(writer, watcher(api, watcher::Config::default())).default_backoff().touched_objects().boxed();
+        let mut stream = reflector(writer, watcher(api, config)).default_backoff().touched_objects().boxed();
         while let Some(event) = stream.next().await {
             if let Err(e) = event {
                 warn!("{what} watch: {e}");
@@ -65,6 +73,17 @@ struct Stores {
     service_entries: Store<ServiceEntry>,
     authorization_policies: Store<AuthorizationPolicy>,
     peer_authentications: Store<peer_authentication::PeerAuthentication>,
+    /// TLS credentials for gateways' `credentialName`.
+    secrets: Store<core::Secret>,
+    /// `istio` ConfigMaps (Istio's mesh config).
+    mesh_config_maps: Store<core::ConfigMap>,
+}
+
+/// Only Secrets that hold a certificate, a key or a CA as Istio's credentials do are kept in the state.
+fn is_credential(secret: &core::Secret) -> bool {
+    const KEYS: [&str; 6] = ["tls.crt", "tls.key", "cert", "key", "ca.crt", "cacert"];
+    let has = |keys: Option<Vec<&String>>| keys.is_some_and(|k| k.iter().any(|k| KEYS.contains(&k.as_str())));
+    has(secret.data.as_ref().map(|d| d.keys().collect())) || has(secret.string_data.as_ref().map(|d| d.keys().collect()))
 }
 
 fn all<K: Clone>(objects: Vec<Arc<K>>) -> Vec<K> {
@@ -93,6 +112,8 @@ impl Stores {
                     serde_json::from_value::<PeerAuthentication>(value).ok()
                 })
                 .collect(),
+            secrets: self.secrets.state().iter().filter(|s| is_credential(s)).map(|s| (**s).clone()).collect(),
+            mesh_config_maps: all(self.mesh_config_maps.state()),
             ..Default::default()
         }
     }
@@ -117,6 +138,8 @@ impl Stores {
             let _ = self.service_entries.wait_until_ready().await;
             let _ = self.authorization_policies.wait_until_ready().await;
             let _ = self.peer_authentications.wait_until_ready().await;
+            let _ = self.secrets.wait_until_ready().await;
+            let _ = self.mesh_config_maps.wait_until_ready().await;
         };
         if tokio::time::timeout(Duration::from_secs(5), istio).await.is_err() {
             warn!("Istio's CRDs are not (all) served yet (install deploy/helm/warren/crds/istio.yaml); continuing, their watches retry");
@@ -140,7 +163,14 @@ pub async fn kubernetes(client: Client) -> Result<watch::Receiver<ClusterState>>
         gateways: watch_kind(Api::all(client.clone()), c(), "Gateway"),
         service_entries: watch_kind(Api::all(client.clone()), c(), "ServiceEntry"),
         authorization_policies: watch_kind(Api::all(client.clone()), c(), "AuthorizationPolicy"),
-        peer_authentications: watch_kind(Api::all(client), c(), "PeerAuthentication"),
+        peer_authentications: watch_kind(Api::all(client.clone()), c(), "PeerAuthentication"),
+        secrets: watch_kind(Api::all(client.clone()), c(), "secret"),
+        mesh_config_maps: watch_selected(
+            Api::all(client),
+            watcher::Config::default().fields(&format!("metadata.name={}", warren_config::compile::MESH_CONFIG_MAP)),
+            c(),
+            "istio ConfigMap",
+        ),
     };
     stores.wait_until_ready().await?;
     let initial = stores.snapshot();

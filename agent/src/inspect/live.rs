@@ -142,6 +142,7 @@ pub enum ConfigView {
     Services,
     Routes,
     Faults,
+    Gateways,
 }
 
 fn join(v: &Value) -> String {
@@ -172,6 +173,11 @@ fn percent(value: &Value) -> String {
     value.as_f64().map(|p| format!("{p}")).unwrap_or_else(|| text(value))
 }
 
+/// The namespace of an origin as the views print it: `VirtualService bookinfo/reviews (generation 2)`.
+fn origin_namespace(origin: &Value) -> Option<&str> {
+    origin.as_str()?.split(' ').nth(1)?.split_once('/').map(|(namespace, _)| namespace)
+}
+
 /// Fails when `--pod` is given to a view that is not per pod.
 fn only_namespace(scope: &Scope, view: &str) -> Result<()> {
     if let Some(pod) = &scope.pod {
@@ -187,11 +193,16 @@ pub fn config(args: &ViewArgs, what: ConfigView) -> Result<String> {
         ConfigView::Services => "services",
         ConfigView::Routes => "routes",
         ConfigView::Faults => "faults",
+        ConfigView::Gateways => "gateways",
     };
-    only_namespace(&args.scope, key)?;
+    if what != ConfigView::Gateways {
+        only_namespace(&args.scope, key)?;
+    }
     let mut view = fetch(args.admin_addr, "/config")?;
-    if let Some(namespace) = &args.scope.namespace {
-        retain(&mut view[key], |item| item["origin"]["namespace"] == namespace.as_str());
+    if what == ConfigView::Gateways {
+        retain(&mut view[key], |item| item["pod"].as_str().is_some_and(|pod| args.scope.admits_pod(pod)));
+    } else if let Some(namespace) = &args.scope.namespace {
+        retain(&mut view[key], |item| origin_namespace(&item["origin"]) == Some(namespace.as_str()));
     }
     let selected = serde_json::json!({"version": view["version"], "push": view["push"], key: view[key]});
     if let Some(text) = structured(&selected, args.output) {
@@ -269,6 +280,33 @@ pub fn config(args: &ViewArgs, what: ConfigView) -> Result<String> {
                 vec![join(&f["services"]), text(&f["rule"]), delay, abort, f["matches"].to_string(), text(&f["origin"])]
             })
             .collect(),
+        ConfigView::Gateways => items
+            .iter()
+            .flat_map(|g| {
+                let servers = g["servers"].as_array().cloned().unwrap_or_default();
+                servers
+                    .into_iter()
+                    .map(|s| {
+                        let tls = match (s["tls"].as_str(), s["credential"].as_str()) {
+                            (Some(mode), Some(credential)) => format!("{mode} {credential}"),
+                            (Some(mode), None) => mode.to_string(),
+                            _ => "-".into(),
+                        };
+                        let status = s["refused"].as_str().map(|r| format!("refused: {r}")).unwrap_or("serving".into());
+                        vec![
+                            text(&g["pod"]),
+                            text(&s["port"]),
+                            format!("{} {}", text(&s["gateway"]), text(&s["server"])),
+                            text(&s["protocol"]),
+                            join(&s["hosts"]),
+                            tls,
+                            join(&s["virtualServices"]),
+                            status,
+                        ]
+                    })
+                    .collect::<Vec<_>>()
+            })
+            .collect(),
     };
     out += &match what {
         ConfigView::Services => {
@@ -276,6 +314,7 @@ pub fn config(args: &ViewArgs, what: ConfigView) -> Result<String> {
         }
         ConfigView::Routes => table(&["HOSTS", "RULE", "MATCH", "DESTINATIONS", "FROM"], &rows),
         ConfigView::Faults => table(&["SERVICES", "RULE", "DELAY", "ABORT", "MATCH", "FROM"], &rows),
+        ConfigView::Gateways => table(&["POD", "PORT", "GATEWAY", "PROTOCOL", "HOSTS", "TLS", "VIRTUAL SERVICES", "STATUS"], &rows),
     };
     Ok(out)
 }

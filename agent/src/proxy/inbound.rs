@@ -14,10 +14,18 @@ use tokio_rustls::TlsAcceptor;
 use tracing::{info, warn};
 use warren_identity::Identity;
 
-use super::{Direction, ProxyShared, Record, authz::Enforcer, connect_from, forward, hbone, http};
+use super::{
+    Direction, ProxyShared, Record,
+    authz::Enforcer,
+    connect_from, forward,
+    gateway::{self, GatewayPod},
+    hbone, http,
+};
 use crate::{inpod::Netns, state::peer_authentication::Mode};
 
-pub async fn serve(listener: TcpListener, netns: Arc<Netns>, pod: Arc<String>, shared: ProxyShared) {
+/// `gateway`: the pod as a gateway (its outbound upstreams), for connections to a server port of a Gateway
+/// that selects it.
+pub async fn serve(listener: TcpListener, netns: Arc<Netns>, pod: Arc<String>, gateway: Arc<GatewayPod>, shared: ProxyShared) {
     info!(pod = %pod, addr = ?listener.local_addr().ok(), "inbound listener ready");
     let workload = http::Upstreams::local(netns.clone(), shared.clone());
     loop {
@@ -32,6 +40,13 @@ pub async fn serve(listener: TcpListener, netns: Arc<Netns>, pod: Arc<String>, s
         let Ok(destination) = client.local_addr() else {
             continue;
         };
+        // A gateway's server port: served as the gateway (its clients are outside the mesh, so neither
+        // PeerAuthentication nor the workload's policies apply here, as in Istio).
+        let servers = shared.tables().gateways().servers(&pod, destination.port()).cloned();
+        if let Some(servers) = servers {
+            tokio::spawn(gateway::serve(client, peer, destination, servers, gateway.clone(), shared.clone()));
+            continue;
+        }
         // PeerAuthentication: STRICT takes mTLS (HBONE) only; plaintext is closed at once.
         if shared.mesh.read().unwrap().inbound_mode(&destination) == Mode::Strict {
             shared.metrics.plaintext_refused.inc();

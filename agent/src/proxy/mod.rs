@@ -11,6 +11,7 @@
 pub mod authz;
 pub mod connections;
 pub mod copy;
+pub mod gateway;
 pub mod hbone;
 pub mod http;
 pub mod inbound;
@@ -84,6 +85,8 @@ impl ProxyShared {
 pub enum Direction {
     Outbound,
     Inbound,
+    /// Into the mesh through a gateway pod's server.
+    Gateway,
 }
 
 impl Direction {
@@ -91,6 +94,7 @@ impl Direction {
         match self {
             Direction::Outbound => "outbound",
             Direction::Inbound => "inbound",
+            Direction::Gateway => "gateway",
         }
     }
     fn labels(self) -> DirectionLabels {

@@ -6,7 +6,7 @@ use std::{net::SocketAddr, sync::Arc};
 
 use tokio::net::{TcpListener, TcpStream};
 use tracing::{info, warn};
-use warren_api::tables::AppProtocol;
+use warren_api::tables::{AppProtocol, OutboundTrafficPolicy};
 use warren_identity::Identity;
 use warren_maps::ConnectionKey;
 
@@ -22,10 +22,10 @@ pub async fn serve(
     netns: Arc<Netns>,
     pod: Arc<String>,
     source: Option<Identity>,
+    upstreams: Arc<http::Upstreams>,
     shared: ProxyShared,
 ) {
     info!(pod = %pod, addr = ?listener.local_addr().ok(), "outbound listener ready");
-    let upstreams = http::Upstreams::new(netns.clone(), source.clone(), shared.clone());
     loop {
         let (client, peer) = match listener.accept().await {
             Ok(accepted) => accepted,
@@ -85,15 +85,21 @@ impl Outbound {
 
     async fn proxy_tcp(self, shared: ProxyShared) {
         let Outbound { client, peer, original, netns, pod, source } = self;
+        // REGISTRY_ONLY: what the registry does not know is refused (Istio's BlackHoleCluster).
+        let tables = shared.tables();
+        if tables.outbound_traffic_policy() == OutboundTrafficPolicy::RegistryOnly && !tables.registered(&original) {
+            shared.metrics.registry_only_refused.inc();
+            warn!(pod = %pod, client = %peer, destination = %original, "outboundTrafficPolicy REGISTRY_ONLY: not in the registry; refused");
+            return reset(client);
+        }
+        drop(tables);
         // A service address goes to one of its endpoints, by the route the controller pushed.
-        let original = match resolve_service(&shared, original) {
+        let original = match resolve_service(&shared, original).await {
             Ok(target) => target,
             Err(e) => {
                 shared.metrics.no_endpoint.inc();
                 warn!(pod = %pod, client = %peer, destination = %original, "{e}; closing");
-                #[allow(deprecated)]
-                let _ = client.set_linger(Some(std::time::Duration::ZERO));
-                return;
+                return reset(client);
             }
         };
         let hbone = shared.hbone.clone().zip(source).and_then(|(pool, source)| {
@@ -121,18 +127,26 @@ impl Outbound {
     }
 }
 
+/// A zero linger: the client sees a reset, not an orderly close.
+fn reset(client: TcpStream) {
+    #[allow(deprecated)]
+    let _ = client.set_linger(Some(std::time::Duration::ZERO));
+}
+
 /// `destination` itself unless it is a service VIP:port; then an endpoint picked by the L4 route's weights
 /// (spread over the chosen service or subset's endpoints).
-fn resolve_service(shared: &ProxyShared, destination: SocketAddr) -> Result<SocketAddr, String> {
-    let tables = shared.tables();
-    let Some(route) = tables.l4_route(&destination) else {
-        return Ok(destination);
+async fn resolve_service(shared: &ProxyShared, destination: SocketAddr) -> Result<SocketAddr, String> {
+    let target = {
+        let tables = shared.tables();
+        let Some(route) = tables.l4_route(&destination) else {
+            return Ok(destination);
+        };
+        let chosen = pick_weighted(&route.destinations, random())
+            .ok_or_else(|| format!("service {} has no route destination", route.service))?;
+        // The same choice of port and endpoint as the L7 proxy's.
+        http::RouteTarget::resolve(&tables, chosen, destination.port(), Some(destination)).map_err(|e| e.to_string())?
     };
-    let chosen = pick_weighted(&route.destinations, random())
-        .ok_or_else(|| format!("service {} has no route destination", route.service))?;
-    // The same choice of port and endpoint as the L7 proxy's.
-    let target = http::RouteTarget::resolve(&tables, chosen, destination.port()).map_err(|e| e.to_string())?;
-    Ok(target.endpoint)
+    Ok(target.resolved().await.map_err(|e| e.to_string())?.endpoint)
 }
 
 /// A cheap random number (std's per-process random hash keys, mixed with a counter).

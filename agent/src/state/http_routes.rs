@@ -8,7 +8,7 @@ use http::{HeaderMap, HeaderName, Method, Uri};
 use regex::Regex;
 use warren_api::{
     http::{HttpMatchRequest, StringMatch},
-    tables::{HttpRule, Origin, Route},
+    tables::{HttpRule, Origin, Route, qualify_gateway},
 };
 
 /// One string condition of a match.
@@ -55,6 +55,8 @@ impl Matcher {
 /// What a match block can look at, beyond the request itself: where the request goes and who sends it.
 #[derive(Debug, Clone, Copy)]
 pub struct RequestContext<'a> {
+    /// Where the request came in: `mesh` (a workload's own request), or the gateway's `namespace/name`.
+    pub gateway: &'a str,
     /// The service port the client addressed.
     pub port: u16,
     /// The source workload's labels and namespace, when it is a pod the tables know.
@@ -76,12 +78,15 @@ pub struct CompiledMatch {
     port: Option<u16>,
     source_labels: BTreeMap<String, String>,
     source_namespace: Option<String>,
-    /// A block naming gateways but not `mesh` never applies to mesh traffic.
-    mesh: bool,
+    /// `gateways` of the block, qualified (`namespace/name`, `mesh`): when set, the block applies only to
+    /// requests through one of them.
+    gateways: Vec<String>,
+    /// A block that did not compile: matches nothing.
+    never: bool,
 }
 
 impl CompiledMatch {
-    fn compile(field: &str, m: &HttpMatchRequest) -> Result<Self, String> {
+    fn compile(field: &str, m: &HttpMatchRequest, namespace: &str) -> Result<Self, String> {
         let ignore_uri_case = m.ignore_uri_case.unwrap_or(false);
         let one = |name: &str, sm: &Option<StringMatch>, fold: bool| {
             sm.as_ref().map(|sm| Matcher::compile(&format!("{field}.{name}"), sm, fold)).transpose()
@@ -111,7 +116,8 @@ impl CompiledMatch {
             port: m.port.and_then(|p| u16::try_from(p).ok()),
             source_labels: m.source_labels.clone(),
             source_namespace: m.source_namespace.clone(),
-            mesh: m.gateways.is_empty() || m.gateways.iter().any(|g| g == "mesh"),
+            gateways: m.gateways.iter().map(|g| qualify_gateway(g, namespace)).collect(),
+            never: false,
         })
     }
 
@@ -134,7 +140,8 @@ impl CompiledMatch {
     pub fn matches(&self, method: &Method, uri: &Uri, headers: &HeaderMap, context: &RequestContext) -> bool {
         let header = |name: &HeaderName| headers.get(name).and_then(|v| v.to_str().ok());
         let authority = authority(headers, uri);
-        self.mesh
+        !self.never
+            && (self.gateways.is_empty() || self.gateways.iter().any(|g| g == context.gateway))
             && self.port.is_none_or(|p| p == context.port)
             && self.uri_matches(uri)
             && self.scheme.as_ref().is_none_or(|m| m.matches(uri.scheme_str().unwrap_or("http")))
@@ -215,14 +222,14 @@ impl CompiledRoute {
                     .iter()
                     .enumerate()
                     .filter_map(|(i, m)| {
-                        CompiledMatch::compile(&format!("spec.http[{index}].match[{i}]"), m)
+                        CompiledMatch::compile(&format!("spec.http[{index}].match[{i}]"), m, &route.origin.namespace)
                             .map_err(|e| errors.push(e))
                             .ok()
                     })
                     .collect::<Vec<_>>();
                 // Every block failed: the rule must match nothing rather than everything.
                 let unmatchable = !rule.matches.is_empty() && matches.is_empty();
-                let matches = if unmatchable { vec![CompiledMatch { mesh: false, ..Default::default() }] } else { matches };
+                let matches = if unmatchable { vec![CompiledMatch { never: true, ..Default::default() }] } else { matches };
                 let uri_regex_rewrite = rule.rewrite.as_ref().and_then(|r| r.uri_regex.as_ref()).and_then(|r| {
                     Regex::new(&r.pattern)
                         .map(|pattern| (pattern, regex_substitution(&r.rewrite)))
@@ -268,7 +275,7 @@ mod tests {
             map.append(HeaderName::from_bytes(k.as_bytes()).unwrap(), v.parse().unwrap());
         }
         let labels = BTreeMap::from([("app".to_string(), "sleep".to_string())]);
-        let context = RequestContext { port: 9080, source_labels: Some(&labels), source_namespace: Some("default") };
+        let context = RequestContext { gateway: warren_api::tables::MESH_GATEWAY, port: 9080, source_labels: Some(&labels), source_namespace: Some("default") };
         route.route(&method.parse().unwrap(), &uri.parse().unwrap(), &map, &context).map(|(r, _)| r.index)
     }
 

@@ -1,5 +1,6 @@
 //! What the agent knows: workloads (the model is shared with the controller, warren-config) and the
 //! pushed tables, indexed; the HTTP rules compiled for the L7 proxy.
+pub mod gateways;
 pub mod http_routes;
 mod tables;
 

@@ -12,11 +12,12 @@ use serde::Serialize;
 use warren_api::{
     admin::{AppliedPolicy, KernelVerdict, PoliciesView, WorkloadHits, WorkloadPolicies as ApiWorkloadPolicies},
     authz::{Action, Connection, DecidedBy, Decision, PlaintextVerdict, Policy, WorkloadPolicies, plaintext_table},
-    tables::{Resource, Route, Service, Tables, WeightedDestination},
+    authz::IpNet,
+    tables::{Endpoint, MeshConfig, OutboundTrafficPolicy, Resource, Route, Service, Tables, WeightedDestination},
     workloads::{Namespace, Pod, Workloads, peer_authentication::PeerAuthentication},
 };
 
-use super::http_routes::CompiledRoute;
+use super::{gateways::GatewayIndex, http_routes::CompiledRoute};
 use warren_maps::{
     MAX_ROUTE_DESTINATIONS, ROUTE_FROM_VIRTUAL_SERVICE, ROUTE_HAS_FAULT,
     ROUTE_HAS_HTTP_MATCHES, RouteDestination, ServiceKey, ServiceRoute, name_id,
@@ -44,6 +45,14 @@ pub struct MeshTables {
     /// Endpoint addresses (pod IP, target port) of service ports declared HTTP: where the inbound stage
     /// can decide per request.
     http_endpoints: std::collections::HashSet<SocketAddr>,
+    /// The Gateways this node's gateway pods serve.
+    gateways: GatewayIndex,
+    mesh_config: MeshConfig,
+    /// Every address the registry knows as a destination: service endpoints (pods, ServiceEntry endpoints)
+    /// and workloads. With REGISTRY_ONLY, only these, service addresses and `address_blocks` are reachable.
+    registered_ips: std::collections::HashSet<IpAddr>,
+    /// ServiceEntry address blocks (resolution NONE) with their service, checked in order.
+    address_blocks: Vec<(IpNet, Arc<Service>)>,
 }
 
 /// One workload's policies, compiled for this version.
@@ -80,6 +89,8 @@ impl MeshTables {
                             index.by_vip.insert(SocketAddr::new(*vip, port.port), s.clone());
                         }
                     }
+                    index.registered_ips.extend(s.endpoints.iter().filter(|e| e.hostname.is_none()).map(|e| e.ip));
+                    index.address_blocks.extend(s.address_blocks.iter().map(|block| (*block, s.clone())));
                     index.services.insert(s.key(), s);
                 }
                 Resource::Route(r) => {
@@ -90,11 +101,14 @@ impl MeshTables {
                 }
                 Resource::Policy(p) => index.policies.push(Arc::new(p.clone())),
                 Resource::Workload(p) => {
+                    index.registered_ips.extend(p.ips.iter().copied());
                     index.pods.insert(p.key(), Arc::new(p.clone()));
                 }
+                Resource::MeshConfig(m) => index.mesh_config = m.clone(),
                 _ => {}
             }
         }
+        index.gateways = GatewayIndex::new(&tables);
         index.tables = tables;
         index.index_authz();
         for (service, routes) in &index.routes {
@@ -126,8 +140,28 @@ impl MeshTables {
         self.services.get(key)
     }
 
+    /// The service at a VIP:port, or the ServiceEntry (resolution NONE) whose address block and port
+    /// take it.
     pub fn service_at(&self, vip: &SocketAddr) -> Option<&Arc<Service>> {
-        self.by_vip.get(vip)
+        self.by_vip.get(vip).or_else(|| {
+            let blocks = self.address_blocks.iter().filter(|(block, s)| block.contains(&vip.ip()) && s.port(vip.port()).is_some());
+            // The most specific block wins.
+            blocks.max_by_key(|(block, _)| block.prefix_len()).map(|(_, s)| s)
+        })
+    }
+
+    pub fn gateways(&self) -> &GatewayIndex {
+        &self.gateways
+    }
+
+    pub fn outbound_traffic_policy(&self) -> OutboundTrafficPolicy {
+        self.mesh_config.outbound_traffic_policy
+    }
+
+    /// Whether the registry knows `destination`: a service address (or a ServiceEntry's block) and port, or
+    /// the address of an endpoint or workload. What REGISTRY_ONLY lets through.
+    pub fn registered(&self, destination: &SocketAddr) -> bool {
+        self.service_at(destination).is_some() || self.registered_ips.contains(&destination.ip())
     }
 
     /// The compiled `http` rules that route `service` (`namespace/name`), if a VirtualService has any.
@@ -305,10 +339,11 @@ impl MeshTables {
         workloads
     }
 
-    pub fn endpoint_ip(&self, service: &str, subset: Option<&str>, pick: usize) -> Option<IpAddr> {
+    /// One endpoint of `service` (or its subset), the `pick`-th modulo their number.
+    pub fn endpoint(&self, service: &str, subset: Option<&str>, pick: usize) -> Option<&Endpoint> {
         let s = self.services.get(service)?;
         let endpoints: Vec<_> = s.endpoints_in(subset).collect();
-        (!endpoints.is_empty()).then(|| endpoints[pick % endpoints.len()].ip)
+        (!endpoints.is_empty()).then(|| endpoints[pick % endpoints.len()])
     }
 }
 
@@ -364,7 +399,8 @@ impl MeshTables {
             .iter()
             .map(|p| json!({"origin": p.origin.to_string(), "action": p.action, "meshWide": p.mesh_wide, "selector": p.selector, "rules": p.rules}))
             .collect();
-        json!({"version": self.version, "services": services, "routes": routes, "faults": faults, "policies": policies})
+        json!({"version": self.version, "services": services, "routes": routes, "faults": faults, "policies": policies,
+            "gateways": self.gateways.view(), "outboundTrafficPolicy": self.mesh_config.outbound_traffic_policy})
     }
 
     /// What `inspect policies` shows: per enrolled workload on `node`, the policies that apply in evaluation

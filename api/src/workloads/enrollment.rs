@@ -4,7 +4,9 @@ use std::collections::BTreeMap;
 
 use super::Pod;
 
-/// Namespace label `warren.dev/mesh=enabled` enrolls; pod label `warren.dev/mesh=disabled` opts out.
+/// Namespace label `warren.dev/mesh=enabled` enrolls; pod label `warren.dev/mesh=disabled` opts out, and
+/// `warren.dev/mesh=enabled` on a pod enrolls it whatever its namespace says (as Istio ambient's pod label:
+/// how a gateway's pods join the mesh in a namespace that is not in it).
 pub const MESH_LABEL: &str = "warren.dev/mesh";
 /// Istio ambient's namespace label, accepted as well: `istio.io/dataplane-mode=ambient`.
 pub const ISTIO_AMBIENT_LABEL: &str = "istio.io/dataplane-mode";
@@ -16,6 +18,9 @@ pub fn is_enrolled(pod: &Pod, namespace_labels: Option<&BTreeMap<String, String>
     let pod_label = |key: &str| pod.labels.get(key).map(String::as_str);
     if pod_label(MESH_LABEL) == Some("disabled") || pod_label(ISTIO_AMBIENT_LABEL) == Some("none") {
         return false;
+    }
+    if pod_label(MESH_LABEL) == Some("enabled") || pod_label(ISTIO_AMBIENT_LABEL) == Some("ambient") {
+        return true;
     }
     let Some(ns) = namespace_labels else { return false };
     ns.get(MESH_LABEL).is_some_and(|v| v == "enabled") || ns.get(ISTIO_AMBIENT_LABEL).is_some_and(|v| v == "ambient")
@@ -50,6 +55,8 @@ mod tests {
         assert!(!is_enrolled(&pod(&[]), Some(&labels(&[(MESH_LABEL, "disabled")]))));
         assert!(!is_enrolled(&pod(&[]), Some(&BTreeMap::new())));
         assert!(!is_enrolled(&pod(&[]), None), "unknown namespace");
+        assert!(is_enrolled(&pod(&[(MESH_LABEL, "enabled")]), Some(&BTreeMap::new())), "the pod's own label");
+        assert!(is_enrolled(&pod(&[(ISTIO_AMBIENT_LABEL, "ambient")]), None));
         let mut host = pod(&[]);
         host.host_network = true;
         assert!(!is_enrolled(&host, Some(&mesh)), "host-network pods are never enrolled");

@@ -1,7 +1,9 @@
 //! ClusterState → the tables agents hold. Hosts are resolved the way Istio does (a short name is in the
 //! object's namespace: `reviews` in `bookinfo` is `reviews.bookinfo.svc.cluster.local`); endpoints of a
 //! Service with a selector come from the pods it selects, with their DestinationRule subsets.
+mod gateway;
 pub mod policy;
+mod service_entry;
 
 use std::{
     collections::{BTreeMap, HashMap},
@@ -24,6 +26,8 @@ use crate::{
 };
 
 pub const CLUSTER_DOMAIN: &str = "cluster.local";
+/// Istio's mesh config: the `mesh` key of this ConfigMap in the root namespace.
+pub const MESH_CONFIG_MAP: &str = "istio";
 
 /// Every resource of the mesh, shared by the per-node views.
 #[derive(Debug, Default)]
@@ -39,6 +43,8 @@ impl Compiled {
             .iter()
             .filter(|(_, r)| match r.as_ref() {
                 Resource::Workload(pod) => pod.is_on(node) || self.enrolled(pod),
+                // Private keys go only where a gateway pod serves them.
+                Resource::Credential(credential) => credential.nodes.iter().any(|n| n == node),
                 _ => true,
             })
             .map(|(k, v)| (k.clone(), v.clone()))
@@ -168,6 +174,7 @@ pub fn compile(state: &ClusterState) -> Compiled {
                         node: p.node.clone().filter(|n| !n.is_empty()),
                         subsets: subset_names(&p.labels),
                         locality: None,
+                        hostname: None,
                     })
                 })
                 .collect(),
@@ -184,6 +191,7 @@ pub fn compile(state: &ClusterState) -> Compiled {
                         node: a.node_name.clone(),
                         subsets: Vec::new(),
                         locality: None,
+                        hostname: None,
                     })
                 })
                 .collect(),
@@ -199,57 +207,13 @@ pub fn compile(state: &ClusterState) -> Compiled {
             subsets: dr.map(|d| d.subsets.iter().map(|(n, _)| n.to_string()).collect()).unwrap_or_default(),
             origin: Origin::new("Service", &ns, &name, svc.metadata.generation),
             subset_origin: dr.map(|d| d.origin.clone()),
+            ..Default::default()
         }));
     }
     for se in &state.service_entries {
-        let ns = se.namespace().unwrap_or_default();
-        for host in &se.spec.hosts {
-            let name = if se.spec.hosts.len() == 1 { se.name_any() } else { format!("{}-{host}", se.name_any()) };
-            let dr = subsets.get(host.as_str());
-            services_by_host.insert(host.clone(), format!("{ns}/{name}"));
-            add(Resource::Service(Service {
-                namespace: ns.clone(),
-                name: name.clone(),
-                hostname: host.clone(),
-                vips: se.spec.addresses.iter().filter_map(|a| a.parse().ok()).collect(),
-                ports: se
-                    .spec
-                    .ports
-                    .iter()
-                    .map(|p| ServicePort {
-                        name: p.name.clone(),
-                        port: p.number as u16,
-                        target_port: p.target_port.unwrap_or(p.number) as u16,
-                        protocol: p.protocol.clone(),
-                        app_protocol: Some(p.protocol.clone()).filter(|p| !p.is_empty()),
-                    })
-                    .collect(),
-                endpoints: se
-                    .spec
-                    .endpoints
-                    .iter()
-                    .filter_map(|e| {
-                        Some(Endpoint {
-                            ip: e.address.parse().ok()?,
-                            workload: None,
-                            node: None,
-                            subsets: dr
-                                .map(|d| {
-                                    d.subsets
-                                        .iter()
-                                        .filter(|(_, sel)| sel.iter().all(|(k, v)| e.labels.get(k) == Some(v)))
-                                        .map(|(n, _)| n.to_string())
-                                        .collect()
-                                })
-                                .unwrap_or_default(),
-                            locality: e.locality.clone(),
-                        })
-                    })
-                    .collect(),
-                subsets: dr.map(|d| d.subsets.iter().map(|(n, _)| n.to_string()).collect()).unwrap_or_default(),
-                origin: Origin::new("ServiceEntry", &ns, &se.name_any(), se.metadata.generation),
-                subset_origin: dr.map(|d| d.origin.clone()),
-            }));
+        for service in service_entry::compile(se, &subsets) {
+            services_by_host.insert(service.hostname.clone(), service.key());
+            add(Resource::Service(service));
         }
     }
 
@@ -277,6 +241,14 @@ pub fn compile(state: &ClusterState) -> Compiled {
     for pa in &state.peer_authentications {
         add(Resource::PeerAuthentication(pa.clone()));
     }
+    let (gateways, credentials) = gateway::compile(state);
+    for g in gateways {
+        add(Resource::Gateway(g));
+    }
+    for c in credentials {
+        add(Resource::Credential(c));
+    }
+    add(Resource::MeshConfig(gateway::mesh_config(state)));
     out
 }
 

@@ -109,6 +109,8 @@ impl ClusterState {
             Body::ServiceEntry(o) => self.service_entries.push(o),
             Body::AuthorizationPolicy(o) => self.authorization_policies.push(o),
             Body::PeerAuthentication(o) => self.peer_authentications.push(o),
+            Body::Secret(o) => self.secrets.push(o),
+            Body::MeshConfigMap(o) => self.mesh_config_maps.push(o),
             Body::Workload(_) | Body::Skipped => {}
         }
     }
@@ -127,6 +129,8 @@ impl ClusterState {
             "Gateway" => named(&mut self.gateways, namespace, name),
             "ServiceEntry" => named(&mut self.service_entries, namespace, name),
             "AuthorizationPolicy" => named(&mut self.authorization_policies, namespace, name),
+            "Secret" => named(&mut self.secrets, namespace, name),
+            "ConfigMap" => named(&mut self.mesh_config_maps, namespace, name),
             "PeerAuthentication" => self.peer_authentications.retain(|p| !(p.metadata.namespace == namespace && p.metadata.name == name)),
             _ => {}
         }

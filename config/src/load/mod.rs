@@ -96,6 +96,9 @@ pub(crate) enum Body {
     ServiceEntry(crate::istio::ServiceEntry),
     AuthorizationPolicy(crate::istio::AuthorizationPolicy),
     PeerAuthentication(crate::workloads::peer_authentication::PeerAuthentication),
+    Secret(k8s_openapi::api::core::v1::Secret),
+    /// The `istio` ConfigMap (Istio's mesh config); other ConfigMaps are skipped.
+    MeshConfigMap(k8s_openapi::api::core::v1::ConfigMap),
     /// A workload controller (Deployment, …): only its pod template matters.
     Workload(Template),
     /// A kind Warren does not read.

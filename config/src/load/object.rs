@@ -115,6 +115,8 @@ fn parse(group: &str, kind: &str, value: Value) -> Result<Option<Body>, ParseErr
         ("", "Pod") => return pod(value),
         ("", "Service") => Body::Service(typed(value)?),
         ("", "Endpoints") => Body::Endpoints(typed(value)?),
+        ("", "Secret") => Body::Secret(typed(value)?),
+        ("", "ConfigMap") if value["metadata"]["name"] == crate::compile::MESH_CONFIG_MAP => Body::MeshConfigMap(typed(value)?),
         ("networking.istio.io", "VirtualService") => Body::VirtualService(typed(value)?),
         ("networking.istio.io", "DestinationRule") => Body::DestinationRule(typed(value)?),
         ("networking.istio.io", "Gateway") => Body::Gateway(typed(value)?),

@@ -25,7 +25,7 @@ use hyper::{body::Incoming, service::service_fn};
 use hyper_util::rt::{TokioExecutor, TokioIo};
 use tokio::io::{AsyncRead, AsyncWrite};
 use tracing::{debug, warn};
-use warren_api::tables::{DirectResponse, Fault, Mirror, Service, WeightedDestination};
+use warren_api::tables::{DirectResponse, Fault, MESH_GATEWAY, Mirror, Resolution, Service, WeightedDestination};
 
 pub use error::Error;
 pub use upstream::Upstreams;
@@ -103,7 +103,7 @@ where
 /// Serves HTTP/1.1, or HTTP/2 when the connection starts with its preface, answering each request with
 /// `handler`; the connection is in the connection table meanwhile (closable by it). Malformed requests get
 /// 400 and the connection closes; oversized headers 431 (hyper's parser).
-async fn serve_http<IO, H, F>(io: IO, record: super::Record, shared: &ProxyShared, handler: H)
+pub(crate) async fn serve_http<IO, H, F>(io: IO, record: super::Record, shared: &ProxyShared, handler: H)
 where
     IO: AsyncRead + AsyncWrite + Unpin + Send + 'static,
     H: Fn(Request<Incoming>) -> F + Clone + Send + Sync + 'static,
@@ -163,22 +163,50 @@ pub struct RouteTarget {
     /// The service port.
     pub port: u16,
     pub endpoint: SocketAddr,
+    /// The endpoint's DNS name (a ServiceEntry with resolution DNS): `endpoint`'s address is looked up
+    /// by [`RouteTarget::resolved`].
+    pub hostname: Option<String>,
 }
 
 impl RouteTarget {
     /// The target `destination` names (its port, else `port`), with an endpoint of its service or subset.
-    pub fn resolve(tables: &MeshTables, destination: &WeightedDestination, port: u16) -> Result<RouteTarget, Error> {
+    /// A ServiceEntry with resolution NONE has no endpoints: the connection goes where the client sent it
+    /// (`original`).
+    pub fn resolve(
+        tables: &MeshTables,
+        destination: &WeightedDestination,
+        port: u16,
+        original: Option<SocketAddr>,
+    ) -> Result<RouteTarget, Error> {
         let service = tables
             .service(&destination.service)
             .cloned()
             .ok_or_else(|| Error::NoHealthyUpstream(format!("{} is not a known service", destination.service)))?;
         let port = destination.port.unwrap_or(port);
         let target_port = service.port(port).map(|p| p.target_port).unwrap_or(port);
-        let ip = tables.endpoint_ip(&destination.service, destination.subset.as_deref(), random() as usize).ok_or_else(|| {
+        let mut target = RouteTarget { service: service.clone(), subset: destination.subset.clone(), port, endpoint: SocketAddr::new([0, 0, 0, 0].into(), target_port), hostname: None };
+        if let Some(original) = original.filter(|_| service.resolution == Some(Resolution::None) && service.endpoints.is_empty()) {
+            target.endpoint = SocketAddr::new(original.ip(), target_port);
+            return Ok(target);
+        }
+        let endpoint = tables.endpoint(&destination.service, destination.subset.as_deref(), random() as usize).ok_or_else(|| {
             let subset = destination.subset.as_deref().map(|s| format!(" subset {s}")).unwrap_or_default();
             Error::NoHealthyUpstream(format!("{}{subset} has no endpoints", destination.service))
         })?;
-        Ok(RouteTarget { service, subset: destination.subset.clone(), port, endpoint: SocketAddr::new(ip, target_port) })
+        target.endpoint.set_ip(endpoint.ip);
+        target.hostname = endpoint.hostname.clone();
+        Ok(target)
+    }
+
+    /// The target with its endpoint's address, looking a DNS endpoint up (the node's resolver).
+    pub async fn resolved(mut self) -> Result<RouteTarget, Error> {
+        let Some(host) = self.hostname.take() else { return Ok(self) };
+        let port = self.endpoint.port();
+        let mut addresses = tokio::net::lookup_host((host.as_str(), port))
+            .await
+            .map_err(|e| Error::NoHealthyUpstream(format!("{host}: DNS lookup failed: {e}")))?;
+        self.endpoint = addresses.next().ok_or_else(|| Error::NoHealthyUpstream(format!("{host}: no address")))?;
+        Ok(self)
     }
 }
 
@@ -190,21 +218,43 @@ async fn route_request(
 ) -> Result<Response<Body>, Error> {
     let tables = shared.tables();
     let (rule, matched) = select_rule(&tables, &request, downstream)?;
+    let own = WeightedDestination { service: downstream.service.clone(), weight: 100, ..Default::default() };
+    let selected = Selected { rule, matched, default: Some(&own), port: downstream.vip.port(), original: Some(downstream.vip) };
+    dispatch(request, selected, &tables, upstreams).await
+}
+
+/// What routing chose for a request: the rule and match block (none: no VirtualService routes it), where
+/// it goes without a rule, and the port and address the client addressed.
+pub(crate) struct Selected<'t> {
+    pub rule: Option<&'t CompiledRule>,
+    pub matched: Option<&'t CompiledMatch>,
+    pub default: Option<&'t WeightedDestination>,
+    pub port: u16,
+    pub original: Option<SocketAddr>,
+}
+
+/// The rest of the pipeline, for mesh and gateway requests alike: answer, fault, destination, send.
+pub(crate) async fn dispatch(
+    request: Request<Incoming>,
+    selected: Selected<'_>,
+    tables: &MeshTables,
+    upstreams: &Arc<Upstreams>,
+) -> Result<Response<Body>, Error> {
+    let Selected { rule, matched, default, port, original } = selected;
     if let Some(answer) = rule.and_then(|r| answer_directly(r, &request)) {
         return Ok(answer);
     }
     if let Some(fault) = rule.and_then(|r| r.rule.fault.as_ref()) {
         inject(fault).await?;
     }
-    let own = WeightedDestination { service: downstream.service.clone(), weight: 100, ..Default::default() };
     let destination = match rule {
         Some(r) => pick_weighted(&r.rule.destinations, random())
-            .ok_or_else(|| Error::NoRoute(format!("http[{}] of {} has no destination", r.index, downstream.service)))?,
-        None => &own,
+            .ok_or_else(|| Error::NoRoute(format!("http[{}] has no destination", r.index)))?,
+        None => default.ok_or_else(|| Error::NoRoute(format!("{} {}: no route", request.method(), request.uri())))?,
     };
-    let target = RouteTarget::resolve(&tables, destination, downstream.vip.port())?;
+    let target = RouteTarget::resolve(tables, destination, port, original)?.resolved().await?;
     let routed = Routed { rule, matched, destination, target };
-    forward(request, &routed, &tables, downstream.vip.port(), upstreams).await
+    forward(request, &routed, tables, port, upstreams).await
 }
 
 /// The rule that takes the request, and the match block that did; `None` for a service no VirtualService
@@ -219,6 +269,7 @@ fn select_rule<'t>(
     };
     let source = tables.pod(&downstream.pod);
     let context = RequestContext {
+        gateway: MESH_GATEWAY,
         port: downstream.vip.port(),
         source_labels: source.map(|p| &p.labels),
         source_namespace: source.map(|p| p.namespace.as_str()),
@@ -386,7 +437,7 @@ impl Head {
 }
 
 /// `Host` (HTTP/1.1) or the URI's authority (HTTP/2), as the matchers see it.
-fn authority(headers: &http::HeaderMap, uri: &Uri) -> String {
+pub(crate) fn authority(headers: &http::HeaderMap, uri: &Uri) -> String {
     crate::state::http_routes::authority(headers, uri).to_string()
 }
 
@@ -427,7 +478,7 @@ fn send_mirror(
         weight: 100,
         ..Default::default()
     };
-    let target = match RouteTarget::resolve(tables, &destination, port) {
+    let target = match RouteTarget::resolve(tables, &destination, port, None) {
         Ok(target) => target,
         Err(e) => return debug!(mirror = %mirror.service, "mirror not sent: {e}"),
     };
@@ -440,6 +491,10 @@ fn send_mirror(
     let Ok(request) = shadow.into_request(version, full(body)) else { return };
     let upstreams = upstreams.clone();
     tokio::spawn(async move {
+        let target = match target.resolved().await {
+            Ok(target) => target,
+            Err(e) => return debug!("mirror not sent: {e}"),
+        };
         match upstreams.send(target.endpoint, version, request).await {
             Ok(response) => {
                 let _ = response.into_body().collect().await;

@@ -73,7 +73,8 @@ pub fn add_proxy_headers(headers: &mut HeaderMap) {
         let value = HeaderValue::from_str(&request_id()).expect("hex and dashes");
         headers.insert(REQUEST_ID, value);
     }
-    headers.insert(HeaderName::from_static("x-forwarded-proto"), HeaderValue::from_static("http"));
+    // As Envoy in a sidecar (not the edge): a value the downstream set stays; a gateway sets its own.
+    headers.entry(HeaderName::from_static("x-forwarded-proto")).or_insert(HeaderValue::from_static("http"));
 }
 
 /// A random UUID (version 4), as Envoy generates.
