@@ -41,6 +41,11 @@ enum Command {
         #[command(flatten)]
         node: inspect::NodeState,
     },
+    /// What is wrong on this node's data plane (or --node's), from what its agent holds: pods that fail to
+    /// enroll, a refused or lost push, routes to services without endpoints, gateway servers refused.
+    /// Exits 1 when there are errors. (`warren-controller analyze` checks the configuration itself.)
+    #[command(after_help = "Examples:\n  warren-agent analyze\n  warren-agent analyze --node worker-2 -n bookinfo -o json")]
+    Analyze(inspect::ViewArgs),
     /// Show what the agent on this node holds.
     Inspect {
         #[command(subcommand)]
@@ -102,6 +107,13 @@ fn main() -> ExitCode {
         }
         Command::Inspect { what } => inspect_view(what).map(|text| print!("{text}")),
         Command::Gateway => hold_gateway_pod(),
+        Command::Analyze(view) => match inspect::analyze::run(&view) {
+            Ok((text, failed)) => {
+                print!("{text}");
+                return if failed { ExitCode::FAILURE } else { ExitCode::SUCCESS };
+            }
+            Err(e) => Err(e),
+        },
         Command::Status { admin_addr, node } => {
             let status = inspect::status::collect(&node.pin_dir, &node.run_dir, admin_addr);
             match inspect::status::render(&status, node.output) {

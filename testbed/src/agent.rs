@@ -322,7 +322,8 @@ impl Drop for Agent {
 
 /// GET for the tests' admin queries (hyper's client); the body of a 2xx answer. Blocks: call it off any
 /// async runtime's threads.
-pub(crate) fn http_get(addr: &str, path: &str) -> Result<String> {
+/// GET `path` from `addr` (an agent's admin endpoint) with hyper's client; the body.
+pub fn http_get(addr: &str, path: &str) -> Result<String> {
     // A runtime of its own: callers are plain threads (some inside a node's netns, where the socket must
     // be made).
     let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
@@ -344,7 +345,8 @@ pub(crate) fn http_get(addr: &str, path: &str) -> Result<String> {
     })
 }
 
-pub(crate) fn sum_metric(text: &str, name: &str, labels: &[(&str, &str)]) -> f64 {
+/// The sum of the samples of `name` in a Prometheus exposition whose labels include `labels`.
+pub fn sum_metric(text: &str, name: &str, labels: &[(&str, &str)]) -> f64 {
     text.lines()
         .filter(|l| !l.starts_with('#'))
         .filter_map(|l| {

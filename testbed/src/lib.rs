@@ -36,7 +36,7 @@ mod net;
 mod privileges;
 mod process;
 
-pub use agent::{Agent, AgentOptions};
+pub use agent::{Agent, AgentOptions, http_get, sum_metric};
 pub use app::{
     AppOptions, AppResponse, CallRecord, HttpRequests, HttpResult, Load, LoadReport, ReceivedRequest, Upstream,
 };

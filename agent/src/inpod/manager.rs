@@ -228,6 +228,7 @@ impl InpodManager {
                 key.clone(),
                 identity,
                 pod_ips.clone(),
+                gateway.clone(),
                 self.shared.clone(),
             )));
         }

@@ -66,8 +66,14 @@ impl Netns {
     /// A TCP socket (no delay) in this netns, marked as the agent's own ([`warren_maps::AGENT_SOCKET_MARK`])
     /// so that connect4/6 leave it alone although the netns is enrolled.
     pub async fn agent_socket(&self, ipv4: bool) -> Result<TcpSocket> {
-        let socket = self.run(move || if ipv4 { TcpSocket::new_v4() } else { TcpSocket::new_v6() }).await??;
-        crate::sys::set_mark(&socket, warren_maps::AGENT_SOCKET_MARK).context("SO_MARK on the agent's socket")?;
+        // Made and marked in one job on the netns thread: no unmarked socket of the agent ever exists there.
+        let socket = self
+            .run(move || -> Result<TcpSocket> {
+                let socket = if ipv4 { TcpSocket::new_v4()? } else { TcpSocket::new_v6()? };
+                crate::sys::set_mark(&socket, warren_maps::AGENT_SOCKET_MARK).context("SO_MARK on the agent's socket")?;
+                Ok(socket)
+            })
+            .await??;
         socket.set_nodelay(true)?;
         Ok(socket)
     }

@@ -9,29 +9,63 @@ use warren_api::admin::PoliciesView;
 
 use super::{Scope, ViewArgs, structured, table};
 
-/// GET `path` from the agent's admin endpoint (hyper's client), parsed as JSON.
-pub fn fetch(admin: SocketAddr, path: &str) -> Result<Value> {
+/// Where a view's agent answers.
+#[derive(Clone, Debug)]
+pub enum Agent {
+    /// This node's admin endpoint.
+    Local(SocketAddr),
+    /// Another node's, through the API server.
+    Remote(super::remote::RemoteNode),
+}
+
+/// One runtime for every request a CLI command makes (status makes several).
+fn runtime() -> Result<&'static tokio::runtime::Runtime> {
+    static RUNTIME: std::sync::OnceLock<tokio::runtime::Runtime> = std::sync::OnceLock::new();
+    if let Some(runtime) = RUNTIME.get() {
+        return Ok(runtime);
+    }
     let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
-    let body = runtime.block_on(async {
-        let client = hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
-            .build_http::<http_body_util::Empty<bytes::Bytes>>();
-        let uri: hyper::Uri = format!("http://{admin}{path}").parse()?;
-        let not_answering = || {
-            format!("no agent answers on {admin} (is warren-agent running on this node? --admin-addr names another)")
-        };
-        let response = tokio::time::timeout(Duration::from_secs(5), client.get(uri))
-            .await
-            .with_context(not_answering)?
-            .with_context(not_answering)?;
-        if !response.status().is_success() {
-            bail!("the agent answered {path} with {}", response.status());
+    Ok(RUNTIME.get_or_init(|| runtime))
+}
+
+/// GET `path` from this node's agent (hyper's client), parsed as JSON.
+pub fn fetch(admin: SocketAddr, path: &str) -> Result<Value> {
+    fetch_from(&Agent::Local(admin), path)
+}
+
+/// GET `path` from `agent`, parsed as JSON.
+pub fn fetch_from(agent: &Agent, path: &str) -> Result<Value> {
+    let body = runtime()?.block_on(async {
+        match agent {
+            Agent::Local(admin) => get_local(*admin, path).await,
+            Agent::Remote(remote) => {
+                let what = format!("node {}", remote.node);
+                tokio::time::timeout(Duration::from_secs(15), super::remote::get(remote, path))
+                    .await
+                    .with_context(|| format!("{what}: no answer from its agent in 15 s"))?
+            }
         }
-        let body = tokio::time::timeout(Duration::from_secs(5), http_body_util::BodyExt::collect(response.into_body()))
-            .await
-            .with_context(|| format!("the agent's {path} did not finish"))??;
-        anyhow::Ok(body.to_bytes())
     })?;
     serde_json::from_slice(&body).with_context(|| format!("the agent's {path} is not JSON"))
+}
+
+async fn get_local(admin: SocketAddr, path: &str) -> Result<bytes::Bytes> {
+    let client = hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
+        .build_http::<http_body_util::Empty<bytes::Bytes>>();
+    let uri: hyper::Uri = format!("http://{admin}{path}").parse()?;
+    let not_answering =
+        || format!("no agent answers on {admin} (is warren-agent running on this node? --admin-addr names another, --node another node)");
+    let response = tokio::time::timeout(Duration::from_secs(5), client.get(uri))
+        .await
+        .with_context(not_answering)?
+        .with_context(not_answering)?;
+    if !response.status().is_success() {
+        bail!("the agent answered {path} with {}", response.status());
+    }
+    let body = tokio::time::timeout(Duration::from_secs(5), http_body_util::BodyExt::collect(response.into_body()))
+        .await
+        .with_context(|| format!("the agent's {path} did not finish"))??;
+    Ok(body.to_bytes())
 }
 
 /// Keeps the items of a JSON array for which `keep` holds.
@@ -50,7 +84,7 @@ fn text(v: &Value) -> String {
 }
 
 pub fn connections(args: &ViewArgs) -> Result<String> {
-    let mut view = fetch(args.admin_addr, "/connections")?;
+    let mut view = fetch_from(&args.agent(), "/connections")?;
     for list in ["open", "recently_closed"] {
         retain(&mut view[list], |c| args.scope.admits_pod(c["pod"].as_str().unwrap_or_default()));
     }
@@ -82,7 +116,7 @@ pub fn connections(args: &ViewArgs) -> Result<String> {
 }
 
 pub fn workloads(args: &ViewArgs) -> Result<String> {
-    let mut view = fetch(args.admin_addr, "/workloads")?;
+    let mut view = fetch_from(&args.agent(), "/workloads")?;
     retain(&mut view, |p| args.scope.admits_pod(p["pod"].as_str().unwrap_or_default()));
     if let Some(text) = structured(&view, args.output) {
         return text;
@@ -109,7 +143,7 @@ pub fn workloads(args: &ViewArgs) -> Result<String> {
 
 pub fn certificates(args: &ViewArgs) -> Result<String> {
     only_namespace(&args.scope, "certs (a certificate is a service account's, not a pod's)")?;
-    let mut view = fetch(args.admin_addr, "/certificates")?;
+    let mut view = fetch_from(&args.agent(), "/certificates")?;
     retain(&mut view, |c| args.scope.admits_identity(c["identity"].as_str().unwrap_or_default()));
     if let Some(text) = structured(&view, args.output) {
         return text;
@@ -198,7 +232,7 @@ pub fn config(args: &ViewArgs, what: ConfigView) -> Result<String> {
     if what != ConfigView::Gateways {
         only_namespace(&args.scope, key)?;
     }
-    let mut view = fetch(args.admin_addr, "/config")?;
+    let mut view = fetch_from(&args.agent(), "/config")?;
     if what == ConfigView::Gateways {
         retain(&mut view[key], |item| item["pod"].as_str().is_some_and(|pod| args.scope.admits_pod(pod)));
     } else if let Some(namespace) = &args.scope.namespace {
@@ -323,7 +357,7 @@ pub fn config(args: &ViewArgs, what: ConfigView) -> Result<String> {
 /// refuses (plaintext clients, by source prefix).
 pub fn policies(args: &ViewArgs, hits: bool) -> Result<String> {
     let mut view: PoliciesView =
-        serde_json::from_value(fetch(args.admin_addr, "/policies")?).context("the agent's /policies")?;
+        serde_json::from_value(fetch_from(&args.agent(), "/policies")?).context("the agent's /policies")?;
     view.workloads.retain(|w| args.scope.admits_pod(&w.workload));
     if let Some(text) = structured(&view, args.output) {
         return text;

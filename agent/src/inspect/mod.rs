@@ -1,6 +1,8 @@
 //! `warren-agent inspect …`: the agent's state, read back for people (tables) and tools (`-o json|yaml`).
+pub mod analyze;
 pub mod live;
 pub mod maps;
+pub mod remote;
 pub mod status;
 
 use std::{net::SocketAddr, path::Path};
@@ -18,13 +20,38 @@ pub enum Output {
 /// What every live view takes: where the agent answers, how to print, and which pods to show.
 #[derive(Clone, Debug, clap::Args)]
 pub struct ViewArgs {
-    /// The agent's admin endpoint.
+    /// The agent's admin endpoint (with --node: its port, on that node's loopback).
     #[arg(long, default_value = crate::config::DEFAULT_ADMIN_ADDR)]
     pub admin_addr: SocketAddr,
     #[arg(short, long, value_enum, default_value = "table")]
     pub output: Output,
     #[command(flatten)]
     pub scope: Scope,
+    /// Another node's agent, through the API server (a port-forward to its warren-agent pod), from anywhere
+    /// kubectl works.
+    #[arg(long)]
+    pub node: Option<String>,
+    /// The cluster for --node (default: $KUBECONFIG, ~/.kube/config, or in-cluster, as kubectl).
+    #[arg(long, requires = "node")]
+    pub kubeconfig: Option<std::path::PathBuf>,
+    /// The namespace the agents run in, for --node.
+    #[arg(long, default_value = "warren-system", requires = "node")]
+    pub agent_namespace: String,
+}
+
+impl ViewArgs {
+    /// The agent these views read: this node's admin endpoint, or `--node`'s through the API server.
+    pub fn agent(&self) -> live::Agent {
+        match &self.node {
+            None => live::Agent::Local(self.admin_addr),
+            Some(node) => live::Agent::Remote(remote::RemoteNode {
+                node: node.clone(),
+                kubeconfig: self.kubeconfig.clone(),
+                namespace: self.agent_namespace.clone(),
+                port: self.admin_addr.port(),
+            }),
+        }
+    }
 }
 
 /// Where a node's agent keeps its state on the host: what `inspect maps` and `status` read.

@@ -9,7 +9,7 @@ use std::{net::SocketAddr, sync::Arc};
 
 use ::http::{HeaderValue, Request, Response, StatusCode, header};
 use hyper::body::Incoming;
-use tokio::net::TcpStream;
+use tokio::io::{AsyncRead, AsyncWrite};
 use tokio_rustls::LazyConfigAcceptor;
 use tracing::{debug, warn};
 
@@ -41,14 +41,18 @@ struct Connection {
     tls_server: Option<Arc<ServerBinding>>,
 }
 
-pub async fn serve(
-    client: TcpStream,
+/// Serves one connection to a gateway server port: `client` is the accepted socket (from outside the mesh)
+/// or an HBONE tunnel (a mesh client sent by its routes, as to an egress gateway).
+pub async fn serve<IO>(
+    client: IO,
     peer: SocketAddr,
     destination: SocketAddr,
     servers: Arc<PortServers>,
     gateway: Arc<GatewayPod>,
     shared: ProxyShared,
-) {
+) where
+    IO: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+{
     let record = |protocol| Record {
         direction: Direction::Gateway,
         pod: gateway.pod.clone(),
@@ -76,10 +80,10 @@ pub async fn serve(
 
 /// Reads the ClientHello, picks the server its SNI names (a client without SNI gets the first TLS
 /// server), and completes the handshake with that server's certificate.
-async fn handshake(
-    client: TcpStream,
-    servers: &PortServers,
-) -> Result<(tokio_rustls::server::TlsStream<TcpStream>, Arc<ServerBinding>), String> {
+async fn handshake<IO>(client: IO, servers: &PortServers) -> Result<(tokio_rustls::server::TlsStream<IO>, Arc<ServerBinding>), String>
+where
+    IO: AsyncRead + AsyncWrite + Unpin,
+{
     let start = LazyConfigAcceptor::new(rustls::server::Acceptor::default(), client)
         .await
         .map_err(|e| format!("reading the ClientHello: {e}"))?;
@@ -102,7 +106,7 @@ async fn handshake(
 
 async fn serve_requests<IO>(io: IO, record: Record, connection: Arc<Connection>, shared: ProxyShared)
 where
-    IO: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+    IO: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
     let handler = {
         let shared = shared.clone();

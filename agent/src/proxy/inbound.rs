@@ -83,13 +83,15 @@ pub async fn serve(listener: TcpListener, netns: Arc<Netns>, pod: Arc<String>, g
     }
 }
 
-/// The pod's HBONE server, presenting the pod's own identity.
+/// The pod's HBONE server, presenting the pod's own identity. A CONNECT to one of the pod's gateway server
+/// ports (a mesh client routed to a gateway, as to an egress gateway) is served as the gateway.
 pub async fn serve_hbone(
     listener: TcpListener,
     netns: Arc<Netns>,
     pod: Arc<String>,
     identity: Identity,
     pod_ips: Arc<Vec<IpAddr>>,
+    gateway: Arc<GatewayPod>,
     shared: ProxyShared,
 ) {
     info!(pod = %pod, addr = ?listener.local_addr().ok(), identity = %identity, "HBONE listener ready");
@@ -108,7 +110,7 @@ pub async fn serve_hbone(
         // HTTP/2 sends small control frames (WINDOW_UPDATE, SETTINGS ACK) while data is in flight: without
         // NODELAY they wait for delayed ACKs and the tunnel crawls.
         let _ = tcp.set_nodelay(true);
-        let (netns, pod, pod_ips, shared, pool, identity, workload) = (
+        let (netns, pod, pod_ips, shared, pool, identity, workload, gateway) = (
             netns.clone(),
             pod.clone(),
             pod_ips.clone(),
@@ -116,6 +118,7 @@ pub async fn serve_hbone(
             pool.clone(),
             identity.clone(),
             workload.clone(),
+            gateway.clone(),
         );
         tokio::spawn(async move {
             let config = match pool.certificates().server_config(&identity).await {
@@ -137,13 +140,18 @@ pub async fn serve_hbone(
                 return;
             };
             let result = hbone::server::serve(tls, peer, move |destination, peer, tunnel| {
-                let (netns, pod, pod_ips, shared, workload) =
-                    (netns.clone(), pod.clone(), pod_ips.clone(), shared.clone(), workload.clone());
+                let (netns, pod, pod_ips, shared, workload, gateway) =
+                    (netns.clone(), pod.clone(), pod_ips.clone(), shared.clone(), workload.clone(), gateway.clone());
                 async move {
                     if !pod_ips.contains(&destination.ip()) {
                         warn!(pod = %pod, peer = %peer, %destination, "HBONE CONNECT for an address that is not this pod's");
                         tunnel.refuse(StatusCode::BAD_REQUEST);
                         return;
+                    }
+                    let servers = shared.tables().gateways().servers(&pod, destination.port()).cloned();
+                    if let Some(servers) = servers {
+                        let Ok(stream) = tunnel.accept() else { return };
+                        return gateway::serve(stream, remote, destination, servers, gateway, shared).await;
                     }
                     // The peer's identity is what its certificate proved in this connection's handshake.
                     let identity = peer.to_string();

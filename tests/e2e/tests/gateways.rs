@@ -85,6 +85,16 @@ fn bookinfo_gateway_routes_the_users_requests_to_productpage() -> Result<()> {
         ensure!(other.status == 404 && other.app().is_none(), "an unrouted path: {other:?}");
         let view = lab.agent1.inspect_live(&["gateways", "-n", GATEWAY_NAMESPACE])?;
         ensure!(view.contains("default/bookinfo-gateway") && view.contains("VirtualService default/bookinfo") && view.contains("serving"), "{view}");
+        // `warren-agent analyze` on the node: nothing wrong; then a server Warren cannot serve (TCP) is an
+        // error naming the Gateway, the server and why, and the exit status says so.
+        let healthy = lab.agent1.cli(&["analyze", "-n", "default"])?;
+        ensure!(healthy.status.success() && String::from_utf8_lossy(&healthy.stdout).contains("No problems"), "{healthy:?}");
+        let tcp = "apiVersion: networking.istio.io/v1\nkind: Gateway\nmetadata: {name: raw-tcp, namespace: default}\n\
+            spec: {selector: {istio: ingressgateway}, servers: [{port: {number: 9000, name: tcp, protocol: TCP}, hosts: ['*']}]}\n";
+        lab.apply_yaml("raw-tcp-gateway", tcp)?;
+        let found = lab.agent1.cli(&["analyze"])?;
+        let report = String::from_utf8_lossy(&found.stdout);
+        ensure!(!found.status.success() && report.contains("Error [WAR0205] (Gateway default/raw-tcp) spec.servers[0] port 9000"), "{found:?}");
         // The gateway reached productpage over HBONE as its own identity.
         let connections = lab.agent1.connections()?.to_string();
         ensure!(connections.contains("spiffe://cluster.local/ns/istio-system/sa/istio-ingressgateway"), "{connections}");
@@ -203,6 +213,66 @@ fn registry_only_lets_the_service_entry_host_through_and_refuses_the_rest() -> R
         lab.apply_yaml("egress-fault", fault)?;
         let aborted = get(api_addr)?;
         ensure!(aborted.status == 418 && aborted.app().is_none(), "the fault answers for the external host: {aborted:?}");
+        Ok(())
+    })
+}
+
+/// Istio's egress-gateway task: a ServiceEntry for the external host, a Gateway for the egress gateway's
+/// pods, and one VirtualService that sends the mesh's requests for the host to the egress gateway and the
+/// gateway's on to the host. The external server sees the gateway's `x-forwarded-for`; the gateway's agent
+/// (node-2) carried the request.
+#[test]
+fn an_egress_gateway_carries_the_meshs_requests_to_the_external_host() -> Result<()> {
+    require_privileges!(Ok(()));
+    BookinfoLab::scenario("gw-egress-gateway", &[], |lab| {
+        let egress = lab.nodes[1].add_pod_in(GATEWAY_NAMESPACE, "istio-egressgateway", true)?;
+        let api = lab.nodes[1].add_pod("api-external", false)?;
+        let server = api.serve_app(&AppOptions::new("api", "v1"))?;
+        let yaml = format!(
+            "apiVersion: v1\nkind: Namespace\nmetadata: {{name: {GATEWAY_NAMESPACE}}}\n---\n\
+             apiVersion: v1\nkind: Pod\nmetadata:\n  name: istio-egressgateway\n  namespace: {GATEWAY_NAMESPACE}\n  uid: {uid}\n  \
+             labels: {{istio: egressgateway, warren.dev/mesh: enabled}}\n\
+             spec: {{nodeName: node-2, serviceAccountName: istio-egressgateway, containers: [{{name: gateway, image: warren-agent}}]}}\n\
+             status: {{phase: Running, podIP: {ip}}}\n---\n\
+             apiVersion: v1\nkind: Service\nmetadata: {{name: istio-egressgateway, namespace: {GATEWAY_NAMESPACE}}}\n\
+             spec: {{clusterIP: 10.96.9.9, selector: {{istio: egressgateway}}, ports: [{{name: http2, port: 80, targetPort: 80}}]}}\n---\n\
+             apiVersion: networking.istio.io/v1\nkind: ServiceEntry\nmetadata: {{name: api-external, namespace: default}}\n\
+             spec:\n  hosts: [api.external.example]\n  addresses: [240.240.0.10]\n  location: MESH_EXTERNAL\n  resolution: STATIC\n\
+             \x20 endpoints: [{{address: {api_ip}}}]\n  ports: [{{number: 80, name: http, protocol: HTTP, targetPort: 9080}}]\n",
+            uid = egress.uid,
+            ip = egress.ip,
+            api_ip = api.ip,
+        );
+        lab.apply_yaml("00-egress-gateway", &yaml)?;
+        lab.agent2.wait_enrolled(&egress, true, Duration::from_secs(20))?;
+        let get = || -> Result<HttpResult> {
+            let mut requests = HttpRequests::get("/", 1);
+            requests.host = Some("api.external.example".into());
+            requests.timeout_ms = 5_000;
+            Ok(lab.sleep.http("240.240.0.10:80".parse()?, &requests)?.remove(0))
+        };
+        let forwarded_for = || -> Result<Option<String>> {
+            let last = warren_testbed::app::received(&server)?.pop().context("the external server got no request")?;
+            Ok(last.headers.get("x-forwarded-for").cloned())
+        };
+        // Control: the ServiceEntry alone sends the request straight to the host (no gateway on the way).
+        ensure!(get()?.status == 200, "the external host through its ServiceEntry");
+        ensure!(forwarded_for()?.is_none(), "no gateway yet, yet x-forwarded-for: {:?}", forwarded_for()?);
+
+        let routing = format!(
+            "apiVersion: networking.istio.io/v1\nkind: Gateway\nmetadata: {{name: istio-egressgateway, namespace: default}}\n\
+             spec:\n  selector: {{istio: egressgateway}}\n  servers:\n  - port: {{number: 80, name: http, protocol: HTTP}}\n    hosts: [api.external.example]\n---\n\
+             apiVersion: networking.istio.io/v1\nkind: VirtualService\nmetadata: {{name: direct-api-through-egress-gateway, namespace: default}}\n\
+             spec:\n  hosts: [api.external.example]\n  gateways: [istio-egressgateway, mesh]\n  http:\n\
+             \x20 - match: [{{gateways: [mesh], port: 80}}]\n    route: [{{destination: {{host: istio-egressgateway.{GATEWAY_NAMESPACE}.svc.cluster.local, port: {{number: 80}}}}}}]\n\
+             \x20 - match: [{{gateways: [istio-egressgateway], port: 80}}]\n    route: [{{destination: {{host: api.external.example, port: {{number: 80}}}}}}]\n"
+        );
+        lab.apply_yaml("egress-gateway-routing", &routing)?;
+        let through = get()?;
+        ensure!(through.status == 200 && through.app().is_some_and(|a| a.service == "api"), "through the egress gateway: {through:?}");
+        ensure!(forwarded_for()? == Some(lab.sleep.ip.to_string()), "the gateway's x-forwarded-for names the client: {:?}", forwarded_for()?);
+        let carried = lab.agent2.connections()?.to_string();
+        ensure!(carried.contains("istio-system/istio-egressgateway") && carried.contains("\"gateway\""), "node-2's connections: {carried}");
         Ok(())
     })
 }

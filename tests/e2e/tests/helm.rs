@@ -96,10 +96,32 @@ async fn walk(kubeconfig: &Path, tag: &str) -> Result<()> {
     let wire = capture(Duration::from_secs(2))?;
     ensure!(wire.len() > 1000, "the capture saw no traffic ({} bytes)", wire.len());
     ensure!(!contains(&wire, PLAINTEXT), "plaintext on the node's interfaces while meshed");
-    let outbound = admin_metric("warren_tcp_connections_opened_total", "direction=\"outbound\"")?;
+    let outbound = warren_testbed::sum_metric(&admin_get("/metrics")?, "warren_tcp_connections_opened_total", &[("direction", "outbound")]);
     ensure!(outbound > 0.0, "no outbound connection in the agent's metrics");
     let inspect = host_cli(&["inspect", "connections", "--admin-addr", ADMIN, "-n", &ns, "--pod", "client"])?;
     ensure!(inspect.contains("hbone") && inspect.contains(&format!("{server_ip}:8080")), "inspect: {inspect}");
+    // The same view from a workstation: through the API server to the agent of the pods' node.
+    let node = client_pod.spec.as_ref().and_then(|s| s.node_name.clone()).context("client pod has no node")?;
+    let kubeconfig_arg = kubeconfig.to_str().context("kubeconfig path")?;
+    let remote = host_cli(&["inspect", "workloads", "--node", &node, "--kubeconfig", kubeconfig_arg, "-n", &ns, "-o", "json"])?;
+    let remote: serde_json::Value = serde_json::from_str(&remote).context("inspect --node -o json")?;
+    let enrolled = |pod: &str| remote.as_array().is_some_and(|p| p.iter().any(|w| w["pod"] == format!("{ns}/{pod}") && w["enrolled"] == true));
+    ensure!(enrolled("client") && enrolled("server"), "inspect workloads --node {node}: {remote}");
+    // Bad input: a node with no agent is one line naming the nodes that have one, and a failure.
+    let unknown = Command::new(warren_testbed::bin_path("warren-agent")?)
+        .args(["inspect", "workloads", "--node", "no-such-node", "--kubeconfig", kubeconfig_arg])
+        .output()?;
+    let message = text(&unknown.stderr);
+    ensure!(!unknown.status.success() && message.trim().lines().count() == 1, "unknown node: {message}");
+    ensure!(message.contains("\"no-such-node\"") && message.contains(&format!("agents run on: {node}")), "{message}");
+    // The chart's ingress gateway pod (namespace warren-system, not in the mesh) is enrolled by its own label.
+    let gateway_enrolled = eventually(Duration::from_secs(30), || {
+        let workloads: serde_json::Value = serde_json::from_str(&admin_get("/workloads").ok()?).ok()?;
+        let mut pods = workloads.as_array()?.iter();
+        pods.any(|w| w["pod"].as_str().is_some_and(|p| p.starts_with("warren-system/istio-ingressgateway-")) && w["enrolled"] == true)
+            .then_some(())
+    });
+    ensure!(gateway_enrolled.is_some(), "the ingress gateway pod is not enrolled: {}", admin_get("/workloads")?);
 
     // Unlabel: plain networking, still answered.
     namespaces.patch(&ns, &PatchParams::default(), &Patch::Merge(&label(None))).await?;
@@ -149,20 +171,9 @@ fn host_cli(args: &[&str]) -> Result<String> {
     Ok(text(&out.stdout))
 }
 
-/// GET on the agent's admin endpoint, as `curl` from the node.
+/// GET on the agent's admin endpoint, from the node.
 fn admin_get(path: &str) -> Result<String> {
-    let out = Command::new("curl").args(["-sf", "--max-time", "5", &format!("http://{ADMIN}{path}")]).output()?;
-    ensure!(out.status.success(), "GET {path}: curl {}", out.status);
-    Ok(text(&out.stdout))
-}
-
-fn admin_metric(name: &str, label: &str) -> Result<f64> {
-    let metrics = admin_get("/metrics")?;
-    Ok(metrics
-        .lines()
-        .filter(|l| l.starts_with(name) && l.contains(label))
-        .filter_map(|l| l.rsplit_once(' ')?.1.parse::<f64>().ok())
-        .sum())
+    warren_testbed::http_get(ADMIN, path)
 }
 
 fn wait_enrolled(uids: &[String], enrolled: bool) -> Result<()> {
