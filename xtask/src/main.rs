@@ -52,7 +52,7 @@ enum Command {
         #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
         args: Vec<String>,
     },
-    /// kind (needs a Docker engine): build the image, create the cluster, deploy the agent DaemonSet.
+    /// kind (needs a Docker engine): `up` (images, cluster), `install` (helm), `e2e` (the user's walk), `down`.
     Kind {
         #[command(subcommand)]
         action: KindAction,
@@ -88,8 +88,12 @@ enum Command {
 
 #[derive(Subcommand)]
 enum KindAction {
-    /// Build the images (docker), create cluster "warren", apply the CRDs and deploy/*.yaml.
+    /// Build both images (docker), create cluster "warren", load the images.
     Up,
+    /// helm install deploy/helm/warren into it.
+    Install,
+    /// The user's walk on it: label a namespace → enrolled, HBONE → unlabel → helm uninstall → clean.
+    E2e,
     /// Delete the cluster.
     Down,
 }
@@ -170,10 +174,10 @@ fn dispatch(command: Command) -> Result<()> {
             let script = setup::scripts_dir().join("kind.sh");
             match action {
                 // The images build inside Docker (deploy/docker/), from the sources.
-                KindAction::Up => {
-                    run(std::process::Command::new("bash").arg(script).arg("up").current_dir(xtask::workspace_root()))
-                }
-                KindAction::Down => run(std::process::Command::new("bash").arg(script).arg("down")),
+                KindAction::Up => kind(&script, "up"),
+                KindAction::Install => kind(&script, "install"),
+                KindAction::E2e => kind(&script, "e2e"),
+                KindAction::Down => kind(&script, "down"),
             }
         }
         Command::Cluster { action } => match action {
@@ -195,4 +199,9 @@ fn dispatch(command: Command) -> Result<()> {
             }
         },
     }
+}
+
+/// `kind.sh ACTION` from the workspace root (the images build inside Docker, from the sources).
+fn kind(script: &std::path::Path, action: &str) -> Result<()> {
+    run(std::process::Command::new("bash").arg(script).arg(action).current_dir(xtask::workspace_root()))
 }

@@ -145,3 +145,26 @@ fn copy_dir(from: &Path, to: &Path) -> Result<()> {
     }
     Ok(())
 }
+
+/// The kind path on a machine that cannot run it (this one: a docker client, no engine, no kind) stops
+/// at once with one line naming what is missing and how to get it; each action checks before doing anything.
+#[test]
+fn the_kind_path_names_what_is_missing_in_one_line() {
+    for action in ["up", "install", "e2e", "down"] {
+        let out = Command::new("bash")
+            .arg(workspace_root().join("xtask/scripts/kind.sh"))
+            .arg(action)
+            .current_dir(workspace_root())
+            .env("PATH", "/usr/bin:/bin")
+            .output()
+            .unwrap();
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success(), "{action}: must fail here");
+        assert_eq!(stderr.trim().lines().count(), 1, "{action}: one line: {stderr}");
+        assert!(stderr.starts_with("kind path: ") && stderr.contains("is not installed ("), "{action}: {stderr}");
+    }
+    // Control: a bad action is a usage error only once the tools are there, so it too fails here first
+    // with what is missing, never a half-run.
+    let out = Command::new("bash").arg(workspace_root().join("xtask/scripts/kind.sh")).arg("nonsense").env("PATH", "/usr/bin:/bin").output().unwrap();
+    assert!(!out.status.success() && String::from_utf8_lossy(&out.stderr).contains("kind path: "));
+}
