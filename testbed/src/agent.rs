@@ -324,6 +324,16 @@ impl Drop for Agent {
 /// async runtime's threads.
 /// GET `path` from `addr` (an agent's admin endpoint) with hyper's client; the body.
 pub fn http_get(addr: &str, path: &str) -> Result<String> {
+    // Called from async code (a scenario on tokio), it blocks a thread of its own (which inherits this
+    // thread's netns).
+    if tokio::runtime::Handle::try_current().is_ok() {
+        return std::thread::scope(|scope| scope.spawn(|| get_blocking(addr, path)).join())
+            .map_err(|_| anyhow::anyhow!("GET {path} from {addr}: the request thread panicked"))?;
+    }
+    get_blocking(addr, path)
+}
+
+fn get_blocking(addr: &str, path: &str) -> Result<String> {
     // A runtime of its own: callers are plain threads (some inside a node's netns, where the socket must
     // be made).
     let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build()?;

@@ -3,7 +3,9 @@
 //! namespace → their running pods are enrolled, no restart, and their traffic is HBONE (a capture on the
 //! node's interfaces finds no plaintext), visible in the agent's metrics and `inspect` → unlabel → plain again,
 //! still talking → label again, then `helm uninstall` → the pods keep talking and the node is clean (no
-//! pinned maps, no agent or controller process, nothing listening on the agent's ports).
+//! pinned maps, no eBPF program loaded — so none attached to a cgroup or netns —, no agent or controller
+//! process, nothing listening on the agent's ports). The agent runs unprivileged with exactly the
+//! capabilities docs/install.md lists (the chart's default).
 //!
 //! The local cluster has no kube-proxy and no cluster DNS, so the chart is installed as on a kube-proxy-free
 //! one-node cluster: `k8sServiceHost`/`k8sServicePort` name the API server, the controller runs in the
@@ -66,7 +68,9 @@ async fn walk(kubeconfig: &Path, tag: &str) -> Result<()> {
     let installed = helm(kubeconfig, &["install", "warren", manifests::CHART, "-n", manifests::NAMESPACE, "--create-namespace", "--set", &values])?;
     ensure!(installed.status.success(), "helm install: {}", text(&installed.stderr));
     let ready = eventually(Duration::from_secs(120), || admin_get("/ready").ok().filter(|r| r.trim() == "ready"));
-    ensure!(ready.is_some(), "the DaemonSet's agent is not ready on {ADMIN}");
+    if ready.is_none() {
+        bail!("the DaemonSet's agent is not ready on {ADMIN}:\n{}", system_pods_report(kubeconfig).await);
+    }
 
     let config = Config::from_custom_kubeconfig(Kubeconfig::read_from(kubeconfig)?, &KubeConfigOptions::default()).await?;
     let client = Client::try_from(config)?;
@@ -143,6 +147,10 @@ async fn walk(kubeconfig: &Path, tag: &str) -> Result<()> {
     ensure!(gone.is_some(), "Warren's pods are still there after helm uninstall");
     let clean = eventually(Duration::from_secs(10), || (!Path::new("/sys/fs/bpf/warren").exists()).then_some(()));
     ensure!(clean.is_some(), "pinned maps left in /sys/fs/bpf/warren after uninstall");
+    // No program of Warren's is loaded, so none is attached to a cgroup or a pod's netns either (an attached
+    // program holds its program loaded).
+    let left = eventually(Duration::from_secs(10), || warren_programs().is_empty().then_some(()));
+    ensure!(left.is_some(), "Warren's eBPF programs are still loaded (attached) after uninstall: {:?}", warren_programs());
     ensure!(warren_processes().is_empty(), "Warren processes left: {:?}", warren_processes());
     for port in [15000, 15001, 15006, 15008, 15010, 15012] {
         ensure!(std::net::TcpStream::connect(("127.0.0.1", port)).is_err(), "something still listens on {port}");
@@ -152,6 +160,31 @@ async fn walk(kubeconfig: &Path, tag: &str) -> Result<()> {
     ensure!(answered(&pods, "client").await? > before + 3, "the pods stopped talking after helm uninstall");
     namespaces.delete(&ns, &DeleteParams::default()).await?;
     Ok(())
+}
+
+/// Each pod of the release namespace: its phase, container states, and the last lines of its log.
+async fn system_pods_report(kubeconfig: &Path) -> String {
+    let report = async {
+        let config = Config::from_custom_kubeconfig(Kubeconfig::read_from(kubeconfig)?, &KubeConfigOptions::default()).await?;
+        let pods: Api<Pod> = Api::namespaced(Client::try_from(config)?, manifests::NAMESPACE);
+        let mut out = String::new();
+        for pod in pods.list(&Default::default()).await?.items {
+            let name = pod.name_any();
+            let status = pod.status.as_ref();
+            let states: Vec<String> = status
+                .and_then(|s| s.container_statuses.clone())
+                .unwrap_or_default()
+                .iter()
+                .map(|c| format!("{}: {}", c.name, serde_json::to_string(&c.state).unwrap_or_default()))
+                .collect();
+            let phase = status.and_then(|s| s.phase.clone()).unwrap_or_default();
+            let params = kube::api::LogParams { tail_lines: Some(15), ..Default::default() };
+            let log = pods.logs(&name, &params).await.unwrap_or_else(|e| format!("(no log: {e})"));
+            out += &format!("pod {name} {phase} {states:?}\n{log}\n");
+        }
+        anyhow::Ok(out)
+    };
+    report.await.unwrap_or_else(|e| format!("(cannot list the pods: {e:#})"))
 }
 
 fn helm(kubeconfig: &Path, args: &[&str]) -> Result<Output> {
@@ -188,6 +221,16 @@ fn wait_enrolled(uids: &[String], enrolled: bool) -> Result<()> {
 
 fn contains(haystack: &[u8], needle: &[u8]) -> bool {
     haystack.windows(needle.len()).any(|w| w == needle)
+}
+
+/// Loaded eBPF programs with the names of Warren's (the kernel keeps 15 characters of a name).
+fn warren_programs() -> Vec<String> {
+    const OURS: [&str; 5] = ["connect4", "connect6", "track_sockets", "redirect_to_pee", "capture_inbound"];
+    aya::programs::loaded_programs()
+        .filter_map(Result::ok)
+        .filter_map(|p| p.name_as_str().map(String::from))
+        .filter(|name| OURS.iter().any(|ours| name.starts_with(ours)))
+        .collect()
 }
 
 /// Host processes of Warren's binaries (the DaemonSet's and the Deployment's containers).
