@@ -200,6 +200,7 @@ pub enum ServerTlsMode {
     Simple,
     /// SIMPLE, and the client must present a certificate the credential's CA signed.
     Mutual,
+    /// Not terminated: routed by the SNI (VirtualService `tls` rules) and sent on as it is.
     Passthrough,
 }
 
@@ -401,6 +402,9 @@ pub struct Route {
     pub http: Vec<HttpRule>,
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub tcp: Vec<TcpRule>,
+    /// `tls` rules: unterminated TLS routed by its SNI.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub tls: Vec<TlsRule>,
     /// Warren's connection faults for the routed services (the VirtualService's `fault.warren.dev/*`
     /// annotations): decided in the kernel, at connect().
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -561,6 +565,31 @@ pub struct Mirror {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub port: Option<u16>,
     pub percent: f64,
+}
+
+/// One `tls` rule: its match blocks (any of them; none: every connection) and where it sends them.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct TlsRule {
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub matches: Vec<TlsMatch>,
+    pub destinations: Vec<WeightedDestination>,
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct TlsMatch {
+    /// Names the ClientHello's SNI must match (`*.example.com` wildcards), lower case.
+    pub sni_hosts: Vec<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub port: Option<u16>,
+    /// As written; qualified with the route's namespace when matched.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub gateways: Vec<String>,
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub source_labels: BTreeMap<String, String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub source_namespace: Option<String>,
 }
 
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]

@@ -64,7 +64,7 @@ pub struct VirtualServiceSpec {
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub http: Vec<HttpRoute>,
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
-    pub tls: Vec<Value>,
+    pub tls: Vec<TlsRoute>,
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub tcp: Vec<TcpRoute>,
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
@@ -332,6 +332,37 @@ pub struct TcpRoute {
     pub matches: Vec<L4Match>,
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub route: Vec<RouteDestination>,
+    #[serde(flatten)]
+    pub unknown: Unknown,
+}
+
+/// `tls[]`: TLS connections routed by their SNI, unterminated.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct TlsRoute {
+    #[serde(default, rename = "match", skip_serializing_if = "Vec::is_empty")]
+    pub matches: Vec<TlsMatch>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub route: Vec<RouteDestination>,
+    #[serde(flatten)]
+    pub unknown: Unknown,
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct TlsMatch {
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub sni_hosts: Vec<String>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub destination_subnets: Vec<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub port: Option<u32>,
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub source_labels: BTreeMap<String, String>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub gateways: Vec<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub source_namespace: Option<String>,
     #[serde(flatten)]
     pub unknown: Unknown,
 }

@@ -40,7 +40,6 @@ const DERIVE_PORT: &str = "is not implemented: the redirect keeps the port the r
 const EXPONENTIAL_DELAY: &str = "is not implemented (Istio does not support it either): no delay is injected";
 const HTTP2_ERROR: &str = "is not implemented (Istio does not support it either): no abort is injected";
 const TCP_MATCH: &str = "is not evaluated yet: this match is not applied (a rule whose matches are all unapplied is skipped)";
-const TLS_ROUTES: &str = "TLS (SNI) routing is not implemented: TLS connections take the tcp rules, or the service itself";
 const EXPORT_TO: &str = "only \"*\" (the default) is implemented: the object is visible to every namespace";
 const RESILIENCE: &str = "is not implemented yet: the agent connects to a random endpoint of the destination with no limits";
 const CLIENT_TLS: &str = "is not implemented: the agent uses HBONE mTLS to enrolled destinations and plaintext to others";
@@ -75,7 +74,21 @@ fn virtual_service() -> Table {
         ("hosts", Field),
         ("gateways", Field),
         ("exportTo", Values(&["*"], EXPORT_TO)),
-        ("tls", Unsupported(TLS_ROUTES)),
+        ("tls", Field),
+        ("tls[].match", Field),
+        ("tls[].match[].sniHosts", Field),
+        ("tls[].match[].port", Field),
+        ("tls[].match[].gateways", Field),
+        ("tls[].match[].sourceLabels", Map),
+        ("tls[].match[].sourceNamespace", Field),
+        ("tls[].match[].destinationSubnets", Unsupported(TCP_MATCH)),
+        ("tls[].route", Field),
+        ("tls[].route[].weight", Field),
+        ("tls[].route[].destination", Field),
+        ("tls[].route[].destination.host", Field),
+        ("tls[].route[].destination.port", Field),
+        ("tls[].route[].destination.port.number", Field),
+        ("tls[].route[].destination.subset", Field),
         ("http", Field),
         ("http[].name", Field),
         ("http[].route", Field),
@@ -223,12 +236,12 @@ fn gateway() -> Table {
         ("servers[].port", Field),
         ("servers[].port.number", Field),
         ("servers[].port.name", Field),
-        ("servers[].port.protocol", Values(&["HTTP", "HTTPS", "HTTP2", "GRPC"], "only HTTP servers are served (HTTP, HTTPS, HTTP2, GRPC): connections to this server are refused")),
+        ("servers[].port.protocol", Values(&["HTTP", "HTTPS", "HTTP2", "GRPC", "TLS"], "is not served (HTTP, HTTPS, HTTP2, GRPC, and TLS with PASSTHROUGH are): connections to this server are refused")),
         ("servers[].port.targetPort", Unsupported("is deprecated and not implemented: the gateway listens on the port and the target ports of its Services")),
         ("servers[].bind", Unsupported(BIND)),
         ("servers[].hosts", Field),
         ("servers[].tls", Field),
-        ("servers[].tls.mode", Values(&["SIMPLE", "MUTUAL"], "is not implemented: fail closed — connections to this server are refused")),
+        ("servers[].tls.mode", Values(&["SIMPLE", "MUTUAL", "PASSTHROUGH"], "is not implemented: fail closed — connections to this server are refused")),
         ("servers[].tls.httpsRedirect", Field),
         ("servers[].tls.credentialName", Field),
         ("servers[].tls.credentialNames", Unsupported(GATEWAY_TLS_FILES)),

@@ -614,7 +614,39 @@ pub fn virtual_service(spec: &VirtualServiceSpec) -> Vec<FieldError> {
             check_gateway_refs(&mut errors, &format!("{at}.match[{j}].gateways"), &m.gateways);
         }
     }
+    for (i, route) in spec.tls.iter().enumerate() {
+        check_tls_route(&mut errors, &format!("spec.tls[{i}]"), route);
+    }
     errors.0
+}
+
+/// A `tls` rule, as Istio's validation: at least one match, each with SNI hosts; destinations as tcp's.
+fn check_tls_route(errors: &mut Errors, at: &str, route: &crate::istio::TlsRoute) {
+    if route.matches.is_empty() {
+        errors.add(format!("{at}.match"), "at least one match is required");
+    }
+    if route.route.is_empty() {
+        errors.add(format!("{at}.route"), "at least one destination is required");
+    }
+    for (j, d) in route.route.iter().enumerate() {
+        check_destination(errors, &format!("{at}.route[{j}].destination"), &d.destination);
+    }
+    check_weights(errors, &format!("{at}.route"), &route.route.iter().map(|d| d.weight).collect::<Vec<_>>());
+    for (j, m) in route.matches.iter().enumerate() {
+        if m.sni_hosts.is_empty() {
+            errors.add(format!("{at}.match[{j}].sniHosts"), "at least one SNI host is required");
+        }
+        for (k, host) in m.sni_hosts.iter().enumerate() {
+            check_host(errors, format!("{at}.match[{j}].sniHosts[{k}]"), host);
+        }
+        if let Some(port) = m.port {
+            check_port(errors, format!("{at}.match[{j}].port"), port);
+        }
+        for (k, subnet) in m.destination_subnets.iter().enumerate() {
+            check_ip_block(errors, format!("{at}.match[{j}].destinationSubnets[{k}]"), subnet);
+        }
+        check_gateway_refs(errors, &format!("{at}.match[{j}].gateways"), &m.gateways);
+    }
 }
 
 /// An IP address or CIDR block whose host bits are zero (`10.0.0.0/8`, `2001:db8::/32`, `1.2.3.4`).

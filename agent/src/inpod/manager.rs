@@ -218,7 +218,12 @@ impl InpodManager {
                 self.shared.clone(),
             )));
         }
-        let gateway = Arc::new(proxy::gateway::GatewayPod { pod: key.clone(), upstreams });
+        let gateway = Arc::new(proxy::gateway::GatewayPod {
+            pod: key.clone(),
+            upstreams,
+            netns: netns.clone(),
+            identity: identity.clone(),
+        });
         let pod_ips = Arc::new(pod.ips.clone());
         for listener in hbone {
             let identity = identity.clone().expect("HBONE listeners only with an identity");

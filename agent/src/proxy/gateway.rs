@@ -13,22 +13,31 @@ use tokio::io::{AsyncRead, AsyncWrite};
 use tokio_rustls::LazyConfigAcceptor;
 use tracing::{debug, warn};
 
+use warren_identity::Identity;
+
 use super::{
     Direction, ProxyShared, Record,
     http::{self, Body, Error, Selected, Upstreams},
+    sni,
 };
 use crate::{
+    inpod::Netns,
     metrics::HttpRequestLabels,
     state::{
         gateways::{PortServers, ServerBinding, request_host},
         http_routes::RequestContext,
+        pick_weighted,
+        tls_routes::{self, TlsContext},
     },
 };
 
-/// A gateway pod: its name, and its upstream connections (from its netns, as its identity).
+/// A gateway pod: its name, its upstream connections for requests (from its netns, as its identity), and
+/// that netns and identity for connections routed whole (PASSTHROUGH).
 pub struct GatewayPod {
     pub pod: Arc<String>,
     pub upstreams: Arc<Upstreams>,
+    pub netns: Arc<Netns>,
+    pub identity: Option<Identity>,
 }
 
 /// One connection to a gateway server port.
@@ -61,6 +70,9 @@ pub async fn serve<IO>(
         protocol,
         peer_identity: None,
     };
+    if servers.passthrough() {
+        return passthrough(client, record("tcp"), servers, gateway, shared).await;
+    }
     if !servers.terminates_tls() {
         let record = record("http");
         let connection = Arc::new(Connection { gateway, client: peer, servers, tls_server: None });
@@ -76,6 +88,54 @@ pub async fn serve<IO>(
     let record = record("https");
     let connection = Arc::new(Connection { gateway, client: peer, servers, tls_server: Some(server) });
     serve_requests(tls, record, connection, shared).await
+}
+
+/// PASSTHROUGH: the ClientHello's SNI picks the server, a bound VirtualService's `tls` rules the
+/// destination; the connection is sent on whole, ClientHello first, from the gateway pod.
+async fn passthrough<IO>(mut client: IO, mut record: Record, servers: Arc<PortServers>, gateway: Arc<GatewayPod>, shared: ProxyShared)
+where
+    IO: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+{
+    let (hello, sni) = match sni::read_client_hello(&mut client).await {
+        Ok(read) => read,
+        Err(e) => {
+            shared.metrics.gateway_refused.inc();
+            return debug!(pod = %gateway.pod, client = %record.client, "gateway PASSTHROUGH: {e}");
+        }
+    };
+    let destination = passthrough_destination(sni.as_deref(), &servers, &shared);
+    let destination = match destination {
+        Ok(target) => target.resolved().await.map_err(|e| e.to_string()),
+        Err(e) => Err(e),
+    };
+    match destination {
+        Ok(target) => {
+            record.destination = target.endpoint;
+            super::outbound::forward_tcp(client, record, &gateway.netns, gateway.identity.clone(), hello, shared).await
+        }
+        Err(e) => {
+            shared.metrics.gateway_refused.inc();
+            warn!(pod = %gateway.pod, client = %record.client, sni = ?sni, "gateway PASSTHROUGH: {e}; closing");
+        }
+    }
+}
+
+/// The server for `sni`, its VirtualService, the `tls` rule and the destination it picks.
+fn passthrough_destination(sni: Option<&str>, servers: &PortServers, shared: &ProxyShared) -> Result<http::RouteTarget, String> {
+    let host = sni.ok_or("no SNI: a PASSTHROUGH server routes by it")?;
+    let server = servers.servers.iter().find(|s| s.passthrough() && s.takes(host)).ok_or_else(|| format!("no server takes SNI {host:?}"))?;
+    if let Some(reason) = server.refusal() {
+        return Err(format!("{} spec.servers[{}]: {reason}", server.gateway, server.server.index));
+    }
+    let tables = shared.tables();
+    let bound = tables
+        .gateways()
+        .tls_route_for(server, host)
+        .ok_or_else(|| format!("no VirtualService of gateway {} has tls rules for {host:?}", server.gateway))?;
+    let context = TlsContext { sni, port: server.server.port, gateway: &server.gateway, namespace: &bound.namespace, source: None };
+    let rule = tls_routes::select(&bound.tls, &context).ok_or_else(|| format!("no tls rule of {} takes {host:?}", bound.compiled.origin))?;
+    let destination = pick_weighted(&rule.destinations, http::random()).ok_or("the tls rule has no destination")?;
+    http::RouteTarget::resolve(&tables, destination, server.server.port, None).map_err(|e| e.to_string())
 }
 
 /// Reads the ClientHello, picks the server its SNI names (a client without SNI gets the first TLS

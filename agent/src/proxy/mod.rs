@@ -16,6 +16,7 @@ pub mod hbone;
 pub mod http;
 pub mod inbound;
 pub mod outbound;
+pub mod sni;
 
 use std::{
     future::Future,

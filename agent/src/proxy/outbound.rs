@@ -4,17 +4,27 @@
 //! service port that carries HTTP go to the L7 proxy ([`super::http`]) instead, routed per request.
 use std::{net::SocketAddr, sync::Arc};
 
-use tokio::net::{TcpListener, TcpStream};
+use tokio::{
+    io::{AsyncRead, AsyncWrite, AsyncWriteExt},
+    net::{TcpListener, TcpStream},
+};
 use tracing::{info, warn};
-use warren_api::tables::{AppProtocol, OutboundTrafficPolicy};
+use warren_api::tables::{AppProtocol, MESH_GATEWAY, OutboundTrafficPolicy};
 use warren_identity::Identity;
 use warren_maps::ConnectionKey;
 
 use super::{
     Direction, ProxyShared, Record, connect_from, forward,
     http::{self, detect::Detected},
+    sni,
 };
-use crate::{inpod::Netns, state::pick_weighted};
+use crate::{
+    inpod::Netns,
+    state::{
+        pick_weighted,
+        tls_routes::{self, TlsContext},
+    },
+};
 
 pub async fn serve(
     listener: TcpListener,
@@ -65,67 +75,136 @@ struct Outbound {
 }
 
 impl Outbound {
-    /// A service port carrying HTTP (declared, or detected on a port that names no protocol) goes to the L7
-    /// proxy, request by request; anything else is routed once, for the whole connection.
+    /// REGISTRY_ONLY first (what the registry does not know is refused, Istio's BlackHoleCluster). Then a
+    /// service port carrying HTTP (declared, or detected on a port that names no protocol) goes to the L7
+    /// proxy, request by request; a TLS port whose VirtualService has `tls` rules is routed by its SNI;
+    /// anything else is routed once, for the whole connection.
     async fn proxy(self, shared: ProxyShared, upstreams: Arc<http::Upstreams>) {
-        let l7 = {
+        let (registered, service) = {
             let tables = shared.tables();
-            tables.service_at(&self.original).map(|s| (s.key(), s.port(self.original.port()).map(|p| p.app_protocol())))
+            let registered =
+                tables.outbound_traffic_policy() == OutboundTrafficPolicy::AllowAny || tables.registered(&self.original);
+            let service = tables.service_at(&self.original).map(|s| {
+                let protocol = s.port(self.original.port()).map(|p| p.app_protocol());
+                (s.key(), protocol, tables.tls_route(&s.key()).is_some())
+            });
+            (registered, service)
         };
-        if let Some((service, Some(protocol))) = l7 {
-            let http = protocol.is_http()
-                || (protocol == AppProtocol::Detect && http::detect::detect(&self.client).await == Detected::Http);
-            if http {
-                let downstream = http::Downstream { pod: self.pod, client: self.peer, vip: self.original, service };
-                return http::serve_outbound(self.client, downstream, upstreams, shared).await;
-            }
+        if !registered {
+            shared.metrics.registry_only_refused.inc();
+            warn!(pod = %self.pod, client = %self.peer, destination = %self.original,
+                "outboundTrafficPolicy REGISTRY_ONLY: not in the registry; refused");
+            return reset(self.client);
         }
-        self.proxy_tcp(shared).await
+        match service {
+            Some((service, Some(protocol), _))
+                if protocol.is_http()
+                    || (protocol == AppProtocol::Detect && http::detect::detect(&self.client).await == Detected::Http) =>
+            {
+                let downstream = http::Downstream { pod: self.pod, client: self.peer, vip: self.original, service };
+                http::serve_outbound(self.client, downstream, upstreams, shared).await
+            }
+            Some((service, _, true)) => self.proxy_tls(shared, service).await,
+            _ => self.proxy_tcp(shared, Vec::new()).await,
+        }
     }
 
-    async fn proxy_tcp(self, shared: ProxyShared) {
-        let Outbound { client, peer, original, netns, pod, source } = self;
-        // REGISTRY_ONLY: what the registry does not know is refused (Istio's BlackHoleCluster).
-        let tables = shared.tables();
-        if tables.outbound_traffic_policy() == OutboundTrafficPolicy::RegistryOnly && !tables.registered(&original) {
-            shared.metrics.registry_only_refused.inc();
-            warn!(pod = %pod, client = %peer, destination = %original, "outboundTrafficPolicy REGISTRY_ONLY: not in the registry; refused");
-            return reset(client);
-        }
-        drop(tables);
-        // A service address goes to one of its endpoints, by the route the controller pushed.
-        let original = match resolve_service(&shared, original).await {
-            Ok(target) => target,
+    /// By the service's `tls` rules on the ClientHello's SNI; a connection no rule takes goes to the service
+    /// itself. The ClientHello is sent on first, unchanged (TLS is not terminated).
+    async fn proxy_tls(mut self, shared: ProxyShared, service: String) {
+        let (hello, sni) = match sni::read_client_hello(&mut self.client).await {
+            Ok(read) => read,
             Err(e) => {
-                shared.metrics.no_endpoint.inc();
-                warn!(pod = %pod, client = %peer, destination = %original, "{e}; closing");
-                return reset(client);
+                warn!(pod = %self.pod, client = %self.peer, destination = %self.original, "tls route: {e}; closing");
+                return reset(self.client);
             }
         };
-        let hbone = shared.hbone.clone().zip(source).and_then(|(pool, source)| {
-            let mesh = shared.mesh.read().unwrap();
-            let peer = mesh.enrolled(&original.ip())?.identity(pool.certificates().trust_domain());
-            Some((pool, source, peer))
-        });
-        let mut record = Record {
-            direction: Direction::Outbound,
-            pod,
-            client: peer,
-            destination: original,
-            protocol: "tcp",
-            peer_identity: None,
+        let target = {
+            let tables = shared.tables();
+            let source = tables.pod(&self.pod).map(|p| p.as_ref());
+            let rule = tables.tls_route(&service).and_then(|route| {
+                let context = TlsContext {
+                    sni: sni.as_deref(),
+                    port: self.original.port(),
+                    gateway: MESH_GATEWAY,
+                    namespace: &route.origin.namespace,
+                    source,
+                };
+                tls_routes::select(&route.tls, &context)
+            });
+            let destination = rule.and_then(|r| pick_weighted(&r.destinations, random()));
+            destination.map(|d| http::RouteTarget::resolve(&tables, d, self.original.port(), Some(self.original)))
         };
-        match hbone {
-            Some((pool, source, peer_identity)) => {
-                record.protocol = "hbone";
-                record.peer_identity = Some(peer_identity.to_string());
-                let open = async { pool.connect(&netns, &source, &peer_identity, original).await };
-                forward(client, record, shared, open).await
-            }
-            None => forward(client, record, shared, connect_from(&netns, original)).await,
+        match target {
+            Some(Ok(target)) => match target.resolved().await {
+                Ok(target) => self.forward_tcp(shared, target.endpoint, hello).await,
+                Err(e) => self.refuse_unroutable(&shared, e.to_string()),
+            },
+            Some(Err(e)) => self.refuse_unroutable(&shared, e.to_string()),
+            None => self.proxy_tcp(shared, hello).await,
+        }
+    }
+
+    /// To the service's endpoint by its L4 route (or where the client sent it), `first` sent ahead.
+    async fn proxy_tcp(self, shared: ProxyShared, first: Vec<u8>) {
+        match resolve_service(&shared, self.original).await {
+            Ok(target) => self.forward_tcp(shared, target, first).await,
+            Err(e) => self.refuse_unroutable(&shared, e),
+        }
+    }
+
+    fn refuse_unroutable(self, shared: &ProxyShared, error: String) {
+        shared.metrics.no_endpoint.inc();
+        warn!(pod = %self.pod, client = %self.peer, destination = %self.original, "{error}; closing");
+        reset(self.client)
+    }
+
+    async fn forward_tcp(self, shared: ProxyShared, destination: SocketAddr, first: Vec<u8>) {
+        let Outbound { client, peer, netns, pod, source, .. } = self;
+        let record = Record { direction: Direction::Outbound, pod, client: peer, destination, protocol: "tcp", peer_identity: None };
+        forward_tcp(client, record, &netns, source, first, shared).await
+    }
+}
+
+/// Proxies `client` to `record.destination` from the pod's netns: as HBONE (mTLS as `source`) when the
+/// destination is an enrolled workload and the agent has identities, else plain TCP; `first` (bytes
+/// already read off the client, such as a ClientHello) goes to the upstream ahead of the rest.
+pub(crate) async fn forward_tcp<C>(client: C, mut record: Record, netns: &Netns, source: Option<Identity>, first: Vec<u8>, shared: ProxyShared)
+where
+    C: AsyncRead + AsyncWrite + Unpin,
+{
+    let destination = record.destination;
+    let hbone = shared.hbone.clone().zip(source).and_then(|(pool, source)| {
+        let mesh = shared.mesh.read().unwrap();
+        let peer = mesh.enrolled(&destination.ip())?.identity(pool.certificates().trust_domain());
+        Some((pool, source, peer))
+    });
+    let ahead = |mut upstream: Box<dyn Upstream>| async move {
+        if !first.is_empty() {
+            upstream.write_all(&first).await?;
+        }
+        anyhow::Ok(upstream)
+    };
+    match hbone {
+        Some((pool, source, peer_identity)) => {
+            record.protocol = "hbone";
+            record.peer_identity = Some(peer_identity.to_string());
+            let open = async {
+                let stream = pool.connect(netns, &source, &peer_identity, destination).await?;
+                ahead(Box::new(stream)).await
+            };
+            forward(client, record, shared.clone(), open).await
+        }
+        None => {
+            let open = async { ahead(Box::new(connect_from(netns, destination).await?)).await };
+            forward(client, record, shared.clone(), open).await
         }
     }
 }
+
+/// An upstream connection, TCP or an HBONE stream.
+pub(crate) trait Upstream: AsyncRead + AsyncWrite + Unpin + Send {}
+impl<T: AsyncRead + AsyncWrite + Unpin + Send> Upstream for T {}
 
 /// A zero linger: the client sees a reset, not an orderly close.
 fn reset(client: TcpStream) {

@@ -41,6 +41,10 @@ impl ServerBinding {
     pub fn terminates_tls(&self) -> bool {
         self.server.tls.as_ref().is_some_and(|t| matches!(t.mode, ServerTlsMode::Simple | ServerTlsMode::Mutual))
     }
+
+    pub fn passthrough(&self) -> bool {
+        self.server.tls.as_ref().is_some_and(|t| t.mode == ServerTlsMode::Passthrough)
+    }
 }
 
 /// The servers on one port of one pod.
@@ -58,6 +62,11 @@ impl PortServers {
     pub fn terminates_tls(&self) -> bool {
         self.servers.iter().any(|s| s.terminates_tls())
     }
+
+    /// TLS is routed unterminated on this port (a PASSTHROUGH server): the SNI picks the server.
+    pub fn passthrough(&self) -> bool {
+        self.servers.iter().any(|s| s.passthrough())
+    }
 }
 
 /// A VirtualService bound to a gateway.
@@ -66,6 +75,8 @@ pub struct BoundRoute {
     pub namespace: String,
     pub hosts: Vec<String>,
     pub compiled: Arc<CompiledRoute>,
+    /// Its `tls` rules, for PASSTHROUGH servers.
+    pub tls: Vec<warren_api::tables::TlsRule>,
 }
 
 #[derive(Debug, Default)]
@@ -103,7 +114,7 @@ impl GatewayIndex {
         for route in tables.values().filter_map(|r| if let Resource::Route(r) = r { Some(r) } else { None }) {
             for gateway in &gateways {
                 let key = gateway.key();
-                if route.binds(&key) && !route.http.is_empty() {
+                if route.binds(&key) && (!route.http.is_empty() || !route.tls.is_empty()) {
                     index.routes.entry(key).or_default().push(bound(route));
                 }
             }
@@ -124,11 +135,20 @@ impl GatewayIndex {
     /// The VirtualService that routes `host` through `binding`'s server: one naming the host exactly wins
     /// over a wildcard, then name order.
     pub fn route_for(&self, binding: &ServerBinding, host: &str) -> Option<&BoundRoute> {
+        self.find(binding, host, |r| !r.compiled.rules.is_empty())
+    }
+
+    /// [`GatewayIndex::route_for`] among the VirtualServices with `tls` rules (PASSTHROUGH servers).
+    pub fn tls_route_for(&self, binding: &ServerBinding, host: &str) -> Option<&BoundRoute> {
+        self.find(binding, host, |r| !r.tls.is_empty())
+    }
+
+    fn find(&self, binding: &ServerBinding, host: &str, wanted: impl Fn(&BoundRoute) -> bool) -> Option<&BoundRoute> {
         let candidates: Vec<&BoundRoute> = self
             .routes
             .get(&binding.gateway)?
             .iter()
-            .filter(|r| allowed_namespace(binding, &r.namespace, host))
+            .filter(|r| wanted(r) && allowed_namespace(binding, &r.namespace, host))
             .collect();
         let exact = candidates.iter().find(|r| r.hosts.iter().any(|h| h == host));
         exact.or_else(|| candidates.iter().find(|r| r.hosts.iter().any(|h| host_matches(h, host)))).copied()
@@ -195,6 +215,7 @@ fn bound(route: &Route) -> BoundRoute {
         namespace: route.origin.namespace.clone(),
         hosts: route.hosts.iter().map(|h| h.to_ascii_lowercase()).collect(),
         compiled: CompiledRoute::compile(route),
+        tls: route.tls.clone(),
     }
 }
 

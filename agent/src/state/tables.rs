@@ -164,6 +164,11 @@ impl MeshTables {
         self.service_at(destination).is_some() || self.registered_ips.contains(&destination.ip())
     }
 
+    /// The VirtualService routing `service` when it has `tls` rules.
+    pub fn tls_route(&self, service: &str) -> Option<&Arc<Route>> {
+        self.routes.get(service).and_then(|r| r.first()).filter(|r| !r.tls.is_empty())
+    }
+
     /// The compiled `http` rules that route `service` (`namespace/name`), if a VirtualService has any.
     pub fn http_route(&self, service: &str) -> Option<&Arc<CompiledRoute>> {
         self.http_routes.get(service)

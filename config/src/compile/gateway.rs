@@ -58,8 +58,10 @@ fn server(index: usize, s: &istio::GatewayServer, pods: &[&Pod], services: &[cor
         None => (None, None),
     };
     let protocol = GatewayProtocol::parse(&port.protocol).unwrap_or_default();
-    if !protocol.is_http() && refused.is_none() {
-        refused = Some(format!("port.protocol {}: only HTTP servers are served yet: connections are refused", port.protocol));
+    let passthrough = tls.as_ref().is_some_and(|t| t.mode == ServerTlsMode::Passthrough);
+    if refused.is_none() && !protocol.is_http() && !passthrough {
+        let reason = "only HTTP servers and TLS PASSTHROUGH are served yet: connections are refused";
+        refused = Some(format!("port.protocol {}: {reason}", port.protocol));
     }
     Some(GatewayServer {
         index,
@@ -102,6 +104,7 @@ fn server_tls(tls: &istio::ServerTlsSettings) -> (Option<ServerTls>, Option<Stri
         None => ServerTlsMode::None,
         Some("SIMPLE") => ServerTlsMode::Simple,
         Some("MUTUAL") => ServerTlsMode::Mutual,
+        Some("PASSTHROUGH") => ServerTlsMode::Passthrough,
         Some(other) => {
             let reason = format!("tls.mode {other} is not supported: connections to this server are refused");
             return (None, Some(reason));

@@ -19,7 +19,7 @@ use crate::{
     istio::{self, Destination, HttpRoute, VirtualService},
     tables::{
         DirectResponse, Endpoint, Fault, HeaderOperations, HeaderOps, HttpRule, Mirror, Origin, Redirect, RegexRewrite,
-        Resource, Retries, Rewrite, Route, Service, ServicePort, Tables, TcpRule, WeightedDestination,
+        Resource, Retries, Rewrite, Route, Service, ServicePort, Tables, TcpRule, TlsMatch, TlsRule, WeightedDestination,
     },
     validate::{base64_decode, duration_ms, fault_percent, grpc_code},
     workloads::{Pod, is_enrolled},
@@ -306,6 +306,7 @@ fn route(vs: &VirtualService, services: &HashMap<String, String>) -> (Route, Vec
         gateways: vs.spec.gateways.clone(),
         http: vs.spec.http.iter().map(|h| http_rule(h, &ns, services)).collect(),
         tcp: vs.spec.tcp.iter().flat_map(|t| tcp_rules(t, &ns, services)).collect(),
+        tls: vs.spec.tls.iter().filter_map(|t| tls_rule(t, &ns, services)).collect(),
         connect_fault: vs.metadata.annotations.as_ref().and_then(|a| crate::connect_fault::parse(a).ok().flatten()),
     };
     (route, by_wildcard)
@@ -389,6 +390,25 @@ fn header_operations(headers: &Option<istio::Headers>) -> HeaderOperations {
 /// A tcp route as rules the agent evaluates: one per match (matches are alternatives), the port being the
 /// only attribute it checks; a match with others is not applied (support names it), so a route whose
 /// matches are all unapplied yields no rule instead of routing every client.
+/// A `tls` rule; a match naming `destinationSubnets` (not evaluated) is left out, and a rule whose matches
+/// are all left out is not applied (it must not take every connection).
+fn tls_rule(t: &crate::istio::TlsRoute, namespace: &str, services: &HashMap<String, String>) -> Option<TlsRule> {
+    let destinations = normalize(t.route.iter().map(|d| destination(&d.destination, d.weight, namespace, services)).collect());
+    let matches: Vec<TlsMatch> = t
+        .matches
+        .iter()
+        .filter(|m| m.destination_subnets.is_empty())
+        .map(|m| TlsMatch {
+            sni_hosts: m.sni_hosts.iter().map(|h| h.to_ascii_lowercase()).collect(),
+            port: m.port.and_then(|p| u16::try_from(p).ok()),
+            gateways: m.gateways.clone(),
+            source_labels: m.source_labels.clone(),
+            source_namespace: m.source_namespace.clone(),
+        })
+        .collect();
+    (t.matches.is_empty() || !matches.is_empty()).then_some(TlsRule { matches, destinations })
+}
+
 fn tcp_rules(t: &crate::istio::TcpRoute, namespace: &str, services: &HashMap<String, String>) -> Vec<TcpRule> {
     let destinations = normalize(t.route.iter().map(|d| destination(&d.destination, d.weight, namespace, services)).collect());
     if t.matches.is_empty() {

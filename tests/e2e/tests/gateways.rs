@@ -276,3 +276,79 @@ fn an_egress_gateway_carries_the_meshs_requests_to_the_external_host() -> Result
         Ok(())
     })
 }
+
+/// An `openssl s_server` in `pod` on 8443 with a certificate for `host` (from its own CA); the CA's PEM
+/// file, and the server process.
+fn tls_server(lab: &BookinfoLab, pod: &Pod, host: &str) -> Result<(std::path::PathBuf, warren_testbed::Process)> {
+    let (ca, chain, key) = certificate(host)?;
+    let dir = lab.bed.state_dir().join(format!("tls-{host}"));
+    std::fs::create_dir_all(&dir)?;
+    for (name, pem) in [("ca.pem", &ca), ("cert.pem", &chain), ("key.pem", &key)] {
+        std::fs::write(dir.join(name), pem)?;
+    }
+    let mut server = Command::new("openssl");
+    server.args(["s_server", "-www", "-accept", "8443", "-cert"]).arg(dir.join("cert.pem")).arg("-key").arg(dir.join("key.pem"));
+    let mut process = pod.spawn(server)?;
+    // s_server says ACCEPT once it listens.
+    process.wait_for_line("ACCEPT", Duration::from_secs(10)).with_context(|| format!("openssl s_server in {}", pod.name))?;
+    Ok((dir.join("ca.pem"), process))
+}
+
+const SECURE: &str = "apiVersion: v1\nkind: Service\nmetadata: {name: secure-a, namespace: default}\n\
+    spec: {clusterIP: 10.96.7.1, selector: {app: secure-a}, ports: [{name: tls, port: 8443, targetPort: 8443}]}\n---\n\
+    apiVersion: v1\nkind: Service\nmetadata: {name: secure-b, namespace: default}\n\
+    spec: {clusterIP: 10.96.7.2, selector: {app: secure-b}, ports: [{name: tls, port: 8443, targetPort: 8443}]}\n";
+
+/// TLS routed by its SNI without being terminated, as Istio's ingress SNI-passthrough task and mesh `tls`
+/// rules: each backend serves its own certificate, so a client that verifies it knows which one answered.
+#[test]
+fn tls_is_routed_by_sni_unterminated_at_a_passthrough_gateway_and_in_the_mesh() -> Result<()> {
+    require_privileges!(Ok(()));
+    BookinfoLab::scenario("gw-passthrough", &[], |lab| {
+        let ingress = ingress(lab)?;
+        let (a, b) = (lab.nodes[0].add_pod("secure-a", true)?, lab.nodes[1].add_pod("secure-b", true)?);
+        let pods = [(&a, "secure-a", "node-1"), (&b, "secure-b", "node-2")]
+            .map(|(pod, app, node)| warren_e2e::pod_yaml(pod, node, &format!("app: {app}")))
+            .concat();
+        lab.apply_yaml("00-secure", &format!("{SECURE}---\n{pods}"))?;
+        lab.agent1.wait_enrolled(&a, true, Duration::from_secs(20))?;
+        lab.agent2.wait_enrolled(&b, true, Duration::from_secs(20))?;
+        let (ca_a, _server_a) = tls_server(lab, &a, "a.example.com")?;
+        let (ca_b, _server_b) = tls_server(lab, &b, "b.example.com")?;
+
+        // At the gateway: port 443, PASSTHROUGH, b.example.com → secure-b.
+        let gateway = "apiVersion: networking.istio.io/v1\nkind: Gateway\nmetadata: {name: passthrough, namespace: default}\n\
+            spec:\n  selector: {istio: ingressgateway}\n  servers:\n  - port: {number: 443, name: tls, protocol: TLS}\n\
+            \x20   tls: {mode: PASSTHROUGH}\n    hosts: [b.example.com]\n---\n\
+            apiVersion: networking.istio.io/v1\nkind: VirtualService\nmetadata: {name: passthrough, namespace: default}\n\
+            spec:\n  hosts: [b.example.com]\n  gateways: [passthrough]\n  tls:\n\
+            \x20 - match: [{port: 443, sniHosts: [b.example.com]}]\n    route: [{destination: {host: secure-b, port: {number: 8443}}}]\n";
+        lab.apply_yaml("passthrough-gateway", gateway)?;
+        let ip = ingress.gateway.ip.to_string();
+        let through_gateway = |host: &str, ca: &std::path::Path| {
+            let resolve = format!("{host}:443:{ip}");
+            ingress.curl(&["--cacert", ca.to_str().unwrap_or_default(), "--resolve", &resolve, &format!("https://{host}/")])
+        };
+        let reached = eventually(Duration::from_secs(10), || through_gateway("b.example.com", &ca_b).ok()?.ok());
+        ensure!(reached == Some(200), "b's own certificate through the gateway: {:?}", through_gateway("b.example.com", &ca_b)?);
+        let other = through_gateway("a.example.com", &ca_a)?;
+        ensure!(other.is_err(), "a host the PASSTHROUGH server does not take is closed: {other:?}");
+
+        // In the mesh: sleep connects to secure-a's VIP; with SNI b.example.com a `tls` rule sends it to b.
+        let mesh = "apiVersion: networking.istio.io/v1\nkind: VirtualService\nmetadata: {name: secure-a, namespace: default}\n\
+            spec:\n  hosts: [secure-a]\n  tls:\n\
+            \x20 - match: [{sniHosts: [b.example.com]}]\n    route: [{destination: {host: secure-b}}]\n";
+        let from_sleep = |host: &str, ca: &std::path::Path| -> Result<std::result::Result<u16, String>> {
+            let mut curl = Command::new("curl");
+            let resolve = format!("{host}:8443:10.96.7.1");
+            curl.args(["-sS", "-o", "/dev/null", "-w", "%{http_code}", "--max-time", "10", "--cacert"]).arg(ca).args(["--resolve", &resolve, &format!("https://{host}:8443/")]);
+            let out = lab.sleep.run(curl)?;
+            Ok(if out.status.success() { Ok(200) } else { Err(String::from_utf8_lossy(&out.stderr).trim().to_string()) })
+        };
+        ensure!(from_sleep("b.example.com", &ca_b)?.is_err(), "control: without the rule, secure-a answers b.example.com with a's certificate");
+        lab.apply_yaml("secure-a-tls-route", mesh)?;
+        ensure!(from_sleep("b.example.com", &ca_b)? == Ok(200), "the tls rule sends b.example.com to b");
+        ensure!(from_sleep("a.example.com", &ca_a)? == Ok(200), "an SNI no rule takes goes to the service itself");
+        Ok(())
+    })
+}

@@ -231,3 +231,31 @@ fn status_says_healthy_or_why_not() {
     let table = stdout(&out);
     assert!(table.starts_with("NOT HEALTHY\n") && table.contains("warren-agent is not running"), "{table}");
 }
+
+/// Every live view, `analyze` and `status` against an agent that is not running (nothing answers on the
+/// admin address), and with a bad `-o`: one line each, with the fix, and a failing exit status.
+#[test]
+fn every_view_against_a_stopped_agent_or_with_a_bad_output_is_one_line() {
+    let agent = bin_path("warren-agent").expect("warren-agent is built");
+    let views = ["connections", "certs", "workloads", "services", "routes", "faults", "policies", "gateways"];
+    let commands: Vec<Vec<&str>> =
+        views.iter().map(|v| vec!["inspect", *v]).chain([vec!["analyze"]]).collect();
+    // A port nothing listens on (the discard port of the loopback: no service here).
+    let nowhere = "127.0.0.1:9";
+    for command in &commands {
+        let out = Command::new(&agent).args(command).args(["--admin-addr", nowhere]).output().unwrap();
+        let err = stderr(&out);
+        assert!(!out.status.success(), "{command:?} against no agent succeeded: {}", stdout(&out));
+        assert_eq!(err.trim().lines().count(), 1, "{command:?}: one line: {err}");
+        assert!(err.contains("no agent answers on 127.0.0.1:9") && err.contains("--admin-addr"), "{command:?}: {err}");
+        let bad = Command::new(&agent).args(command).args(["-o", "xml"]).output().unwrap();
+        let err = stderr(&bad);
+        assert!(!bad.status.success() && err.trim().lines().count() == 1 && err.contains("'xml'"), "{command:?} -o xml: {err}");
+    }
+    // status reads the node's state too: without an agent it says so in its report and fails.
+    let status = Command::new(&agent)
+        .args(["status", "--admin-addr", nowhere, "--run-dir", "/nonexistent/warren", "--pin-dir", "/sys/fs/bpf/warren-no-such-dir"])
+        .output()
+        .unwrap();
+    assert!(!status.status.success() && stdout(&status).contains("warren-agent is not running"), "{}", stdout(&status));
+}
