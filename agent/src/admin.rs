@@ -23,7 +23,7 @@ use crate::{
 };
 
 pub struct AdminState {
-    pub registry: Registry,
+    pub registry: Arc<Registry>,
     pub connections: ConnectionTable,
     pub workloads: Arc<Mutex<Vec<PodStatus>>>,
     pub certificates: Option<Arc<Certificates>>,
@@ -49,6 +49,39 @@ pub async fn serve(listener: TcpListener, state: Arc<AdminState>) {
             let _ = http1::Builder::new().serve_connection(TokioIo::new(stream), service).await;
         });
     }
+}
+
+/// The Prometheus scrape endpoint (Istio's 15020): `/metrics` and `/stats/prometheus` in Prometheus' text
+/// format, `/healthz/ready`.
+pub async fn serve_metrics(listener: TcpListener, registry: Arc<Registry>) {
+    loop {
+        let Ok((stream, _)) = listener.accept().await else {
+            continue;
+        };
+        let registry = registry.clone();
+        tokio::spawn(async move {
+            let service = service_fn(move |req: Request<Incoming>| {
+                let answer = match req.uri().path() {
+                    "/metrics" | "/stats/prometheus" => match crate::metrics::prometheus_text(&registry) {
+                        Ok(text) => (StatusCode::OK, "text/plain; version=0.0.4; charset=utf-8", text),
+                        Err(e) => (StatusCode::INTERNAL_SERVER_ERROR, "text/plain", format!("encoding metrics: {e}\n")),
+                    },
+                    "/healthz/ready" => (StatusCode::OK, "text/plain", "ready\n".to_string()),
+                    _ => (StatusCode::NOT_FOUND, "text/plain", "endpoints: /metrics /stats/prometheus /healthz/ready\n".to_string()),
+                };
+                std::future::ready(Ok::<_, Infallible>(plain(answer)))
+            });
+            let _ = http1::Builder::new().serve_connection(TokioIo::new(stream), service).await;
+        });
+    }
+}
+
+fn plain((status, content_type, body): (StatusCode, &'static str, String)) -> Response<Full<Bytes>> {
+    Response::builder()
+        .status(status)
+        .header("content-type", content_type)
+        .body(Full::new(Bytes::from(body)))
+        .expect("static response parts are valid")
 }
 
 async fn handle(req: Request<Incoming>, state: Arc<AdminState>) -> Result<Response<Full<Bytes>>, Infallible> {
@@ -95,9 +128,5 @@ async fn handle(req: Request<Incoming>, state: Arc<AdminState>) -> Result<Respon
             "endpoints: /ready /metrics /connections /workloads /certificates /config /policies\n".to_string(),
         ),
     };
-    Ok(Response::builder()
-        .status(status)
-        .header("content-type", content_type)
-        .body(Full::new(Bytes::from(body)))
-        .expect("static response parts are valid"))
+    Ok(plain((status, content_type, body)))
 }

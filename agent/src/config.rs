@@ -9,6 +9,8 @@ use anyhow::{Context, Result, bail};
 use serde::{Deserialize, Serialize};
 
 pub const DEFAULT_ADMIN_ADDR: &str = "127.0.0.1:15000";
+/// Prometheus' scrape endpoint, Istio's 15020 (on every address: Prometheus scrapes it from elsewhere).
+pub const DEFAULT_METRICS_ADDR: &str = "0.0.0.0:15020";
 pub const DEFAULT_RUN_DIR: &str = "/run/warren";
 /// Outbound capture port inside each enrolled pod (as ztunnel's 15001).
 pub const DEFAULT_OUTBOUND_PORT: u16 = 15001;
@@ -35,6 +37,12 @@ pub struct AgentConfig {
     /// Admin HTTP endpoint (/metrics, /connections, /workloads, /ready), in the agent's network namespace.
     #[serde(default = "default_admin_addr")]
     pub admin_addr: SocketAddr,
+    /// `/metrics` and `/stats/prometheus` in Prometheus' text format (the admin endpoint has them too).
+    #[serde(default = "default_metrics_addr")]
+    pub metrics_addr: SocketAddr,
+    /// Access logs and the metrics' cluster name.
+    #[serde(default)]
+    pub telemetry: crate::telemetry::TelemetryConfig,
     #[serde(default = "default_outbound_port")]
     pub outbound_port: u16,
     #[serde(default = "default_inbound_port")]
@@ -113,6 +121,9 @@ fn default_run_dir() -> PathBuf {
 }
 fn default_admin_addr() -> SocketAddr {
     DEFAULT_ADMIN_ADDR.parse().expect("valid default")
+}
+fn default_metrics_addr() -> SocketAddr {
+    DEFAULT_METRICS_ADDR.parse().expect("valid default")
 }
 fn default_outbound_port() -> u16 {
     DEFAULT_OUTBOUND_PORT

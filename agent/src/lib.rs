@@ -18,3 +18,4 @@ pub mod sources;
 pub mod uninstall;
 pub mod state;
 pub mod sys;
+pub mod telemetry;

@@ -28,6 +28,7 @@ use crate::{
     },
     state::{MeshTables, Workloads},
     sys,
+    telemetry::Telemetry,
 };
 
 /// How often enrollment is re-checked even without a change (pods whose processes were not there yet).
@@ -66,9 +67,13 @@ pub async fn run(config: AgentConfig) -> Result<()> {
     if let Some(denials) = datapath.take_denials()? {
         tokio::spawn(record_kernel_denials(denials, tables.subscribe(), authorizer.clone()));
     }
+    let trust_domain = hbone.as_ref().map_or(warren_identity::DEFAULT_TRUST_DOMAIN, |p| p.certificates().trust_domain());
+    let telemetry = Arc::new(Telemetry::new(&config.telemetry, trust_domain));
+    telemetry.register(&mut registry);
     let shared = ProxyShared {
         original_dst: datapath.original_dst_lookup(),
         metrics,
+        telemetry,
         connections: connections.clone(),
         mesh: Arc::default(),
         tables: tables.clone(),
@@ -105,6 +110,11 @@ pub async fn run(config: AgentConfig) -> Result<()> {
     manager.drop_stale_state()?;
 
     let admin_listener = admin::bind(config.admin_addr).await?;
+    let metrics_listener = tokio::net::TcpListener::bind(config.metrics_addr)
+        .await
+        .with_context(|| format!("metricsAddr: binding the metrics endpoint on {}", config.metrics_addr))?;
+    let registry = Arc::new(registry);
+    tokio::spawn(admin::serve_metrics(metrics_listener, registry.clone()));
     let state = Arc::new(AdminState {
         registry,
         connections: connections.clone(),

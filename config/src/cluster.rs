@@ -8,7 +8,7 @@ use kube::ResourceExt;
 
 use crate::{
     istio::{AuthorizationPolicy, DestinationRule, Gateway, ServiceEntry, VirtualService},
-    workloads::{Namespace, Pod, peer_authentication::PeerAuthentication},
+    workloads::{Namespace, Pod, naming, peer_authentication::PeerAuthentication},
 };
 
 #[derive(Debug, Clone, Default)]
@@ -52,7 +52,11 @@ pub fn pod_from_k8s(pod: &core::Pod) -> Option<Pod> {
         ips.extend(status.and_then(|s| s.pod_ip.as_deref()).and_then(|ip| ip.parse::<IpAddr>().ok()));
     }
     let spec = pod.spec.as_ref();
+    let controller = pod.owner_references().iter().find(|o| o.controller == Some(true));
+    let controller = controller.map(|o| naming::Controller { kind: &o.kind, name: &o.name });
+    let workload = naming::workload_name(&pod.name_any(), controller, pod.labels());
     Some(Pod {
+        workload: Some(workload).filter(|w| *w != pod.name_any()),
         name: pod.name_any(),
         namespace: pod.namespace().unwrap_or_else(|| "default".into()),
         uid: pod.uid()?,

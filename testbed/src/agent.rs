@@ -10,6 +10,8 @@ use anyhow::{Context, Result, bail};
 use crate::{Node, Process, bin_path, in_netns, process::tail};
 
 pub const ADMIN_ADDR: &str = "127.0.0.1:15000";
+/// The Prometheus scrape endpoint of an agent on a node (every address of the node's netns).
+pub const METRICS_PORT: u16 = 15020;
 
 #[derive(Debug, Clone)]
 pub struct AgentOptions {
@@ -62,6 +64,8 @@ pub struct Agent {
     pub pin_dir: PathBuf,
     pub run_dir: PathBuf,
     admin_addr: String,
+    /// The Prometheus scrape endpoint (`/stats/prometheus`).
+    pub metrics_addr: String,
     /// Where the admin endpoint listens: a node's netns, or "" for the host's.
     node_netns: String,
     bed: std::sync::Arc<crate::Inner>,
@@ -76,6 +80,7 @@ struct Placement {
     run_dir: PathBuf,
     cgroup_attach: PathBuf,
     admin_addr: String,
+    metrics_addr: String,
     workloads_file: Option<PathBuf>,
 }
 
@@ -87,6 +92,7 @@ fn agent_config(options: &AgentOptions, placement: &Placement, node: Option<&Nod
         "runDir": placement.run_dir,
         "cgroupAttach": placement.cgroup_attach,
         "adminAddr": placement.admin_addr,
+        "metricsAddr": placement.metrics_addr,
         "ebpfLogLevel": options.ebpf_log_level,
         "socketAcceleration": options.socket_acceleration,
         "drainTimeoutSeconds": options.drain_timeout_seconds,
@@ -130,6 +136,7 @@ impl Agent {
             run_dir: options.run_dir.clone().unwrap_or_else(|| dir.join("run")),
             cgroup_attach: node.cgroup.clone(),
             admin_addr: ADMIN_ADDR.to_string(),
+            metrics_addr: format!("0.0.0.0:{METRICS_PORT}"),
             workloads_file: Some(node.workloads_file()),
         };
         let config_path = dir.join("agent.yaml");
@@ -149,12 +156,14 @@ impl Agent {
         let dir = bed.state_dir().join("host-agent");
         std::fs::create_dir_all(&dir)?;
         let port = std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?.port();
+        let metrics_port = std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?.port();
         let placement = Placement {
             node_name: node_name.to_string(),
             pin_dir: options.pin_dir.clone().unwrap_or_else(|| crate::pin_dir(&bed.inner.id, "host")),
             run_dir: options.run_dir.clone().unwrap_or_else(|| dir.join("run")),
             cgroup_attach: crate::cgroup2_root()?,
             admin_addr: format!("127.0.0.1:{port}"),
+            metrics_addr: format!("127.0.0.1:{metrics_port}"),
             workloads_file: None,
         };
         let config_path = dir.join("agent.yaml");
@@ -172,8 +181,9 @@ impl Agent {
         bed: std::sync::Arc<crate::Inner>,
         owns_pin_dir: bool,
     ) -> Result<Agent> {
-        let Placement { pin_dir, run_dir, admin_addr, .. } = placement;
-        let agent = Agent { process, config_path, pin_dir, run_dir, admin_addr, node_netns, bed, owns_pin_dir };
+        let Placement { pin_dir, run_dir, admin_addr, metrics_addr, .. } = placement;
+        let metrics_addr = metrics_addr.replace("0.0.0.0", "127.0.0.1");
+        let agent = Agent { process, config_path, pin_dir, run_dir, admin_addr, metrics_addr, node_netns, bed, owns_pin_dir };
         agent.wait_ready(Duration::from_secs(20))?;
         Ok(agent)
     }
@@ -201,12 +211,26 @@ impl Agent {
 
     /// GET on the admin endpoint (from inside the node's netns); the body of a 200 response.
     pub fn get(&self, path: &str) -> Result<String> {
+        self.get_from(&self.admin_addr, path)
+    }
+
+    /// GET on the Prometheus scrape endpoint (`/stats/prometheus`, `/metrics`), from inside the node's netns.
+    pub fn scrape(&self, path: &str) -> Result<String> {
+        self.get_from(&self.metrics_addr, path)
+    }
+
+    /// The agent's stdout so far: its access log, a JSON object per line.
+    pub fn access_log(&self) -> Vec<serde_json::Value> {
+        self.process.stdout().lines().filter_map(|l| serde_json::from_str(l).ok()).collect()
+    }
+
+    fn get_from(&self, addr: &str, path: &str) -> Result<String> {
         if self.node_netns.is_empty() {
             // On a thread of its own, as in a netns: the caller may be driving an async runtime itself.
-            return std::thread::scope(|s| s.spawn(|| http_get(&self.admin_addr, path)).join())
+            return std::thread::scope(|s| s.spawn(|| http_get(addr, path)).join())
                 .unwrap_or_else(|_| bail!("GET {path}: the request thread panicked"));
         }
-        let (path, addr) = (path.to_string(), self.admin_addr.clone());
+        let (path, addr) = (path.to_string(), addr.to_string());
         in_netns(&self.node_netns, move || http_get(&addr, &path))?
     }
 

@@ -29,6 +29,7 @@
 mod agent;
 pub mod app;
 pub mod bookinfo;
+pub mod prometheus;
 mod bins;
 mod capture;
 mod controller;
@@ -36,7 +37,7 @@ mod net;
 mod privileges;
 mod process;
 
-pub use agent::{Agent, AgentOptions, http_get, sum_metric};
+pub use agent::{Agent, AgentOptions, METRICS_PORT, http_get, sum_metric};
 pub use app::{
     AppOptions, AppResponse, CallRecord, HttpRequests, HttpResult, Load, LoadReport, ReceivedRequest, Upstream,
 };

@@ -8,6 +8,7 @@
 //! gone instead of waiting forever. Byte counts are kept even when a direction fails.
 use std::io;
 
+use prometheus_client::metrics::counter::Counter;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 
 /// Buffer sizes a direction steps through.
@@ -23,9 +24,25 @@ pub struct Transferred {
     pub b_to_a: u64,
 }
 
+/// Counters a copy adds to as bytes flow (metrics that show a long-lived connection while it is open).
+#[derive(Default)]
+pub struct Meters {
+    pub a_to_b: Vec<Counter>,
+    pub b_to_a: Vec<Counter>,
+}
+
 /// Copies both ways until both directions have finished, or until one fails: then the other is abandoned
 /// and the error returned with the counts so far.
 pub async fn copy_bidirectional<A, B>(a: A, b: B) -> (Transferred, Option<io::Error>)
+where
+    A: AsyncRead + AsyncWrite + Unpin,
+    B: AsyncRead + AsyncWrite + Unpin,
+{
+    copy_metered(a, b, &Meters::default()).await
+}
+
+/// [`copy_bidirectional`], adding each chunk to `meters` as it is written.
+pub async fn copy_metered<A, B>(a: A, b: B, meters: &Meters) -> (Transferred, Option<io::Error>)
 where
     A: AsyncRead + AsyncWrite + Unpin,
     B: AsyncRead + AsyncWrite + Unpin,
@@ -35,8 +52,8 @@ where
     let mut a_to_b = 0u64;
     let mut b_to_a = 0u64;
     let error = {
-        let forward = copy_one_way(&mut a_read, &mut b_write, &mut a_to_b);
-        let back = copy_one_way(&mut b_read, &mut a_write, &mut b_to_a);
+        let forward = copy_one_way(&mut a_read, &mut b_write, &mut a_to_b, &meters.a_to_b);
+        let back = copy_one_way(&mut b_read, &mut a_write, &mut b_to_a, &meters.b_to_a);
         tokio::pin!(forward, back);
         tokio::select! {
             done = &mut forward => match done {
@@ -52,7 +69,7 @@ where
     (Transferred { a_to_b, b_to_a }, error)
 }
 
-async fn copy_one_way<R, W>(from: &mut R, to: &mut W, copied: &mut u64) -> io::Result<()>
+async fn copy_one_way<R, W>(from: &mut R, to: &mut W, copied: &mut u64, meters: &[Counter]) -> io::Result<()>
 where
     R: AsyncRead + Unpin,
     W: AsyncWrite + Unpin,
@@ -68,6 +85,9 @@ where
         }
         to.write_all(&buf[..n]).await?;
         *copied += n as u64;
+        for meter in meters {
+            meter.inc_by(n as u64);
+        }
         if n == buf.len() {
             full_reads += 1;
             if full_reads >= FULL_READS_TO_GROW && step + 1 < SIZES.len() {

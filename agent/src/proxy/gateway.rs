@@ -22,7 +22,7 @@ use super::{
 };
 use crate::{
     inpod::Netns,
-    metrics::HttpRequestLabels,
+    telemetry::request::{self, Exchange},
     state::{
         gateways::{PortServers, ServerBinding, request_host},
         http_routes::RequestContext,
@@ -44,6 +44,8 @@ pub struct GatewayPod {
 struct Connection {
     gateway: Arc<GatewayPod>,
     client: SocketAddr,
+    /// The gateway pod's address and server port the client connected to.
+    local: SocketAddr,
     servers: Arc<PortServers>,
     /// The server the TLS handshake chose (every request on the connection is its); `None` on plaintext,
     /// where each request's `Host` chooses.
@@ -69,13 +71,14 @@ pub async fn serve<IO>(
         destination,
         protocol,
         peer_identity: None,
+        report: None,
     };
     if servers.passthrough() {
         return passthrough(client, record("tcp"), servers, gateway, shared).await;
     }
     if !servers.terminates_tls() {
         let record = record("http");
-        let connection = Arc::new(Connection { gateway, client: peer, servers, tls_server: None });
+        let connection = Arc::new(Connection { gateway, client: peer, local: destination, servers, tls_server: None });
         return serve_requests(client, record, connection, shared).await;
     }
     let (tls, server) = match handshake(client, &servers).await {
@@ -86,7 +89,7 @@ pub async fn serve<IO>(
         }
     };
     let record = record("https");
-    let connection = Arc::new(Connection { gateway, client: peer, servers, tls_server: Some(server) });
+    let connection = Arc::new(Connection { gateway, client: peer, local: destination, servers, tls_server: Some(server) });
     serve_requests(tls, record, connection, shared).await
 }
 
@@ -111,7 +114,9 @@ where
     match destination {
         Ok(target) => {
             record.destination = target.endpoint;
-            super::outbound::forward_tcp(client, record, &gateway.netns, gateway.identity.clone(), hello, shared).await
+            let service = shared.tables().directory(&shared.telemetry.trust_domain).service(&target.service.key());
+            let addressed = super::outbound::Addressed { service, original: record.destination };
+            super::outbound::forward_tcp(client, record, &gateway.netns, gateway.identity.clone(), hello, shared, addressed).await
         }
         Err(e) => {
             shared.metrics.gateway_refused.inc();
@@ -178,29 +183,28 @@ where
     http::serve_http(io, record, &shared, handler).await
 }
 
-async fn handle(request: Request<Incoming>, connection: &Connection, shared: &ProxyShared) -> Response<Body> {
+async fn handle(mut request: Request<Incoming>, connection: &Connection, shared: &ProxyShared) -> Response<Body> {
+    let exchange = Exchange::begin(&mut request, connection.client, connection.local);
     let (method, uri) = (request.method().clone(), request.uri().clone());
-    let (response, flag) = match route(request, connection, shared).await {
-        Ok(response) => (response, "-"),
-        Err(e) => {
-            if !matches!(e, Error::FaultAbort(_) | Error::FaultAbortGrpc(_) | Error::NoRoute(_)) {
-                warn!(pod = %connection.gateway.pod, client = %connection.client, %method, %uri, flag = e.flag(), "{e}");
-            }
-            let flag = e.flag();
-            (e.into_response(), flag)
+    let mut chosen = None;
+    let result = route(request, connection, shared, &mut chosen).await;
+    let (response, answer) = http::answer(result, Direction::Gateway, shared, |e| {
+        if !matches!(e, Error::FaultAbort(_) | Error::FaultAbortGrpc(_) | Error::NoRoute(_)) {
+            warn!(pod = %connection.gateway.pod, client = %connection.client, %method, %uri, flag = e.flag(), "{e}");
         }
-    };
-    let labels = HttpRequestLabels {
-        direction: Direction::Gateway.as_str(),
-        response_code: response.status().as_u16(),
-        response_flags: flag,
-    };
-    shared.metrics.http_requests.get_or_create(&labels).inc();
-    response
+    });
+    let upstreams = &connection.gateway.upstreams;
+    let outcome = http::sent_outcome(shared, &connection.gateway.pod, "", upstreams, chosen, answer);
+    request::respond(&shared.telemetry, exchange, outcome, response)
 }
 
 /// Server (by `Host` on plaintext), then VirtualService (by host), then rule; then the mesh's pipeline.
-async fn route(mut request: Request<Incoming>, connection: &Connection, shared: &ProxyShared) -> Result<Response<Body>, Error> {
+async fn route(
+    mut request: Request<Incoming>,
+    connection: &Connection,
+    shared: &ProxyShared,
+    chosen: &mut Option<http::RouteTarget>,
+) -> Result<Response<Body>, Error> {
     let host = request_host(&http::authority(request.headers(), request.uri()));
     let tables = shared.tables();
     let server = match &connection.tls_server {
@@ -228,7 +232,7 @@ async fn route(mut request: Request<Incoming>, connection: &Connection, shared: 
         .ok_or_else(|| Error::NoRoute(format!("{} {} ({})", request.method(), request.uri(), bound.compiled.origin)))?;
     edge_headers(&mut request, connection);
     let selected = Selected { rule: Some(rule), matched, default: None, port: server.server.port, original: None };
-    http::dispatch(request, selected, &tables, &connection.gateway.upstreams).await
+    http::dispatch(request, selected, &tables, &connection.gateway.upstreams, chosen).await
 }
 
 /// The headers an edge proxy sets, as Istio's ingress gateway: the client's address appended to

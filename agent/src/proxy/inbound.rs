@@ -6,7 +6,10 @@
 //! Either way the agent dials the workload inside the pod (a self-addressed connection sk_lookup lets by).
 //! On an HTTP port whose policies name request attributes, the connection goes to the inbound L7 stage
 //! ([`http::inbound`]), which decides each request.
-use std::{net::IpAddr, sync::Arc};
+use std::{
+    net::{IpAddr, SocketAddr},
+    sync::Arc,
+};
 
 use ::http::StatusCode;
 use tokio::net::TcpListener;
@@ -21,7 +24,11 @@ use super::{
     gateway::{self, GatewayPod},
     hbone, http,
 };
-use crate::{inpod::Netns, state::peer_authentication::Mode};
+use crate::{
+    inpod::Netns,
+    state::peer_authentication::Mode,
+    telemetry::{self, TcpReport},
+};
 
 /// `gateway`: the pod as a gateway (its outbound upstreams), for connections to a server port of a Gateway
 /// that selects it.
@@ -56,18 +63,20 @@ pub async fn serve(listener: TcpListener, netns: Arc<Netns>, pod: Arc<String>, g
             let _ = client.set_linger(Some(std::time::Duration::ZERO));
             continue;
         }
-        // Per request, on an HTTP port whose policies name request attributes (the request decides).
-        if shared.tables().authorizes_requests(&destination) {
-            let inbound = http::inbound::Inbound { pod: pod.clone(), client: peer, destination, identity: None };
-            tokio::spawn(http::inbound::serve_inbound(client, inbound, workload.clone(), shared.clone()));
-            continue;
-        }
         // The kernel refused what its table decides; the agent decides again with the full policy (the same
-        // evaluation), so a connection that raced a table change is still checked.
-        if !shared.authorize(peer, None, destination, Enforcer::Plaintext).allowed {
+        // evaluation), so a connection that raced a table change is still checked. Where the policies name
+        // request attributes, each request decides instead.
+        let per_request = shared.tables().authorizes_requests(&destination);
+        if !per_request && !shared.authorize(peer, None, destination, Enforcer::Plaintext).allowed {
             shared.metrics.policy_refused.inc();
             #[allow(deprecated)]
             let _ = client.set_linger(Some(std::time::Duration::ZERO));
+            continue;
+        }
+        // An HTTP port: request by request (reported, and decided when the policies ask).
+        if shared.tables().inbound_http(&destination) {
+            let inbound = http::inbound::Inbound { pod: pod.clone(), client: peer, destination, identity: None };
+            tokio::spawn(http::inbound::serve_inbound(client, inbound, workload.clone(), shared.clone()));
             continue;
         }
         let record = Record {
@@ -77,6 +86,7 @@ pub async fn serve(listener: TcpListener, netns: Arc<Netns>, pod: Arc<String>, g
             destination,
             protocol: "tcp",
             peer_identity: None,
+            report: Some(report(&shared, &pod, peer, destination, None)),
         };
         let (netns, shared) = (netns.clone(), shared.clone());
         tokio::spawn(async move { forward(client, record, shared, connect_from(&netns, destination)).await });
@@ -155,17 +165,18 @@ pub async fn serve_hbone(
                     }
                     // The peer's identity is what its certificate proved in this connection's handshake.
                     let identity = peer.to_string();
-                    // Per request, on an HTTP port whose policies name request attributes.
-                    if shared.tables().authorizes_requests(&destination) {
+                    // Where the policies name request attributes, each request decides.
+                    let per_request = shared.tables().authorizes_requests(&destination);
+                    if !per_request && !shared.authorize(remote, Some(&identity), destination, Enforcer::Hbone).allowed {
+                        shared.metrics.policy_refused.inc();
+                        tunnel.refuse(StatusCode::FORBIDDEN);
+                        return;
+                    }
+                    if shared.tables().inbound_http(&destination) {
                         let Ok(stream) = tunnel.accept() else { return };
                         let inbound =
                             http::inbound::Inbound { pod, client: remote, destination, identity: Some(identity) };
                         return http::inbound::serve_inbound(stream, inbound, workload, shared).await;
-                    }
-                    if !shared.authorize(remote, Some(&identity), destination, Enforcer::Hbone).allowed {
-                        shared.metrics.policy_refused.inc();
-                        tunnel.refuse(StatusCode::FORBIDDEN);
-                        return;
                     }
                     let upstream = match connect_from(&netns, destination).await {
                         Ok(upstream) => upstream,
@@ -176,13 +187,15 @@ pub async fn serve_hbone(
                         }
                     };
                     let Ok(stream) = tunnel.accept() else { return };
+                    let report = report(&shared, &pod, remote, destination, Some(&identity));
                     let record = Record {
                         direction: Direction::Inbound,
                         pod,
                         client: remote,
                         destination,
                         protocol: "hbone",
-                        peer_identity: Some(peer.to_string()),
+                        peer_identity: Some(identity.clone()),
+                        report: Some(report),
                     };
                     forward(stream, record, shared, async { Ok(upstream) }).await
                 }
@@ -193,4 +206,12 @@ pub async fn serve_hbone(
             }
         });
     }
+}
+
+/// How the destination's agent reports a TCP connection into `pod`.
+fn report(shared: &ProxyShared, pod: &str, client: SocketAddr, destination: SocketAddr, identity: Option<&str>) -> TcpReport {
+    let tables = shared.tables();
+    let service = tables.directory(&shared.telemetry.trust_domain).service_backed_by(&destination, None);
+    let from = telemetry::Inbound { pod, service, client: client.ip(), peer: identity };
+    TcpReport { traffic: shared.telemetry.inbound(&tables, &shared.mesh, from), addressed: destination }
 }

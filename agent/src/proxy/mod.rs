@@ -20,7 +20,7 @@ pub mod sni;
 
 use std::{
     future::Future,
-    net::SocketAddr,
+    net::{IpAddr, SocketAddr},
     sync::{Arc, RwLock},
 };
 
@@ -32,6 +32,7 @@ use tokio::{
 };
 use tracing::{debug, warn};
 use warren_api::authz::Decision;
+use warren_identity::Identity;
 
 pub use connections::{ConnectionInfo, ConnectionTable};
 
@@ -44,6 +45,7 @@ use crate::{
     inpod::Netns,
     metrics::{DirectionLabels, Metrics},
     state::{MeshIndex, MeshTables},
+    telemetry::{TcpMeter, TcpReport, Telemetry},
 };
 
 /// What every listener task shares.
@@ -51,6 +53,8 @@ use crate::{
 pub struct ProxyShared {
     pub original_dst: OriginalDstLookup,
     pub metrics: Arc<Metrics>,
+    /// Istio's metrics and the access log.
+    pub telemetry: Arc<Telemetry>,
     pub connections: ConnectionTable,
     /// Every enrolled workload by IP: destinations that take HBONE.
     pub mesh: Arc<RwLock<MeshIndex>>,
@@ -66,6 +70,14 @@ impl ProxyShared {
     /// The tables in force.
     pub fn tables(&self) -> Arc<MeshTables> {
         self.tables.borrow().clone()
+    }
+
+    /// The HBONE pool and the identity to expect at `ip`, when a connection from `source` there goes as
+    /// HBONE: the agent has identities and `ip` is an enrolled workload's.
+    pub fn hbone_peer(&self, source: Option<&Identity>, ip: &IpAddr) -> Option<(Arc<Pool>, Identity)> {
+        let pool = self.hbone.clone().filter(|_| source.is_some())?;
+        let peer = self.mesh.read().unwrap().enrolled(ip)?.identity(pool.certificates().trust_domain());
+        Some((pool, peer))
     }
 
     /// Authorizes an inbound connection from `client` (with the SPIFFE `identity` mTLS proved, if any) to
@@ -113,6 +125,9 @@ pub(crate) struct Record {
     pub protocol: &'static str,
     /// The peer workload's SPIFFE identity, when mTLS proved it.
     pub peer_identity: Option<String>,
+    /// Istio's labels for the connection's TCP metrics and access log line (`None`: not reported, as a
+    /// connection the L7 proxy serves — its requests are).
+    pub report: Option<TcpReport>,
 }
 
 impl Record {
@@ -142,26 +157,37 @@ where
     debug!(pod = %record.pod, client = %record.client, destination = %record.destination, id,
         direction = record.direction.as_str(), protocol = record.protocol, peer = ?record.peer_identity, "connection");
     let closer = shared.connections.closer(id);
-    let (sent, received, error) = match open.await {
+    let meter = record.report.clone().map(|report| TcpMeter::open(&shared.telemetry, report));
+    let mut meters = copy::Meters {
+        a_to_b: vec![metrics.sent_bytes.get_or_create(&labels).clone()],
+        b_to_a: vec![metrics.received_bytes.get_or_create(&labels).clone()],
+    };
+    if let Some(meter) = &meter {
+        meters.a_to_b.push(meter.sent.clone());
+        meters.b_to_a.push(meter.received.clone());
+    }
+    let (sent, received, error, flags) = match open.await {
         Ok(upstream) => {
             metrics.active_connections.get_or_create(&labels).inc();
             let result = tokio::select! {
-                (transferred, error) = copy::copy_bidirectional(client, upstream) => {
-                    (transferred.a_to_b, transferred.b_to_a, error.map(|e| format!("copy: {e}")))
+                (transferred, error) = copy::copy_metered(client, upstream, &meters) => {
+                    let flags = if error.is_some() { "UR" } else { "-" };
+                    (transferred.a_to_b, transferred.b_to_a, error.map(|e| format!("copy: {e}")), flags)
                 }
                 // Dropping both sides closes them (an HBONE stream is reset).
-                reason = closer.closed() => (0, 0, Some(reason)),
+                reason = closer.closed() => (0, 0, Some(reason), "-"),
             };
             metrics.active_connections.get_or_create(&labels).dec();
             result
         }
         Err(e) => {
             metrics.connections_failed.get_or_create(&labels).inc();
-            (0, 0, Some(format!("connect {} ({}): {e:#}", record.destination, record.protocol)))
+            (0, 0, Some(format!("connect {} ({}): {e:#}", record.destination, record.protocol)), "UF")
         }
     };
-    metrics.sent_bytes.get_or_create(&labels).inc_by(sent);
-    metrics.received_bytes.get_or_create(&labels).inc_by(received);
+    if let Some(meter) = meter {
+        meter.close(flags, record.client, record.destination, (sent, received));
+    }
     metrics.connections_closed.get_or_create(&labels).inc();
     if let Some(e) = &error {
         warn!(pod = %record.pod, client = %record.client, destination = %record.destination,

@@ -20,6 +20,7 @@ use super::{
 };
 use crate::{
     inpod::Netns,
+    telemetry::{self, TcpReport, peers::ServiceMeta},
     state::{
         pick_weighted,
         tls_routes::{self, TlsContext},
@@ -160,25 +161,40 @@ impl Outbound {
     }
 
     async fn forward_tcp(self, shared: ProxyShared, destination: SocketAddr, first: Vec<u8>) {
-        let Outbound { client, peer, netns, pod, source, .. } = self;
-        let record = Record { direction: Direction::Outbound, pod, client: peer, destination, protocol: "tcp", peer_identity: None };
-        forward_tcp(client, record, &netns, source, first, shared).await
+        let Outbound { client, peer, original, netns, pod, source } = self;
+        let addressed = Addressed { service: shared.telemetry.service_addressed(&shared.tables(), &original), original };
+        let record =
+            Record { direction: Direction::Outbound, pod, client: peer, destination, protocol: "tcp", peer_identity: None, report: None };
+        forward_tcp(client, record, &netns, source, first, shared, addressed).await
     }
+}
+
+/// What the client addressed (a service VIP, a workload, an outside address), for telemetry.
+pub(crate) struct Addressed {
+    pub service: Arc<ServiceMeta>,
+    pub original: SocketAddr,
 }
 
 /// Proxies `client` to `record.destination` from the pod's netns: as HBONE (mTLS as `source`) when the
 /// destination is an enrolled workload and the agent has identities, else plain TCP; `first` (bytes
-/// already read off the client, such as a ClientHello) goes to the upstream ahead of the rest.
-pub(crate) async fn forward_tcp<C>(client: C, mut record: Record, netns: &Netns, source: Option<Identity>, first: Vec<u8>, shared: ProxyShared)
-where
+/// already read off the client, such as a ClientHello) goes to the upstream ahead of the rest. Reported
+/// by the source's agent as a connection to `addressed`.
+pub(crate) async fn forward_tcp<C>(
+    client: C,
+    mut record: Record,
+    netns: &Netns,
+    source: Option<Identity>,
+    first: Vec<u8>,
+    shared: ProxyShared,
+    addressed: Addressed,
+) where
     C: AsyncRead + AsyncWrite + Unpin,
 {
     let destination = record.destination;
-    let hbone = shared.hbone.clone().zip(source).and_then(|(pool, source)| {
-        let mesh = shared.mesh.read().unwrap();
-        let peer = mesh.enrolled(&destination.ip())?.identity(pool.certificates().trust_domain());
-        Some((pool, source, peer))
-    });
+    let hbone = shared.hbone_peer(source.as_ref(), &destination.ip()).zip(source).map(|((pool, peer), source)| (pool, source, peer));
+    let to = telemetry::Outbound { pod: &record.pod, service: addressed.service, endpoint: Some(destination.ip()), mtls: hbone.is_some() };
+    let traffic = shared.telemetry.outbound(&shared.tables(), &shared.mesh, to);
+    record.report = Some(TcpReport { traffic, addressed: addressed.original });
     let ahead = |mut upstream: Box<dyn Upstream>| async move {
         if !first.is_empty() {
             upstream.write_all(&first).await?;

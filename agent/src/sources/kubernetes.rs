@@ -103,7 +103,11 @@ fn to_pod(pod: &Pod) -> Option<state::Pod> {
     if ips.is_empty() {
         ips.extend(status.and_then(|s| s.pod_ip.as_deref()).and_then(|ip| ip.parse::<IpAddr>().ok()));
     }
+    let controller = pod.owner_references().iter().find(|o| o.controller == Some(true));
+    let controller = controller.map(|o| state::naming::Controller { kind: &o.kind, name: &o.name });
+    let workload = state::naming::workload_name(&pod.name_any(), controller, pod.labels());
     Some(state::Pod {
+        workload: Some(workload).filter(|w| *w != pod.name_any()),
         name: pod.name_any(),
         namespace: pod.namespace().unwrap_or_default(),
         uid: pod.uid()?,

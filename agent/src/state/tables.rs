@@ -18,6 +18,7 @@ use warren_api::{
 };
 
 use super::{gateways::GatewayIndex, http_routes::CompiledRoute};
+use crate::telemetry::peers::Directory;
 use warren_maps::{
     MAX_ROUTE_DESTINATIONS, ROUTE_FROM_VIRTUAL_SERVICE, ROUTE_HAS_FAULT,
     ROUTE_HAS_HTTP_MATCHES, RouteDestination, ServiceKey, ServiceRoute, name_id,
@@ -53,6 +54,8 @@ pub struct MeshTables {
     registered_ips: std::collections::HashSet<IpAddr>,
     /// ServiceEntry address blocks (resolution NONE) with their service, checked in order.
     address_blocks: Vec<(IpNet, Arc<Service>)>,
+    /// Telemetry's names of workloads and services, built on first use (it needs the trust domain).
+    directory: std::sync::OnceLock<Directory>,
 }
 
 /// One workload's policies, compiled for this version.
@@ -180,6 +183,17 @@ impl MeshTables {
     pub fn authorizes_requests(&self, destination: &SocketAddr) -> bool {
         self.http_endpoints.contains(destination)
             && self.authz.get(&destination.ip()).is_some_and(|a| a.policies.need_requests())
+    }
+
+    /// The workload and service names telemetry labels this version's traffic with.
+    pub fn directory(&self, trust_domain: &str) -> &Directory {
+        self.directory.get_or_init(|| Directory::new(self.pods.values().map(|p| p.as_ref()), self.services.values(), trust_domain))
+    }
+
+    /// Whether `destination` (a pod address and port) is a declared-HTTP port of a service the pod backs:
+    /// the destination's agent serves it request by request.
+    pub fn inbound_http(&self, destination: &SocketAddr) -> bool {
+        self.http_endpoints.contains(destination)
     }
 
     /// A pod by `namespace/name`.

@@ -28,6 +28,7 @@ fn set(policies: &[Arc<Policy>]) -> WorkloadPolicies {
         host_network: false,
         service_account: "httpbin".into(),
         node: None,
+        workload: None,
     };
     WorkloadPolicies::for_workload(policies, &pod)
 }
@@ -144,6 +145,7 @@ fn scope_root_namespace_and_selector() {
         host_network: false,
         service_account: "a".into(),
         node: None,
+        workload: None,
     };
     let mut p =
         Policy { origin: Origin::new("AuthorizationPolicy", "istio-system", "mesh", None), ..Default::default() };

@@ -40,6 +40,7 @@ mod tests {
             host_network: false,
             service_account: "default".into(),
             node: None,
+            workload: None,
         }
     }
     fn labels(pairs: &[(&str, &str)]) -> BTreeMap<String, String> {

@@ -1,6 +1,7 @@
 //! Workloads (pods, namespaces, PeerAuthentication) as the agent consumes them, whichever source they came
 //! from: the local workloads file, the Kubernetes API, or the controller's push.
 mod enrollment;
+pub mod naming;
 pub mod peer_authentication;
 
 pub use enrollment::{is_enrolled, ISTIO_AMBIENT_LABEL, MESH_LABEL};
@@ -30,6 +31,10 @@ pub struct Pod {
     /// spec.nodeName; a pod without one is taken to be on this agent's node.
     #[serde(default)]
     pub node: Option<String>,
+    /// The workload the pod belongs to, as Istio names it in telemetry (a Deployment's pods → the
+    /// Deployment, [`naming::workload_name`]); `None`: the pod's own name.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub workload: Option<String>,
 }
 
 fn default_service_account() -> String {
@@ -70,6 +75,11 @@ impl Pod {
         warren_identity::Identity::new(trust_domain, &self.namespace, &self.service_account)
     }
 
+    /// Istio's workload name for the pod (`source_workload`, `destination_workload`).
+    pub fn workload_name(&self) -> &str {
+        self.workload.as_deref().unwrap_or(&self.name)
+    }
+
     pub fn is_on(&self, node: &str) -> bool {
         self.node.as_deref().is_none_or(|n| n == node)
     }
@@ -99,6 +109,11 @@ impl MeshIndex {
     /// The enrolled pod that owns `ip`, if any.
     pub fn enrolled(&self, ip: &IpAddr) -> Option<&Pod> {
         self.by_ip.get(ip)
+    }
+
+    /// The enrolled pod `key` (`namespace/name`), if any (a scan: for agents without a controller).
+    pub fn pod(&self, key: &str) -> Option<&Pod> {
+        self.by_ip.values().find(|p| p.key() == key)
     }
 }
 

@@ -186,6 +186,7 @@ mod tests {
             host_network: false,
             service_account: "default".into(),
             node: None,
+            workload: None,
         }
     }
 

@@ -184,6 +184,7 @@ fn stand_in(key: &Key, template: Template) -> Pod {
         service_account: template.service_account.unwrap_or_else(|| "default".into()),
         // On no node: no agent enrolls it (there is no such pod to enroll).
         node: Some(String::new()),
+        workload: Some(key.name.clone()),
     }
 }
 

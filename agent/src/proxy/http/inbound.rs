@@ -1,7 +1,8 @@
-//! The inbound L7 stage: on a declared-HTTP port of a workload whose AuthorizationPolicies name request
-//! attributes, the destination's agent reads each request off the connection (an HBONE tunnel, or
-//! plaintext), decides it with the full policy — the connection's attributes and the request's — and
-//! answers a denied one 403 `RBAC: access denied`, as Istio does; an allowed one goes to the workload.
+//! The inbound L7 stage: on a declared-HTTP port, the destination's agent reads each request off the
+//! connection (an HBONE tunnel, or plaintext) and reports it (`reporter="destination"`); where the
+//! workload's AuthorizationPolicies name request attributes, it decides each with the full policy — the
+//! connection's attributes and the request's — and answers a denied one 403 `RBAC: access denied`, as
+//! Istio does; an allowed one goes to the workload.
 use std::{net::SocketAddr, sync::Arc};
 
 use http::{Request, Response, StatusCode, Version};
@@ -12,8 +13,11 @@ use warren_api::authz;
 
 use super::{Body, Error, Head, Upstreams, authority, boxed, is_upgrade, rewrite, serve_http, splice_upgrade};
 use crate::{
-    metrics::HttpRequestLabels,
     proxy::{Direction, ProxyShared, Record, authz::Enforcer},
+    telemetry::{
+        self,
+        request::{self, Exchange, Outcome},
+    },
 };
 
 /// One inbound connection decided per request.
@@ -39,6 +43,7 @@ where
         destination: inbound.destination,
         protocol: "http",
         peer_identity: inbound.identity.clone(),
+        report: None,
     };
     let handler = {
         let shared = shared.clone();
@@ -50,35 +55,36 @@ where
     serve_http(io, record, &shared, handler).await
 }
 
-async fn handle(request: Request<Incoming>, inbound: &Inbound, workload: &Arc<Upstreams>, shared: &ProxyShared) -> Response<Body> {
-    let (response, flag) = match authorize_and_forward(request, inbound, workload, shared).await {
-        Ok(response) => (response, "-"),
-        Err(e) => {
-            debug!(pod = %inbound.pod, client = %inbound.client, flag = e.flag(), "{e}");
-            let flag = e.flag();
-            (e.into_response(), flag)
-        }
+async fn handle(mut request: Request<Incoming>, inbound: &Inbound, workload: &Arc<Upstreams>, shared: &ProxyShared) -> Response<Body> {
+    let exchange = Exchange::begin(&mut request, inbound.client, inbound.destination);
+    let mut policy = None;
+    let result = authorize_and_forward(request, inbound, workload, shared, &mut policy).await;
+    let (response, answer) = super::answer(result, Direction::Inbound, shared, |e| {
+        debug!(pod = %inbound.pod, client = %inbound.client, flag = e.flag(), "{e}");
+    });
+    let tables = shared.tables();
+    let service = tables.directory(&shared.telemetry.trust_domain).service_backed_by(&inbound.destination, Some(&exchange.authority));
+    let from = telemetry::Inbound { pod: &inbound.pod, service, client: inbound.client.ip(), peer: inbound.identity.as_deref() };
+    let outcome = Outcome {
+        traffic: shared.telemetry.inbound(&tables, &shared.mesh, from),
+        flags: answer.flags,
+        details: answer.details,
+        upstream_host: Some(inbound.destination),
+        upstream_cluster: Some(format!("inbound|{}||", inbound.destination.port())),
+        policy: policy.map(|d: authz::Decision| format!("{} {}", if d.allowed { "allow" } else { "deny" }, d.policy_name())),
     };
-    let labels = HttpRequestLabels {
-        direction: Direction::Inbound.as_str(),
-        response_code: response.status().as_u16(),
-        response_flags: flag,
-    };
-    shared.metrics.http_requests.get_or_create(&labels).inc();
-    response
+    request::respond(&shared.telemetry, exchange, outcome, response)
 }
 
 /// Decides the request by the tables in force.
-fn authorize(request: &Request<Incoming>, inbound: &Inbound, shared: &ProxyShared) -> bool {
+fn authorize(request: &Request<Incoming>, inbound: &Inbound, shared: &ProxyShared) -> authz::Decision {
     let host = authority(request.headers(), request.uri()).to_ascii_lowercase();
     let headers = request.headers();
     let header = |name: &str| headers.get(name).and_then(|v| v.to_str().ok());
     let attributes = authz::Request { method: request.method().as_str(), host: &host, path: request.uri().path(), header: &header };
     let connection = authz::Connection::new(inbound.client.ip(), inbound.identity.as_deref(), inbound.destination);
     let tables = shared.tables();
-    let decision =
-        shared.authorizer.check(&tables, &connection.with_request(&attributes), inbound.client, inbound.destination, Enforcer::Http);
-    decision.allowed
+    shared.authorizer.check(&tables, &connection.with_request(&attributes), inbound.client, inbound.destination, Enforcer::Http)
 }
 
 async fn authorize_and_forward(
@@ -86,10 +92,16 @@ async fn authorize_and_forward(
     inbound: &Inbound,
     workload: &Arc<Upstreams>,
     shared: &ProxyShared,
+    policy: &mut Option<authz::Decision>,
 ) -> Result<Response<Body>, Error> {
-    if !authorize(&request, inbound, shared) {
-        shared.metrics.policy_refused.inc();
-        return Err(Error::Denied);
+    // Decided per request while the policies in force name request attributes (a policy applied after the
+    // connection opened takes its next request); otherwise the connection's decision is every request's.
+    if shared.tables().authorizes_requests(&inbound.destination) {
+        let decision = policy.insert(authorize(&request, inbound, shared));
+        if !decision.allowed {
+            shared.metrics.policy_refused.inc();
+            return Err(Error::Denied);
+        }
     }
     let on_upgrade = is_upgrade(&request).then(|| hyper::upgrade::on(&mut request));
     let (parts, body) = request.into_parts();
@@ -98,7 +110,8 @@ async fn authorize_and_forward(
     rewrite::strip_hop_by_hop(&mut headers, on_upgrade.is_some());
     let path = parts.uri.path_and_query().cloned().unwrap_or_else(|| http::uri::PathAndQuery::from_static("/"));
     let head = Head { method: parts.method, authority: authority(&headers, &parts.uri), path, headers };
-    let mut response = workload.send(inbound.destination, version, head.into_request(version, boxed(body))?).await?;
+    let body = request::count_request_body(request::BodyCounter::of(&parts.extensions), boxed(body));
+    let mut response = workload.send(inbound.destination, version, head.into_request(version, body)?).await?;
     let upgraded = response.status() == StatusCode::SWITCHING_PROTOCOLS;
     if let Some(downstream) = on_upgrade.filter(|_| upgraded) {
         splice_upgrade(downstream, hyper::upgrade::on(&mut response));

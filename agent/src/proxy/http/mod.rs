@@ -33,6 +33,10 @@ pub use upstream::Upstreams;
 use super::{Direction, ProxyShared};
 use crate::{
     metrics::HttpRequestLabels,
+    telemetry::{
+        self,
+        request::{self, Exchange, Outcome},
+    },
     state::{
         MeshTables,
         http_routes::{CompiledMatch, CompiledRule, RequestContext},
@@ -89,6 +93,7 @@ where
         destination: downstream.vip,
         protocol: "http",
         peer_identity: None,
+        report: None,
     };
     let handler = {
         let shared = shared.clone();
@@ -131,28 +136,76 @@ where
     shared.connections.close(id, sent, received, error);
 }
 
-async fn handle(request: Request<Incoming>, downstream: &Downstream, upstreams: &Arc<Upstreams>, shared: &ProxyShared) -> Response<Body> {
+async fn handle(mut request: Request<Incoming>, downstream: &Downstream, upstreams: &Arc<Upstreams>, shared: &ProxyShared) -> Response<Body> {
+    let exchange = Exchange::begin(&mut request, downstream.client, downstream.vip);
     let (method, uri) = (request.method().clone(), request.uri().clone());
-    let (response, flag) = match route_request(request, downstream, upstreams, shared).await {
-        Ok(response) => (response, "-"),
+    let mut chosen = None;
+    let result = route_request(request, downstream, upstreams, shared, &mut chosen).await;
+    let (response, answer) = self::answer(result, Direction::Outbound, shared, |e| {
+        // Injected faults are what the user asked for: counted, not warned about per request.
+        if matches!(e, Error::FaultAbort(_) | Error::FaultAbortGrpc(_)) {
+            debug!(pod = %downstream.pod, service = %downstream.service, %method, %uri, flag = e.flag(), "{e}");
+        } else {
+            warn!(pod = %downstream.pod, service = %downstream.service, %method, %uri, flag = e.flag(), "{e}");
+        }
+    });
+    let outcome = sent_outcome(shared, &downstream.pod, &downstream.service, upstreams, chosen, answer);
+    request::respond(&shared.telemetry, exchange, outcome, response)
+}
+
+/// How the proxy's pipeline answered: Envoy's response flag (`-` for none) and what went wrong.
+pub(crate) struct Answer {
+    pub flags: &'static str,
+    pub details: Option<String>,
+}
+
+/// The response for a pipeline's result (an error becomes Envoy's answer for it, `log`ged), counted in
+/// `warren_http_requests`.
+pub(crate) fn answer(
+    result: Result<Response<Body>, Error>,
+    direction: Direction,
+    shared: &ProxyShared,
+    log: impl FnOnce(&Error),
+) -> (Response<Body>, Answer) {
+    let (response, answer) = match result {
+        Ok(response) => (response, Answer { flags: "-", details: None }),
         Err(e) => {
-            // Injected faults are what the user asked for: counted, not warned about per request.
-            if matches!(e, Error::FaultAbort(_) | Error::FaultAbortGrpc(_)) {
-                debug!(pod = %downstream.pod, service = %downstream.service, %method, %uri, flag = e.flag(), "{e}");
-            } else {
-                warn!(pod = %downstream.pod, service = %downstream.service, %method, %uri, flag = e.flag(), "{e}");
-            }
-            let flag = e.flag();
-            (e.into_response(), flag)
+            log(&e);
+            let answer = Answer { flags: e.flag(), details: Some(e.to_string()) };
+            (e.into_response(), answer)
         }
     };
-    let labels = HttpRequestLabels {
-        direction: Direction::Outbound.as_str(),
-        response_code: response.status().as_u16(),
-        response_flags: flag,
-    };
+    let labels = HttpRequestLabels { direction: direction.as_str(), response_code: response.status().as_u16(), response_flags: answer.flags };
     shared.metrics.http_requests.get_or_create(&labels).inc();
-    response
+    (response, answer)
+}
+
+/// A request the source's agent sent (or answered itself): to the target routing `chosen`, else to the
+/// service the client addressed (`addressed`, `namespace/name`; empty at a gateway).
+pub(crate) fn sent_outcome(
+    shared: &ProxyShared,
+    pod: &str,
+    addressed: &str,
+    upstreams: &Upstreams,
+    chosen: Option<RouteTarget>,
+    answer: Answer,
+) -> Outcome {
+    let tables = shared.tables();
+    let directory = tables.directory(&shared.telemetry.trust_domain);
+    let key = chosen.as_ref().map(|t| t.service.key());
+    let service = directory.service(key.as_deref().unwrap_or(addressed));
+    let endpoint = chosen.as_ref().map(|t| t.endpoint);
+    let mtls = endpoint.is_some_and(|e| upstreams.tunnels_to(&e.ip()));
+    let upstream_cluster = chosen.as_ref().map(|t| format!("outbound|{}|{}|{}", t.port, t.subset.as_deref().unwrap_or(""), t.service.hostname));
+    let to = telemetry::Outbound { pod, service, endpoint: endpoint.map(|e| e.ip()), mtls };
+    Outcome {
+        traffic: shared.telemetry.outbound(&tables, &shared.mesh, to),
+        flags: answer.flags,
+        details: answer.details,
+        upstream_host: endpoint,
+        upstream_cluster,
+        policy: None,
+    }
 }
 
 /// What a request is sent to: a service (or one of its subsets) at a port, and the endpoint chosen.
@@ -215,12 +268,13 @@ async fn route_request(
     downstream: &Downstream,
     upstreams: &Arc<Upstreams>,
     shared: &ProxyShared,
+    chosen: &mut Option<RouteTarget>,
 ) -> Result<Response<Body>, Error> {
     let tables = shared.tables();
     let (rule, matched) = select_rule(&tables, &request, downstream)?;
     let own = WeightedDestination { service: downstream.service.clone(), weight: 100, ..Default::default() };
     let selected = Selected { rule, matched, default: Some(&own), port: downstream.vip.port(), original: Some(downstream.vip) };
-    dispatch(request, selected, &tables, upstreams).await
+    dispatch(request, selected, &tables, upstreams, chosen).await
 }
 
 /// What routing chose for a request: the rule and match block (none: no VirtualService routes it), where
@@ -233,12 +287,14 @@ pub(crate) struct Selected<'t> {
     pub original: Option<SocketAddr>,
 }
 
-/// The rest of the pipeline, for mesh and gateway requests alike: answer, fault, destination, send.
+/// The rest of the pipeline, for mesh and gateway requests alike: answer, fault, destination, send. The
+/// target it sends to is left in `chosen` (for telemetry).
 pub(crate) async fn dispatch(
     request: Request<Incoming>,
     selected: Selected<'_>,
     tables: &MeshTables,
     upstreams: &Arc<Upstreams>,
+    chosen: &mut Option<RouteTarget>,
 ) -> Result<Response<Body>, Error> {
     let Selected { rule, matched, default, port, original } = selected;
     if let Some(answer) = rule.and_then(|r| answer_directly(r, &request)) {
@@ -253,6 +309,7 @@ pub(crate) async fn dispatch(
         None => default.ok_or_else(|| Error::NoRoute(format!("{} {}: no route", request.method(), request.uri())))?,
     };
     let target = RouteTarget::resolve(tables, destination, port, original)?.resolved().await?;
+    *chosen = Some(target.clone());
     let routed = Routed { rule, matched, destination, target };
     forward(request, &routed, tables, port, upstreams).await
 }
@@ -299,6 +356,7 @@ async fn forward(
 ) -> Result<Response<Body>, Error> {
     let on_upgrade = is_upgrade(&request).then(|| hyper::upgrade::on(&mut request));
     let (parts, body) = request.into_parts();
+    let counter = request::BodyCounter::of(&parts.extensions);
     let version = if parts.version == Version::HTTP_2 { Version::HTTP_2 } else { Version::HTTP_11 };
     let head = Head::prepare(parts, routed.rule, routed.matched, routed.destination, on_upgrade.is_some())?;
     let mirrors: Vec<&Mirror> =
@@ -313,6 +371,7 @@ async fn forward(
         }
         full(bytes)
     };
+    let body = request::count_request_body(counter, body);
     let timeout = routed
         .rule
         .filter(|r| r.rule.fault.is_none())
@@ -518,6 +577,7 @@ fn roll(percent: f64) -> bool {
 }
 
 pub(crate) use super::outbound::random;
+pub(crate) use rewrite::request_id;
 
 #[cfg(test)]
 mod tests {

@@ -78,7 +78,7 @@ pub fn add_proxy_headers(headers: &mut HeaderMap) {
 }
 
 /// A random UUID (version 4), as Envoy generates.
-fn request_id() -> String {
+pub(crate) fn request_id() -> String {
     let (a, b) = (super::random(), super::random());
     let a = (a & 0xffff_ffff_ffff_0fff) | 0x4000; // version 4
     let b = (b & 0x3fff_ffff_ffff_ffff) | 0x8000_0000_0000_0000; // variant 10

@@ -174,10 +174,14 @@ impl Upstreams {
         sender.send_request(request).await.map_err(|e| Error::UpstreamReset(e.to_string()))
     }
 
+    /// Whether connections to `ip` go as HBONE (the choice [`Upstreams::dial`] makes).
+    pub fn tunnels_to(&self, ip: &std::net::IpAddr) -> bool {
+        !self.local && self.shared.hbone_peer(self.source.as_ref(), ip).is_some()
+    }
+
     async fn dial(&self, endpoint: SocketAddr) -> Result<Transport, Error> {
-        let hbone = self.shared.hbone.clone().zip(self.source.clone()).filter(|_| !self.local).and_then(|(pool, source)| {
-            let mesh = self.shared.mesh.read().unwrap();
-            let peer = mesh.enrolled(&endpoint.ip())?.identity(pool.certificates().trust_domain());
+        let hbone = self.source.clone().filter(|_| !self.local).and_then(|source| {
+            let (pool, peer) = self.shared.hbone_peer(Some(&source), &endpoint.ip())?;
             Some((pool, source, peer))
         });
         let connect_failed = |e: anyhow::Error| Error::UpstreamConnect(format!("{endpoint}: {e:#}"));

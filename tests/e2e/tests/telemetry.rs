@@ -1,0 +1,383 @@
+//! Istio's telemetry from both agents of every request and connection, checked against known traffic:
+//! `istio_requests_total` and the histograms for HTTP (HBONE and plaintext), gRPC, `istio_tcp_*` for L4,
+//! bytes counted while a connection is open, the exposition accepted by `promtool check metrics`, and
+//! the JSON access log (the same `x-request-id` on both agents, `FI` for a fault, the policy for a denial).
+//!
+//! The mesh: on node-1 the client `sleep` (a Deployment's pod: its ReplicaSet owns it) and `outsider` (not
+//! enrolled: plaintext); on node-2 `web-v1` (HTTP on 9080 behind `web:80`) and `echo` (TCP 7000 behind
+//! `echo:7000`).
+use std::{process::Stdio, time::Duration};
+
+use anyhow::{Context, Result, bail, ensure};
+use warren_e2e::{directory_mesh, eventually, log_tail, namespace_yaml, pod_yaml};
+use warren_testbed::{
+    Agent, AppOptions, Controller, HttpRequests, Load, Node, Pod, Process, Testbed, prometheus::Prometheus, require_privileges,
+    sum_metric,
+};
+
+const WEB: &str = "10.96.3.10:80";
+const ECHO: &str = "10.96.3.11:7000";
+const WEB_HOST: &str = "web.default.svc.cluster.local";
+const SLEEP_PRINCIPAL: &str = "spiffe://cluster.local/ns/default/sa/sleep";
+
+const SERVICES: &str = "apiVersion: v1\nkind: Service\nmetadata: {name: web, namespace: default}\n\
+    spec: {clusterIP: 10.96.3.10, selector: {app: web}, ports: [{name: http, port: 80, targetPort: 9080}]}\n---\n\
+    apiVersion: v1\nkind: Service\nmetadata: {name: echo, namespace: default}\n\
+    spec: {clusterIP: 10.96.3.11, selector: {app: echo}, ports: [{name: tcp-echo, port: 7000, targetPort: 7000}]}\n---\n";
+
+struct Mesh {
+    _bed: Testbed,
+    dir: std::path::PathBuf,
+    controller: Controller,
+    /// node-1 (the clients'), node-2 (the servers').
+    nodes: [Node; 2],
+    agents: [Agent; 2],
+    sleep: Pod,
+    outsider: Pod,
+    web: Pod,
+    _apps: Vec<Process>,
+}
+
+/// `sleep` as a Deployment's pod: owned by ReplicaSet `sleep-5f7b9c` with that `pod-template-hash`.
+fn deployment_pod_yaml(pod: &Pod, node: &str) -> String {
+    format!(
+        "apiVersion: v1\nkind: Pod\nmetadata: {{name: {name}-5f7b9c-x2x4p, namespace: default, uid: {uid}, \
+         labels: {{app: sleep, pod-template-hash: 5f7b9c}}, \
+         ownerReferences: [{{apiVersion: apps/v1, kind: ReplicaSet, name: sleep-5f7b9c, uid: rs-1, controller: true}}]}}\n\
+         spec: {{nodeName: {node}, serviceAccountName: sleep, containers: [{{name: app, image: testapp}}]}}\n\
+         status: {{phase: Running, podIP: {ip}}}\n---\n",
+        name = pod.name,
+        uid = pod.uid,
+        ip = pod.ip
+    )
+}
+
+fn mesh(label: &str) -> Result<Mesh> {
+    let bed = Testbed::new(label)?;
+    let (n1, n2) = (bed.add_node("node-1")?, bed.add_node("node-2")?);
+    let sleep = n1.add_pod("sleep", true)?;
+    let outsider = n1.add_pod("outsider", false)?;
+    let web = n2.add_pod("web-v1", true)?;
+    let echo = n2.add_pod("echo", true)?;
+    let apps = vec![web.serve_app(&AppOptions::new("web", "v1"))?, echo.serve_echo(7000)?];
+    let dir = bed.state_dir().join("mesh-config");
+    std::fs::create_dir_all(&dir)?;
+    let pods = [
+        deployment_pod_yaml(&sleep, "node-1"),
+        pod_yaml(&outsider, "node-1", "app: outsider, warren.dev/mesh: disabled"),
+        pod_yaml(&web, "node-2", "app: web, version: v1"),
+        pod_yaml(&echo, "node-2", "app: echo"),
+    ];
+    std::fs::write(dir.join("00-mesh.yaml"), format!("{}{SERVICES}{}", namespace_yaml("default"), pods.concat()))?;
+    let (controller, agents) = directory_mesh(&bed, &dir, &[&n1, &n2])?;
+    let agents: [Agent; 2] = agents.try_into().map_err(|_| anyhow::anyhow!("two agents"))?;
+    agents[1].wait_enrolled(&web, true, Duration::from_secs(15))?;
+    for agent in &agents {
+        agent.wait_config(Duration::from_secs(15), |c| c.to_string().contains("default/echo"))?;
+    }
+    agents[0].wait_uid_enrolled(&sleep.uid, true, Duration::from_secs(15))?;
+    Ok(Mesh { _bed: bed, dir, controller, nodes: [n1, n2], agents, sleep, outsider, web, _apps: apps })
+}
+
+fn scenario(label: &str, steps: impl FnOnce(&Mesh) -> Result<()>) -> Result<()> {
+    let mesh = mesh(label)?;
+    steps(&mesh).map_err(|e| {
+        e.context(format!(
+            "client agent:\n{}\n\nserver agent:\n{}\n\ncontroller:\n{}",
+            log_tail(&mesh.agents[0].log(), 30),
+            log_tail(&mesh.agents[1].log(), 30),
+            log_tail(&mesh.controller.log(), 30)
+        ))
+    })
+}
+
+impl Mesh {
+    fn apply(&self, name: &str, yaml: &str) -> Result<()> {
+        let versions: Vec<u64> =
+            self.agents.iter().map(|a| Ok(a.config()?["version"].as_u64().unwrap_or(0))).collect::<Result<_>>()?;
+        let tmp = self.dir.join(format!(".{name}.tmp"));
+        std::fs::write(&tmp, yaml)?;
+        std::fs::rename(&tmp, self.dir.join(name))?;
+        for (agent, before) in self.agents.iter().zip(versions) {
+            agent.wait_config(Duration::from_secs(10), |c| c["version"].as_u64().is_some_and(|v| v > before))?;
+        }
+        Ok(())
+    }
+}
+
+/// The sum of `name`'s series on `agent`'s Prometheus endpoint whose labels include `labels`, once it
+/// equals `want` (requests are counted when their response ends, which the client saw a moment before).
+fn settles(agent: &Agent, name: &str, labels: &[(&str, &str)], want: f64) -> Result<()> {
+    let mut last = f64::NAN;
+    let reached = eventually(Duration::from_secs(5), || {
+        last = sum_metric(&agent.scrape("/stats/prometheus").ok()?, name, labels);
+        (last == want).then_some(())
+    });
+    reached.with_context(|| format!("{name}{labels:?}: {last}, want {want}"))
+}
+
+const HTTP_SERIES: [(&str, &str); 6] = [
+    ("source_workload", "sleep"),
+    ("source_workload_namespace", "default"),
+    ("destination_workload", "web-v1"),
+    ("destination_service", WEB_HOST),
+    ("destination_service_name", "web"),
+    ("request_protocol", "http"),
+];
+
+/// Known HTTP traffic over HBONE: 5 POSTs of 64 bytes answered 200 with 100 bytes, 3 GETs answered 503 —
+/// counted exactly, by both agents, with every label Istio writes; a plaintext client's requests are
+/// reported by the destination only, as `none`.
+#[test]
+fn both_agents_report_every_request_with_istios_labels() -> Result<()> {
+    require_privileges!(Ok(()));
+    scenario("telemetry-http", |mesh| {
+        // Control: nothing is reported before any traffic.
+        settles(&mesh.agents[0], "istio_requests_total", &HTTP_SERIES, 0.0)?;
+        let posts = HttpRequests { method: "POST".into(), body_bytes: 64, ..HttpRequests::get("/bytes/100", 5) };
+        let ok = mesh.sleep.http(WEB.parse()?, &posts)?;
+        ensure!(ok.iter().all(|r| r.status == 200), "POST /bytes/100: {ok:?}");
+        let failed = mesh.sleep.http(WEB.parse()?, &HttpRequests::get("/status/503", 3))?;
+        ensure!(failed.iter().all(|r| r.status == 503), "GET /status/503: {failed:?}");
+
+        for (agent, reporter) in [(&mesh.agents[0], "source"), (&mesh.agents[1], "destination")] {
+            let series = |code: &'static str| {
+                let mut labels = HTTP_SERIES.to_vec();
+                labels.extend([("reporter", reporter), ("response_code", code), ("response_flags", "-")]);
+                labels.extend([("connection_security_policy", "mutual_tls"), ("source_principal", SLEEP_PRINCIPAL)]);
+                labels.extend([("source_canonical_service", "sleep"), ("source_canonical_revision", "latest")]);
+                labels.extend([("destination_app", "web"), ("destination_version", "v1"), ("source_version", "unknown")]);
+                labels.extend([("destination_principal", "spiffe://cluster.local/ns/default/sa/web-v1")]);
+                labels.extend([("source_cluster", "Kubernetes"), ("grpc_response_status", "unknown")]);
+                labels
+            };
+            settles(agent, "istio_requests_total", &series("200"), 5.0)?;
+            settles(agent, "istio_requests_total", &series("503"), 3.0)?;
+            settles(agent, "istio_request_duration_milliseconds_count", &series("200"), 5.0)?;
+            settles(agent, "istio_request_bytes_sum", &series("200"), 5.0 * 64.0)?;
+            settles(agent, "istio_response_bytes_sum", &series("200"), 5.0 * 100.0)?;
+            // Istio's buckets: every 100-byte answer is in le="250" and none in le="10".
+            settles(agent, "istio_response_bytes_bucket", &[series("200").as_slice(), &[("le", "250.0")]].concat(), 5.0)?;
+            settles(agent, "istio_response_bytes_bucket", &[series("200").as_slice(), &[("le", "10.0")]].concat(), 0.0)?;
+        }
+
+        // Plaintext from outside the mesh: only the destination reports it, as `none`, principals unknown.
+        let plain = mesh.outsider.http(format!("{}:9080", mesh.web.ip).parse()?, &HttpRequests::get("/bytes/10", 2))?;
+        ensure!(plain.iter().all(|r| r.status == 200), "plaintext GET: {plain:?}");
+        let labels = [
+            ("reporter", "destination"),
+            ("destination_workload", "web-v1"),
+            ("connection_security_policy", "none"),
+            ("source_principal", "unknown"),
+            ("response_code", "200"),
+        ];
+        settles(&mesh.agents[1], "istio_requests_total", &labels, 2.0)?;
+        settles(&mesh.agents[0], "istio_requests_total", &[("source_workload", "outsider")], 0.0)?;
+
+        // gRPC: the protocol, the status from the trailers, the messages.
+        let grpc = HttpRequests { http2: true, body_bytes: 5, ..HttpRequests::get("/echo.Echo/Say", 2) }
+            .header("content-type", "application/grpc");
+        let answers = mesh.sleep.http(WEB.parse()?, &grpc)?;
+        ensure!(answers.iter().all(|r| r.status == 200), "gRPC: {answers:?}");
+        let grpc_series = [("reporter", "source"), ("request_protocol", "grpc"), ("grpc_response_status", "0")];
+        settles(&mesh.agents[0], "istio_requests_total", &grpc_series, 2.0)?;
+        settles(&mesh.agents[0], "istio_response_messages_total", &grpc_series, 2.0)?;
+        settles(&mesh.agents[0], "istio_request_messages_total", &grpc_series, 2.0)?;
+        Ok(())
+    })
+}
+
+/// L4: a TCP service's connection counted by both agents, its bytes counted while it is still open.
+#[test]
+fn tcp_connections_are_reported_by_both_agents_while_they_flow() -> Result<()> {
+    require_privileges!(Ok(()));
+    scenario("telemetry-tcp", |mesh| {
+        let series = |reporter: &'static str| {
+            vec![
+                ("reporter", reporter),
+                ("source_workload", "sleep"),
+                ("destination_workload", "echo"),
+                ("destination_service", "echo.default.svc.cluster.local"),
+                ("request_protocol", "tcp"),
+                ("connection_security_policy", "mutual_tls"),
+            ]
+        };
+        settles(&mesh.agents[0], "istio_tcp_connections_opened_total", &series("source"), 0.0)?;
+        // 200000 bytes (in 64 KiB writes), held open for 3 s halfway: the first half is in the metrics
+        // before the close.
+        let (sleep, to) = (mesh.sleep.clone(), ECHO.parse()?);
+        let held = std::thread::spawn(move || sleep.send_holding(to, 200_000, Duration::from_secs(3)));
+        for (agent, reporter) in [(&mesh.agents[0], "source"), (&mesh.agents[1], "destination")] {
+            let flowing = eventually(Duration::from_secs(3), || {
+                let text = agent.scrape("/stats/prometheus").ok()?;
+                let sent = sum_metric(&text, "istio_tcp_sent_bytes_total", &series(reporter));
+                let closed = sum_metric(&text, "istio_tcp_connections_closed_total", &series(reporter));
+                (sent >= 100_000.0 && closed == 0.0).then_some(sent)
+            });
+            let tcp: Vec<String> = agent.scrape("/stats/prometheus")?.lines().filter(|l| l.starts_with("istio_tcp")).map(str::to_string).collect();
+            ensure!(flowing.is_some(), "{reporter}: bytes are counted while the connection is open: {tcp:#?}");
+        }
+        let result = held.join().map_err(|_| anyhow::anyhow!("sender panicked"))??;
+        ensure!(result.ok && result.received == 200_000, "echoed: {result:?}");
+        for (agent, reporter) in [(&mesh.agents[0], "source"), (&mesh.agents[1], "destination")] {
+            settles(agent, "istio_tcp_connections_opened_total", &series(reporter), 1.0)?;
+            settles(agent, "istio_tcp_connections_closed_total", &series(reporter), 1.0)?;
+            settles(agent, "istio_tcp_sent_bytes_total", &series(reporter), 200_000.0)?;
+            settles(agent, "istio_tcp_received_bytes_total", &series(reporter), 200_000.0)?;
+        }
+        Ok(())
+    })
+}
+
+/// `promtool check metrics` on an agent's exposition after traffic. The only finding it may have is the
+/// base-unit lint on Istio's own `istio_request_duration_milliseconds` (Istio's name, which its proxies
+/// trip alike); a malformed exposition fails it (the control).
+#[test]
+fn promtool_accepts_the_exposition() -> Result<()> {
+    require_privileges!(Ok(()));
+    scenario("telemetry-promtool", |mesh| {
+        let answers = mesh.sleep.http(WEB.parse()?, &HttpRequests::get("/bytes/10", 3))?;
+        ensure!(answers.iter().all(|r| r.status == 200), "{answers:?}");
+        settles(&mesh.agents[1], "istio_requests_total", &[("reporter", "destination")], 3.0)?;
+        for agent in &mesh.agents {
+            let text = agent.scrape("/stats/prometheus")?;
+            ensure!(text.contains("# TYPE istio_requests_total counter"), "Prometheus' text format: {}", &text[..text.len().min(400)]);
+            let problems = promtool(&text)?;
+            let unexpected: Vec<&str> = problems.iter().map(String::as_str).filter(|p| !p.contains("use base unit \"seconds\"")).collect();
+            ensure!(unexpected.is_empty(), "promtool: {unexpected:?}");
+            ensure!(agent.scrape("/metrics")? .contains("istio_requests_total"), "/metrics serves the same");
+        }
+        let broken = promtool("# TYPE x counter\nx_total{a=\"b} 1\n");
+        ensure!(broken.is_err(), "control: a malformed exposition fails promtool: {broken:?}");
+        Ok(())
+    })
+}
+
+/// Runs `promtool check metrics` on `text`: its lint findings (exit 0 or 3), or an error (it could not parse).
+fn promtool(text: &str) -> Result<Vec<String>> {
+    use std::io::Write;
+    let mut child = std::process::Command::new("promtool")
+        .args(["check", "metrics"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .context("promtool (Debian's prometheus package; `cargo xtask setup` installs it)")?;
+    child.stdin.take().context("stdin")?.write_all(text.as_bytes())?;
+    let out = child.wait_with_output()?;
+    let found = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    match out.status.code() {
+        Some(0) | Some(3) => Ok(found.lines().filter(|l| !l.trim().is_empty()).map(str::to_string).collect()),
+        _ => bail!("promtool failed ({}): {found}", out.status),
+    }
+}
+
+/// Access logs: one line per request on each agent with the same `x-request-id`; a fault's line says
+/// `FI`; a denied request's says which policy denied it; a TCP connection's line has its bytes.
+#[test]
+fn access_logs_tell_each_request_on_both_agents() -> Result<()> {
+    require_privileges!(Ok(()));
+    scenario("telemetry-logs", |mesh| {
+        let traced = HttpRequests::get("/bytes/7", 1).header("x-request-id", "telemetry-e2e-1");
+        ensure!(mesh.sleep.http(WEB.parse()?, &traced)?[0].status == 200, "GET");
+        let line = |agent: &Agent, id: &str| {
+            eventually(Duration::from_secs(5), || agent.access_log().into_iter().find(|l| l["request_id"] == id))
+        };
+        let source = line(&mesh.agents[0], "telemetry-e2e-1").context("the source agent logs the request")?;
+        let destination = line(&mesh.agents[1], "telemetry-e2e-1").context("the destination agent logs it")?;
+        for (entry, reporter) in [(&source, "source"), (&destination, "destination")] {
+            ensure!(entry["reporter"] == reporter && entry["response_code"] == 200 && entry["bytes_sent"] == 7, "{entry}");
+            ensure!(entry["method"] == "GET" && entry["path"] == "/bytes/7" && entry["response_flags"] == "-", "{entry}");
+            ensure!(entry["source_principal"] == SLEEP_PRINCIPAL && entry["destination_workload"] == "web-v1", "{entry}");
+        }
+        ensure!(source["upstream_cluster"] == format!("outbound|80||{WEB_HOST}"), "{source}");
+        // Control: another request id is not there.
+        ensure!(mesh.agents[1].access_log().iter().all(|l| l["request_id"] != "telemetry-e2e-2"), "no such line yet");
+
+        let fault = "apiVersion: networking.istio.io/v1\nkind: VirtualService\nmetadata: {name: web, namespace: default}\n\
+            spec: {hosts: [web], http: [{match: [{headers: {x-fail: {exact: 'yes'}}}], fault: {abort: {httpStatus: 418, percentage: {value: 100}}}, route: [{destination: {host: web}}]}, {route: [{destination: {host: web}}]}]}\n---\n\
+            apiVersion: security.istio.io/v1\nkind: AuthorizationPolicy\nmetadata: {name: no-private, namespace: default}\n\
+            spec: {selector: {matchLabels: {app: web}}, action: DENY, rules: [{to: [{operation: {paths: ['/private*']}}]}]}\n";
+        mesh.apply("10-fault-deny.yaml", fault)?;
+        let aborted = HttpRequests::get("/", 1).header("x-fail", "yes").header("x-request-id", "telemetry-e2e-2");
+        ensure!(mesh.sleep.http(WEB.parse()?, &aborted)?[0].status == 418, "the fault aborts");
+        let entry = line(&mesh.agents[0], "telemetry-e2e-2").context("the aborted request is logged")?;
+        ensure!(entry["response_flags"] == "FI" && entry["response_code"] == 418, "{entry}");
+        let denied = HttpRequests::get("/private/x", 1).header("x-request-id", "telemetry-e2e-3");
+        let answer = mesh.sleep.http(WEB.parse()?, &denied)?.remove(0);
+        ensure!(answer.status == 403, "the policy denies: {answer:?}");
+        let entry = line(&mesh.agents[1], "telemetry-e2e-3").context("the denied request is logged")?;
+        ensure!(entry["response_flags"] == "RBAC" && entry["policy"] == "deny default/no-private", "{entry}");
+
+        let sent = mesh.sleep.send(ECHO.parse()?, 1234)?;
+        ensure!(sent.ok, "{sent:?}");
+        let tcp = eventually(Duration::from_secs(5), || {
+            mesh.agents[0].access_log().into_iter().find(|l| l["protocol"] == "TCP" && l["destination_workload"] == "echo")
+        })
+        .context("the TCP connection is logged")?;
+        ensure!(tcp["bytes_received"] == 1234 && tcp["bytes_sent"] == 1234 && tcp["reporter"] == "source", "{tcp}");
+        Ok(())
+    })
+}
+
+/// A real Prometheus scraping both agents answers the PromQL Kiali builds its graph with (HTTP and TCP),
+/// a p99 from Istio's duration buckets, and the queries of Istio's Mesh, Service and Workload dashboards
+/// (written down here from Istio's dashboards), for the test traffic.
+#[test]
+fn prometheus_answers_kiali_and_istio_dashboard_queries() -> Result<()> {
+    require_privileges!(Ok(()));
+    scenario("telemetry-prometheus", |mesh| {
+        let targets = [format!("127.0.0.1:{}", warren_testbed::METRICS_PORT), format!("{}:{}", mesh.nodes[1].ip, warren_testbed::METRICS_PORT)];
+        let prometheus = Prometheus::start(&mesh.nodes[0], &targets, &mesh.dir.join("../prometheus"))?;
+        // Control: no request series before the traffic.
+        ensure!(prometheus.query("istio_requests_total")?.is_empty(), "control: no requests yet");
+        // Steady traffic while Prometheus scrapes (rate and irate need two samples that differ).
+        let load = Load { rps: 50, duration_ms: 8_000, connections: 2, body_bytes: 0, path: "/bytes/100".into(), ..Default::default() };
+        let traffic = mesh.sleep.spawn_load(WEB.parse()?, &load)?;
+        for _ in 0..4 {
+            ensure!(mesh.sleep.send(ECHO.parse()?, 5000)?.ok, "TCP echo");
+            std::thread::sleep(Duration::from_millis(1500));
+        }
+        let kiali = "sum(rate(istio_requests_total{reporter=\"source\"}[1m])) by (source_cluster, source_workload_namespace, \
+            source_workload, source_canonical_service, source_canonical_revision, destination_cluster, destination_service_namespace, \
+            destination_service, destination_service_name, destination_workload_namespace, destination_workload, \
+            destination_canonical_service, destination_canonical_revision, request_protocol, response_code, grpc_response_status, \
+            response_flags)";
+        let edge = [("source_workload", "sleep"), ("destination_workload", "web-v1"), ("destination_service_name", "web"), ("response_code", "200")];
+        positive(&prometheus, kiali, &edge)?;
+        let kiali_tcp = "sum(rate(istio_tcp_sent_bytes_total{reporter=\"source\"}[1m])) by (source_workload_namespace, source_workload, \
+            destination_service_namespace, destination_service_name, destination_workload, response_flags)";
+        positive(&prometheus, kiali_tcp, &[("source_workload", "sleep"), ("destination_workload", "echo")])?;
+        let p99 = "histogram_quantile(0.99, sum(rate(istio_request_duration_milliseconds_bucket{reporter=\"source\", \
+            destination_service_name=\"web\"}[1m])) by (le))";
+        let value = positive(&prometheus, p99, &[])?;
+        ensure!(value <= 5000.0, "p99 of a local app's answers: {value} ms");
+        // Istio's dashboards: Mesh (global request volume, success rate), Service (requests and TCP bytes
+        // into a service), Workload (requests into a workload by source, its p50).
+        let dashboards = [
+            ("mesh volume", "round(sum(irate(istio_requests_total{reporter=\"source\"}[1m])), 0.001)", vec![]),
+            ("mesh success rate", "sum(rate(istio_requests_total{reporter=\"source\", response_code!~\"5.*\"}[1m])) / sum(rate(istio_requests_total{reporter=\"source\"}[1m]))", vec![]),
+            ("service requests", "sum(irate(istio_requests_total{reporter=\"destination\", destination_service=~\"web.default.svc.cluster.local\"}[1m]))", vec![]),
+            ("service TCP bytes", "sum(rate(istio_tcp_received_bytes_total{reporter=\"destination\", destination_service=~\"echo.default.svc.cluster.local\"}[1m]))", vec![]),
+            ("workload inbound by source", "sum(irate(istio_requests_total{reporter=\"destination\", destination_workload_namespace=~\"default\", destination_workload=~\"web-v1\"}[1m])) by (source_workload, source_workload_namespace)", vec![("source_workload", "sleep")]),
+            ("workload p50", "histogram_quantile(0.50, sum(irate(istio_request_duration_milliseconds_bucket{reporter=\"destination\", destination_workload=\"web-v1\"}[1m])) by (le))", vec![]),
+        ];
+        for (what, promql, labels) in dashboards {
+            positive(&prometheus, promql, &labels).with_context(|| what.to_string())?;
+        }
+        let report = warren_testbed::app::load_report(traffic)?;
+        ensure!(report.ok > 0, "the load was answered: {report:?}");
+        Ok(())
+    })
+}
+
+/// The value of the one series of `promql` whose labels include `labels`, once it is positive.
+fn positive(prometheus: &Prometheus, promql: &str, labels: &[(&str, &str)]) -> Result<f64> {
+    let mut last = vec![];
+    let found = eventually(Duration::from_secs(10), || {
+        last = prometheus.query(promql).ok()?;
+        let series = last.iter().find(|s| labels.iter().all(|(k, v)| s.labels.get(*k).map(String::as_str) == Some(*v)))?;
+        (series.value > 0.0 && series.value.is_finite()).then_some(series.value)
+    });
+    found.with_context(|| format!("{promql}: no positive series with {labels:?} in {last:?}"))
+}
