@@ -68,7 +68,7 @@ pub async fn run(config: AgentConfig) -> Result<()> {
         tokio::spawn(record_kernel_denials(denials, tables.subscribe(), authorizer.clone()));
     }
     let trust_domain = hbone.as_ref().map_or(warren_identity::DEFAULT_TRUST_DOMAIN, |p| p.certificates().trust_domain());
-    let telemetry = Arc::new(Telemetry::new(&config.telemetry, trust_domain));
+    let telemetry = Arc::new(Telemetry::new(&config.telemetry, trust_domain, &config.node_name)?);
     telemetry.register(&mut registry);
     let shared = ProxyShared {
         original_dst: datapath.original_dst_lookup(),

@@ -37,6 +37,8 @@ pub struct AgentOptions {
     pub identity: Option<serde_json::Value>,
     /// Take everything from warren-controller's push at this `host:port` (needs `mtls` or `identity`).
     pub controller: Option<String>,
+    /// The agent config's `telemetry` section verbatim (access log, cluster, tracing).
+    pub telemetry: Option<serde_json::Value>,
 }
 
 impl Default for AgentOptions {
@@ -53,6 +55,7 @@ impl Default for AgentOptions {
             certificate_lifetime_seconds: None,
             identity: None,
             controller: None,
+            telemetry: None,
         }
     }
 }
@@ -112,6 +115,9 @@ fn agent_config(options: &AgentOptions, placement: &Placement, node: Option<&Nod
     if let Some(kubeconfig) = &options.kubeconfig {
         config["workloadsFile"] = serde_json::Value::Null;
         config["kubernetes"] = serde_json::json!({ "kubeconfig": kubeconfig });
+    }
+    if let Some(telemetry) = &options.telemetry {
+        config["telemetry"] = telemetry.clone();
     }
     if let Some(address) = &options.controller {
         config["workloadsFile"] = serde_json::Value::Null;

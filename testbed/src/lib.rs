@@ -29,6 +29,7 @@
 mod agent;
 pub mod app;
 pub mod bookinfo;
+pub mod otlp;
 pub mod prometheus;
 mod bins;
 mod capture;

@@ -22,7 +22,10 @@ use super::{
 };
 use crate::{
     inpod::Netns,
-    telemetry::request::{self, Exchange},
+    telemetry::{
+        istio::Reporter,
+        request::{self, Exchange},
+    },
     state::{
         gateways::{PortServers, ServerBinding, request_host},
         http_routes::RequestContext,
@@ -184,7 +187,7 @@ where
 }
 
 async fn handle(mut request: Request<Incoming>, connection: &Connection, shared: &ProxyShared) -> Response<Body> {
-    let exchange = Exchange::begin(&mut request, connection.client, connection.local);
+    let exchange = Exchange::begin(&mut request, connection.client, connection.local, &shared.telemetry, Reporter::Source);
     let (method, uri) = (request.method().clone(), request.uri().clone());
     let mut chosen = None;
     let result = route(request, connection, shared, &mut chosen).await;

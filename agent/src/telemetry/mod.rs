@@ -6,6 +6,7 @@ pub mod access_log;
 pub mod istio;
 pub mod peers;
 pub mod request;
+pub mod trace;
 
 use std::{
     net::{IpAddr, SocketAddr},
@@ -36,11 +37,14 @@ pub struct TelemetryConfig {
     /// The cluster's name in the metrics' `*_cluster` labels (Istio's `values.global.multiCluster.clusterName`).
     #[serde(default = "default_cluster")]
     pub cluster: String,
+    /// Spans over OTLP.
+    #[serde(default)]
+    pub tracing: trace::TracingConfig,
 }
 
 impl Default for TelemetryConfig {
     fn default() -> Self {
-        TelemetryConfig { access_log: true, cluster: DEFAULT_CLUSTER.into() }
+        TelemetryConfig { access_log: true, cluster: DEFAULT_CLUSTER.into(), tracing: Default::default() }
     }
 }
 
@@ -57,16 +61,20 @@ pub struct Telemetry {
     pub cluster: Arc<str>,
     /// For the principals of workloads known by name (SPIFFE IDs).
     pub trust_domain: String,
+    /// `None` without a collector.
+    pub tracing: Option<trace::Tracing>,
 }
 
 impl Telemetry {
-    pub fn new(config: &TelemetryConfig, trust_domain: &str) -> Telemetry {
-        Telemetry {
+    /// Fails on a tracing configuration that cannot work (the field named).
+    pub fn new(config: &TelemetryConfig, trust_domain: &str, node: &str) -> anyhow::Result<Telemetry> {
+        Ok(Telemetry {
             istio: IstioMetrics::default(),
             access_log: config.access_log.then(AccessLog::stdout),
             cluster: config.cluster.as_str().into(),
             trust_domain: trust_domain.to_string(),
-        }
+            tracing: trace::Tracing::new(&config.tracing, node)?,
+        })
     }
 
     pub fn register(&self, registry: &mut Registry) {

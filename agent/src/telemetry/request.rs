@@ -20,8 +20,10 @@ use hyper::body::{Body as HttpBody, Frame, SizeHint};
 use super::{
     Telemetry,
     access_log::{Entry, timestamp},
-    istio::{RequestLabels, RequestProtocol, Traffic},
+    istio::{Reporter, RequestLabels, RequestProtocol, Traffic},
+    trace,
 };
+use opentelemetry::{KeyValue, trace::SpanKind};
 use crate::proxy::http::{Body, BoxError};
 
 /// Bytes and gRPC messages of a body so far.
@@ -91,19 +93,29 @@ pub struct Exchange {
     client: SocketAddr,
     local: SocketAddr,
     request_body: Arc<BodyCount>,
+    /// The agent's span for the request (when tracing is on).
+    span: Option<opentelemetry_sdk::trace::Span>,
 }
 
 const REQUEST_ID: &str = "x-request-id";
 
 impl Exchange {
     /// Reads the request's head; gives it an `x-request-id` if it has none (so both agents log the same
-    /// one); marks its body to be counted where the proxy forwards it.
-    pub fn begin<B>(request: &mut Request<B>, client: SocketAddr, local: SocketAddr) -> Exchange {
+    /// one); starts the agent's span (a client span in the source's agent, a server span in the
+    /// destination's) and names it the parent in the trace headers sent on; marks its body to be counted
+    /// where the proxy forwards it.
+    pub fn begin<B>(request: &mut Request<B>, client: SocketAddr, local: SocketAddr, telemetry: &Telemetry, reporter: Reporter) -> Exchange {
+        let authority = crate::proxy::http::authority(request.headers(), request.uri());
         let headers = request.headers_mut();
         if !headers.contains_key(REQUEST_ID) {
             let id = crate::proxy::http::request_id();
             headers.insert(REQUEST_ID, HeaderValue::from_str(&id).expect("hex and dashes"));
         }
+        let kind = match reporter {
+            Reporter::Source => SpanKind::Client,
+            Reporter::Destination => SpanKind::Server,
+        };
+        let span = telemetry.tracing.as_ref().map(|t| t.start(headers, kind, format!("{authority}/*")));
         let header = |name: &str| request.headers().get(name).and_then(|v| v.to_str().ok()).map(str::to_string);
         let grpc = request.headers().get(header::CONTENT_TYPE).is_some_and(|v| v.as_bytes().starts_with(b"application/grpc"));
         let request_body = Arc::new(BodyCount::default());
@@ -114,7 +126,7 @@ impl Exchange {
             version: request.version(),
             method: request.method().to_string(),
             path: request.uri().path_and_query().map_or_else(|| "/".into(), |p| p.to_string()),
-            authority: crate::proxy::http::authority(request.headers(), request.uri()),
+            authority,
             user_agent: header("user-agent"),
             request_id: header(REQUEST_ID),
             x_forwarded_for: header("x-forwarded-for"),
@@ -122,6 +134,7 @@ impl Exchange {
             client,
             local,
             request_body: request_body.clone(),
+            span,
         };
         request.extensions_mut().insert(BodyCounter(request_body, grpc));
         exchange
@@ -286,7 +299,10 @@ impl Drop for Metered {
 
 impl Pending {
     fn record(self) {
-        let Pending { telemetry, exchange, outcome, code, grpc_status, bytes, messages } = self;
+        let Pending { telemetry, mut exchange, outcome, code, grpc_status, bytes, messages } = self;
+        if let Some(span) = exchange.span.take() {
+            trace::finish(span, code, outcome.flags, span_attributes(&exchange, &outcome));
+        }
         let grpc_status = grpc_status.filter(|_| exchange.protocol == RequestProtocol::Grpc);
         let labels = RequestLabels {
             traffic: outcome.traffic.clone(),
@@ -341,6 +357,27 @@ impl Pending {
             policy: outcome.policy.as_deref(),
         });
     }
+}
+
+/// What Envoy's spans say of a request (Istio's tags), besides its status.
+fn span_attributes(exchange: &Exchange, outcome: &Outcome) -> Vec<KeyValue> {
+    let traffic = &outcome.traffic;
+    let mut attributes = vec![
+        KeyValue::new("http.request.method", exchange.method.clone()),
+        KeyValue::new("url.path", exchange.path.clone()),
+        KeyValue::new("server.address", exchange.authority.clone()),
+        KeyValue::new("component", "proxy"),
+        KeyValue::new("istio.mesh_reporter", traffic.reporter.as_str()),
+        KeyValue::new("istio.source_workload", traffic.source.workload.clone()),
+        KeyValue::new("istio.destination_workload", traffic.destination.workload.clone()),
+        KeyValue::new("istio.canonical_service", traffic.service.name.clone()),
+        KeyValue::new("istio.namespace", traffic.service.namespace.clone()),
+        KeyValue::new("peer.address", exchange.client.to_string()),
+    ];
+    attributes.extend(exchange.request_id.clone().map(|id| KeyValue::new("guid:x-request-id", id)));
+    attributes.extend(outcome.upstream_cluster.clone().map(|c| KeyValue::new("upstream_cluster", c)));
+    attributes.extend(exchange.user_agent.clone().map(|ua| KeyValue::new("user_agent.original", ua)));
+    attributes
 }
 
 #[cfg(test)]

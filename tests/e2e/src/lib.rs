@@ -64,18 +64,23 @@ pub fn directory_mesh(
     dir: &std::path::Path,
     nodes: &[&warren_testbed::Node],
 ) -> anyhow::Result<(warren_testbed::Controller, Vec<warren_testbed::Agent>)> {
+    directory_mesh_with(bed, dir, nodes, warren_testbed::AgentOptions { ebpf_log_level: "info", ..Default::default() })
+}
+
+/// [`directory_mesh`] with agents started with `options` (their controller and mTLS set here).
+pub fn directory_mesh_with(
+    bed: &warren_testbed::Testbed,
+    dir: &std::path::Path,
+    nodes: &[&warren_testbed::Node],
+    options: warren_testbed::AgentOptions,
+) -> anyhow::Result<(warren_testbed::Controller, Vec<warren_testbed::Agent>)> {
     let controller = bed.start_controller(warren_testbed::ControllerOptions {
         config_dir: Some(dir.to_path_buf()),
         kubeconfig: None,
         push_port: 0,
         config_poll_ms: Some(50),
     })?;
-    let options = warren_testbed::AgentOptions {
-        mtls: true,
-        controller: Some(controller.address()),
-        ebpf_log_level: "info",
-        ..Default::default()
-    };
+    let options = warren_testbed::AgentOptions { mtls: true, controller: Some(controller.address()), ..options };
     let mut agents = Vec::new();
     for node in nodes {
         node.reach_host_port(controller.push_port)?;

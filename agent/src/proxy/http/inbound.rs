@@ -16,6 +16,7 @@ use crate::{
     proxy::{Direction, ProxyShared, Record, authz::Enforcer},
     telemetry::{
         self,
+        istio::Reporter,
         request::{self, Exchange, Outcome},
     },
 };
@@ -56,7 +57,7 @@ where
 }
 
 async fn handle(mut request: Request<Incoming>, inbound: &Inbound, workload: &Arc<Upstreams>, shared: &ProxyShared) -> Response<Body> {
-    let exchange = Exchange::begin(&mut request, inbound.client, inbound.destination);
+    let exchange = Exchange::begin(&mut request, inbound.client, inbound.destination, &shared.telemetry, Reporter::Destination);
     let mut policy = None;
     let result = authorize_and_forward(request, inbound, workload, shared, &mut policy).await;
     let (response, answer) = super::answer(result, Direction::Inbound, shared, |e| {

@@ -35,6 +35,7 @@ use crate::{
     metrics::HttpRequestLabels,
     telemetry::{
         self,
+        istio::Reporter,
         request::{self, Exchange, Outcome},
     },
     state::{
@@ -137,7 +138,7 @@ where
 }
 
 async fn handle(mut request: Request<Incoming>, downstream: &Downstream, upstreams: &Arc<Upstreams>, shared: &ProxyShared) -> Response<Body> {
-    let exchange = Exchange::begin(&mut request, downstream.client, downstream.vip);
+    let exchange = Exchange::begin(&mut request, downstream.client, downstream.vip, &shared.telemetry, Reporter::Source);
     let (method, uri) = (request.method().clone(), request.uri().clone());
     let mut chosen = None;
     let result = route_request(request, downstream, upstreams, shared, &mut chosen).await;
