@@ -2,12 +2,19 @@
 //! directory of YAML), validates and compiles them into per-node tables, pushes those to every agent
 //! (`push`), writes validation results back (`status`), and is the mesh's certificate authority (`ca`).
 mod ca;
+mod metrics;
 mod pipeline;
 mod push;
 mod sources;
 mod status;
 
-use std::{net::SocketAddr, path::PathBuf, process::ExitCode, sync::Arc, time::Duration};
+use std::{
+    net::SocketAddr,
+    path::PathBuf,
+    process::ExitCode,
+    sync::{Arc, atomic::AtomicBool},
+    time::Duration,
+};
 
 use anyhow::{Context, Result, bail};
 use clap::{Parser, Subcommand};
@@ -65,6 +72,9 @@ struct RunArgs {
     /// Where agents hold their push streams.
     #[arg(long, default_value = "0.0.0.0:15010")]
     push_listen: SocketAddr,
+    /// Prometheus' scrape endpoint (/metrics, /stats/prometheus) and /ready, as istiod's 15014.
+    #[arg(long, default_value = "0.0.0.0:15014")]
+    monitoring_addr: SocketAddr,
     /// The ServiceAccount (in --namespace) agents run as; only its tokens may request certificates.
     #[arg(long, default_value = "warren-agent")]
     agent_service_account: String,
@@ -136,6 +146,12 @@ async fn run_analyze(input: Input) -> Result<bool> {
 }
 
 async fn run(args: RunArgs) -> Result<()> {
+    // First, so the metrics of the start (the first compile, a slow initial sync) can be scraped, and a
+    // port already taken fails the start before anything else does.
+    let metrics = Arc::new(metrics::Metrics::default());
+    let ready = Arc::new(AtomicBool::new(false));
+    let monitoring = metrics::bind(args.monitoring_addr).await?;
+    tokio::spawn(metrics::serve(monitoring, metrics.clone(), ready.clone()));
     let read = |path: &PathBuf, flag: &str| std::fs::read_to_string(path).with_context(|| format!("{flag} {}", path.display()));
     let supplied = match (&args.ca_cert, &args.ca_key) {
         (Some(cert), Some(key)) => Some((read(cert, "--ca-cert")?, read(key, "--ca-key")?)),
@@ -167,6 +183,7 @@ async fn run(args: RunArgs) -> Result<()> {
                     trust_domain: args.trust_domain.clone(),
                 },
                 lifetime: Duration::from_secs(args.certificate_lifetime_seconds),
+                metrics: metrics.clone(),
             });
             let listener =
                 tokio::net::TcpListener::bind(args.ca_listen).await.with_context(|| format!("--ca-listen {}", args.ca_listen))?;
@@ -181,7 +198,7 @@ async fn run(args: RunArgs) -> Result<()> {
             (authority, states)
         }
     };
-    let snapshots = pipeline::run(states, verdicts_tx, Some(args.input.root_namespace.clone()));
+    let snapshots = pipeline::run(states, verdicts_tx, Some(args.input.root_namespace.clone()), metrics.clone());
 
     let identity = ca::server::controller_identity(&args.trust_domain, &args.namespace);
     let serving = authority.issue(&identity, Duration::from_secs(365 * 24 * 3600), std::time::SystemTime::now())?;
@@ -193,6 +210,8 @@ async fn run(args: RunArgs) -> Result<()> {
         snapshots,
         agent_identity: Identity::new(&args.trust_domain, &args.namespace, &args.agent_service_account),
         agents: Arc::default(),
+        metrics,
     });
+    ready.store(true, std::sync::atomic::Ordering::Relaxed);
     push::serve(listener, Arc::new(tls), service).await
 }

@@ -14,9 +14,23 @@ use warren_config::{
     check::{Checked, IstioObject},
     cluster::ClusterState,
     compile::{Compiled, compile},
+    istio::{AuthorizationPolicy, DestinationRule, Gateway, ServiceEntry, VirtualService},
     tables::Resource,
     validate::FieldError,
+    workloads::peer_authentication::PeerAuthentication,
 };
+
+use crate::metrics::Metrics;
+
+/// The kinds [`Accepted::filter`] checks: the only values a verdict's `kind` takes.
+pub const CHECKED_KINDS: [&str; 6] = [
+    VirtualService::KIND,
+    DestinationRule::KIND,
+    Gateway::KIND,
+    ServiceEntry::KIND,
+    AuthorizationPolicy::KIND,
+    PeerAuthentication::KIND,
+];
 
 /// One compiled version of the mesh.
 #[derive(Debug, Default)]
@@ -125,9 +139,11 @@ pub fn run(
     mut states: watch::Receiver<ClusterState>,
     verdicts: watch::Sender<Vec<Verdict>>,
     root_namespace: Option<String>,
+    metrics: Arc<Metrics>,
 ) -> watch::Receiver<Arc<Snapshot>> {
     let mut accepted = Accepted { root_namespace, ..Default::default() };
-    let first = step(&mut accepted, states.borrow_and_update().clone(), None, &verdicts);
+    let first = step(&mut accepted, states.borrow_and_update().clone(), None, &verdicts, &metrics);
+    metrics.compiled(first.version);
     let (tx, rx) = watch::channel(Arc::new(first));
     tokio::spawn(async move {
         while states.changed().await.is_ok() {
@@ -136,10 +152,11 @@ pub fn run(
             // A bug in compile must not freeze the control plane: the version in force stays, and the next
             // change is compiled afresh.
             let stepped =
-                std::panic::catch_unwind(AssertUnwindSafe(|| step(&mut accepted, state, Some(&previous), &verdicts)));
+                std::panic::catch_unwind(AssertUnwindSafe(|| step(&mut accepted, state, Some(&previous), &verdicts, &metrics)));
             let next = match stepped {
                 Ok(next) => next,
                 Err(panic) => {
+                    metrics.compile_panicked();
                     let what =
                         panic.downcast_ref::<String>().map(String::as_str).or(panic.downcast_ref::<&str>().copied());
                     error!(
@@ -151,6 +168,7 @@ pub fn run(
                     continue;
                 }
             };
+            metrics.compiled(next.version);
             if next.version != previous.version && tx.send(Arc::new(next)).is_err() {
                 return;
             }
@@ -164,6 +182,7 @@ fn step(
     state: ClusterState,
     previous: Option<&Snapshot>,
     verdicts: &watch::Sender<Vec<Verdict>>,
+    metrics: &Metrics,
 ) -> Snapshot {
     let started = Instant::now();
     let (mut state, checked) = accepted.filter(state);
@@ -177,6 +196,7 @@ fn step(
         let fields: Vec<String> = v.unsupported.iter().map(ToString::to_string).collect();
         warn!(kind = v.kind, namespace = %v.namespace, name = %v.name, "applied without what Warren does not honour: {}", fields.join("; "));
     }
+    metrics.validated(&checked);
     verdicts.send_if_modified(|current| {
         let changed = *current != checked;
         *current = checked;
@@ -234,7 +254,7 @@ mod tests {
     async fn a_hostile_edit_is_refused_and_the_next_one_compiles() {
         let (states_tx, states) = watch::channel(state("1s", 1));
         let (verdicts_tx, mut verdicts) = watch::channel(Vec::<Verdict>::new());
-        let mut snapshots = run(states, verdicts_tx, None);
+        let mut snapshots = run(states, verdicts_tx, None, Arc::default());
         assert_eq!(snapshots.borrow().version, 1);
         // Once a panic in Duration::from_secs_f64 that froze the pipeline.
         states_tx.send(state("100000000000000000000000h", 2)).unwrap();
@@ -255,13 +275,42 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn compiles_versions_and_invalid_objects_are_counted() {
+        use crate::metrics::tests::sample;
+        let (states_tx, states) = watch::channel(state("1s", 1));
+        let (verdicts_tx, mut verdicts) = watch::channel(Vec::<Verdict>::new());
+        let metrics = Arc::new(Metrics::default());
+        let mut snapshots = run(states, verdicts_tx, None, metrics.clone());
+        let text = metrics.encode().unwrap();
+        assert_eq!(sample(&text, "warren_controller_config_version"), Some(1.0), "{text}");
+        assert_eq!(sample(&text, "warren_controller_compiles_total{result=\"ok\"}"), Some(1.0), "{text}");
+        assert_eq!(sample(&text, "warren_controller_invalid_objects{kind=\"VirtualService\"}"), Some(0.0), "{text}");
+
+        states_tx.send(state("soon", 2)).unwrap();
+        let wait = verdicts.wait_for(|v| v.iter().any(|v| !v.errors.is_empty()));
+        tokio::time::timeout(std::time::Duration::from_secs(5), wait).await.unwrap().unwrap();
+        let text = metrics.encode().unwrap();
+        assert_eq!(sample(&text, "warren_controller_invalid_objects{kind=\"VirtualService\"}"), Some(1.0), "{text}");
+        assert_eq!(sample(&text, "warren_controller_invalid_objects{kind=\"DestinationRule\"}"), Some(0.0), "{text}");
+
+        // Fixed: a new version, and nothing invalid any more.
+        states_tx.send(state("2s", 3)).unwrap();
+        tokio::time::timeout(std::time::Duration::from_secs(5), snapshots.changed()).await.unwrap().unwrap();
+        let text = metrics.encode().unwrap();
+        assert_eq!(sample(&text, "warren_controller_config_version"), Some(2.0), "{text}");
+        assert_eq!(sample(&text, "warren_controller_invalid_objects{kind=\"VirtualService\"}"), Some(0.0), "{text}");
+        assert_eq!(sample(&text, "warren_controller_compiles_total{result=\"ok\"}"), Some(3.0), "{text}");
+        assert_eq!(sample(&text, "warren_controller_compiles_total{result=\"error\"}"), Some(0.0), "{text}");
+    }
+
+    #[tokio::test]
     async fn unsupported_fields_are_named_and_the_object_applies() {
         let mut state = state("1s", 1);
         let cors = serde_json::json!({"allowOrigins": [{"exact": "x"}]});
         state.virtual_services[0].spec.http[0].cors_policy = Some(cors);
         let (_states_tx, states) = watch::channel(state);
         let (verdicts_tx, verdicts) = watch::channel(Vec::new());
-        let snapshots = run(states, verdicts_tx, None);
+        let snapshots = run(states, verdicts_tx, None, Arc::default());
         let verdict = verdicts.borrow()[0].clone();
         assert!(verdict.errors.is_empty());
         assert_eq!(verdict.unsupported[0].field, "spec.http[0].corsPolicy");
@@ -272,7 +321,7 @@ mod tests {
     async fn an_invalid_regex_is_named_by_its_field_and_the_last_valid_generation_stays() {
         let (states_tx, states) = watch::channel(state("1s", 1));
         let (verdicts_tx, mut verdicts) = watch::channel(Vec::<Verdict>::new());
-        let snapshots = run(states, verdicts_tx, None);
+        let snapshots = run(states, verdicts_tx, None, Arc::default());
         let mut bad = state("1s", 2);
         let uri = warren_config::istio::StringMatch { regex: Some("(".into()), ..Default::default() };
         let matches = vec![warren_config::istio::HttpMatchRequest { uri: Some(uri), ..Default::default() }];
@@ -308,7 +357,7 @@ mod tests {
     ) -> (Option<warren_config::tables::Policy>, Verdict) {
         let (_states_tx, states) = watch::channel(state);
         let (verdicts_tx, verdicts) = watch::channel(Vec::new());
-        let snapshots = run(states, verdicts_tx, root_namespace);
+        let snapshots = run(states, verdicts_tx, root_namespace, Arc::default());
         let policy = match snapshots.borrow().compiled.resources.get("policy/shop/p").map(|r| (**r).clone()) {
             Some(Resource::Policy(p)) => Some(p),
             _ => None,

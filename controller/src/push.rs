@@ -6,7 +6,7 @@ use std::{
     collections::{BTreeMap, HashMap},
     net::SocketAddr,
     sync::{Arc, Mutex},
-    time::{Duration, Instant},
+    time::Duration,
 };
 
 use anyhow::{Context, Result};
@@ -23,7 +23,10 @@ use warren_config::{
 };
 use warren_identity::Identity;
 
-use crate::pipeline::Snapshot;
+use crate::{
+    metrics::{Metrics, PendingPush, PushResult},
+    pipeline::Snapshot,
+};
 
 /// What the controller knows about each connected agent.
 #[derive(Debug, Clone, Default, Serialize)]
@@ -45,6 +48,7 @@ pub struct PushService {
     /// Only clients with this identity may open a stream.
     pub agent_identity: Identity,
     pub agents: Agents,
+    pub metrics: Arc<Metrics>,
 }
 
 pub async fn serve(listener: TcpListener, tls: Arc<rustls::ServerConfig>, service: Arc<PushService>) -> Result<()> {
@@ -101,11 +105,13 @@ async fn connection(acceptor: TlsAcceptor, tcp: tokio::net::TcpStream, peer: Soc
         let body = request.into_body();
         tokio::spawn(async move {
             info!(%node, %peer, "agent connected");
+            let connected = service.metrics.agent_connected();
             service.agents.lock().unwrap().insert(
                 node.clone(),
                 AgentState { node: node.clone(), peer: peer.to_string(), connected: true, ..Default::default() },
             );
-            let result = stream(&node, send, body, service.snapshots.clone(), &service.agents).await;
+            let result = stream(&node, send, body, &service).await;
+            drop(connected);
             if let Some(state) = service.agents.lock().unwrap().get_mut(&node) {
                 state.connected = false;
             }
@@ -119,18 +125,15 @@ async fn connection(acceptor: TlsAcceptor, tcp: tokio::net::TcpStream, peer: Soc
 }
 
 /// Serves one agent's stream until it closes.
-async fn stream(
-    node: &str,
-    mut send: SendStream<Bytes>,
-    mut replies: RecvStream,
-    mut snapshots: watch::Receiver<Arc<Snapshot>>,
-    agents: &Agents,
-) -> Result<()> {
+async fn stream(node: &str, mut send: SendStream<Bytes>, mut replies: RecvStream, service: &PushService) -> Result<()> {
+    let (mut snapshots, agents) = (service.snapshots.clone(), &service.agents);
     // What the agent holds (by its last ACK) and whether it has acknowledged a full snapshot yet on this
     // stream: until then every update is full, so nothing from before the stream can linger.
     let mut acked: BTreeMap<String, Arc<Resource>> = BTreeMap::new();
     let mut synced = false;
-    let mut in_flight: Option<(u64, BTreeMap<String, Arc<Resource>>, Instant)> = None;
+    // The update awaiting its answer; a `PendingPush` dropped unanswered (the stream ends, a reply for
+    // another version) counts as a failed push.
+    let mut in_flight: Option<(u64, BTreeMap<String, Arc<Resource>>, PendingPush)> = None;
     let mut frames = FrameReader::default();
     let mut sent_version = 0;
     loop {
@@ -146,9 +149,10 @@ async fn stream(
                 let frame = push::encode(&update);
                 info!(node, version = update.version, full = update.full, upserts = update.upserts.len(),
                     removals = update.removals.len(), bytes = frame.len(), "sending update");
+                let pending = service.metrics.push_sent();
                 send.send_data(Bytes::from(frame), false).context("sending")?;
                 sent_version = snapshot.version;
-                in_flight = Some((snapshot.version, tables, Instant::now()));
+                in_flight = Some((snapshot.version, tables, pending));
                 if let Some(state) = agents.lock().unwrap().get_mut(node) {
                     state.sent_version = sent_version;
                 }
@@ -166,7 +170,13 @@ async fn stream(
                 let _ = replies.flow_control().release_capacity(chunk.len());
                 frames.push(&chunk);
                 while let Some(reply) = frames.next::<Reply>().map_err(anyhow::Error::msg)? {
-                    let Some((version, tables, sent_at)) = in_flight.take() else {
+                    // Only an ACK or a NACK answers the update in flight: another message on the stream
+                    // (an agent's report between answers) must neither consume it nor count as its answer.
+                    if !matches!(reply, Reply::Ack { .. } | Reply::Nack { .. }) {
+                        tracing::debug!(node, ?reply, "not an answer to an update; ignored");
+                        continue;
+                    }
+                    let Some((version, tables, pending)) = in_flight.take() else {
                         warn!(node, ?reply, "reply with no update in flight");
                         continue;
                     };
@@ -174,7 +184,8 @@ async fn stream(
                         Reply::Ack { version: v } if v == version => {
                             acked = tables;
                             synced = true;
-                            info!(node, version, ms = sent_at.elapsed().as_millis() as u64, "ACK");
+                            info!(node, version, ms = pending.elapsed().as_millis() as u64, "ACK");
+                            pending.answered(PushResult::Ack);
                             if let Some(state) = agents.lock().unwrap().get_mut(node) {
                                 state.acked_version = version;
                                 state.last_nack = None;
@@ -182,10 +193,12 @@ async fn stream(
                         }
                         Reply::Nack { version: v, error } if v == version => {
                             warn!(node, version, "NACK: {error}");
+                            pending.answered(PushResult::Nack);
                             if let Some(state) = agents.lock().unwrap().get_mut(node) {
                                 state.last_nack = Some(format!("version {version}: {error}"));
                             }
                         }
+                        // `pending` drops unanswered: the push counts as an error.
                         other => warn!(node, expected = version, ?other, "reply for another version; ignored"),
                     }
                 }

@@ -23,6 +23,8 @@ pub struct ControllerOptions {
 pub struct Controller {
     pub process: Process,
     pub push_port: u16,
+    /// `127.0.0.1:<port>` of the monitoring endpoint (`/metrics`, `/ready`), in the host's netns.
+    pub monitoring_addr: String,
 }
 
 impl Controller {
@@ -30,6 +32,7 @@ impl Controller {
         let (cert, key) = bed.ca_files()?;
         let free = || -> Result<u16> { Ok(std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?.port()) };
         let push_port = if options.push_port == 0 { free()? } else { options.push_port };
+        let monitoring_addr = format!("127.0.0.1:{}", free()?);
         let mut cmd = Command::new(bin_path("warren-controller")?);
         cmd.arg("run")
             .arg("--ca-cert")
@@ -40,6 +43,8 @@ impl Controller {
             .arg(format!("127.0.0.1:{push_port}"))
             .arg("--ca-listen")
             .arg(format!("127.0.0.1:{}", free()?))
+            .arg("--monitoring-addr")
+            .arg(&monitoring_addr)
             .env("WARREN_LOG", "info");
         match (&options.config_dir, &options.kubeconfig) {
             (Some(dir), _) => {
@@ -52,7 +57,7 @@ impl Controller {
             (None, None) => bail!("ControllerOptions: set config_dir or kubeconfig"),
         };
         let process = Process::spawn(&bed.inner, cmd, "", &[])?;
-        let controller = Controller { process, push_port };
+        let controller = Controller { process, push_port, monitoring_addr };
         controller.wait_ready(Duration::from_secs(60))?;
         Ok(controller)
     }
@@ -81,6 +86,11 @@ impl Controller {
     /// `127.0.0.1:<push port>`, the address agents are given (each node forwards it to the host).
     pub fn address(&self) -> String {
         format!("127.0.0.1:{}", self.push_port)
+    }
+
+    /// The controller's Prometheus exposition (`GET /metrics`).
+    pub fn metrics(&self) -> Result<String> {
+        crate::agent::http_get(&self.monitoring_addr, "/metrics")
     }
 
     /// Kills the controller (SIGKILL: an outage, not a shutdown).

@@ -10,9 +10,16 @@ use kube::{
 };
 use warren_identity::Identity;
 
+use crate::metrics::RefusalReason;
+
 /// Why a request is refused; `status` is the HTTP status the CA answers with.
 #[derive(Debug, thiserror::Error)]
 pub enum Refusal {
+    /// The body, the identity or the CSR cannot be read.
+    #[error("{0}")]
+    BadRequest(String),
+    #[error("Authorization: Bearer <service account token> is required")]
+    NoToken,
     #[error("token rejected: {0}")]
     Unauthenticated(String),
     #[error("{0}")]
@@ -24,9 +31,20 @@ pub enum Refusal {
 impl Refusal {
     pub fn status(&self) -> u16 {
         match self {
-            Refusal::Unauthenticated(_) => 401,
+            Refusal::BadRequest(_) => 400,
+            Refusal::NoToken | Refusal::Unauthenticated(_) => 401,
             Refusal::Forbidden(_) => 403,
             Refusal::Internal(_) => 500,
+        }
+    }
+
+    /// The metrics' `reason` label.
+    pub fn reason(&self) -> RefusalReason {
+        match self {
+            Refusal::BadRequest(_) => RefusalReason::BadRequest,
+            Refusal::NoToken | Refusal::Unauthenticated(_) => RefusalReason::Unauthenticated,
+            Refusal::Forbidden(_) => RefusalReason::Forbidden,
+            Refusal::Internal(_) => RefusalReason::Internal,
         }
     }
 }

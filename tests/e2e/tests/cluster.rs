@@ -443,7 +443,7 @@ async fn start_controller(kubeconfig: &Path, port: u16) -> anyhow::Result<Contro
     let child = std::process::Command::new(warren_testbed::bin_path("warren-controller")?)
         .args(["run", "--kubeconfig"])
         .arg(kubeconfig)
-        .args(["--ca-listen", &format!("127.0.0.1:{port}"), "--push-listen", "127.0.0.1:0"])
+        .args(["--ca-listen", &format!("127.0.0.1:{port}"), "--push-listen", "127.0.0.1:0", "--monitoring-addr", "127.0.0.1:0"])
         .stderr(std::process::Stdio::null())
         .spawn()?;
     let controller = Controller(child);
