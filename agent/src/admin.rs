@@ -1,5 +1,5 @@
-//! Admin endpoint: `/metrics` (Prometheus), `/connections`, `/workloads`, `/certificates` and `/config` (the
-//! pushed tables; JSON), `/ready`.
+//! Admin endpoint: `/metrics` (Prometheus), `/connections`, `/workloads`, `/certificates`, `/config` (the
+//! pushed tables), `/policies` and `/graph` (the live service graph; JSON), `/ready`.
 use std::{
     convert::Infallible,
     net::SocketAddr,
@@ -32,6 +32,8 @@ pub struct AdminState {
     /// `None` unless the controller is the workload source.
     pub push: Option<Arc<Mutex<PushStatus>>>,
     pub node: String,
+    /// The flow table `/graph` draws.
+    pub telemetry: Arc<crate::telemetry::Telemetry>,
 }
 
 pub async fn bind(addr: SocketAddr) -> Result<TcpListener> {
@@ -117,6 +119,11 @@ async fn handle(req: Request<Incoming>, state: Arc<AdminState>) -> Result<Respon
                 serde_json::to_value(state.push.as_ref().map(|p| p.lock().unwrap().clone())).unwrap_or_default();
             (StatusCode::OK, "application/json", serde_json::to_string_pretty(&view).unwrap_or_default())
         }
+        "/graph" => (
+            StatusCode::OK,
+            "application/json",
+            serde_json::to_string_pretty(&state.telemetry.flows.graph(&state.node)).unwrap_or_default(),
+        ),
         "/policies" => {
             let tables = state.tables.borrow().clone();
             let view = tables.policies_view(&state.node, &state.authorizer.hits());
@@ -125,7 +132,7 @@ async fn handle(req: Request<Incoming>, state: Arc<AdminState>) -> Result<Respon
         _ => (
             StatusCode::NOT_FOUND,
             "text/plain",
-            "endpoints: /ready /metrics /connections /workloads /certificates /config /policies\n".to_string(),
+            "endpoints: /ready /metrics /connections /workloads /certificates /config /policies /graph\n".to_string(),
         ),
     };
     Ok(plain((status, content_type, body)))

@@ -86,6 +86,10 @@ enum Inspect {
         #[arg(long)]
         hits: bool,
     },
+    /// The node's live workload graph from the agent's own traffic (no Prometheus needed): per source
+    /// workload, its destinations with request rate, error ratio, p99 and mTLS, over the last minute.
+    #[command(after_help = "Examples:\n  warren-agent inspect graph\n  warren-agent inspect graph -n bookinfo -o json")]
+    Graph(inspect::ViewArgs),
     /// The pinned eBPF maps: enrolled network namespaces, original destinations, program counters.
     Maps(inspect::NodeState),
 }
@@ -168,6 +172,7 @@ fn inspect_view(what: Inspect) -> anyhow::Result<String> {
         Inspect::Faults(view) => live::config(&view, ConfigView::Faults),
         Inspect::Gateways(view) => live::config(&view, ConfigView::Gateways),
         Inspect::Policies { view, hits } => live::policies(&view, hits),
+        Inspect::Graph(view) => live::graph(&view),
         Inspect::Maps(node) => {
             inspect::require_running_agent(&node.run_dir).and_then(|_| inspect::maps::render(&node.pin_dir, node.output))
         }

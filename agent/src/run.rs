@@ -73,7 +73,7 @@ pub async fn run(config: AgentConfig) -> Result<()> {
     let shared = ProxyShared {
         original_dst: datapath.original_dst_lookup(),
         metrics,
-        telemetry,
+        telemetry: telemetry.clone(),
         connections: connections.clone(),
         mesh: Arc::default(),
         tables: tables.clone(),
@@ -99,6 +99,7 @@ pub async fn run(config: AgentConfig) -> Result<()> {
                 tables: tables.clone(),
                 workloads: tx,
                 status: push_status.clone(),
+                telemetry: telemetry.clone(),
             });
             let certificates = certificates.clone().context("controller: needs identity")?;
             sources::controller::spawn(controller.clone(), certificates, applier);
@@ -124,6 +125,7 @@ pub async fn run(config: AgentConfig) -> Result<()> {
         authorizer,
         push: config.controller.is_some().then_some(push_status),
         node: config.node_name.clone(),
+        telemetry: telemetry.clone(),
     });
     tokio::spawn(admin::serve(admin_listener, state));
 

@@ -5,7 +5,8 @@
 //! The controller sends [`Update`]s: the first on every stream is `full` (the agent replaces everything
 //! it holds), later ones carry only what changed. The agent answers each with [`Reply::Ack`] once its
 //! eBPF maps and proxy tables hold that version, or [`Reply::Nack`] with the reason, keeping its last
-//! good version. The controller diffs the next update against what the agent last ACKed.
+//! good version. The controller diffs the next update against what the agent last ACKed. Between
+//! replies, the agent sends its flow summary ([`Reply::Flows`]) for the mesh-wide service graph.
 use std::{collections::BTreeMap, sync::Arc};
 
 use serde::{Deserialize, Serialize};
@@ -36,7 +37,12 @@ pub struct Update {
 pub enum Reply {
     Ack { version: u64 },
     Nack { version: u64, error: String },
+    /// The agent's live service graph (every [`FLOW_REPORT_EVERY`]), for the controller's mesh-wide page.
+    Flows { graph: crate::flows::FlowGraph },
 }
+
+/// How often agents send their [`Reply::Flows`].
+pub const FLOW_REPORT_EVERY: std::time::Duration = std::time::Duration::from_secs(2);
 
 /// `len(4, BE) ++ json`.
 pub fn encode<T: Serialize>(message: &T) -> Vec<u8> {

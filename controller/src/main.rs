@@ -2,6 +2,7 @@
 //! directory of YAML), validates and compiles them into per-node tables, pushes those to every agent
 //! (`push`), writes validation results back (`status`), and is the mesh's certificate authority (`ca`).
 mod ca;
+mod graph;
 mod metrics;
 mod pipeline;
 mod push;
@@ -151,7 +152,8 @@ async fn run(args: RunArgs) -> Result<()> {
     let metrics = Arc::new(metrics::Metrics::default());
     let ready = Arc::new(AtomicBool::new(false));
     let monitoring = metrics::bind(args.monitoring_addr).await?;
-    tokio::spawn(metrics::serve(monitoring, metrics.clone(), ready.clone()));
+    let flows = Arc::new(graph::FlowStore::default());
+    tokio::spawn(metrics::serve(monitoring, metrics.clone(), ready.clone(), flows.clone()));
     let read = |path: &PathBuf, flag: &str| std::fs::read_to_string(path).with_context(|| format!("{flag} {}", path.display()));
     let supplied = match (&args.ca_cert, &args.ca_key) {
         (Some(cert), Some(key)) => Some((read(cert, "--ca-cert")?, read(key, "--ca-key")?)),
@@ -211,6 +213,7 @@ async fn run(args: RunArgs) -> Result<()> {
         agent_identity: Identity::new(&args.trust_domain, &args.namespace, &args.agent_service_account),
         agents: Arc::default(),
         metrics,
+        flows,
     });
     ready.store(true, std::sync::atomic::Ordering::Relaxed);
     push::serve(listener, Arc::new(tls), service).await

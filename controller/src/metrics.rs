@@ -1,6 +1,6 @@
 //! The controller's Prometheus metrics and the monitoring endpoint that serves them (`--monitoring-addr`,
 //! istiod's 15014): `/metrics` and `/stats/prometheus` in prometheus-client's text encoding (OpenMetrics),
-//! `/ready`. Every label has a closed set of values (enums, the Istio kinds the pipeline checks): no
+//! `/ready`, and the mesh graph's page and data (`/graph`, `/graph.json`, [`crate::graph`]). Every label has a closed set of values (enums, the Istio kinds the pipeline checks): no
 //! series per object, agent or connection, so the exposition stays the same size however big the mesh.
 use std::{
     convert::Infallible,
@@ -24,7 +24,10 @@ use prometheus_client::{
 };
 use tokio::net::TcpListener;
 
-use crate::pipeline::{CHECKED_KINDS, Verdict};
+use crate::{
+    graph::FlowStore,
+    pipeline::{CHECKED_KINDS, Verdict},
+};
 
 /// prometheus-client's text encoding.
 const CONTENT_TYPE: &str = "application/openmetrics-text; version=1.0.0; charset=utf-8";
@@ -277,17 +280,23 @@ pub async fn bind(addr: std::net::SocketAddr) -> Result<TcpListener> {
     TcpListener::bind(addr).await.with_context(|| format!("--monitoring-addr {addr}"))
 }
 
-/// Serves the monitoring endpoint; `ready` turns true once the push service accepts agents.
-pub async fn serve(listener: TcpListener, metrics: Arc<Metrics>, ready: Arc<AtomicBool>) {
-    tracing::info!(addr = ?listener.local_addr().ok(), "monitoring endpoint ready (/metrics, /ready)");
+/// Serves the monitoring endpoint; `ready` turns true once the push service accepts agents. The mesh's
+/// live graph is here too (`/graph`, `/graph.json`), from the agents' flow reports in `flows`.
+pub async fn serve(listener: TcpListener, metrics: Arc<Metrics>, ready: Arc<AtomicBool>, flows: Arc<FlowStore>) {
+    tracing::info!(addr = ?listener.local_addr().ok(), "monitoring endpoint ready (/metrics, /ready, /graph)");
     loop {
         let Ok((stream, _)) = listener.accept().await else {
             continue;
         };
-        let (metrics, ready) = (metrics.clone(), ready.clone());
+        let (metrics, ready, flows) = (metrics.clone(), ready.clone(), flows.clone());
         tokio::spawn(async move {
             let service = service_fn(move |req: Request<Incoming>| {
-                std::future::ready(Ok::<_, Infallible>(answer(req.uri().path(), &metrics, &ready)))
+                let answer = match req.uri().path() {
+                    "/graph" => page(StatusCode::OK, "text/html; charset=utf-8", crate::graph::PAGE.to_string()),
+                    "/graph.json" => page(StatusCode::OK, "application/json", serde_json::to_string(&flows.mesh()).unwrap_or_default()),
+                    path => answer(path, &metrics, &ready),
+                };
+                std::future::ready(Ok::<_, Infallible>(answer))
             });
             let _ = http1::Builder::new().serve_connection(TokioIo::new(stream), service).await;
         });
@@ -302,8 +311,12 @@ fn answer(path: &str, metrics: &Metrics, ready: &AtomicBool) -> Response<Full<By
         },
         "/ready" if ready.load(Ordering::Relaxed) => (StatusCode::OK, "text/plain", "ready\n".to_string()),
         "/ready" => (StatusCode::SERVICE_UNAVAILABLE, "text/plain", "starting: the push service is not serving yet\n".into()),
-        _ => (StatusCode::NOT_FOUND, "text/plain", "endpoints: /metrics /stats/prometheus /ready\n".to_string()),
+        _ => (StatusCode::NOT_FOUND, "text/plain", "endpoints: /metrics /stats/prometheus /ready /graph /graph.json\n".to_string()),
     };
+    page(status, content_type, body)
+}
+
+fn page(status: StatusCode, content_type: &'static str, body: String) -> Response<Full<Bytes>> {
     Response::builder()
         .status(status)
         .header("content-type", content_type)

@@ -49,6 +49,8 @@ pub struct PushService {
     pub agent_identity: Identity,
     pub agents: Agents,
     pub metrics: Arc<Metrics>,
+    /// The agents' flow reports, for the mesh graph.
+    pub flows: Arc<crate::graph::FlowStore>,
 }
 
 pub async fn serve(listener: TcpListener, tls: Arc<rustls::ServerConfig>, service: Arc<PushService>) -> Result<()> {
@@ -170,10 +172,10 @@ async fn stream(node: &str, mut send: SendStream<Bytes>, mut replies: RecvStream
                 let _ = replies.flow_control().release_capacity(chunk.len());
                 frames.push(&chunk);
                 while let Some(reply) = frames.next::<Reply>().map_err(anyhow::Error::msg)? {
-                    // Only an ACK or a NACK answers the update in flight: another message on the stream
-                    // (an agent's report between answers) must neither consume it nor count as its answer.
-                    if !matches!(reply, Reply::Ack { .. } | Reply::Nack { .. }) {
-                        tracing::debug!(node, ?reply, "not an answer to an update; ignored");
+                    // Only an ACK or a NACK answers the update in flight: an agent's flow report between
+                    // answers must neither consume it nor count as its answer.
+                    if let Reply::Flows { graph } = reply {
+                        service.flows.report(node, graph);
                         continue;
                     }
                     let Some((version, tables, pending)) = in_flight.take() else {

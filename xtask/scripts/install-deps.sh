@@ -1,11 +1,11 @@
 #!/bin/bash
 # Installs, idempotently, what Warren's build and tests need from Debian (apt), as root:
 # the eBPF toolchain (rustc-web + prebuilt core for bpfel, LLVM 22 for bpf-linker), iproute2, and g++
-# (cargo-fuzz's libfuzzer-sys compiles libFuzzer, which is C++), and Debian's prometheus (the telemetry tests
-# run a real Prometheus and promtool).
+# (cargo-fuzz's libfuzzer-sys compiles libFuzzer, which is C++), Debian's prometheus and chromium (the telemetry tests
+# run a real Prometheus, promtool, and a headless browser on the mesh graph page).
 # Re-runs apt-get install a few times: some images delete downloaded .debs between dpkg batches.
 set -u
-PKGS="rustc-web cargo-web libstd-rust-web-dev-bpf llvm-22-dev iproute2 bc curl openssl g++ prometheus"
+PKGS="rustc-web cargo-web libstd-rust-web-dev-bpf llvm-22-dev iproute2 bc curl openssl g++ prometheus chromium"
 missing=""
 for p in $PKGS; do dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing="$missing $p"; done
 [ -z "$missing" ] && exit 0

@@ -5,7 +5,10 @@ use std::{net::SocketAddr, time::Duration};
 use anyhow::{Context, Result, bail};
 use serde_json::Value;
 
-use warren_api::admin::PoliciesView;
+use warren_api::{
+    admin::PoliciesView,
+    flows::{FlowEdge, FlowGraph, FlowProtocol, WorkloadRef},
+};
 
 use super::{Scope, ViewArgs, structured, table};
 
@@ -396,4 +399,56 @@ pub fn policies(args: &ViewArgs, hits: bool) -> Result<String> {
         if refused.is_empty() { "-".into() } else { refused.join(", ") }
     );
     Ok(out)
+}
+
+/// `inspect graph`: the node's live workload graph from the agent's own flow data — per source workload,
+/// its edges with rate, error ratio, p99 and mTLS. `--namespace` keeps edges with either end in it.
+pub fn graph(args: &ViewArgs) -> Result<String> {
+    let value = fetch_from(&args.agent(), "/graph")?;
+    let mut graph: FlowGraph = serde_json::from_value(value).map_err(|e| anyhow::anyhow!("the agent's /graph: {e}"))?;
+    if let Some(namespace) = &args.scope.namespace {
+        graph.edges.retain(|e| &e.source.namespace == namespace || &e.destination.namespace == namespace);
+    }
+    if let Some(text) = structured(&graph, args.output) {
+        return text;
+    }
+    Ok(draw_graph(&graph))
+}
+
+fn draw_graph(graph: &FlowGraph) -> String {
+    let edges = FlowGraph::deduplicated(graph.edges.clone());
+    let mut out = format!("Live service graph of node {} (last {} s, from its agent's traffic)\n", graph.node, graph.window_seconds);
+    if edges.is_empty() {
+        return out + "\n(no traffic in the window)\n";
+    }
+    let mut sources: Vec<&WorkloadRef> = edges.iter().map(|e| &e.source).collect();
+    sources.dedup();
+    for source in sources {
+        out += &format!("\n{source}\n");
+        let from: Vec<&FlowEdge> = edges.iter().filter(|e| &e.source == source).collect();
+        for (i, edge) in from.iter().enumerate() {
+            let branch = if i + 1 == from.len() { "└─▶" } else { "├─▶" };
+            out += &format!(" {branch} {}\n", describe(edge));
+        }
+    }
+    out
+}
+
+fn describe(edge: &FlowEdge) -> String {
+    let protocol = match edge.protocol {
+        FlowProtocol::Http => "http",
+        FlowProtocol::Grpc => "grpc",
+        FlowProtocol::Tcp => "tcp",
+    };
+    let unit = if edge.protocol == FlowProtocol::Tcp { "conn/s" } else { "req/s" };
+    let p99 = edge.p99_ms.map(|ms| format!("  p99 {ms:.1} ms")).unwrap_or_default();
+    let security = if edge.mtls { "mTLS" } else { "plaintext" };
+    format!(
+        "{}  via {}  {protocol}  {security}  {:.2} {unit}  {:.1}% errors{p99}  {:.0} B/s",
+        edge.destination,
+        edge.service,
+        edge.rate,
+        edge.error_ratio * 100.0,
+        edge.bytes_per_second
+    )
 }

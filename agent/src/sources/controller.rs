@@ -76,6 +76,8 @@ pub struct Applier {
     pub tables: watch::Sender<Arc<MeshTables>>,
     pub workloads: watch::Sender<Workloads>,
     pub status: Arc<Mutex<PushStatus>>,
+    /// Whose flow table the agent reports to the controller.
+    pub telemetry: Arc<crate::telemetry::Telemetry>,
 }
 
 impl Applier {
@@ -197,16 +199,26 @@ async fn session(
     info!(controller = %config.address, "push stream open");
     let mut body = response.into_body();
     let mut frames = FrameReader::default();
-    while let Some(chunk) = body.data().await {
-        let chunk = chunk.context("reading the push stream")?;
-        let _ = body.flow_control().release_capacity(chunk.len());
-        frames.push(&chunk);
-        while let Some(update) = frames.next::<Update>().map_err(anyhow::Error::msg)? {
-            let reply = handle(update, applier, held);
-            replies.send_data(Bytes::from(push::encode(&reply)), false).context("sending the reply")?;
+    let mut report = tokio::time::interval(push::FLOW_REPORT_EVERY);
+    report.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            chunk = body.data() => {
+                let Some(chunk) = chunk else { return Ok(()) };
+                let chunk = chunk.context("reading the push stream")?;
+                let _ = body.flow_control().release_capacity(chunk.len());
+                frames.push(&chunk);
+                while let Some(update) = frames.next::<Update>().map_err(anyhow::Error::msg)? {
+                    let reply = handle(update, applier, held);
+                    replies.send_data(Bytes::from(push::encode(&reply)), false).context("sending the reply")?;
+                }
+            }
+            _ = report.tick() => {
+                let graph = applier.telemetry.flows.graph(&applier.node);
+                replies.send_data(Bytes::from(push::encode(&Reply::Flows { graph })), false).context("sending the flow report")?;
+            }
         }
     }
-    Ok(())
 }
 
 fn handle(update: Update, applier: &Applier, held: &mut Tables) -> Reply {

@@ -3,6 +3,7 @@
 //! ([`access_log`]), and the workload and service names both need ([`peers`]). HTTP requests are metered
 //! by [`request`], TCP connections by [`TcpMeter`].
 pub mod access_log;
+pub mod flows;
 pub mod istio;
 pub mod peers;
 pub mod request;
@@ -31,6 +32,9 @@ pub const DEFAULT_CLUSTER: &str = "Kubernetes";
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct TelemetryConfig {
+    /// Istio's metrics and the live graph (off: neither is recorded; for measuring what they cost).
+    #[serde(default = "enabled")]
+    pub metrics: bool,
     /// One JSON line per request and per connection on stdout.
     #[serde(default = "enabled")]
     pub access_log: bool,
@@ -44,7 +48,7 @@ pub struct TelemetryConfig {
 
 impl Default for TelemetryConfig {
     fn default() -> Self {
-        TelemetryConfig { access_log: true, cluster: DEFAULT_CLUSTER.into(), tracing: Default::default() }
+        TelemetryConfig { metrics: true, access_log: true, cluster: DEFAULT_CLUSTER.into(), tracing: Default::default() }
     }
 }
 
@@ -56,6 +60,8 @@ fn default_cluster() -> String {
 }
 
 pub struct Telemetry {
+    /// Istio's metrics and the flow table are recorded.
+    pub metrics: bool,
     pub istio: IstioMetrics,
     pub access_log: Option<AccessLog>,
     pub cluster: Arc<str>,
@@ -63,17 +69,21 @@ pub struct Telemetry {
     pub trust_domain: String,
     /// `None` without a collector.
     pub tracing: Option<trace::Tracing>,
+    /// The node's live service graph.
+    pub flows: flows::FlowTable,
 }
 
 impl Telemetry {
     /// Fails on a tracing configuration that cannot work (the field named).
     pub fn new(config: &TelemetryConfig, trust_domain: &str, node: &str) -> anyhow::Result<Telemetry> {
         Ok(Telemetry {
+            metrics: config.metrics,
             istio: IstioMetrics::default(),
             access_log: config.access_log.then(AccessLog::stdout),
             cluster: config.cluster.as_str().into(),
             trust_domain: trust_domain.to_string(),
             tracing: trace::Tracing::new(&config.tracing, node)?,
+            flows: flows::FlowTable::default(),
         })
     }
 
@@ -197,9 +207,12 @@ impl TcpMeter {
     pub fn open(telemetry: &Arc<Telemetry>, report: TcpReport) -> TcpMeter {
         let labels = TcpLabels { traffic: report.traffic, flags: "-" };
         let istio = &telemetry.istio;
-        istio.tcp_opened.get_or_create(&labels).inc();
-        let sent = istio.tcp_sent.get_or_create(&labels).clone();
-        let received = istio.tcp_received.get_or_create(&labels).clone();
+        let (sent, received) = if telemetry.metrics {
+            istio.tcp_opened.get_or_create(&labels).inc();
+            (istio.tcp_sent.get_or_create(&labels).clone(), istio.tcp_received.get_or_create(&labels).clone())
+        } else {
+            Default::default()
+        };
         TcpMeter {
             telemetry: telemetry.clone(),
             traffic: labels.traffic,
@@ -214,7 +227,11 @@ impl TcpMeter {
     /// `flags`: `-`, or Envoy's `UF` (the upstream could not be reached), `UR` (reset midway)…
     pub fn close(self, flags: &'static str, client: SocketAddr, upstream: SocketAddr, bytes: (u64, u64)) {
         let labels = TcpLabels { traffic: self.traffic, flags };
-        self.telemetry.istio.tcp_closed.get_or_create(&labels).inc();
+        if self.telemetry.metrics {
+            self.telemetry.istio.tcp_closed.get_or_create(&labels).inc();
+            let observation = flows::Observation { protocol: istio::RequestProtocol::Tcp, error: flags != "-", duration_ms: None, bytes: bytes.0 + bytes.1 };
+            self.telemetry.flows.record(&labels.traffic, observation);
+        }
         let Some(log) = &self.telemetry.access_log else { return };
         let traffic = &labels.traffic;
         log.write(&Entry {

@@ -136,7 +136,9 @@ impl Exchange {
             request_body: request_body.clone(),
             span,
         };
-        request.extensions_mut().insert(BodyCounter(request_body, grpc));
+        if telemetry.metrics || telemetry.access_log.is_some() {
+            request.extensions_mut().insert(BodyCounter(request_body, grpc));
+        }
         exchange
     }
 }
@@ -209,6 +211,9 @@ pub struct Outcome {
 
 /// The response, its body wrapped so the request is recorded when it ends.
 pub fn respond(telemetry: &Arc<Telemetry>, exchange: Exchange, outcome: Outcome, response: Response<Body>) -> Response<Body> {
+    if !telemetry.metrics && telemetry.access_log.is_none() && exchange.span.is_none() {
+        return response;
+    }
     let grpc_status = grpc_status(response.headers());
     let code = response.status().as_u16();
     let (parts, inner) = response.into_parts();
@@ -313,14 +318,8 @@ impl Pending {
         };
         let elapsed = exchange.started.elapsed();
         let (request_bytes, request_messages) = exchange.request_body.get();
-        let istio = &telemetry.istio;
-        istio.requests.get_or_create(&labels).inc();
-        istio.request_duration.get_or_create(&labels).observe(elapsed.as_secs_f64() * 1000.0);
-        istio.request_bytes.get_or_create(&labels).observe(request_bytes as f64);
-        istio.response_bytes.get_or_create(&labels).observe(bytes as f64);
-        if exchange.protocol == RequestProtocol::Grpc {
-            istio.request_messages.get_or_create(&labels).inc_by(request_messages);
-            istio.response_messages.get_or_create(&labels).inc_by(messages);
+        if telemetry.metrics {
+            record_metrics(&telemetry, &labels, &exchange, &outcome, (request_bytes, request_messages), (bytes, messages), elapsed);
         }
         let Some(log) = &telemetry.access_log else { return };
         let traffic = &outcome.traffic;
@@ -357,6 +356,35 @@ impl Pending {
             policy: outcome.policy.as_deref(),
         });
     }
+}
+
+/// Istio's request metrics and the flow table's edge.
+fn record_metrics(
+    telemetry: &Telemetry,
+    labels: &RequestLabels,
+    exchange: &Exchange,
+    outcome: &Outcome,
+    (request_bytes, request_messages): (u64, u64),
+    (response_bytes, response_messages): (u64, u64),
+    elapsed: std::time::Duration,
+) {
+    let istio = &telemetry.istio;
+    let ms = elapsed.as_secs_f64() * 1000.0;
+    istio.requests.get_or_create(labels).inc();
+    istio.request_duration.get_or_create(labels).observe(ms);
+    istio.request_bytes.get_or_create(labels).observe(request_bytes as f64);
+    istio.response_bytes.get_or_create(labels).observe(response_bytes as f64);
+    if exchange.protocol == RequestProtocol::Grpc {
+        istio.request_messages.get_or_create(labels).inc_by(request_messages);
+        istio.response_messages.get_or_create(labels).inc_by(response_messages);
+    }
+    let observation = super::flows::Observation {
+        protocol: exchange.protocol,
+        error: labels.response_code >= 500 || outcome.flags != "-",
+        duration_ms: Some(ms),
+        bytes: request_bytes + response_bytes,
+    };
+    telemetry.flows.record(&outcome.traffic, observation);
 }
 
 /// What Envoy's spans say of a request (Istio's tags), besides its status.

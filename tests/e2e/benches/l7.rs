@@ -20,13 +20,18 @@
 //! (3 rounds, `WARREN_BENCH_ROUNDS` to change), and every figure is the median of its rounds, the p99 shown
 //! with its range: one round's p99 on this noisy machine can double from a hiccup elsewhere. Prints a markdown table and writes it to `target/bench-l7.md`, with the targets:
 //! the L7 path adds at most 1.5× what the L4 path adds at p99 (each against the no-mesh p99 of its protocol),
-//! and an agent uses at most 0.05 vCPU per 1000 rps. A bench reports; it does not fail on timing. Without
+//! and an agent uses at most 0.05 vCPU per 1000 rps. Then the telemetry part ([`telemetry`]): the L7 path
+//! with Istio's metrics, access logs and 1 % tracing on against all of them off, and the agents' RSS with
+//! over 1000 distinct label sets. A bench reports; it does not fail on timing. Without
 //! root, BPF, cgroup2 and netns it prints `SKIPPED` and exits 0 (under `CI=true` it fails).
+#[path = "l7/telemetry.rs"]
+mod telemetry;
+
 use std::{fmt::Write as _, net::SocketAddr, time::Duration, time::Instant};
 
-use warren_e2e::{directory_mesh, pod_yaml};
+use warren_e2e::{directory_mesh_with, pod_yaml};
 use warren_testbed::{
-    Agent, AppOptions, Controller, HttpRequests, Load, LoadReport, Pod, Process, Testbed, app, check_privileges, in_ci,
+    Agent, AgentOptions, AppOptions, Controller, HttpRequests, Load, LoadReport, Pod, Process, Testbed, app, check_privileges, in_ci,
 };
 
 const RPS: u64 = 1000;
@@ -63,12 +68,26 @@ const SERVICES: &str = "apiVersion: v1\nkind: Namespace\n\
     apiVersion: v1\nkind: Service\nmetadata: {name: web, namespace: default}\n\
     spec: {clusterIP: 10.96.1.10, selector: {app: web}, ports: [{name: http, port: 80, targetPort: 9080}]}\n---\n\
     apiVersion: v1\nkind: Service\nmetadata: {name: web-tcp, namespace: default}\n\
-    spec: {clusterIP: 10.96.1.11, selector: {app: web}, ports: [{name: tcp-web, port: 80, targetPort: 9080}]}\n---\n";
+    spec: {clusterIP: 10.96.1.11, selector: {app: web}, ports: [{name: tcp-web, port: 80, targetPort: 9080}]}\n---\n\
+    apiVersion: v1\nkind: Service\nmetadata: {name: web-b, namespace: default}\n\
+    spec: {clusterIP: 10.96.1.12, selector: {app: web}, ports: [{name: http, port: 80, targetPort: 9080}]}\n---\n\
+    apiVersion: v1\nkind: Service\nmetadata: {name: web-c, namespace: default}\n\
+    spec: {clusterIP: 10.96.1.13, selector: {app: web}, ports: [{name: http, port: 80, targetPort: 9080}]}\n---\n";
 
 impl Mesh {
     fn new() -> anyhow::Result<Mesh> {
-        let bed = Testbed::new("bench-l7")?;
+        Mesh::with("bench-l7", AgentOptions { ebpf_log_level: "info", ..Default::default() }, &[])
+    }
+
+    /// The mesh with agents started with `options` (telemetry settings, for the telemetry part), the nodes
+    /// reaching the host's `host_ports` (a collector) on their loopback.
+    fn with(label: &str, options: AgentOptions, host_ports: &[u16]) -> anyhow::Result<Mesh> {
+        let bed = Testbed::new(label)?;
         let (n1, n2) = (bed.add_node("node-1")?, bed.add_node("node-2")?);
+        for port in host_ports {
+            n1.reach_host_port(*port)?;
+            n2.reach_host_port(*port)?;
+        }
         let client = n1.add_pod("sleep", true)?;
         let server = n2.add_pod("web", true)?;
         let plain_client = n1.add_pod_in("plain", "plain-sleep", false)?;
@@ -84,7 +103,7 @@ impl Mesh {
             pod_yaml(&plain_server, "node-2", "app: plain-web"),
         ];
         std::fs::write(dir.join("00-mesh.yaml"), format!("{SERVICES}{}", pods.concat()))?;
-        let (controller, agents) = directory_mesh(&bed, &dir, &[&n1, &n2])?;
+        let (controller, agents) = directory_mesh_with(&bed, &dir, &[&n1, &n2], options)?;
         let agents: [Agent; 2] = agents.try_into().map_err(|_| anyhow::anyhow!("two agents"))?;
         let timeout = Duration::from_secs(15);
         agents[0].wait_enrolled(&client, true, timeout)?;
@@ -263,6 +282,18 @@ fn main() {
         return;
     }
     let rounds: usize = std::env::var("WARREN_BENCH_ROUNDS").ok().and_then(|r| r.parse().ok()).unwrap_or(ROUNDS);
+    // `WARREN_BENCH_L7=telemetry` runs only the telemetry part, `paths` only the paths; default both.
+    let parts = std::env::var("WARREN_BENCH_L7").unwrap_or_else(|_| "paths,telemetry".into());
+    if parts.contains("paths") {
+        paths(rounds);
+    }
+    if parts.contains("telemetry") {
+        telemetry::run(rounds);
+    }
+}
+
+/// The paths part: no mesh, L4 and L7, over HTTP/1.1 and HTTP/2.
+fn paths(rounds: usize) {
     let started = Instant::now();
     let mesh = Mesh::new().unwrap();
     for path in &PATHS {

@@ -237,7 +237,7 @@ fn status_says_healthy_or_why_not() {
 #[test]
 fn every_view_against_a_stopped_agent_or_with_a_bad_output_is_one_line() {
     let agent = bin_path("warren-agent").expect("warren-agent is built");
-    let views = ["connections", "certs", "workloads", "services", "routes", "faults", "policies", "gateways"];
+    let views = ["connections", "certs", "workloads", "services", "routes", "faults", "policies", "gateways", "graph"];
     let commands: Vec<Vec<&str>> =
         views.iter().map(|v| vec!["inspect", *v]).chain([vec!["analyze"]]).collect();
     // A port nothing listens on (the discard port of the loopback: no service here).

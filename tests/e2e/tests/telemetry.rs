@@ -17,13 +17,17 @@ use warren_testbed::{
 
 const WEB: &str = "10.96.3.10:80";
 const ECHO: &str = "10.96.3.11:7000";
+/// A service with no endpoints: the proxy answers 503 `UH`.
+const NOBODY: &str = "10.96.3.12:80";
 const WEB_HOST: &str = "web.default.svc.cluster.local";
 const SLEEP_PRINCIPAL: &str = "spiffe://cluster.local/ns/default/sa/sleep";
 
 const SERVICES: &str = "apiVersion: v1\nkind: Service\nmetadata: {name: web, namespace: default}\n\
     spec: {clusterIP: 10.96.3.10, selector: {app: web}, ports: [{name: http, port: 80, targetPort: 9080}]}\n---\n\
     apiVersion: v1\nkind: Service\nmetadata: {name: echo, namespace: default}\n\
-    spec: {clusterIP: 10.96.3.11, selector: {app: echo}, ports: [{name: tcp-echo, port: 7000, targetPort: 7000}]}\n---\n";
+    spec: {clusterIP: 10.96.3.11, selector: {app: echo}, ports: [{name: tcp-echo, port: 7000, targetPort: 7000}]}\n---\n\
+    apiVersion: v1\nkind: Service\nmetadata: {name: nobody, namespace: default}\n\
+    spec: {clusterIP: 10.96.3.12, selector: {app: nobody}, ports: [{name: http, port: 80, targetPort: 9080}]}\n---\n";
 
 struct Mesh {
     _bed: Testbed,
@@ -134,6 +138,8 @@ fn both_agents_report_every_request_with_istios_labels() -> Result<()> {
     scenario("telemetry-http", |mesh| {
         // Control: nothing is reported before any traffic.
         settles(&mesh.agents[0], "istio_requests_total", &HTTP_SERIES, 0.0)?;
+        let empty = mesh.agents[0].inspect_live(&["graph"])?;
+        ensure!(empty.contains("(no traffic in the window)"), "inspect graph before traffic:\n{empty}");
         let posts = HttpRequests { method: "POST".into(), body_bytes: 64, ..HttpRequests::get("/bytes/100", 5) };
         let ok = mesh.sleep.http(WEB.parse()?, &posts)?;
         ensure!(ok.iter().all(|r| r.status == 200), "POST /bytes/100: {ok:?}");
@@ -160,6 +166,13 @@ fn both_agents_report_every_request_with_istios_labels() -> Result<()> {
             settles(agent, "istio_response_bytes_bucket", &[series("200").as_slice(), &[("le", "250.0")]].concat(), 5.0)?;
             settles(agent, "istio_response_bytes_bucket", &[series("200").as_slice(), &[("le", "10.0")]].concat(), 0.0)?;
         }
+        // The node's graph from the agent's own flow data: the edge, its protocol, mTLS, 3 of 8 failed.
+        let drawn = mesh.agents[0].inspect_live(&["graph"])?;
+        let edge = format!("└─▶ web-v1.default  via {WEB_HOST}  http  mTLS  ");
+        ensure!(drawn.contains("\nsleep.default\n") && drawn.contains(&edge) && drawn.contains("37.5% errors  p99 "), "inspect graph:\n{drawn}");
+        let json: serde_json::Value = serde_json::from_str(&mesh.agents[1].inspect_live(&["graph", "-o", "json"])?)?;
+        let edges = json["edges"].as_array().context("edges")?;
+        ensure!(edges.iter().any(|e| e["reporter"] == "destination" && e["source"]["name"] == "sleep" && e["destination"]["name"] == "web-v1"), "{json:#}");
 
         // Plaintext from outside the mesh: only the destination reports it, as `none`, principals unknown.
         let plain = mesh.outsider.http(format!("{}:9080", mesh.web.ip).parse()?, &HttpRequests::get("/bytes/10", 2))?;
@@ -327,7 +340,14 @@ fn access_logs_tell_each_request_on_both_agents() -> Result<()> {
 fn prometheus_answers_kiali_and_istio_dashboard_queries() -> Result<()> {
     require_privileges!(Ok(()));
     scenario("telemetry-prometheus", |mesh| {
-        let targets = [format!("127.0.0.1:{}", warren_testbed::METRICS_PORT), format!("{}:{}", mesh.nodes[1].ip, warren_testbed::METRICS_PORT)];
+        // Both agents, and the controller (on the host: reached from node-1's loopback).
+        let controller_port: u16 = mesh.controller.monitoring_addr.rsplit_once(':').context("an address")?.1.parse()?;
+        mesh.nodes[0].reach_host_port(controller_port)?;
+        let targets = [
+            format!("127.0.0.1:{}", warren_testbed::METRICS_PORT),
+            format!("{}:{}", mesh.nodes[1].ip, warren_testbed::METRICS_PORT),
+            format!("127.0.0.1:{controller_port}"),
+        ];
         let prometheus = Prometheus::start(&mesh.nodes[0], &targets, &mesh.dir.join("../prometheus"))?;
         // Control: no request series before the traffic.
         ensure!(prometheus.query("istio_requests_total")?.is_empty(), "control: no requests yet");
@@ -336,6 +356,7 @@ fn prometheus_answers_kiali_and_istio_dashboard_queries() -> Result<()> {
         let traffic = mesh.sleep.spawn_load(WEB.parse()?, &load)?;
         for _ in 0..4 {
             ensure!(mesh.sleep.send(ECHO.parse()?, 5000)?.ok, "TCP echo");
+            ensure!(mesh.sleep.http(NOBODY.parse()?, &HttpRequests::get("/", 1))?[0].status == 503, "no endpoints: 503 UH");
             std::thread::sleep(Duration::from_millis(1500));
         }
         let kiali = "sum(rate(istio_requests_total{reporter=\"source\"}[1m])) by (source_cluster, source_workload_namespace, \
@@ -365,6 +386,19 @@ fn prometheus_answers_kiali_and_istio_dashboard_queries() -> Result<()> {
         for (what, promql, labels) in dashboards {
             positive(&prometheus, promql, &labels).with_context(|| what.to_string())?;
         }
+        // Warren's own dashboard (deploy/grafana): every query is valid PromQL and has data.
+        let dashboard = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../../deploy/grafana/warren-dashboard.json");
+        let dashboard: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&dashboard)?)?;
+        let panels = dashboard["panels"].as_array().context("panels")?;
+        let queries: Vec<(&str, &str)> = panels
+            .iter()
+            .flat_map(|p| p["targets"].as_array().into_iter().flatten().map(move |t| (p["title"].as_str().unwrap_or("?"), t["expr"].as_str().unwrap_or(""))))
+            .collect();
+        ensure!(queries.len() >= 15, "the dashboard's queries: {queries:?}");
+        for (panel, promql) in queries {
+            let answered = eventually(Duration::from_secs(10), || prometheus.query(promql).ok().filter(|s| !s.is_empty()));
+            ensure!(answered.is_some(), "Warren dashboard, {panel}: {promql} has no data: {:?}", prometheus.query(promql));
+        }
         let report = warren_testbed::app::load_report(traffic)?;
         ensure!(report.ok > 0, "the load was answered: {report:?}");
         Ok(())
@@ -380,4 +414,66 @@ fn positive(prometheus: &Prometheus, promql: &str, labels: &[(&str, &str)]) -> R
         (series.value > 0.0 && series.value.is_finite()).then_some(series.value)
     });
     found.with_context(|| format!("{promql}: no positive series with {labels:?} in {last:?}"))
+}
+
+/// The controller's mesh-wide graph page, opened in headless Chromium: the workloads and edges the
+/// agents reported (checked in the DOM the page's script built), none before any traffic (the
+/// control); a screenshot is kept in `target/test-artifacts/mesh-graph.png`.
+#[test]
+fn the_controllers_graph_page_draws_the_mesh_in_a_browser() -> Result<()> {
+    require_privileges!(Ok(()));
+    scenario("telemetry-graph", |mesh| {
+        let url = format!("http://{}/graph", mesh.controller.monitoring_addr);
+        let before = chromium(&["--dump-dom", &url])?;
+        ensure!(before.contains("id=\"graph\"") && !before.contains("class=\"edge"), "control: no edges before traffic:\n{before}");
+
+        ensure!(mesh.sleep.http(WEB.parse()?, &HttpRequests::get("/bytes/10", 10))?.iter().all(|r| r.status == 200), "HTTP");
+        ensure!(mesh.sleep.send(ECHO.parse()?, 1000)?.ok, "TCP");
+        let json = format!("/graph.json");
+        let reported = eventually(Duration::from_secs(10), || {
+            let graph: serde_json::Value = serde_json::from_str(&warren_testbed::http_get(&mesh.controller.monitoring_addr, &json).ok()?).ok()?;
+            let edges = graph["edges"].as_array()?.clone();
+            let has = |to: &str| edges.iter().any(|e| e["source"]["name"] == "sleep" && e["destination"]["name"] == to);
+            (has("web-v1") && has("echo") && graph["nodes"].as_array()?.len() == 2).then_some(graph)
+        });
+        ensure!(reported.is_some(), "both agents' flows reach the controller");
+
+        let dom = chromium(&["--dump-dom", &url])?;
+        for workload in ["sleep.default", "web-v1.default", "echo.default"] {
+            ensure!(dom.contains(&format!("data-workload=\"{workload}\"")), "{workload} drawn:\n{dom}");
+        }
+        ensure!(dom.contains("data-source=\"sleep.default\" data-destination=\"web-v1.default\" data-protocol=\"http\""), "the HTTP edge:\n{dom}");
+        ensure!(dom.contains("data-source=\"sleep.default\" data-destination=\"echo.default\" data-protocol=\"tcp\""), "the TCP edge:\n{dom}");
+        ensure!(dom.contains("class=\"edge mtls\""), "mTLS edges are marked:\n{dom}");
+
+        let artifacts = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../../target/test-artifacts");
+        std::fs::create_dir_all(&artifacts)?;
+        let shot = artifacts.join("mesh-graph.png");
+        let _ = std::fs::remove_file(&shot);
+        chromium(&["--window-size=1200,800", &format!("--screenshot={}", shot.display()), &url])?;
+        let png = std::fs::read(&shot).with_context(|| format!("the screenshot {}", shot.display()))?;
+        ensure!(png.starts_with(b"\x89PNG") && png.len() > 10_000, "a PNG of the page ({} bytes)", png.len());
+        Ok(())
+    })
+}
+
+/// Headless Chromium (Debian's `chromium`) on `args`, after the page's scripts ran: its stdout.
+fn chromium(args: &[&str]) -> Result<String> {
+    let profile = tempdir("chromium-profile")?;
+    let out = std::process::Command::new("chromium")
+        .args(["--headless", "--no-sandbox", "--disable-gpu", "--hide-scrollbars", "--virtual-time-budget=5000"])
+        .arg(format!("--user-data-dir={}", profile.display()))
+        .args(args)
+        .stderr(Stdio::null())
+        .output()
+        .context("chromium (Debian's chromium package; `cargo xtask setup` installs it)")?;
+    let _ = std::fs::remove_dir_all(&profile);
+    ensure!(out.status.success(), "chromium {args:?}: {}", out.status);
+    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+}
+
+fn tempdir(name: &str) -> Result<std::path::PathBuf> {
+    let dir = std::env::temp_dir().join(format!("warren-{name}-{}", std::process::id()));
+    std::fs::create_dir_all(&dir)?;
+    Ok(dir)
 }
