@@ -1,13 +1,22 @@
 //! The agent's Prometheus metrics (served at /metrics on the admin address).
+use std::sync::{Arc, Mutex};
+
 use prometheus_client::{
     collector::Collector,
     encoding::{DescriptorEncoder, EncodeLabelSet, EncodeMetric},
-    metrics::{MetricType, counter::ConstCounter, counter::Counter, family::Family, gauge::Gauge},
+    metrics::{MetricType, counter::ConstCounter, counter::Counter, family::Family, gauge::ConstGauge, gauge::Gauge},
     registry::Registry,
 };
+use tokio::sync::watch;
 use warren_maps::Counter as EbpfEvent;
 
-use crate::ebpf::EbpfCounters;
+use crate::{
+    ebpf::{EbpfCounters, MapSizes},
+    identity::Certificates,
+    proxy::ConnectionTable,
+    sources::controller::PushStatus,
+    state::MeshTables,
+};
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct DirectionLabels {
@@ -188,5 +197,75 @@ mod tests {
             "# HELP istio_requests_total Requests.\n# TYPE istio_requests_total counter\nistio_requests_total{a=\"b\"} 3\n\
              # HELP d Durations.\n# TYPE d histogram\nd_sum 1.0\n# HELP g A gauge.\n# TYPE g gauge\ng 1\n"
         );
+    }
+}
+
+/// The agent's state, read at scrape time: how full the eBPF maps holding the controller's tables are,
+/// the tables' version and the push stream, the workload certificates' expiry, open proxy connections.
+pub struct AgentStateCollector {
+    pub maps: Arc<MapSizes>,
+    pub tables: watch::Sender<Arc<MeshTables>>,
+    pub push: Option<Arc<Mutex<PushStatus>>>,
+    pub certificates: Option<Arc<Certificates>>,
+    pub connections: ConnectionTable,
+}
+
+impl std::fmt::Debug for AgentStateCollector {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("AgentStateCollector")
+    }
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct MapLabels {
+    map: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct IdentityLabels {
+    identity: String,
+}
+
+fn gauge(encoder: &mut DescriptorEncoder, name: &str, help: &str, value: f64) -> Result<(), std::fmt::Error> {
+    ConstGauge::new(value).encode(encoder.encode_descriptor(name, help, None, MetricType::Gauge)?)
+}
+
+impl Collector for AgentStateCollector {
+    fn encode(&self, mut encoder: DescriptorEncoder) -> Result<(), std::fmt::Error> {
+        let fill = self.maps.fill();
+        let mut entries = encoder.encode_descriptor("warren_ebpf_map_entries", "Entries the agent wrote to the map", None, MetricType::Gauge)?;
+        for (map, count, _) in fill {
+            ConstGauge::new(count as i64).encode(entries.encode_family(&MapLabels { map })?)?;
+        }
+        let mut ratio = encoder.encode_descriptor("warren_ebpf_map_fill_ratio", "Entries over the map's capacity", None, MetricType::Gauge)?;
+        for (map, count, capacity) in fill {
+            ConstGauge::new(count as f64 / f64::from(capacity)).encode(ratio.encode_family(&MapLabels { map })?)?;
+        }
+        let version = self.tables.borrow().version as f64;
+        gauge(&mut encoder, "warren_config_version", "Version of the tables in force (the controller's)", version)?;
+        if let Some(push) = &self.push {
+            let status = push.lock().unwrap().clone();
+            gauge(&mut encoder, "warren_push_connected", "1 while the push stream to the controller is open", f64::from(u8::from(status.connected)))?;
+            let applied = status.applied_at_unix_ms as f64 / 1000.0;
+            gauge(&mut encoder, "warren_push_last_applied_timestamp_seconds", "When the last pushed update took effect (Unix time)", applied)?;
+            let counter = |encoder: &mut DescriptorEncoder, name: &str, help: &str, value: u64| {
+                ConstCounter::new(value).encode(encoder.encode_descriptor(name, help, None, MetricType::Counter)?)
+            };
+            counter(&mut encoder, "warren_push_updates_applied", "Pushed updates applied (ACKed)", status.updates_applied)?;
+            counter(&mut encoder, "warren_push_updates_refused", "Pushed updates refused (NACKed)", status.updates_refused)?;
+        }
+        if let Some(certificates) = &self.certificates {
+            let mut expiry = encoder.encode_descriptor(
+                "warren_certificate_expiry_timestamp_seconds",
+                "When each workload certificate the agent holds expires (Unix time; one per identity on the node)",
+                None,
+                MetricType::Gauge,
+            )?;
+            for info in certificates.snapshot() {
+                ConstGauge::new(info.not_after_unix as i64).encode(expiry.encode_family(&IdentityLabels { identity: info.identity })?)?;
+            }
+        }
+        let open = self.connections.open_count() as f64;
+        gauge(&mut encoder, "warren_proxy_connections_open", "Connections the proxy carries now (L4 and L7)", open)
     }
 }

@@ -61,6 +61,14 @@ pub async fn run(config: AgentConfig) -> Result<()> {
         });
     }
     let (tables, _) = tokio::sync::watch::channel(Arc::new(MeshTables::default()));
+    let push_status: Arc<Mutex<PushStatus>> = Arc::default();
+    registry.register_collector(Box::new(crate::metrics::AgentStateCollector {
+        maps: datapath.map_sizes(),
+        tables: tables.clone(),
+        push: config.controller.is_some().then(|| push_status.clone()),
+        certificates: certificates.clone(),
+        connections: connections.clone(),
+    }));
     let authorizer = Arc::new(Authorizer::default());
     authorizer.register(&mut registry);
     tokio::spawn(close_newly_denied(tables.subscribe(), connections.clone(), authorizer.clone()));
@@ -81,7 +89,6 @@ pub async fn run(config: AgentConfig) -> Result<()> {
         hbone,
     };
     let datapath = Arc::new(Mutex::new(datapath));
-    let push_status: Arc<Mutex<PushStatus>> = Arc::default();
 
     let ports = PortConfig { outbound: config.outbound_port, inbound: config.inbound_port };
     let mut manager = InpodManager::new(datapath.clone(), config.node_name.clone(), ports, cgroup2, shared);

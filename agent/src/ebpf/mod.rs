@@ -19,7 +19,10 @@ use std::{
     fs::File,
     os::fd::{AsFd, AsRawFd},
     path::{Path, PathBuf},
-    sync::Arc,
+    sync::{
+        Arc,
+        atomic::{AtomicUsize, Ordering},
+    },
 };
 
 use anyhow::{Context, Result, anyhow};
@@ -60,6 +63,27 @@ pub struct Datapath {
     authz_denials: Option<RingBuf<MapData>>,
     pub pin_dir: PathBuf,
     pub attach_cgroup: PathBuf,
+    /// Entries the agent last wrote to the maps the controller's tables fill.
+    sizes: Arc<MapSizes>,
+}
+
+/// How full the maps that hold the controller's tables are (written on each sync, read at scrape time).
+#[derive(Debug, Default)]
+pub struct MapSizes {
+    pub service_routes: AtomicUsize,
+    pub connect_faults: AtomicUsize,
+    pub l4_authz: AtomicUsize,
+}
+
+impl MapSizes {
+    /// `(map, entries, capacity)` for each.
+    pub fn fill(&self) -> [(&'static str, usize, u32); 3] {
+        [
+            ("SERVICE_ROUTES", self.service_routes.load(Ordering::Relaxed), warren_maps::MAX_SERVICE_ROUTES),
+            ("CONNECT_FAULTS", self.connect_faults.load(Ordering::Relaxed), warren_maps::MAX_CONNECT_FAULTS),
+            ("L4_AUTHZ", self.l4_authz.load(Ordering::Relaxed), warren_maps::MAX_L4_AUTHZ),
+        ]
+    }
 }
 
 impl Datapath {
@@ -148,7 +172,12 @@ impl Datapath {
             authz_denials: Some(authz_denials),
             pin_dir: pin_dir.to_path_buf(),
             attach_cgroup: attach_cgroup.to_path_buf(),
+            sizes: Arc::default(),
         })
+    }
+
+    pub fn map_sizes(&self) -> Arc<MapSizes> {
+        self.sizes.clone()
     }
 
     /// Redirects the TCP connects of sockets in the network namespace `netns_cookie` into the agent.
@@ -219,18 +248,24 @@ impl Datapath {
 
     /// Makes CONNECT_FAULTS hold exactly `want`; returns (written, removed).
     pub fn sync_connect_faults(&mut self, want: &BTreeMap<ServiceKey, warren_maps::ConnectFault>) -> Result<(usize, usize)> {
-        sync_map(&mut self.connect_faults, want).context("writing CONNECT_FAULTS")
+        let synced = sync_map(&mut self.connect_faults, want).context("writing CONNECT_FAULTS")?;
+        self.sizes.connect_faults.store(want.len(), Ordering::Relaxed);
+        Ok(synced)
     }
 
     /// Makes SERVICE_ROUTES hold exactly `want`; returns (written, removed).
     pub fn sync_service_routes(&mut self, want: &BTreeMap<ServiceKey, ServiceRoute>) -> Result<(usize, usize)> {
-        sync_map(&mut self.service_routes, want).context("writing SERVICE_ROUTES")
+        let synced = sync_map(&mut self.service_routes, want).context("writing SERVICE_ROUTES")?;
+        self.sizes.service_routes.store(want.len(), Ordering::Relaxed);
+        Ok(synced)
     }
 
     /// Makes L4_AUTHZ hold exactly `want` (see [`AuthzEntryKey`] for the key and sk_lookup's lookup
     /// order); returns (written, removed).
     pub fn sync_l4_authz(&mut self, want: &BTreeMap<AuthzEntryKey, AuthzVerdict>) -> Result<(usize, usize)> {
-        sync_lpm_trie(&mut self.l4_authz, want).context("writing L4_AUTHZ")
+        let synced = sync_lpm_trie(&mut self.l4_authz, want).context("writing L4_AUTHZ")?;
+        self.sizes.l4_authz.store(want.len(), Ordering::Relaxed);
+        Ok(synced)
     }
 
     /// The connections sk_lookup refuses, as they happen. The first call starts the reader of

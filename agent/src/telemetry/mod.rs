@@ -71,6 +71,8 @@ pub struct Telemetry {
     pub tracing: Option<trace::Tracing>,
     /// The node's live service graph.
     pub flows: flows::FlowTable,
+    /// HTTP requests begun and not yet ended (their response's last byte).
+    pub requests_active: prometheus_client::metrics::gauge::Gauge,
 }
 
 impl Telemetry {
@@ -84,11 +86,13 @@ impl Telemetry {
             trust_domain: trust_domain.to_string(),
             tracing: trace::Tracing::new(&config.tracing, node)?,
             flows: flows::FlowTable::default(),
+            requests_active: Default::default(),
         })
     }
 
     pub fn register(&self, registry: &mut Registry) {
         self.istio.register(registry);
+        registry.register("warren_http_requests_active", "HTTP requests in flight (until their response's last byte)", self.requests_active.clone());
         if let Some(log) = &self.access_log {
             registry.register("warren_access_log_dropped", "Access log lines dropped (the writer fell behind)", log.dropped.clone());
         }

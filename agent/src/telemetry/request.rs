@@ -95,6 +95,17 @@ pub struct Exchange {
     request_body: Arc<BodyCount>,
     /// The agent's span for the request (when tracing is on).
     span: Option<opentelemetry_sdk::trace::Span>,
+    /// Counted in `warren_http_requests_active` while the exchange lives.
+    _active: Active,
+}
+
+/// A request in flight: the gauge goes back down when the exchange ends, however it ends.
+struct Active(prometheus_client::metrics::gauge::Gauge);
+
+impl Drop for Active {
+    fn drop(&mut self) {
+        self.0.dec();
+    }
 }
 
 const REQUEST_ID: &str = "x-request-id";
@@ -135,7 +146,9 @@ impl Exchange {
             local,
             request_body: request_body.clone(),
             span,
+            _active: Active(telemetry.requests_active.clone()),
         };
+        telemetry.requests_active.inc();
         if telemetry.metrics || telemetry.access_log.is_some() {
             request.extensions_mut().insert(BodyCounter(request_body, grpc));
         }

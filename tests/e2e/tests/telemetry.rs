@@ -260,6 +260,17 @@ fn promtool_accepts_the_exposition() -> Result<()> {
             ensure!(unexpected.is_empty(), "promtool: {unexpected:?}");
             ensure!(agent.scrape("/metrics")? .contains("istio_requests_total"), "/metrics serves the same");
         }
+        // Warren's own state metrics: map fill, the tables' version and the push stream, certificates.
+        let text = mesh.agents[0].scrape("/stats/prometheus")?;
+        let value = |name: &str, labels: &[(&str, &str)]| sum_metric(&text, name, labels);
+        let routes = value("warren_ebpf_map_entries", &[("map", "SERVICE_ROUTES")]);
+        ensure!(routes >= 2.0 && value("warren_ebpf_map_fill_ratio", &[("map", "SERVICE_ROUTES")]) == routes / 65536.0, "map fill:\n{text}");
+        ensure!(value("warren_config_version", &[]) >= 1.0 && value("warren_push_connected", &[]) == 1.0, "push state:\n{text}");
+        ensure!(value("warren_push_updates_applied_total", &[]) >= 1.0, "updates applied:\n{text}");
+        let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH)?.as_secs() as f64;
+        let expiry = value("warren_certificate_expiry_timestamp_seconds", &[("identity", SLEEP_PRINCIPAL)]);
+        ensure!(expiry > now && expiry < now + 2.0 * 86400.0, "sleep's certificate expires within its lifetime: {expiry}\n{text}");
+        ensure!(value("warren_http_requests_active", &[]) == 0.0 && text.contains("warren_proxy_connections_open "), "gauges:\n{text}");
         let broken = promtool("# TYPE x counter\nx_total{a=\"b} 1\n");
         ensure!(broken.is_err(), "control: a malformed exposition fails promtool: {broken:?}");
         Ok(())
