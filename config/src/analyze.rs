@@ -77,6 +77,7 @@ pub const NO_MATCHING_WORKLOADS: &str = "IST0127";
 pub const SUBSET_SELECTS_NO_PODS: &str = "IST0173";
 pub const UNKNOWN_DESTINATION_RULE_HOST: &str = "IST0174";
 pub const UNSUPPORTED_FIELD: &str = "WAR0101";
+pub const INVALID_MESH_CONFIG: &str = "WAR0102";
 
 /// Namespaces istioctl leaves out of the enrollment check.
 const SYSTEM_NAMESPACES: &[&str] = &["kube-system", "kube-public", "kube-node-lease", "local-path-storage", ROOT_NAMESPACE];
@@ -140,6 +141,10 @@ pub fn analyze(state: &ClusterState) -> Vec<Message> {
         report.object(&o, pa);
     }
     namespaces(&mut report);
+    if let Some((object, error)) = crate::compile::mesh_config_error(state) {
+        let text = format!("{error}; Warren applies Istio's default mesh config (ALLOW_ANY) until it is fixed, as istiod does");
+        report.add(Level::Error, INVALID_MESH_CONFIG, &object, Some("data.mesh".into()), text);
+    }
     let mut out = report.out;
     out.sort();
     out
@@ -317,6 +322,17 @@ mod tests {
             .unwrap();
         state.add_yaml(yaml).unwrap();
         analyze(&state).into_iter().map(|m| Message { source: None, ..m }.to_string()).collect()
+    }
+
+    #[test]
+    fn a_mesh_config_mode_that_is_not_one_is_an_error() {
+        let map = |mode: &str| {
+            format!("apiVersion: v1\nkind: ConfigMap\nmetadata: {{name: istio, namespace: istio-system}}\ndata: {{mesh: 'outboundTrafficPolicy: {{mode: {mode}}}'}}\n")
+        };
+        let found = findings(&map("REGISTRY_ONLYY"));
+        let line = "Error [WAR0102] (ConfigMap istio-system/istio) data.mesh: mesh: outboundTrafficPolicy.mode \"REGISTRY_ONLYY\" is not a mode (ALLOW_ANY, REGISTRY_ONLY); Warren applies Istio's default mesh config (ALLOW_ANY) until it is fixed, as istiod does";
+        assert!(found.iter().any(|f| f == line), "{found:#?}");
+        assert!(!findings(&map("REGISTRY_ONLY")).iter().any(|f| f.contains("WAR0102")), "control: a valid mode");
     }
 
     #[test]

@@ -159,16 +159,27 @@ fn credential(state: &ClusterState, namespace: &str, name: &str, nodes: Vec<Stri
 }
 
 /// `outboundTrafficPolicy.mode` from the root namespace's `istio` ConfigMap (its `mesh` key, YAML), as
-/// Istio reads its mesh config; ALLOW_ANY when there is none.
+/// Istio reads its mesh config; ALLOW_ANY when there is none — or when it cannot be read, as istiod falls
+/// back to the default mesh config (`analyze` reports it: [`mesh_config_error`]).
 pub(super) fn mesh_config(state: &ClusterState) -> MeshConfig {
-    let root = state.root_namespace();
-    let Some(map) = state.mesh_config_maps.iter().find(|c| c.namespace().as_deref() == Some(root) && c.name_any() == MESH_CONFIG_MAP)
-    else {
+    let Some((origin, mesh)) = mesh_config_map(state) else {
         return MeshConfig::default();
     };
-    let origin = Some(Origin::new("ConfigMap", root, MESH_CONFIG_MAP, map.metadata.generation));
-    let mesh = map.data.as_ref().and_then(|d| d.get("mesh")).map(String::as_str).unwrap_or("");
-    MeshConfig { outbound_traffic_policy: outbound_traffic_policy(mesh).unwrap_or_default(), origin }
+    MeshConfig { outbound_traffic_policy: outbound_traffic_policy(mesh).unwrap_or_default(), origin: Some(origin) }
+}
+
+/// The root namespace's `istio` ConfigMap and its `mesh` text.
+fn mesh_config_map(state: &ClusterState) -> Option<(Origin, &str)> {
+    let root = state.root_namespace();
+    let map = state.mesh_config_maps.iter().find(|c| c.namespace().as_deref() == Some(root) && c.name_any() == MESH_CONFIG_MAP)?;
+    let origin = Origin::new("ConfigMap", root, MESH_CONFIG_MAP, map.metadata.generation);
+    Some((origin, map.data.as_ref().and_then(|d| d.get("mesh")).map(String::as_str).unwrap_or("")))
+}
+
+/// Why the mesh config cannot be read as written, naming the field and value.
+pub fn mesh_config_error(state: &ClusterState) -> Option<(Origin, String)> {
+    let (origin, mesh) = mesh_config_map(state)?;
+    outbound_traffic_policy(mesh).err().map(|e| (origin, e))
 }
 
 /// The mode in a mesh config text; `Err` names what is wrong (analyze reports it; ALLOW_ANY applies).
@@ -230,5 +241,6 @@ mod tests {
         assert_eq!(mesh_config(&state).outbound_traffic_policy, OutboundTrafficPolicy::AllowAny, "control: not the root namespace");
         state.add_yaml(&map("istio-system")).unwrap();
         assert_eq!(mesh_config(&state).outbound_traffic_policy, OutboundTrafficPolicy::RegistryOnly);
+        assert!(mesh_config_error(&state).is_none(), "a valid mode is no error");
     }
 }

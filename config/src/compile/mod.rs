@@ -2,6 +2,8 @@
 //! object's namespace: `reviews` in `bookinfo` is `reviews.bookinfo.svc.cluster.local`); endpoints of a
 //! Service with a selector come from the pods it selects, with their DestinationRule subsets.
 mod gateway;
+
+pub use gateway::mesh_config_error;
 pub mod policy;
 mod service_entry;
 
