@@ -65,7 +65,7 @@ pub async fn serve_metrics(listener: TcpListener, registry: Arc<Registry>) {
             let service = service_fn(move |req: Request<Incoming>| {
                 let answer = match req.uri().path() {
                     "/metrics" | "/stats/prometheus" => match crate::metrics::prometheus_text(&registry) {
-                        Ok(text) => (StatusCode::OK, "text/plain; version=0.0.4; charset=utf-8", text),
+                        Ok(text) => (StatusCode::OK, warren_api::exposition::PROMETHEUS_TEXT, text),
                         Err(e) => (StatusCode::INTERNAL_SERVER_ERROR, "text/plain", format!("encoding metrics: {e}\n")),
                     },
                     "/healthz/ready" => (StatusCode::OK, "text/plain", "ready\n".to_string()),

@@ -4,6 +4,7 @@
 //! compilation stay in `warren-config`; the agent depends only on this crate.
 pub mod admin;
 pub mod authz;
+pub mod exposition;
 pub mod flows;
 pub mod http;
 pub mod push;

@@ -12,7 +12,7 @@ pub mod support;
 pub mod validate;
 
 // What the controller pushes and the agent holds lives in warren-api; the paths stay as they were.
-pub use warren_api::{authz, flows, push, tables, workloads};
+pub use warren_api::{authz, exposition, flows, push, tables, workloads};
 
 /// Istio's bookinfo samples for tests: beside the project (`../shared`), `$WARREN_CONFORMANCE_DIR`, or the
 /// machines' shared copy.

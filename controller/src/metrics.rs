@@ -30,7 +30,7 @@ use crate::{
 };
 
 /// prometheus-client's text encoding.
-const CONTENT_TYPE: &str = "application/openmetrics-text; version=1.0.0; charset=utf-8";
+const CONTENT_TYPE: &str = warren_config::exposition::PROMETHEUS_TEXT;
 
 /// Send → ACK of a table version: an agent applies a diff in milliseconds; a full snapshot of a large mesh
 /// (tens of MB of JSON, eBPF maps rewritten) takes seconds.
@@ -188,10 +188,11 @@ impl Metrics {
     }
 
     /// The registry in prometheus-client's text encoding.
+    /// In Prometheus' text format, as the agents serve theirs.
     pub fn encode(&self) -> Result<String, std::fmt::Error> {
         let mut text = String::new();
         prometheus_client::encoding::text::encode(&mut text, &self.registry)?;
-        Ok(text)
+        Ok(warren_config::exposition::open_metrics_to_prometheus(&text))
     }
 
     /// Counts an agent's push stream as open until the guard is dropped, however the stream ends.

@@ -13,6 +13,11 @@ use warren_api::{
     workloads::{Pod, naming},
 };
 
+/// The header the source's agent names the service a request was routed to with, for the destination's
+/// agent (as Istio's sidecars exchange peer metadata in `x-envoy-peer-metadata`): sent over HBONE only,
+/// trusted only from an mTLS peer, and removed before the request reaches the workload.
+pub const SERVICE_HEADER: &str = "x-warren-destination-service";
+
 /// What Istio writes for a label it cannot know (an empty label is an absent one to Prometheus, and
 /// Kiali drops series that lack one).
 pub const UNKNOWN: &str = "unknown";
@@ -106,6 +111,8 @@ pub struct Directory {
     by_ip: HashMap<IpAddr, Arc<WorkloadMeta>>,
     by_key: HashMap<String, Arc<WorkloadMeta>>,
     services: HashMap<String, Arc<ServiceMeta>>,
+    /// By FQDN: what the source's agent names in [`SERVICE_HEADER`].
+    by_host: HashMap<String, Arc<ServiceMeta>>,
     /// Endpoint address (pod IP, target port) → the services it backs there: what a destination agent
     /// can tell of the service a client addressed.
     backed: HashMap<SocketAddr, Vec<Arc<ServiceMeta>>>,
@@ -133,6 +140,7 @@ impl Directory {
                     }
                 }
             }
+            directory.by_host.insert(service.hostname.clone(), meta.clone());
             directory.services.insert(service.key(), meta);
         }
         directory
@@ -150,6 +158,11 @@ impl Directory {
     /// By `namespace/name`.
     pub fn service(&self, key: &str) -> Arc<ServiceMeta> {
         self.services.get(key).cloned().unwrap_or_else(ServiceMeta::unknown)
+    }
+
+    /// The service named by its FQDN (the source agent's [`SERVICE_HEADER`]).
+    pub fn service_by_host(&self, host: &str) -> Option<Arc<ServiceMeta>> {
+        self.by_host.get(host).cloned()
     }
 
     /// The service a connection to `destination` (a workload's address and port) was for: the one the

@@ -94,3 +94,23 @@ pub fn log_tail(log: &str, lines: usize) -> String {
     let all: Vec<&str> = log.lines().collect();
     all[all.len().saturating_sub(lines)..].join("\n")
 }
+
+/// Runs `promtool check metrics` (Debian's `prometheus` package) on `text`: its lint findings (exit 0 or
+/// 3), or an error when it could not parse the exposition (or is missing).
+pub fn promtool(text: &str) -> anyhow::Result<Vec<String>> {
+    use std::{io::Write, process::Stdio};
+    let mut child = std::process::Command::new("promtool")
+        .args(["check", "metrics"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .map_err(|e| anyhow::anyhow!("promtool (Debian's prometheus package; `cargo xtask setup` installs it): {e}"))?;
+    child.stdin.take().ok_or_else(|| anyhow::anyhow!("promtool's stdin"))?.write_all(text.as_bytes())?;
+    let out = child.wait_with_output()?;
+    let found = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    match out.status.code() {
+        Some(0) | Some(3) => Ok(found.lines().filter(|l| !l.trim().is_empty()).map(str::to_string).collect()),
+        _ => anyhow::bail!("promtool failed ({}): {found}", out.status),
+    }
+}

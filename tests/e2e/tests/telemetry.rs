@@ -9,7 +9,7 @@
 use std::{process::Stdio, time::Duration};
 
 use anyhow::{Context, Result, bail, ensure};
-use warren_e2e::{directory_mesh, eventually, log_tail, namespace_yaml, pod_yaml};
+use warren_e2e::{directory_mesh, eventually, log_tail, namespace_yaml, pod_yaml, promtool};
 use warren_testbed::{
     Agent, AppOptions, Controller, HttpRequests, Load, Node, Pod, Process, Testbed, prometheus::Prometheus, require_privileges,
     sum_metric,
@@ -17,6 +17,9 @@ use warren_testbed::{
 
 const WEB: &str = "10.96.3.10:80";
 const ECHO: &str = "10.96.3.11:7000";
+/// A second service of web-v1's on the same port: which one a request was for, the destination's agent
+/// learns from the source's.
+const WEB_ALIAS: &str = "10.96.3.13:80";
 /// A service with no endpoints: the proxy answers 503 `UH`.
 const NOBODY: &str = "10.96.3.12:80";
 const WEB_HOST: &str = "web.default.svc.cluster.local";
@@ -26,6 +29,8 @@ const SERVICES: &str = "apiVersion: v1\nkind: Service\nmetadata: {name: web, nam
     spec: {clusterIP: 10.96.3.10, selector: {app: web}, ports: [{name: http, port: 80, targetPort: 9080}]}\n---\n\
     apiVersion: v1\nkind: Service\nmetadata: {name: echo, namespace: default}\n\
     spec: {clusterIP: 10.96.3.11, selector: {app: echo}, ports: [{name: tcp-echo, port: 7000, targetPort: 7000}]}\n---\n\
+    apiVersion: v1\nkind: Service\nmetadata: {name: web-alias, namespace: default}\n\
+    spec: {clusterIP: 10.96.3.13, selector: {app: web}, ports: [{name: http, port: 80, targetPort: 9080}]}\n---\n\
     apiVersion: v1\nkind: Service\nmetadata: {name: nobody, namespace: default}\n\
     spec: {clusterIP: 10.96.3.12, selector: {app: nobody}, ports: [{name: http, port: 80, targetPort: 9080}]}\n---\n";
 
@@ -174,6 +179,17 @@ fn both_agents_report_every_request_with_istios_labels() -> Result<()> {
         let edges = json["edges"].as_array().context("edges")?;
         ensure!(edges.iter().any(|e| e["reporter"] == "destination" && e["source"]["name"] == "sleep" && e["destination"]["name"] == "web-v1"), "{json:#}");
 
+        // The same pod through another service, addressed by IP (no Host naming it): the destination's
+        // agent reports the service the source's routed to, and the workload never sees how it learnt it.
+        let alias = mesh.sleep.http(WEB_ALIAS.parse()?, &HttpRequests::get("/", 2))?;
+        ensure!(alias.iter().all(|r| r.status == 200), "web-alias: {alias:?}");
+        let headers = alias[0].app().context("an app answer")?.headers;
+        ensure!(!headers.contains_key("x-warren-destination-service"), "the agents' header is removed: {headers:?}");
+        for (agent, reporter) in [(&mesh.agents[0], "source"), (&mesh.agents[1], "destination")] {
+            let labels = [("reporter", reporter), ("destination_service_name", "web-alias"), ("destination_workload", "web-v1")];
+            settles(agent, "istio_requests_total", &labels, 2.0)?;
+        }
+
         // Plaintext from outside the mesh: only the destination reports it, as `none`, principals unknown.
         let plain = mesh.outsider.http(format!("{}:9080", mesh.web.ip).parse()?, &HttpRequests::get("/bytes/10", 2))?;
         ensure!(plain.iter().all(|r| r.status == 200), "plaintext GET: {plain:?}");
@@ -275,25 +291,6 @@ fn promtool_accepts_the_exposition() -> Result<()> {
         ensure!(broken.is_err(), "control: a malformed exposition fails promtool: {broken:?}");
         Ok(())
     })
-}
-
-/// Runs `promtool check metrics` on `text`: its lint findings (exit 0 or 3), or an error (it could not parse).
-fn promtool(text: &str) -> Result<Vec<String>> {
-    use std::io::Write;
-    let mut child = std::process::Command::new("promtool")
-        .args(["check", "metrics"])
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .context("promtool (Debian's prometheus package; `cargo xtask setup` installs it)")?;
-    child.stdin.take().context("stdin")?.write_all(text.as_bytes())?;
-    let out = child.wait_with_output()?;
-    let found = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
-    match out.status.code() {
-        Some(0) | Some(3) => Ok(found.lines().filter(|l| !l.trim().is_empty()).map(str::to_string).collect()),
-        _ => bail!("promtool failed ({}): {found}", out.status),
-    }
 }
 
 /// Access logs: one line per request on each agent with the same `x-request-id`; a fault's line says

@@ -17,6 +17,7 @@ use crate::{
     telemetry::{
         self,
         istio::Reporter,
+        peers::SERVICE_HEADER,
         request::{self, Exchange, Outcome},
     },
 };
@@ -58,13 +59,17 @@ where
 
 async fn handle(mut request: Request<Incoming>, inbound: &Inbound, workload: &Arc<Upstreams>, shared: &ProxyShared) -> Response<Body> {
     let exchange = Exchange::begin(&mut request, inbound.client, inbound.destination, &shared.telemetry, Reporter::Destination);
+    // The service the source's agent routed to, when an mTLS peer (another agent) says so.
+    let named = request.headers_mut().remove(SERVICE_HEADER).filter(|_| inbound.identity.is_some());
     let mut policy = None;
     let result = authorize_and_forward(request, inbound, workload, shared, &mut policy).await;
     let (response, answer) = super::answer(result, Direction::Inbound, shared, |e| {
         debug!(pod = %inbound.pod, client = %inbound.client, flag = e.flag(), "{e}");
     });
     let tables = shared.tables();
-    let service = tables.directory(&shared.telemetry.trust_domain).service_backed_by(&inbound.destination, Some(&exchange.authority));
+    let directory = tables.directory(&shared.telemetry.trust_domain);
+    let named = named.as_ref().and_then(|v| v.to_str().ok()).and_then(|host| directory.service_by_host(host));
+    let service = named.unwrap_or_else(|| directory.service_backed_by(&inbound.destination, Some(&exchange.authority)));
     let from = telemetry::Inbound { pod: &inbound.pod, service, client: inbound.client.ip(), peer: inbound.identity.as_deref() };
     let outcome = Outcome {
         traffic: shared.telemetry.inbound(&tables, &shared.mesh, from),

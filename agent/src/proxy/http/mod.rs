@@ -36,6 +36,7 @@ use crate::{
     telemetry::{
         self,
         istio::Reporter,
+        peers::SERVICE_HEADER,
         request::{self, Exchange, Outcome},
     },
     state::{
@@ -380,7 +381,14 @@ async fn forward(
         .filter(|ms| *ms > 0)
         .map(Duration::from_millis);
     let deadline = timeout.map(|limit| (tokio::time::Instant::now() + limit, limit));
-    let send = upstreams.send(routed.target.endpoint, version, head.into_request(version, body)?);
+    let mut request = head.into_request(version, body)?;
+    // Over HBONE the destination's agent learns which service this was for (its metrics' labels).
+    if upstreams.tunnels_to(&routed.target.endpoint.ip())
+        && let Ok(host) = HeaderValue::from_str(&routed.target.service.hostname)
+    {
+        request.headers_mut().insert(SERVICE_HEADER, host);
+    }
+    let send = upstreams.send(routed.target.endpoint, version, request);
     let mut response = match deadline {
         Some((at, limit)) => tokio::time::timeout_at(at, send).await.map_err(|_| Error::UpstreamTimeout(limit))??,
         None => send.await?,
