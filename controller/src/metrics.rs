@@ -353,7 +353,8 @@ pub(crate) mod tests {
             assert_eq!(sample(&text, series), Some(0.0), "{series} in:\n{text}");
         }
         assert!(!text.contains("_total_total"), "registered without _total: {text}");
-        assert!(text.ends_with("# EOF\n"));
+        // Prometheus' text format: counter families named with `_total`, no OpenMetrics trailer.
+        assert!(text.contains("# TYPE warren_controller_pushes_total counter") && !text.contains("# EOF"), "{text}");
     }
 
     #[test]
