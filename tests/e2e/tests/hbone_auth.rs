@@ -92,7 +92,7 @@ fn an_expired_client_certificate_is_refused() {
     let error = present(&setup, &expired).unwrap_err();
     assert!(error.contains("alert"), "{error}");
     assert_eq!(refused(&setup), 1.0);
-    assert!(setup.agent.log().contains("CertExpired"), "the agent says why");
+    assert!(logs(&setup.agent, "CertExpired"), "the agent says why");
 }
 
 #[test]
@@ -104,5 +104,11 @@ fn a_client_certificate_of_another_trust_domain_is_refused() {
     let error = present(&setup, &foreign).unwrap_err();
     assert!(error.contains("alert"), "{error}");
     assert_eq!(refused(&setup), 1.0);
-    assert!(setup.agent.log().contains("is not in trust domain cluster.local"), "the agent says why");
+    assert!(logs(&setup.agent, "is not in trust domain cluster.local"), "the agent says why");
+}
+
+/// Whether the agent's log gets `text` (its stderr reaches the testbed a moment after the refusal is
+/// counted).
+fn logs(agent: &Agent, text: &str) -> bool {
+    warren_e2e::eventually(std::time::Duration::from_secs(5), || agent.log().contains(text).then_some(())).is_some()
 }
