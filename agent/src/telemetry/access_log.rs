@@ -1,53 +1,73 @@
 //! Access logs: one JSON line per HTTP request and per TCP connection, on the agent's stdout, with
 //! Envoy's default fields and Istio's (reporter, both workloads and principals, the policy decision).
-//! Lines go through a bounded queue to one writer thread, so a slow log reader never stalls the proxy:
-//! what does not fit is dropped and counted (`warren_access_log_dropped_total`).
+//! Lines are handed to one writer thread through a bounded buffer, so a slow log reader never stalls the
+//! proxy: what does not fit is dropped and counted (`warren_access_log_dropped_total`). The writer takes
+//! the buffer once a second (Envoy's default access-log flush interval), or sooner when it is half full,
+//! and writes it at once: waking a thread and a system call per line would cost more than the line.
 use std::{
     io::Write,
-    sync::mpsc::{Receiver, SyncSender, TrySendError},
-    time::SystemTime,
+    sync::{Arc, Condvar, Mutex},
+    time::{Duration, SystemTime},
 };
 
 use prometheus_client::metrics::counter::Counter;
 use serde::Serialize;
 
-/// Lines queued for the writer before new ones are dropped.
-const QUEUE: usize = 8192;
+/// Lines buffered for the writer before new ones are dropped.
+const CAPACITY: usize = 16384;
+/// How long a line may wait for the writer.
+const FLUSH_EVERY: Duration = Duration::from_secs(1);
+
+#[derive(Default)]
+struct Buffer {
+    lines: Mutex<Vec<String>>,
+    half_full: Condvar,
+}
 
 #[derive(Clone)]
 pub struct AccessLog {
-    lines: SyncSender<String>,
+    buffer: Arc<Buffer>,
     pub dropped: Counter,
 }
 
 impl AccessLog {
     /// Starts the writer thread (stdout).
     pub fn stdout() -> AccessLog {
-        let (lines, queue) = std::sync::mpsc::sync_channel(QUEUE);
+        let log = AccessLog { buffer: Arc::default(), dropped: Counter::default() };
+        let buffer = log.buffer.clone();
         std::thread::Builder::new()
             .name("access-log".into())
-            .spawn(move || write_lines(queue, std::io::stdout()))
+            .spawn(move || write_lines(&buffer, std::io::stdout()))
             .expect("spawning the access log writer");
-        AccessLog { lines, dropped: Counter::default() }
+        log
     }
 
     pub fn write(&self, entry: &Entry<'_>) {
         let Ok(line) = serde_json::to_string(entry) else { return };
-        match self.lines.try_send(line) {
-            Ok(()) => {}
-            Err(TrySendError::Full(_) | TrySendError::Disconnected(_)) => {
-                self.dropped.inc();
-            }
+        let mut lines = self.buffer.lines.lock().unwrap();
+        if lines.len() >= CAPACITY {
+            drop(lines);
+            self.dropped.inc();
+            return;
+        }
+        lines.push(line);
+        if lines.len() == CAPACITY / 2 {
+            self.buffer.half_full.notify_one();
         }
     }
 }
 
-/// Writes lines as they come, flushing whenever the queue is empty.
-fn write_lines(queue: Receiver<String>, out: impl Write) {
-    let mut out = std::io::BufWriter::new(out);
-    while let Ok(line) = queue.recv() {
-        let _ = writeln!(out, "{line}");
-        while let Ok(line) = queue.try_recv() {
+/// Takes what is buffered every [`FLUSH_EVERY`] (or when half full) and writes it in one go; runs for
+/// the agent's life.
+fn write_lines(buffer: &Buffer, out: impl Write) {
+    let mut out = std::io::BufWriter::with_capacity(256 * 1024, out);
+    loop {
+        let batch = {
+            let lines = buffer.lines.lock().unwrap();
+            let (mut lines, _) = buffer.half_full.wait_timeout(lines, FLUSH_EVERY).unwrap();
+            std::mem::take(&mut *lines)
+        };
+        for line in &batch {
             let _ = writeln!(out, "{line}");
         }
         let _ = out.flush();
@@ -104,8 +124,6 @@ pub fn timestamp(at: SystemTime) -> String {
 
 #[cfg(test)]
 mod tests {
-    use std::time::Duration;
-
     use super::*;
 
     #[test]
@@ -114,11 +132,22 @@ mod tests {
         assert_eq!(timestamp(at), "2025-12-02T13:00:00.123Z");
     }
 
-    #[test]
-    fn a_full_queue_drops_and_counts() {
-        let (lines, _queue) = std::sync::mpsc::sync_channel(1);
-        let log = AccessLog { lines, dropped: Counter::default() };
-        let entry = Entry {
+    /// A writer that records each write (a system call, for stdout).
+    #[derive(Clone, Default)]
+    struct Writes(Arc<Mutex<Vec<usize>>>);
+
+    impl Write for Writes {
+        fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+            self.0.lock().unwrap().push(buf.len());
+            Ok(buf.len())
+        }
+        fn flush(&mut self) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+
+    fn entry() -> Entry<'static> {
+        Entry {
             start_time: String::new(), reporter: "source", protocol: "TCP", method: None, path: None, authority: None,
             response_code: 0, grpc_status: None, response_flags: "-", response_code_details: None, bytes_received: 0,
             bytes_sent: 0, duration: 0, user_agent: None, request_id: None, x_forwarded_for: None, traceparent: None,
@@ -126,9 +155,30 @@ mod tests {
             upstream_cluster: None, source_workload: "a", source_namespace: "n", source_principal: "unknown",
             destination_workload: "b", destination_namespace: "n", destination_principal: "unknown",
             destination_service: "unknown", connection_security_policy: "none", policy: None,
-        };
-        log.write(&entry);
-        log.write(&entry);
-        assert_eq!(log.dropped.get(), 1);
+        }
+    }
+
+    #[test]
+    fn lines_are_written_together_within_a_second() {
+        let log = AccessLog { buffer: Arc::default(), dropped: Counter::default() };
+        let writes = Writes::default();
+        let (buffer, out) = (log.buffer.clone(), writes.clone());
+        std::thread::spawn(move || write_lines(&buffer, out));
+        for _ in 0..100 {
+            log.write(&entry());
+        }
+        std::thread::sleep(Duration::from_millis(200));
+        assert!(writes.0.lock().unwrap().is_empty(), "nothing written before the flush interval");
+        std::thread::sleep(FLUSH_EVERY);
+        assert_eq!(writes.0.lock().unwrap().len(), 1, "one write for the hundred lines");
+    }
+
+    #[test]
+    fn a_full_buffer_drops_and_counts() {
+        let log = AccessLog { buffer: Arc::default(), dropped: Counter::default() };
+        for _ in 0..CAPACITY + 3 {
+            log.write(&entry());
+        }
+        assert_eq!(log.dropped.get(), 3);
     }
 }

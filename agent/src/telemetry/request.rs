@@ -318,7 +318,8 @@ impl Drop for Metered {
 impl Pending {
     fn record(self) {
         let Pending { telemetry, mut exchange, outcome, code, grpc_status, bytes, messages } = self;
-        if let Some(span) = exchange.span.take() {
+        // An unsampled span records nothing: its attributes are not even built.
+        if let Some(span) = exchange.span.take().filter(opentelemetry::trace::Span::is_recording) {
             trace::finish(span, code, outcome.flags, span_attributes(&exchange, &outcome));
         }
         let grpc_status = grpc_status.filter(|_| exchange.protocol == RequestProtocol::Grpc);

@@ -19,8 +19,13 @@ pub fn run(rounds: usize) {
     let port = receiver.address.port();
     let options = |telemetry: serde_json::Value| AgentOptions { ebpf_log_level: "info", telemetry: Some(telemetry), ..Default::default() };
     let off = serde_json::json!({"metrics": false, "accessLog": false});
-    let on = serde_json::json!({"metrics": true, "accessLog": true,
-        "tracing": {"endpoint": format!("http://127.0.0.1:{port}"), "samplingPercent": 1}});
+    // `WARREN_BENCH_TELEMETRY` (the agent config's `telemetry`, JSON) replaces "all on", to see what one
+    // part costs; `{endpoint}` in it is the receiver's URL.
+    let endpoint = format!("http://127.0.0.1:{port}");
+    let on = match std::env::var("WARREN_BENCH_TELEMETRY") {
+        Ok(json) => serde_json::from_str(&json.replace("{endpoint}", &endpoint)).expect("WARREN_BENCH_TELEMETRY: JSON"),
+        Err(_) => serde_json::json!({"metrics": true, "accessLog": true, "tracing": {"endpoint": endpoint, "samplingPercent": 1}}),
+    };
     let l7 = PATHS.iter().find(|p| p.name == "L7, HTTP/1.1").expect("the L7 HTTP/1.1 path");
     let (mut quiet, mut full) = (Figures { rounds: vec![] }, Figures { rounds: vec![] });
     for round in 1..=rounds.max(1) {
@@ -36,7 +41,10 @@ pub fn run(rounds: usize) {
         }
     }
     let spans = receiver.spans().len();
-    let labels = label_sets(&Mesh::with("bench-labels", options(on.clone()), &[port]).unwrap());
+    let labels = match std::env::var("WARREN_BENCH_LABELS").as_deref() {
+        Ok("0") => [(0, 0.0, 0.0); 2],
+        _ => label_sets(&Mesh::with("bench-labels", options(on.clone()), &[port]).unwrap()),
+    };
     let out = summary(&quiet, &full, spans, labels, started.elapsed());
     println!("\n{out}");
     let file = xtask::workspace_root().join("target").join("bench-l7-telemetry.md");
