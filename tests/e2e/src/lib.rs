@@ -89,6 +89,29 @@ pub fn directory_mesh_with(
     Ok((controller, agents))
 }
 
+/// Writes `yaml` as `name` in the controller's directory `dir` (whole, by a rename) and waits until each
+/// of `agents` holds a newer table version than before.
+pub fn apply_config(dir: &std::path::Path, agents: &[warren_testbed::Agent], name: &str, yaml: &str) -> anyhow::Result<()> {
+    let version = |a: &warren_testbed::Agent| -> anyhow::Result<u64> { Ok(a.config()?["version"].as_u64().unwrap_or(0)) };
+    let versions: Vec<u64> = agents.iter().map(version).collect::<anyhow::Result<_>>()?;
+    let tmp = dir.join(format!(".{name}.tmp"));
+    std::fs::write(&tmp, yaml)?;
+    std::fs::rename(&tmp, dir.join(name))?;
+    for (agent, before) in agents.iter().zip(versions) {
+        agent.wait_config(Duration::from_secs(10), |c| c["version"].as_u64().is_some_and(|v| v > before))?;
+    }
+    Ok(())
+}
+
+/// The tail of two agents' and the controller's logs: a failing two-node scenario's context.
+pub fn mesh_logs(agents: &[warren_testbed::Agent], controller: &warren_testbed::Controller) -> String {
+    let mut out = String::new();
+    for (i, agent) in agents.iter().enumerate() {
+        out += &format!("agent {} (node-{}):\n{}\n\n", i + 1, i + 1, log_tail(&agent.log(), 30));
+    }
+    out + &format!("controller:\n{}", log_tail(&controller.log(), 30))
+}
+
 /// The last `lines` lines of a log, for a failing scenario's context.
 pub fn log_tail(log: &str, lines: usize) -> String {
     let all: Vec<&str> = log.lines().collect();

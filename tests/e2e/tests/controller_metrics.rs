@@ -4,7 +4,7 @@
 //! the exposition accepted by `promtool check metrics`.
 use std::time::Duration;
 
-use anyhow::{Context, Result, bail, ensure};
+use anyhow::{Context, Result, ensure};
 use warren_e2e::{directory_mesh, eventually, log_tail, namespace_yaml, pod_yaml, promtool};
 use warren_testbed::{Controller, Testbed, http_get, require_privileges};
 

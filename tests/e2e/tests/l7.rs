@@ -15,7 +15,7 @@ use std::{
 };
 
 use anyhow::{Context, Result, bail, ensure};
-use warren_e2e::{directory_mesh, eventually, log_tail, namespace_yaml, pod_yaml};
+use warren_e2e::{apply_config, directory_mesh, eventually, mesh_logs, namespace_yaml, pod_yaml};
 use warren_testbed::{
     Agent, AppOptions, Controller, HttpRequests, HttpResult, Pod, Process, Testbed, app, bin_path, require_privileges,
 };
@@ -88,28 +88,14 @@ fn mesh(label: &str) -> Result<Mesh> {
 /// Builds the mesh and runs `steps`; a failure comes with the tail of every component's log.
 fn scenario(label: &str, steps: impl FnOnce(&Mesh) -> Result<()>) -> Result<()> {
     let mesh = mesh(label)?;
-    steps(&mesh).map_err(|e| {
-        e.context(format!(
-            "client agent:\n{}\n\nserver agent:\n{}\n\ncontroller:\n{}",
-            log_tail(&mesh.agents[0].log(), 30),
-            log_tail(&mesh.agents[1].log(), 30),
-            log_tail(&mesh.controller.log(), 30)
-        ))
-    })
+    steps(&mesh).map_err(|e| e.context(mesh_logs(&mesh.agents, &mesh.controller)))
 }
 
 impl Mesh {
     /// Writes `yaml` as `name` in the controller's directory and waits until both agents hold a newer
     /// version.
     fn apply(&self, name: &str, yaml: &str) -> Result<()> {
-        let versions: Vec<u64> = self.agents.iter().map(|a| version(a)).collect::<Result<_>>()?;
-        let tmp = self.dir.join(format!(".{name}.tmp"));
-        std::fs::write(&tmp, yaml)?;
-        std::fs::rename(&tmp, self.dir.join(name))?;
-        for (agent, before) in self.agents.iter().zip(versions) {
-            agent.wait_config(Duration::from_secs(10), |c| c["version"].as_u64().is_some_and(|v| v > before))?;
-        }
-        Ok(())
+        apply_config(&self.dir, &self.agents, name, yaml)
     }
 
     fn http(&self, to: &str, requests: &HttpRequests) -> Result<Vec<HttpResult>> {

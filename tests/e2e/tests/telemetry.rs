@@ -8,8 +8,8 @@
 //! `echo:7000`).
 use std::{process::Stdio, time::Duration};
 
-use anyhow::{Context, Result, bail, ensure};
-use warren_e2e::{directory_mesh, eventually, log_tail, namespace_yaml, pod_yaml, promtool};
+use anyhow::{Context, Result, ensure};
+use warren_e2e::{apply_config, directory_mesh, eventually, mesh_logs, namespace_yaml, pod_yaml, promtool};
 use warren_testbed::{
     Agent, AppOptions, Controller, HttpRequests, Load, Node, Pod, Process, Testbed, prometheus::Prometheus, require_privileges,
     sum_metric,
@@ -90,27 +90,12 @@ fn mesh(label: &str) -> Result<Mesh> {
 
 fn scenario(label: &str, steps: impl FnOnce(&Mesh) -> Result<()>) -> Result<()> {
     let mesh = mesh(label)?;
-    steps(&mesh).map_err(|e| {
-        e.context(format!(
-            "client agent:\n{}\n\nserver agent:\n{}\n\ncontroller:\n{}",
-            log_tail(&mesh.agents[0].log(), 30),
-            log_tail(&mesh.agents[1].log(), 30),
-            log_tail(&mesh.controller.log(), 30)
-        ))
-    })
+    steps(&mesh).map_err(|e| e.context(mesh_logs(&mesh.agents, &mesh.controller)))
 }
 
 impl Mesh {
     fn apply(&self, name: &str, yaml: &str) -> Result<()> {
-        let versions: Vec<u64> =
-            self.agents.iter().map(|a| Ok(a.config()?["version"].as_u64().unwrap_or(0))).collect::<Result<_>>()?;
-        let tmp = self.dir.join(format!(".{name}.tmp"));
-        std::fs::write(&tmp, yaml)?;
-        std::fs::rename(&tmp, self.dir.join(name))?;
-        for (agent, before) in self.agents.iter().zip(versions) {
-            agent.wait_config(Duration::from_secs(10), |c| c["version"].as_u64().is_some_and(|v| v > before))?;
-        }
-        Ok(())
+        apply_config(&self.dir, &self.agents, name, yaml)
     }
 }
 
