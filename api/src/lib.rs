@@ -8,5 +8,6 @@ pub mod exposition;
 pub mod flows;
 pub mod http;
 pub mod push;
+pub mod resilience;
 pub mod tables;
 pub mod workloads;

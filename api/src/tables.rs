@@ -262,6 +262,15 @@ pub struct Service {
     /// A ServiceEntry's `resolution` (`None` for Kubernetes Services).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub resolution: Option<Resolution>,
+    /// The DestinationRule's `trafficPolicy` for this host ([`crate::resilience`]).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub traffic_policy: Option<crate::resilience::TrafficPolicy>,
+    /// Subsets' own `trafficPolicy`, by subset name.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub subset_policies: BTreeMap<String, crate::resilience::TrafficPolicy>,
+    /// The DestinationRule the policies came from.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub policy_origin: Option<Origin>,
 }
 
 /// ServiceEntry `resolution`.
@@ -380,6 +389,12 @@ impl Service {
         self.ports.iter().find(|p| p.port == port)
     }
 
+    /// The policy requests to `subset` at service port `port` get (Istio's merge; defaults when none).
+    pub fn cluster_policy(&self, subset: Option<&str>, port: u16) -> crate::resilience::ClusterPolicy {
+        let subset_policy = subset.and_then(|s| self.subset_policies.get(s));
+        crate::resilience::ClusterPolicy::merge(self.traffic_policy.as_ref(), subset_policy, port)
+    }
+
     pub fn endpoints_in(&self, subset: Option<&str>) -> impl Iterator<Item = &Endpoint> {
         self.endpoints.iter().filter(move |e| subset.is_none_or(|s| e.subsets.iter().any(|x| x == s)))
     }
@@ -458,7 +473,8 @@ pub struct HttpRule {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub timeout_ms: Option<u64>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub retries: Option<Retries>,
+    /// `retries`; `None`: the rule sets none and gets Istio's default ([`crate::resilience::RetryPolicy::istio_default`]).
+    pub retries: Option<crate::resilience::RetryPolicy>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub fault: Option<Fault>,
     /// Header operations on every request and response of the rule (a destination's add to them).
@@ -615,16 +631,6 @@ pub struct WeightedDestination {
     /// Header operations for requests sent to (and responses from) this destination.
     #[serde(default, skip_serializing_if = "HeaderOperations::is_empty")]
     pub headers: HeaderOperations,
-}
-
-#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "camelCase")]
-pub struct Retries {
-    pub attempts: u32,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub per_try_timeout_ms: Option<u64>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub retry_on: Option<String>,
 }
 
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]

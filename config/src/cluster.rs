@@ -10,6 +10,7 @@ use crate::{
     istio::{AuthorizationPolicy, DestinationRule, Gateway, ServiceEntry, VirtualService},
     workloads::{Namespace, Pod, naming, peer_authentication::PeerAuthentication},
 };
+use warren_api::resilience::Locality;
 
 #[derive(Debug, Clone, Default)]
 pub struct ClusterState {
@@ -18,6 +19,8 @@ pub struct ClusterState {
     pub services: Vec<core::Service>,
     /// Endpoints objects, used for Services without a selector (others are resolved from pods).
     pub endpoints: Vec<core::Endpoints>,
+    /// Nodes: their topology labels are the locality of the pods on them that carry no locality label.
+    pub nodes: Vec<core::Node>,
     pub virtual_services: Vec<VirtualService>,
     pub destination_rules: Vec<DestinationRule>,
     pub gateways: Vec<Gateway>,
@@ -66,7 +69,32 @@ pub fn pod_from_k8s(pod: &core::Pod) -> Option<Pod> {
         service_account: spec.and_then(|s| s.service_account_name.clone()).unwrap_or_else(|| "default".into()),
         // Unscheduled pods are on no node (an empty name).
         node: Some(spec.and_then(|s| s.node_name.clone()).unwrap_or_default()),
+        // The node's, when the pod has no label of its own, is added when compiled (nodes are read apart).
+        locality: pod_locality(pod.labels()),
     })
+}
+
+/// The pod labels Istio reads a workload's locality from, in order: `region.zone.subzone` (labels cannot
+/// hold `/`).
+pub const LOCALITY_LABELS: [&str; 2] = ["topology.istio.io/locality", "istio-locality"];
+
+/// A pod's locality from its labels, as `region/zone/subzone` ([`Locality`]'s form).
+pub fn pod_locality(labels: &BTreeMap<String, String>) -> Option<String> {
+    let label = LOCALITY_LABELS.iter().find_map(|name| labels.get(*name))?;
+    Locality::from_label(label).map(|l| l.to_string())
+}
+
+/// A node's locality from its topology labels (the beta ones Istio also reads, where the GA ones are
+/// missing); `None` without a region.
+pub fn node_locality(node: &core::Node) -> Option<String> {
+    let labels = node.labels();
+    let first = |names: &[&str]| names.iter().find_map(|n| labels.get(*n)).cloned().unwrap_or_default();
+    let locality = Locality {
+        region: first(&["topology.kubernetes.io/region", "failure-domain.beta.kubernetes.io/region"]),
+        zone: first(&["topology.kubernetes.io/zone", "failure-domain.beta.kubernetes.io/zone"]),
+        subzone: first(&["topology.istio.io/subzone"]),
+    };
+    (!locality.region.is_empty()).then(|| locality.to_string())
 }
 
 pub fn namespace_from_k8s(ns: &core::Namespace) -> Namespace {
@@ -123,6 +151,9 @@ impl ClusterState {
         }
         let namespaces = Api::<core::Namespace>::all(client.clone()).list(&ListParams::default()).await.context("listing namespaces")?;
         let pods: Vec<core::Pod> = list(&client, "pods").await?;
+        // Reading Nodes may be forbidden to whoever runs analyze: then localities come from pod labels only.
+        let nodes = Api::<core::Node>::all(client.clone()).list(&ListParams::default()).await;
+        let nodes = nodes.map(|l| l.items).unwrap_or_default();
         let peer_authentications = {
             let resource = kube::api::ApiResource::from_gvk(&kube::api::GroupVersionKind::gvk("security.istio.io", "v1", "PeerAuthentication"));
             match Api::<kube::api::DynamicObject>::all_with(client.clone(), &resource).list(&ListParams::default()).await {
@@ -140,6 +171,7 @@ impl ClusterState {
             pods: pods.iter().filter_map(pod_from_k8s).collect(),
             services: list(&client, "services").await?,
             endpoints: list(&client, "endpoints").await?,
+            nodes,
             virtual_services: list(&client, "VirtualServices").await?,
             destination_rules: list(&client, "DestinationRules").await?,
             gateways: list(&client, "Gateways").await?,
@@ -182,5 +214,28 @@ mod tests {
         state.add_yaml("apiVersion: v1\nkind: ConfigMap\nmetadata: {name: x}\n").unwrap();
         assert!(state.notices.iter().any(|n| n.code == crate::load::SKIPPED_KIND && n.object.kind == "ConfigMap"), "{:?}", state.notices);
         assert_eq!(state.sources[&("VirtualService".into(), "default".into(), "r".into())], "<input>:11");
+    }
+
+    #[test]
+    fn pods_take_their_locality_from_istios_labels() {
+        let labels = |pairs: &[(&str, &str)]| pairs.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect();
+        assert_eq!(pod_locality(&labels(&[("istio-locality", "us-west.zone1.sub1")])).as_deref(), Some("us-west/zone1/sub1"));
+        let both = labels(&[("istio-locality", "a.b"), ("topology.istio.io/locality", "eu.eu-1")]);
+        assert_eq!(pod_locality(&both).as_deref(), Some("eu/eu-1"), "the newer label first, as Istio");
+        assert_eq!(pod_locality(&labels(&[("app", "x")])), None);
+        let mut state = ClusterState::default();
+        state
+            .add_yaml(
+                "apiVersion: v1\nkind: Pod\nmetadata: {name: a, namespace: shop, uid: u1, labels: {istio-locality: r1.z1}}\n\
+                 spec: {containers: [{name: c}], nodeName: n1}\nstatus: {podIP: 10.0.0.1}\n---\n\
+                 apiVersion: apps/v1\nkind: Deployment\nmetadata: {name: b, namespace: shop}\n\
+                 spec: {selector: {matchLabels: {app: b}}, template: {metadata: {labels: {app: b, istio-locality: r2}}}}\n---\n\
+                 apiVersion: v1\nkind: Node\nmetadata: {name: n1, labels: {topology.kubernetes.io/region: r9}}\n",
+            )
+            .unwrap();
+        let of = |name: &str| state.pods.iter().find(|p| p.name == name).and_then(|p| p.locality.clone());
+        assert_eq!((of("a").as_deref(), of("b-0").as_deref()), (Some("r1/z1"), Some("r2")), "a pod's, and a stand-in's");
+        assert_eq!(state.nodes.len(), 1, "Nodes are read (for their topology labels)");
+        assert_eq!(state.nodes[0].metadata.namespace, None, "cluster-scoped");
     }
 }

@@ -32,7 +32,6 @@ pub enum Support {
     Unsupported(&'static str),
 }
 
-const RETRIES: &str = "is not implemented by the L7 proxy yet: a failed request is not retried";
 const CORS: &str = "is not implemented by the L7 proxy yet: requests pass without CORS handling (no preflight answers)";
 const DELEGATE: &str = "is not implemented yet: a rule that delegates routes nothing";
 const STAT_PREFIX: &str = "is not implemented: Warren's metrics are not named by route";
@@ -41,7 +40,21 @@ const EXPONENTIAL_DELAY: &str = "is not implemented (Istio does not support it e
 const HTTP2_ERROR: &str = "is not implemented (Istio does not support it either): no abort is injected";
 const TCP_MATCH: &str = "is not evaluated yet: this match is not applied (a rule whose matches are all unapplied is skipped)";
 const EXPORT_TO: &str = "only \"*\" (the default) is implemented: the object is visible to every namespace";
-const RESILIENCE: &str = "is not implemented yet: the agent connects to a random endpoint of the destination with no limits";
+const TUNNEL: &str = "is not implemented: connections to the destination are not tunneled";
+const PROXY_PROTOCOL: &str = "is not implemented: no PROXY protocol header is sent to the destination";
+const COOKIE_ATTRIBUTES: &str = "is not implemented yet: an issued cookie carries only its Path and Max-Age";
+const ZONE_AWARE: &str =
+    "is not implemented yet: locality load balancing follows localityLbSetting (and Istio's defaults)";
+const WARMUP: &str =
+    "(the newer form) is not implemented yet: new endpoints get their full share at once; warmupDurationSecs works";
+const TCP_IDLE_TIMEOUT: &str =
+    "is not implemented yet: connections are not closed for being idle (http.idleTimeout works for HTTP)";
+const MAX_CONCURRENT_STREAMS: &str = "is not implemented yet: streams per upstream HTTP/2 connection are not limited";
+const HTTP2_KEEPALIVE: &str = "is not implemented yet: no HTTP/2 PINGs are sent on upstream connections";
+const CONSECUTIVE_ERRORS: &str =
+    "is deprecated and not implemented: use consecutiveGatewayErrors or consecutive5xxErrors";
+const ERROR_CODES: &str =
+    "is not implemented yet: outlier detection counts 5xx answers (and connection failures) as errors";
 const CLIENT_TLS: &str = "is not implemented: the agent uses HBONE mTLS to enrolled destinations and plaintext to others";
 const SELECTOR_DR: &str = "is not implemented: the DestinationRule applies to every client";
 const SE_ENDPOINT: &str = "is not implemented: endpoints are used by address with the service port, equally";
@@ -112,7 +125,13 @@ fn virtual_service() -> Table {
         ("http[].match[].sourceLabels", Map),
         ("http[].match[].statPrefix", Unsupported(STAT_PREFIX)),
         ("http[].timeout", Field),
-        ("http[].retries", Unsupported(RETRIES)),
+        ("http[].retries", Field),
+        ("http[].retries.attempts", Field),
+        ("http[].retries.perTryTimeout", Field),
+        ("http[].retries.retryOn", Check(retry_on)),
+        ("http[].retries.retryRemoteLocalities", Field),
+        ("http[].retries.retryIgnorePreviousHosts", Field),
+        ("http[].retries.backoff", Field),
         ("http[].corsPolicy", Unsupported(CORS)),
         ("http[].delegate", Unsupported(DELEGATE)),
         ("http[].fault", Field),
@@ -192,6 +211,16 @@ fn body_bytes(value: &Value) -> Option<String> {
     })
 }
 
+/// `retryOn` conditions Istio takes that the agent does not retry on are named (the others apply; unknown
+/// ones are validation errors).
+fn retry_on(value: &Value) -> Option<String> {
+    let idle = |e: &&str| crate::validate::RETRY_ON.contains(e) && warren_api::resilience::RetryOn::parse(e).is_none();
+    let idle: Vec<&str> = value.as_str()?.split(',').map(str::trim).filter(idle).collect();
+    let (them, are) = if idle.len() == 1 { ("it", "is") } else { ("them", "are") };
+    let reason = format!("{are} not implemented yet: the agent does not retry on {them} (it does on the others)");
+    (!idle.is_empty()).then(|| format!("{} {reason}", idle.join(", ")))
+}
+
 fn destination_rule() -> Table {
     use Support::*;
     let mut t = table(&[
@@ -202,30 +231,112 @@ fn destination_rule() -> Table {
         ("subsets[].name", Field),
         ("subsets[].labels", Map),
     ]);
-    let policy = [
+    let mut policy = table(&[
         ("trafficPolicy", Field),
-        ("trafficPolicy.loadBalancer", Unsupported(RESILIENCE)),
-        ("trafficPolicy.connectionPool", Unsupported(RESILIENCE)),
-        ("trafficPolicy.outlierDetection", Unsupported(RESILIENCE)),
-        ("trafficPolicy.portLevelSettings", Unsupported(RESILIENCE)),
-        ("trafficPolicy.tunnel", Unsupported(RESILIENCE)),
-        ("trafficPolicy.proxyProtocol", Unsupported(RESILIENCE)),
-        ("trafficPolicy.retryBudget", Unsupported(RESILIENCE)),
-        ("trafficPolicy.tls", Field),
-        // The mesh's own mTLS: what Warren does between enrolled pods anyway (HBONE).
-        ("trafficPolicy.tls.mode", Values(&["ISTIO_MUTUAL"], CLIENT_TLS)),
-    ];
+        ("trafficPolicy.retryBudget", Field),
+        ("trafficPolicy.retryBudget.percent", Field),
+        ("trafficPolicy.retryBudget.minRetryConcurrency", Field),
+        ("trafficPolicy.retryBudget.budgetInterval", Field),
+        ("trafficPolicy.portLevelSettings", Field),
+        ("trafficPolicy.portLevelSettings[].port", Field),
+        ("trafficPolicy.portLevelSettings[].port.number", Field),
+        ("trafficPolicy.tunnel", Unsupported(TUNNEL)),
+        ("trafficPolicy.proxyProtocol", Unsupported(PROXY_PROTOCOL)),
+    ]);
+    // A port's settings have the policy's parts, each replacing the policy's for the port.
+    for at in ["trafficPolicy.", "trafficPolicy.portLevelSettings[]."] {
+        policy.extend(load_balancer(at));
+        policy.extend(connection_pool(at));
+        policy.extend(outlier_detection(at));
+        policy.extend(client_tls(at));
+    }
+    let policy: Vec<(&str, Support)> = policy.iter().map(|(k, v)| (k.as_str(), *v)).collect();
     t.extend(nested(&["", "subsets[]."], &policy));
-    let tls_fields = [
+    t
+}
+
+/// `tls` at `at` (`trafficPolicy.`, a port's): the mesh's own mTLS is what Warren does between enrolled
+/// pods anyway (HBONE).
+fn client_tls(at: &str) -> Table {
+    use Support::*;
+    let mut t = table(&[("tls", Field), ("tls.mode", Values(&["ISTIO_MUTUAL"], CLIENT_TLS))]);
+    let fields = [
         "clientCertificate", "privateKey", "caCertificates", "credentialName", "subjectAltNames", "sni",
         "insecureSkipVerify", "caCrl",
     ];
-    for prefix in ["", "subsets[]."] {
-        for field in tls_fields {
-            t.insert(format!("{prefix}trafficPolicy.tls.{field}"), Unsupported(CLIENT_TLS));
-        }
-    }
-    t
+    t.extend(fields.iter().map(|f| (format!("tls.{f}"), Unsupported(CLIENT_TLS))));
+    prefixed(at, t)
+}
+
+fn prefixed(at: &str, t: Table) -> Table {
+    t.into_iter().map(|(path, support)| (format!("{at}{path}"), support)).collect()
+}
+
+fn load_balancer(at: &str) -> Table {
+    use Support::*;
+    let mut t = table(&[
+        ("loadBalancer", Field),
+        ("loadBalancer.simple", Field),
+        ("loadBalancer.consistentHash", Field),
+        ("loadBalancer.consistentHash.httpCookie", Field),
+        ("loadBalancer.consistentHash.httpCookie.attributes", Unsupported(COOKIE_ATTRIBUTES)),
+        ("loadBalancer.consistentHash.ringHash", Field),
+        ("loadBalancer.consistentHash.ringHash.minimumRingSize", Field),
+        ("loadBalancer.consistentHash.maglev", Field),
+        ("loadBalancer.consistentHash.maglev.tableSize", Field),
+        ("loadBalancer.localityLbSetting", Field),
+        ("loadBalancer.localityLbSetting.distribute[].to", Map),
+        ("loadBalancer.zoneAwareLbSetting", Unsupported(ZONE_AWARE)),
+        ("loadBalancer.warmupDurationSecs", Field),
+        ("loadBalancer.warmup", Unsupported(WARMUP)),
+    ]);
+    let hash = [
+        "httpHeaderName", "useSourceIp", "httpQueryParameterName", "minimumRingSize", "httpCookie.name", "httpCookie.path",
+        "httpCookie.ttl",
+    ];
+    t.extend(hash.iter().map(|f| (format!("loadBalancer.consistentHash.{f}"), Field)));
+    let locality =
+        ["enabled", "distribute", "distribute[].from", "failover", "failover[].from", "failover[].to", "failoverPriority"];
+    t.extend(locality.iter().map(|f| (format!("loadBalancer.localityLbSetting.{f}"), Field)));
+    prefixed(at, t)
+}
+
+fn connection_pool(at: &str) -> Table {
+    use Support::*;
+    let mut t = table(&[
+        ("connectionPool", Field),
+        ("connectionPool.tcp", Field),
+        ("connectionPool.tcp.idleTimeout", Unsupported(TCP_IDLE_TIMEOUT)),
+        ("connectionPool.http", Field),
+        ("connectionPool.http.maxConcurrentStreams", Unsupported(MAX_CONCURRENT_STREAMS)),
+        ("connectionPool.http.http2KeepAlive", Unsupported(HTTP2_KEEPALIVE)),
+    ]);
+    let tcp = [
+        "maxConnections", "connectTimeout", "tcpKeepalive", "tcpKeepalive.probes", "tcpKeepalive.time", "tcpKeepalive.interval",
+        "maxConnectionDuration",
+    ];
+    t.extend(tcp.iter().map(|f| (format!("connectionPool.tcp.{f}"), Field)));
+    let http = [
+        "http1MaxPendingRequests", "http2MaxRequests", "maxRequestsPerConnection", "maxRetries", "idleTimeout",
+        "h2UpgradePolicy", "useClientProtocol",
+    ];
+    t.extend(http.iter().map(|f| (format!("connectionPool.http.{f}"), Field)));
+    prefixed(at, t)
+}
+
+fn outlier_detection(at: &str) -> Table {
+    use Support::*;
+    let mut t = table(&[
+        ("outlierDetection", Field),
+        ("outlierDetection.consecutiveErrors", Unsupported(CONSECUTIVE_ERRORS)),
+        ("outlierDetection.outlierDetectionHttpErrorCodes", Unsupported(ERROR_CODES)),
+    ]);
+    let fields = [
+        "splitExternalLocalOriginErrors", "consecutiveLocalOriginFailures", "consecutiveGatewayErrors", "consecutive5xxErrors",
+        "interval", "baseEjectionTime", "maxEjectionPercent", "minHealthPercent",
+    ];
+    t.extend(fields.iter().map(|f| (format!("outlierDetection.{f}"), Field)));
+    prefixed(at, t)
 }
 
 fn gateway() -> Table {
@@ -561,18 +672,18 @@ mod tests {
         let found = reviewed(
             "VirtualService",
             "hosts: [r]\nhttp:\n- match: [{queryParams: {v: {exact: '1'}}, statPrefix: x}]\n  route: [{destination: {host: r}}]\n  mirror: {host: m}\n\
-             \x20 retries: {attempts: 3}\n  corsPolicy: {allowOrigins: [{exact: x}]}\n\
+             \x20 retries: {attempts: 3, retryOn: '5xx,envoy-ratelimited'}\n  corsPolicy: {allowOrigins: [{exact: x}]}\n\
              - route: [{destination: {host: r, subsetz: v1}}]\ntcp: [{match: [{sourceLabels: {app: a}}], route: [{destination: {host: r}}]}]\n",
         );
         let fields: Vec<&str> = found.iter().map(|f| f.split(": ").next().unwrap()).collect();
         assert_eq!(fields, [
             "spec.http[0].corsPolicy",
             "spec.http[0].match[0].statPrefix",
-            "spec.http[0].retries",
+            "spec.http[0].retries.retryOn",
             "spec.http[1].route[0].destination.subsetz",
             "spec.tcp[0].match[0].sourceLabels",
         ], "{found:#?}");
-        assert!(found[2].starts_with("spec.http[0].retries: is not implemented by the L7 proxy yet"), "{found:#?}");
+        assert_eq!(found[2], "spec.http[0].retries.retryOn: envoy-ratelimited is not implemented yet: the agent does not retry on it (it does on the others)");
         assert!(found[3].starts_with("spec.http[1].route[0].destination.subsetz: \"subsetz\" is not a field"), "{found:#?}");
         assert!(found[4].starts_with("spec.tcp[0].match[0].sourceLabels: is not evaluated"), "{found:#?}");
         let l7 = reviewed(
@@ -589,10 +700,42 @@ mod tests {
             "spec.http[2].fault.delay.exponentialDelay",
         ], "{l7:#?}");
         assert!(l7[1].contains("binary bodies are not supported yet"), "{l7:#?}");
-        let dr = reviewed("DestinationRule", "host: r\ntrafficPolicy: {connectionPool: {tcp: {maxConnections: 1}}, tls: {mode: ISTIO_MUTUAL}}\nsubsets: [{name: v1, labels: {version: v1}, trafficPolicy: {outlierDetection: {consecutive5xxErrors: 1}}}]");
-        assert_eq!(dr.len(), 2, "{dr:#?}");
-        assert!(dr[0].starts_with("spec.subsets[0].trafficPolicy.outlierDetection: is not implemented yet") || dr[1].starts_with("spec.subsets[0].trafficPolicy.outlierDetection"), "{dr:#?}");
-        assert!(dr.iter().any(|f| f.starts_with("spec.trafficPolicy.connectionPool: is not implemented yet")), "{dr:#?}");
+        let dr = reviewed(
+            "DestinationRule",
+            "host: r\ntrafficPolicy:\n  connectionPool: {tcp: {maxConnections: 1, idleTimeout: 1h}, http: {maxConcurrentStreams: 5}}\n  \
+             portLevelSettings: [{port: {number: 80}, loadBalancer: {warmup: {duration: 1s}}, tls: {mode: SIMPLE}}]\n  tunnel: {targetHost: x, targetPort: 1}\n\
+             subsets: [{name: v1, labels: {version: v1}, trafficPolicy: {outlierDetection: {consecutiveErrors: 1, interval: 1s}, \
+             loadBalancer: {consistentHash: {httpCookie: {name: c, attributes: [{name: Secure}]}}}}}]",
+        );
+        assert_eq!(dr, [
+            "spec.subsets[0].trafficPolicy.loadBalancer.consistentHash.httpCookie.attributes: is not implemented yet: an issued cookie carries only its Path and Max-Age",
+            "spec.subsets[0].trafficPolicy.outlierDetection.consecutiveErrors: is deprecated and not implemented: use consecutiveGatewayErrors or consecutive5xxErrors",
+            "spec.trafficPolicy.connectionPool.http.maxConcurrentStreams: is not implemented yet: streams per upstream HTTP/2 connection are not limited",
+            "spec.trafficPolicy.connectionPool.tcp.idleTimeout: is not implemented yet: connections are not closed for being idle (http.idleTimeout works for HTTP)",
+            "spec.trafficPolicy.portLevelSettings[0].loadBalancer.warmup: (the newer form) is not implemented yet: new endpoints get their full share at once; warmupDurationSecs works",
+            "spec.trafficPolicy.portLevelSettings[0].tls.mode: \"SIMPLE\": is not implemented: the agent uses HBONE mTLS to enrolled destinations and plaintext to others",
+            "spec.trafficPolicy.tunnel: is not implemented: connections to the destination are not tunneled",
+        ], "{dr:#?}");
+        // Control: every resilience field the agent acts on, at the top, in a subset and at a port.
+        let parts = "loadBalancer: {consistentHash: {httpCookie: {name: u, path: /, ttl: 0s}, ringHash: {minimumRingSize: 2048}}, \
+            localityLbSetting: {enabled: true, failover: [{from: us, to: eu}], failoverPriority: [app]}, warmupDurationSecs: 30s}, \
+            connectionPool: {tcp: {maxConnections: 1, connectTimeout: 1s, tcpKeepalive: {probes: 3, time: 1s, interval: 1s}, maxConnectionDuration: 1h}, \
+            http: {http1MaxPendingRequests: 1, http2MaxRequests: 1, maxRequestsPerConnection: 1, maxRetries: 1, idleTimeout: 1s, \
+            h2UpgradePolicy: UPGRADE, useClientProtocol: false}}, \
+            outlierDetection: {splitExternalLocalOriginErrors: true, consecutiveLocalOriginFailures: 1, consecutiveGatewayErrors: 1, \
+            consecutive5xxErrors: 1, interval: 1s, baseEjectionTime: 1s, maxEjectionPercent: 1, minHealthPercent: 1}";
+        let policy = format!(
+            "{{{parts}, retryBudget: {{percent: 20, minRetryConcurrency: 3, budgetInterval: 1s}}, \
+             portLevelSettings: [{{port: {{number: 80}}, {parts}, tls: {{mode: ISTIO_MUTUAL}}}}]}}"
+        );
+        let honoured = format!("host: r\ntrafficPolicy: {policy}\nsubsets: [{{name: v1, trafficPolicy: {policy}}}]");
+        assert_eq!(reviewed("DestinationRule", &honoured), Vec::<String>::new());
+        let hashes = "host: r\ntrafficPolicy: {loadBalancer: {consistentHash: {httpHeaderName: x, minimumRingSize: 8, maglev: {tableSize: 7}}}}\n\
+            subsets: [{name: a, trafficPolicy: {loadBalancer: {simple: LEAST_REQUEST, localityLbSetting: {distribute: [{from: 'a/*', to: {'b/*': 100}}]}}}}]";
+        assert_eq!(reviewed("DestinationRule", hashes), Vec::<String>::new());
+        let sources = "hosts: [r]\nhttp: [{route: [{destination: {host: r}}], retries: {attempts: 3, perTryTimeout: 1s, retryOn: '5xx,503', \
+            retryRemoteLocalities: true, retryIgnorePreviousHosts: false, backoff: 1s}}]";
+        assert_eq!(reviewed("VirtualService", sources), Vec::<String>::new());
         // Control: what Warren honours produces nothing.
         assert_eq!(reviewed("VirtualService", "hosts: [r]\ngateways: [mesh]\nhttp: [{route: [{destination: {host: r, subset: v1}, weight: 3}]}]"), Vec::<String>::new());
         let honoured = "hosts: [r]\nhttp:\n\

@@ -2,15 +2,17 @@
 //! names the field (a JSON path below the object) and the value. An object with problems is not compiled,
 //! and its last valid version stays in force. Fields Warren does not act on are [`crate::support`]'s
 //! business; values are checked here whether or not Warren acts on them yet.
+mod resilience;
+
 use std::{net::IpAddr, time::Duration};
 
-use serde_json::Value;
+pub use resilience::{RETRY_ON, is_retry_condition, status_code};
 
 use crate::{
     istio::{
-        AuthorizationPolicySpec, DestinationRuleSpec, FaultAbort, FaultDelay, GatewayServer, GatewaySpec, Headers,
-        HttpDirectResponse, HttpRedirect, HttpRewrite, HttpRoute, Percent, RuleSource, ServiceEntrySpec, StringMatch,
-        TrafficPolicy, VirtualServiceSpec,
+        AuthorizationPolicySpec, ClientTls, DestinationRuleSpec, FaultAbort, FaultDelay, GatewayServer, GatewaySpec,
+        Headers, HttpDirectResponse, HttpRedirect, HttpRewrite, HttpRoute, Percent, RuleSource, ServiceEntrySpec,
+        StringMatch, VirtualServiceSpec,
     },
     workloads::peer_authentication::Spec as PeerAuthenticationSpec,
 };
@@ -503,11 +505,7 @@ fn check_http_route(errors: &mut Errors, at: &str, route: &HttpRoute) {
     check_weights(errors, &format!("{at}.route"), &route.route.iter().map(|d| d.weight).collect::<Vec<_>>());
     check_duration(errors, format!("{at}.timeout"), &route.timeout);
     if let Some(retries) = &route.retries {
-        if retries.attempts < 0 {
-            errors.add(format!("{at}.retries.attempts"), format!("{} is negative", retries.attempts));
-        }
-        check_duration(errors, format!("{at}.retries.perTryTimeout"), &retries.per_try_timeout);
-        check_duration(errors, format!("{at}.retries.backoff"), &retries.backoff);
+        resilience::check_retries(errors, at, retries);
     }
     if let Some(fault) = &route.fault {
         check_fault(errors, at, fault);
@@ -678,58 +676,14 @@ fn check_ip_block(errors: &mut Errors, field: String, text: &str) {
     }
 }
 
-fn check_traffic_policy(errors: &mut Errors, at: &str, policy: &TrafficPolicy) {
-    if let Some(tls) = &policy.tls {
-        let mode = tls.mode.as_deref().unwrap_or("DISABLE");
-        if !matches!(mode, "DISABLE" | "SIMPLE" | "MUTUAL" | "ISTIO_MUTUAL") {
-            errors.add(format!("{at}.tls.mode"), format!("{mode:?} is not a TLS mode (DISABLE, SIMPLE, MUTUAL, ISTIO_MUTUAL)"));
-        }
-        if mode == "MUTUAL" && tls.credential_name.is_none() && (tls.client_certificate.is_none() || tls.private_key.is_none()) {
-            errors.add(format!("{at}.tls"), "MUTUAL needs credentialName, or clientCertificate and privateKey");
-        }
+/// `tls` of a traffic policy or a port's (`at` names it).
+fn check_client_tls(errors: &mut Errors, at: &str, tls: &ClientTls) {
+    let mode = tls.mode.as_deref().unwrap_or("DISABLE");
+    if !matches!(mode, "DISABLE" | "SIMPLE" | "MUTUAL" | "ISTIO_MUTUAL") {
+        errors.add(format!("{at}.mode"), format!("{mode:?} is not a TLS mode (DISABLE, SIMPLE, MUTUAL, ISTIO_MUTUAL)"));
     }
-    let raw = serde_json::to_value(policy).unwrap_or_default();
-    check_raw(errors, at, &raw);
-}
-
-/// Checks values inside the parts of a traffic policy kept as raw JSON by their field names: durations,
-/// percentages, counts, load balancer names — what Istio's validation rejects, before Warren acts on them.
-fn check_raw(errors: &mut Errors, at: &str, value: &Value) {
-    const DURATIONS: &[&str] = &["connectTimeout", "idleTimeout", "interval", "baseEjectionTime", "time", "ttl", "maxConnectionDuration"];
-    const PERCENTS: &[&str] = &["maxEjectionPercent", "minHealthPercent"];
-    const COUNTS: &[&str] = &[
-        "maxConnections", "http1MaxPendingRequests", "http2MaxRequests", "maxRequestsPerConnection", "maxRetries",
-        "consecutive5xxErrors", "consecutiveGatewayErrors", "consecutiveLocalOriginFailures", "probes", "maxConcurrentStreams",
-    ];
-    let Value::Object(fields) = value else { return };
-    for (key, child) in fields {
-        let field = format!("{at}.{key}");
-        let name = key.as_str();
-        if DURATIONS.contains(&name) {
-            match child.as_str() {
-                Some(text) => check_duration(errors, field, &Some(text.to_string())),
-                None => errors.add(field, format!("{child} is not a duration (e.g. 1.5s, 300ms)")),
-            }
-        } else if PERCENTS.contains(&name) {
-            if !child.as_i64().is_some_and(|p| (0..=100).contains(&p)) {
-                errors.add(field, format!("{child} is not a percentage between 0 and 100"));
-            }
-        } else if COUNTS.contains(&name) {
-            if !child.as_i64().is_some_and(|n| (0..=i64::from(i32::MAX)).contains(&n)) {
-                errors.add(field, format!("{child} is not a count (0 or more)"));
-            }
-        } else if name == "simple" {
-            let known = ["UNSPECIFIED", "LEAST_CONN", "RANDOM", "PASSTHROUGH", "ROUND_ROBIN", "LEAST_REQUEST"];
-            if !child.as_str().is_some_and(|s| known.contains(&s)) {
-                errors.add(field, format!("{child} is not a load balancer ({})", known.join(", ")));
-            }
-        } else if matches!(child, Value::Object(_)) {
-            check_raw(errors, &field, child);
-        } else if let Value::Array(items) = child {
-            for (i, item) in items.iter().enumerate() {
-                check_raw(errors, &format!("{field}[{i}]"), item);
-            }
-        }
+    if mode == "MUTUAL" && tls.credential_name.is_none() && (tls.client_certificate.is_none() || tls.private_key.is_none()) {
+        errors.add(at.to_string(), "MUTUAL needs credentialName, or clientCertificate and privateKey");
     }
 }
 
@@ -738,7 +692,7 @@ pub fn destination_rule(spec: &DestinationRuleSpec) -> Vec<FieldError> {
     check_host(&mut errors, "spec.host".into(), &spec.host);
     check_export_to(&mut errors, &spec.export_to);
     if let Some(policy) = &spec.traffic_policy {
-        check_traffic_policy(&mut errors, "spec.trafficPolicy", policy);
+        resilience::check_traffic_policy(&mut errors, "spec.trafficPolicy", policy);
     }
     let mut seen = std::collections::BTreeSet::new();
     for (i, subset) in spec.subsets.iter().enumerate() {
@@ -748,7 +702,7 @@ pub fn destination_rule(spec: &DestinationRuleSpec) -> Vec<FieldError> {
             errors.add(format!("spec.subsets[{i}].name"), format!("{:?} is defined twice", subset.name));
         }
         if let Some(policy) = &subset.traffic_policy {
-            check_traffic_policy(&mut errors, &format!("spec.subsets[{i}].trafficPolicy"), policy);
+            resilience::check_traffic_policy(&mut errors, &format!("spec.subsets[{i}].trafficPolicy"), policy);
         }
     }
     errors.0

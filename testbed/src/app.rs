@@ -88,13 +88,52 @@ pub struct AppOptions {
     /// No [`ReceivedRequest`] line per request (under load: thousands a second).
     #[serde(default)]
     pub quiet: bool,
+    /// Misbehaviour, to exercise the mesh's resilience: every `fail_every`-th request (counted over all
+    /// but `/status/N`) is answered `fail_status` at once (0: never; 1: always).
+    #[serde(default)]
+    pub fail_every: u32,
+    #[serde(default = "default_fail_status")]
+    pub fail_status: u16,
+    /// Every answer waits this long first (a slow endpoint).
+    #[serde(default)]
+    pub delay_ms: u64,
+}
+
+fn default_fail_status() -> u16 {
+    500
 }
 
 impl AppOptions {
     /// `service` `version` on bookinfo's port 9080, calling nothing.
     pub fn new(service: &str, version: &str) -> AppOptions {
         let (service, version) = (service.to_string(), version.to_string());
-        AppOptions { service, version, port: BOOKINFO_PORT, calls: vec![], quiet: false }
+        AppOptions {
+            service,
+            version,
+            port: BOOKINFO_PORT,
+            calls: vec![],
+            quiet: false,
+            fail_every: 0,
+            fail_status: default_fail_status(),
+            delay_ms: 0,
+        }
+    }
+
+    /// Answers every `every`-th request with `status` (1: all of them).
+    pub fn failing(mut self, every: u32, status: u16) -> AppOptions {
+        (self.fail_every, self.fail_status) = (every, status);
+        self
+    }
+
+    /// Waits `delay` before every answer.
+    pub fn slow(mut self, delay: Duration) -> AppOptions {
+        self.delay_ms = delay.as_millis() as u64;
+        self
+    }
+
+    pub fn quiet(mut self) -> AppOptions {
+        self.quiet = true;
+        self
     }
 
     pub fn call(mut self, upstream: Upstream) -> AppOptions {
@@ -111,6 +150,12 @@ impl AppOptions {
         }
         if self.quiet {
             args.push("--quiet".into());
+        }
+        if self.fail_every > 0 {
+            args.extend(["--fail-every".into(), self.fail_every.to_string(), "--fail-status".into(), self.fail_status.to_string()]);
+        }
+        if self.delay_ms > 0 {
+            args.extend(["--delay-ms".into(), self.delay_ms.to_string()]);
         }
         args
     }

@@ -29,6 +29,7 @@ fn set(policies: &[Arc<Policy>]) -> WorkloadPolicies {
         service_account: "httpbin".into(),
         node: None,
         workload: None,
+        locality: None,
     };
     WorkloadPolicies::for_workload(policies, &pod)
 }
@@ -146,6 +147,7 @@ fn scope_root_namespace_and_selector() {
         service_account: "a".into(),
         node: None,
         workload: None,
+        locality: None,
     };
     let mut p =
         Policy { origin: Origin::new("AuthorizationPolicy", "istio-system", "mesh", None), ..Default::default() };

@@ -41,6 +41,7 @@ mod tests {
             service_account: "default".into(),
             node: None,
             workload: None,
+            locality: None,
         }
     }
     fn labels(pairs: &[(&str, &str)]) -> BTreeMap<String, String> {

@@ -35,6 +35,10 @@ pub struct Pod {
     /// Deployment, [`naming::workload_name`]); `None`: the pod's own name.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub workload: Option<String>,
+    /// Where the pod runs, `region/zone/subzone` ([`crate::resilience::Locality`]): its `istio-locality`
+    /// label, else its node's topology labels.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub locality: Option<String>,
 }
 
 fn default_service_account() -> String {

@@ -187,6 +187,7 @@ mod tests {
             service_account: "default".into(),
             node: None,
             workload: None,
+            locality: None,
         }
     }
 

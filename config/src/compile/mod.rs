@@ -5,6 +5,7 @@ mod gateway;
 
 pub use gateway::mesh_config_error;
 pub mod policy;
+mod resilience;
 mod service_entry;
 
 use std::{
@@ -21,7 +22,7 @@ use crate::{
     istio::{self, Destination, HttpRoute, VirtualService},
     tables::{
         DirectResponse, Endpoint, Fault, HeaderOperations, HeaderOps, HttpRule, Mirror, Origin, Redirect, RegexRewrite,
-        Resource, Retries, Rewrite, Route, Service, ServicePort, Tables, TcpRule, TlsMatch, TlsRule, WeightedDestination,
+        Resource, Rewrite, Route, Service, ServicePort, Tables, TcpRule, TlsMatch, TlsRule, WeightedDestination,
     },
     validate::{base64_decode, duration_ms, fault_percent, grpc_code},
     workloads::{Pod, is_enrolled},
@@ -90,6 +91,7 @@ pub fn istio_order<K: kube::Resource>(a: &K, b: &K) -> std::cmp::Ordering {
 struct SubsetsOf<'a> {
     origin: Origin,
     subsets: Vec<(&'a str, &'a BTreeMap<String, String>)>,
+    policies: resilience::Policies,
 }
 
 pub fn compile(state: &ClusterState) -> Compiled {
@@ -100,31 +102,18 @@ pub fn compile(state: &ClusterState) -> Compiled {
     for ns in &state.namespaces {
         add(Resource::Namespace(ns.clone()));
     }
-    for pod in &state.pods {
+    let node_localities = node_localities(state);
+    let pods = with_localities(&state.pods, &node_localities);
+    for pod in &pods {
         add(Resource::Workload(pod.clone()));
     }
 
-    // DestinationRule subsets by the host they qualify to. Several DestinationRules of one host merge as in
-    // Istio: in age order, each adds the subsets not defined yet; the oldest is named as the origin.
-    let mut subsets: HashMap<String, SubsetsOf> = HashMap::new();
-    let mut rules: Vec<_> = state.destination_rules.iter().collect();
-    rules.sort_by(|a, b| istio_order(*a, *b));
-    for dr in rules {
-        let ns = dr.namespace().unwrap_or_default();
-        let merged = subsets.entry(qualify(&dr.spec.host, &ns)).or_insert_with(|| SubsetsOf {
-            origin: Origin::new("DestinationRule", &ns, &dr.name_any(), dr.metadata.generation),
-            subsets: Vec::new(),
-        });
-        for subset in &dr.spec.subsets {
-            if !merged.subsets.iter().any(|(name, _)| *name == subset.name) {
-                merged.subsets.push((subset.name.as_str(), &subset.labels));
-            }
-        }
-    }
-    let pods_by_namespace: HashMap<&str, Vec<&Pod>> = state.pods.iter().fold(HashMap::new(), |mut m, p| {
+    let subsets = destination_rules(state);
+    let pods_by_namespace: HashMap<&str, Vec<&Pod>> = pods.iter().fold(HashMap::new(), |mut m, p| {
         m.entry(p.namespace.as_str()).or_default().push(p);
         m
     });
+    let pods_by_key: HashMap<String, &Pod> = pods.iter().map(|p| (p.key(), p)).collect();
     let endpoints_by_service: HashMap<(String, String), &core::Endpoints> =
         state.endpoints.iter().map(|e| ((e.namespace().unwrap_or_default(), e.name_any()), e)).collect();
 
@@ -175,7 +164,7 @@ pub fn compile(state: &ClusterState) -> Compiled {
                         workload: Some(p.key()),
                         node: p.node.clone().filter(|n| !n.is_empty()),
                         subsets: subset_names(&p.labels),
-                        locality: None,
+                        locality: p.locality.clone(),
                         hostname: None,
                     })
                 })
@@ -187,19 +176,24 @@ pub fn compile(state: &ClusterState) -> Compiled {
                 .flatten()
                 .flat_map(|s| s.addresses.iter().flatten())
                 .filter_map(|a| {
+                    let target = a.target_ref.as_ref();
+                    let workload = target.and_then(|t| Some(format!("{}/{}", t.namespace.as_ref()?, t.name.as_ref()?)));
+                    // The pod's locality when the address is a pod's, else its node's.
+                    let pod_locality = workload.as_ref().and_then(|w| pods_by_key.get(w)?.locality.clone());
+                    let node_locality = a.node_name.as_ref().and_then(|n| node_localities.get(n.as_str()).cloned());
                     Some(Endpoint {
                         ip: a.ip.parse().ok()?,
-                        workload: a.target_ref.as_ref().and_then(|t| Some(format!("{}/{}", t.namespace.as_ref()?, t.name.as_ref()?))),
+                        workload,
                         node: a.node_name.clone(),
                         subsets: Vec::new(),
-                        locality: None,
+                        locality: pod_locality.or(node_locality),
                         hostname: None,
                     })
                 })
                 .collect(),
         };
         services_by_host.insert(hostname.clone(), format!("{ns}/{name}"));
-        add(Resource::Service(Service {
+        let mut service = Service {
             namespace: ns.clone(),
             name: name.clone(),
             hostname,
@@ -210,7 +204,11 @@ pub fn compile(state: &ClusterState) -> Compiled {
             origin: Origin::new("Service", &ns, &name, svc.metadata.generation),
             subset_origin: dr.map(|d| d.origin.clone()),
             ..Default::default()
-        }));
+        };
+        if let Some(dr) = dr {
+            dr.policies.apply(&mut service);
+        }
+        add(Resource::Service(service));
     }
     for se in &state.service_entries {
         for service in service_entry::compile(se, &subsets) {
@@ -252,6 +250,49 @@ pub fn compile(state: &ClusterState) -> Compiled {
     }
     add(Resource::MeshConfig(gateway::mesh_config(state)));
     out
+}
+
+/// DestinationRules by the host they qualify to. Several of one host merge as in Istio: in age order, each
+/// adds the subsets not defined yet (with their policies), the first with a top-level policy gives it, and
+/// the oldest is named as the subsets' origin.
+fn destination_rules(state: &ClusterState) -> HashMap<String, SubsetsOf<'_>> {
+    let mut by_host: HashMap<String, SubsetsOf> = HashMap::new();
+    let mut rules: Vec<_> = state.destination_rules.iter().collect();
+    rules.sort_by(|a, b| istio_order(*a, *b));
+    for dr in rules {
+        let ns = dr.namespace().unwrap_or_default();
+        let origin = Origin::new("DestinationRule", &ns, &dr.name_any(), dr.metadata.generation);
+        let merged = by_host.entry(qualify(&dr.spec.host, &ns)).or_insert_with(|| SubsetsOf {
+            origin: origin.clone(),
+            subsets: Vec::new(),
+            policies: resilience::Policies::default(),
+        });
+        for subset in &dr.spec.subsets {
+            if !merged.subsets.iter().any(|(name, _)| *name == subset.name) {
+                merged.subsets.push((subset.name.as_str(), &subset.labels));
+                merged.policies.add_subset(subset, &origin);
+            }
+        }
+        merged.policies.add_top(dr.spec.traffic_policy.as_ref(), &origin);
+    }
+    by_host
+}
+
+/// Each node's locality, from its topology labels.
+fn node_localities(state: &ClusterState) -> HashMap<&str, String> {
+    let mut localities = HashMap::new();
+    for node in &state.nodes {
+        if let (Some(name), Some(locality)) = (node.metadata.name.as_deref(), crate::cluster::node_locality(node)) {
+            localities.insert(name, locality);
+        }
+    }
+    localities
+}
+
+/// The pods, each with its locality: its own label's (set when it was read), else its node's.
+fn with_localities(pods: &[Pod], nodes: &HashMap<&str, String>) -> Vec<Pod> {
+    let node_of = |pod: &Pod| pod.node.as_deref().and_then(|n| nodes.get(n).cloned());
+    pods.iter().map(|p| Pod { locality: p.locality.clone().or_else(|| node_of(p)), ..p.clone() }).collect()
 }
 
 fn destination(d: &Destination, weight: Option<i64>, namespace: &str, services: &HashMap<String, String>) -> WeightedDestination {
@@ -327,11 +368,7 @@ fn http_rule(h: &HttpRoute, namespace: &str, services: &HashMap<String, String>)
         matches: h.matches.clone(),
         destinations: normalize(destinations.collect()),
         timeout_ms: h.timeout.as_deref().and_then(duration_ms),
-        retries: h.retries.as_ref().map(|r| Retries {
-            attempts: r.attempts.max(0) as u32,
-            per_try_timeout_ms: r.per_try_timeout.as_deref().and_then(duration_ms),
-            retry_on: r.retry_on.clone(),
-        }),
+        retries: h.retries.as_ref().map(resilience::retry_policy),
         fault: h.fault.as_ref().map(|f| Fault {
             delay_ms: f.delay.as_ref().and_then(|d| d.fixed_delay.as_deref()).and_then(duration_ms),
             delay_percent: f.delay.as_ref().map(|d| fault_percent(&d.percentage, d.percent)).unwrap_or(0.0),
@@ -533,6 +570,39 @@ mod tests {
         assert_eq!(reviews.subset_origin.as_ref().unwrap().name, "early");
         let ips = |subset| reviews.endpoints_in(Some(subset)).map(|e| e.ip.to_string()).collect::<Vec<_>>();
         assert_eq!((ips("v1"), ips("v3")), (vec!["10.244.1.2".to_string()], vec!["10.244.2.3".to_string()]), "v1 is the older rule's");
+    }
+
+    #[test]
+    fn localities_come_from_pod_labels_else_nodes() {
+        let c = compiled(
+            "apiVersion: v1\nkind: Node\nmetadata:\n  name: n2\n  labels: {topology.kubernetes.io/region: eu-west1, \
+             topology.kubernetes.io/zone: eu-west1-b, topology.istio.io/subzone: rack7}\n---\n\
+             apiVersion: v1\nkind: Node\nmetadata: {name: n1, labels: {failure-domain.beta.kubernetes.io/region: us}}\n---\n\
+             apiVersion: v1\nkind: Pod\nmetadata: {name: reviews-v2, namespace: bookinfo, uid: u2, \
+             labels: {app: reviews, version: v2, istio-locality: us-west.zone1.sub1}}\n\
+             spec: {containers: [], nodeName: n1}\nstatus: {podIP: 10.244.1.9}\n---\n\
+             apiVersion: v1\nkind: Service\nmetadata: {name: legacy, namespace: bookinfo}\nspec: {ports: [{port: 80}]}\n---\n\
+             apiVersion: v1\nkind: Endpoints\nmetadata: {name: legacy, namespace: bookinfo}\n\
+             subsets: [{addresses: [{ip: 10.0.9.1, nodeName: n2}, {ip: 10.0.9.2}], ports: [{port: 80}]}]\n",
+        );
+        let locality = |key: &str| match c.resources[key].as_ref() {
+            Resource::Workload(pod) => pod.locality.clone(),
+            _ => panic!(),
+        };
+        assert_eq!(locality("workload/bookinfo/reviews-v2").as_deref(), Some("us-west/zone1/sub1"), "the pod's label first");
+        assert_eq!(locality("workload/bookinfo/reviews-v3").as_deref(), Some("eu-west1/eu-west1-b/rack7"), "else its node's");
+        assert_eq!(locality("workload/bookinfo/reviews-v1").as_deref(), Some("us"), "the beta labels too");
+        let endpoints = |name: &str| match c.resources[&format!("service/bookinfo/{name}")].as_ref() {
+            Resource::Service(s) => s.endpoints.iter().map(|e| (e.ip.to_string(), e.locality.clone())).collect::<Vec<_>>(),
+            _ => panic!(),
+        };
+        let reviews = endpoints("reviews");
+        assert!(reviews.contains(&("10.244.1.9".into(), Some("us-west/zone1/sub1".into()))), "{reviews:?}");
+        assert!(reviews.contains(&("10.244.2.3".into(), Some("eu-west1/eu-west1-b/rack7".into()))), "{reviews:?}");
+        let legacy = [("10.0.9.1".to_string(), Some("eu-west1/eu-west1-b/rack7".to_string())), ("10.0.9.2".to_string(), None)];
+        assert_eq!(endpoints("legacy"), legacy, "an Endpoints address: its node's");
+        let without_nodes = compiled("");
+        assert!(matches!(without_nodes.resources["workload/bookinfo/reviews-v1"].as_ref(), Resource::Workload(p) if p.locality.is_none()));
     }
 
     #[test]

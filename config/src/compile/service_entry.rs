@@ -56,7 +56,7 @@ pub(super) fn compile(se: &ServiceEntry, subsets: &HashMap<String, SubsetsOf>) -
             if endpoints.is_empty() && matches!(resolution, Resolution::Dns | Resolution::DnsRoundRobin) && !host.starts_with('*') {
                 endpoints.push(named_endpoint(host, Vec::new(), None));
             }
-            Service {
+            let mut service = Service {
                 namespace: ns.clone(),
                 name,
                 hostname: host.clone(),
@@ -68,7 +68,12 @@ pub(super) fn compile(se: &ServiceEntry, subsets: &HashMap<String, SubsetsOf>) -
                 subset_origin: dr.map(|d| d.origin.clone()),
                 address_blocks: if resolution == Resolution::None { address_blocks.clone() } else { Vec::new() },
                 resolution: Some(resolution),
+                ..Default::default()
+            };
+            if let Some(dr) = dr {
+                dr.policies.apply(&mut service);
             }
+            service
         })
         .collect()
 }

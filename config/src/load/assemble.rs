@@ -93,7 +93,7 @@ impl ClusterState {
     /// `add_yaml` of the same object).
     fn insert(&mut self, object: Object, source: String) {
         let Key { kind, namespace, name, .. } = object.key.clone();
-        let namespace = if kind == "Namespace" { String::new() } else { namespace };
+        let namespace = if super::object::CLUSTER_SCOPED.contains(&kind.as_str()) { String::new() } else { namespace };
         if let Some(earlier) = self.sources.insert((kind.clone(), namespace.clone(), name.clone()), source.clone()) {
             self.remove(&kind, &namespace, &name);
             self.notices.push(redefined(&object.key, &earlier, &source));
@@ -103,6 +103,7 @@ impl ClusterState {
             Body::Pod(o) => self.pods.push(o),
             Body::Service(o) => self.services.push(o),
             Body::Endpoints(o) => self.endpoints.push(o),
+            Body::Node(o) => self.nodes.push(o),
             Body::VirtualService(o) => self.virtual_services.push(o),
             Body::DestinationRule(o) => self.destination_rules.push(o),
             Body::Gateway(o) => self.gateways.push(o),
@@ -124,6 +125,7 @@ impl ClusterState {
             "Pod" => self.pods.retain(|p| !(p.namespace == namespace && p.name == name)),
             "Service" => named(&mut self.services, namespace, name),
             "Endpoints" => named(&mut self.endpoints, namespace, name),
+            "Node" => self.nodes.retain(|n| n.metadata.name.as_deref() != Some(name)),
             "VirtualService" => named(&mut self.virtual_services, namespace, name),
             "DestinationRule" => named(&mut self.destination_rules, namespace, name),
             "Gateway" => named(&mut self.gateways, namespace, name),
@@ -175,6 +177,7 @@ fn selects(selector: &BTreeMap<String, String>, labels: &BTreeMap<String, String
 
 fn stand_in(key: &Key, template: Template) -> Pod {
     Pod {
+        locality: crate::cluster::pod_locality(&template.labels),
         name: format!("{}-0", key.name),
         namespace: key.namespace.clone(),
         uid: synthetic_uid(key),

@@ -90,6 +90,8 @@ pub(crate) enum Body {
     Pod(Pod),
     Service(k8s_openapi::api::core::v1::Service),
     Endpoints(k8s_openapi::api::core::v1::Endpoints),
+    /// A Node: its topology labels give localities.
+    Node(k8s_openapi::api::core::v1::Node),
     VirtualService(crate::istio::VirtualService),
     DestinationRule(crate::istio::DestinationRule),
     Gateway(crate::istio::Gateway),

@@ -19,7 +19,7 @@ const SERVED: &[(&str, &[&str])] = &[
 ];
 
 /// Kinds without a namespace, of those Warren reads (others keep whatever their metadata says).
-const CLUSTER_SCOPED: &[&str] = &["Namespace"];
+pub(super) const CLUSTER_SCOPED: &[&str] = &["Namespace", "Node"];
 
 /// Reads one document's value; `size` is the document's text length (the object's size, for the limit).
 pub(super) fn read(read: &mut FileRead, value: Value, line: usize, size: usize) {
@@ -115,6 +115,7 @@ fn parse(group: &str, kind: &str, value: Value) -> Result<Option<Body>, ParseErr
         ("", "Pod") => return pod(value),
         ("", "Service") => Body::Service(typed(value)?),
         ("", "Endpoints") => Body::Endpoints(typed(value)?),
+        ("", "Node") => Body::Node(typed(value)?),
         ("", "Secret") => Body::Secret(typed(value)?),
         ("", "ConfigMap") if value["metadata"]["name"] == crate::compile::MESH_CONFIG_MAP => Body::MeshConfigMap(typed(value)?),
         ("networking.istio.io", "VirtualService") => Body::VirtualService(typed(value)?),

@@ -145,6 +145,14 @@ enum Cmd {
         /// No line on stdout per request received.
         #[arg(long)]
         quiet: bool,
+        /// Answer every N-th request with --fail-status (1: every request).
+        #[arg(long, default_value_t = 0)]
+        fail_every: u32,
+        #[arg(long, default_value_t = 500)]
+        fail_status: u16,
+        /// Wait this long before every answer.
+        #[arg(long, default_value_t = 0)]
+        delay_ms: u64,
     },
     /// `count` requests over `concurrency` keep-alive connections; prints one JSON report.
     Http {
@@ -215,7 +223,7 @@ fn main() -> ExitCode {
         Cmd::Pause => loop {
             std::thread::park();
         },
-        Cmd::App { service, version, port, pod, calls, call_timeout_ms, call_retries, quiet } => {
+        Cmd::App { service, version, port, pod, calls, call_timeout_ms, call_retries, quiet, fail_every, fail_status, delay_ms } => {
             let calls: Result<Vec<_>, _> = calls
                 .iter()
                 .map(|c| {
@@ -231,7 +239,8 @@ fn main() -> ExitCode {
                 }
             };
             let pod = pod.unwrap_or_else(|| service.clone());
-            app::run(warren_testbed::app::AppOptions { service, version, port, calls, quiet }, pod)
+            let options = warren_testbed::app::AppOptions { service, version, port, calls, quiet, fail_every, fail_status, delay_ms };
+            app::run(options, pod)
         }
         Cmd::Http {
             to,

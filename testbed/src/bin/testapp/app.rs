@@ -54,6 +54,8 @@ struct App {
     options: AppOptions,
     pod: String,
     client: Client<HttpConnector, Empty<Bytes>>,
+    /// Requests counted for `fail_every`.
+    served: std::sync::atomic::AtomicU64,
 }
 
 pub fn run(options: AppOptions, pod: String) -> std::process::ExitCode {
@@ -71,7 +73,7 @@ pub fn run(options: AppOptions, pod: String) -> std::process::ExitCode {
         let mut connector = HttpConnector::new();
         connector.set_nodelay(true);
         let client = Client::builder(TokioExecutor::new()).pool_idle_timeout(Duration::from_secs(90)).build(connector);
-        let app = Arc::new(App { options, pod, client });
+        let app = Arc::new(App { options, pod, client, served: Default::default() });
         println!("ready");
         let _ = std::io::stdout().flush();
         loop {
@@ -193,6 +195,16 @@ impl App {
                 Ok(size) if size <= MAX_BYTES => bytes_response(size),
                 _ => json_response(StatusCode::BAD_REQUEST, &answer),
             };
+        }
+        if !bare.starts_with("/status/") {
+            if self.options.delay_ms > 0 {
+                tokio::time::sleep(Duration::from_millis(self.options.delay_ms)).await;
+            }
+            let n = self.served.fetch_add(1, std::sync::atomic::Ordering::Relaxed) + 1;
+            if self.options.fail_every > 0 && n % u64::from(self.options.fail_every) == 0 {
+                let status = StatusCode::from_u16(self.options.fail_status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
+                return json_response(status, &answer);
+            }
         }
         if let Some(code) = bare.strip_prefix("/status/") {
             let status = code.parse().ok().and_then(|c| StatusCode::from_u16(c).ok());
