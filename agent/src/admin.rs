@@ -34,6 +34,8 @@ pub struct AdminState {
     pub node: String,
     /// The flow table `/graph` draws.
     pub telemetry: Arc<crate::telemetry::Telemetry>,
+    /// Endpoint health and pool state, `/endpoints`.
+    pub clusters: Arc<crate::resilience::cluster::Clusters>,
 }
 
 pub async fn bind(addr: SocketAddr) -> Result<TcpListener> {
@@ -124,6 +126,11 @@ async fn handle(req: Request<Incoming>, state: Arc<AdminState>) -> Result<Respon
             "application/json",
             serde_json::to_string_pretty(&state.telemetry.flows.graph(&state.node)).unwrap_or_default(),
         ),
+        "/endpoints" => {
+            let tables = state.tables.borrow().clone();
+            let view = warren_api::admin::EndpointsView { version: tables.version, clusters: state.clusters.view(None) };
+            (StatusCode::OK, "application/json", serde_json::to_string_pretty(&view).unwrap_or_default())
+        }
         "/policies" => {
             let tables = state.tables.borrow().clone();
             let view = tables.policies_view(&state.node, &state.authorizer.hits());
@@ -132,7 +139,7 @@ async fn handle(req: Request<Incoming>, state: Arc<AdminState>) -> Result<Respon
         _ => (
             StatusCode::NOT_FOUND,
             "text/plain",
-            "endpoints: /ready /metrics /connections /workloads /certificates /config /policies /graph\n".to_string(),
+            "endpoints: /ready /metrics /connections /workloads /certificates /config /policies /graph /endpoints\n".to_string(),
         ),
     };
     Ok(plain((status, content_type, body)))

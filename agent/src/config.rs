@@ -69,6 +69,62 @@ pub struct AgentConfig {
     pub controller: Option<crate::sources::controller::ControllerSource>,
     /// Workload identities and mTLS (HBONE between enrolled pods). Without it: plain L4.
     pub identity: Option<crate::identity::IdentityConfig>,
+    /// Warren's retry budget for destinations whose DestinationRule sets no `retryBudget`.
+    #[serde(default)]
+    pub retry_budget: DefaultRetryBudget,
+}
+
+/// Warren's default retry budget (not Istio's: Istio has none unless a DestinationRule sets one): over a
+/// sliding `windowSeconds`, retries may add at most `percent` % to the requests, plus a floor of
+/// `minRetriesPerSecond` so that light traffic can always retry. `enabled: false`: retries are limited
+/// only by each rule's `attempts` (and `maxRetries`), as in Istio.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct DefaultRetryBudget {
+    #[serde(default = "yes")]
+    pub enabled: bool,
+    #[serde(default = "default_budget_percent")]
+    pub percent: f64,
+    #[serde(default = "default_min_retries_per_second")]
+    pub min_retries_per_second: u32,
+    #[serde(default = "default_budget_window")]
+    pub window_seconds: u64,
+}
+
+impl Default for DefaultRetryBudget {
+    fn default() -> Self {
+        DefaultRetryBudget {
+            enabled: true,
+            percent: default_budget_percent(),
+            min_retries_per_second: default_min_retries_per_second(),
+            window_seconds: default_budget_window(),
+        }
+    }
+}
+
+impl DefaultRetryBudget {
+    pub fn budget(&self) -> crate::resilience::budget::BudgetConfig {
+        use crate::resilience::budget::BudgetConfig;
+        if !self.enabled {
+            return BudgetConfig::Unlimited;
+        }
+        let window = std::time::Duration::from_secs(self.window_seconds.max(1));
+        let floor = self.min_retries_per_second.saturating_mul(self.window_seconds.max(1) as u32);
+        BudgetConfig::Windowed { window, percent: self.percent, floor }
+    }
+}
+
+fn yes() -> bool {
+    true
+}
+fn default_budget_percent() -> f64 {
+    20.0
+}
+fn default_min_retries_per_second() -> u32 {
+    10
+}
+fn default_budget_window() -> u64 {
+    10
 }
 
 #[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]

@@ -13,6 +13,7 @@ pub mod inpod;
 pub mod inspect;
 pub mod metrics;
 pub mod proxy;
+pub mod resilience;
 pub mod run;
 pub mod sources;
 pub mod uninstall;

@@ -90,6 +90,11 @@ enum Inspect {
     /// workload, its destinations with request rate, error ratio, p99 and mTLS, over the last minute.
     #[command(after_help = "Examples:\n  warren-agent inspect graph\n  warren-agent inspect graph -n bookinfo -o json")]
     Graph(inspect::ViewArgs),
+    /// Per service, subset and port this node's clients send requests to (as `istioctl proxy-config
+    /// endpoints`): each endpoint's locality, health (ejected, and for how long), requests in flight and
+    /// failures; the connection pool's limits, what is open and what overflowed; the retry budget.
+    #[command(after_help = "Examples:\n  warren-agent inspect endpoints\n  warren-agent inspect endpoints -n bookinfo -o json")]
+    Endpoints(inspect::ViewArgs),
     /// The pinned eBPF maps: enrolled network namespaces, original destinations, program counters.
     Maps(inspect::NodeState),
 }
@@ -173,6 +178,7 @@ fn inspect_view(what: Inspect) -> anyhow::Result<String> {
         Inspect::Gateways(view) => live::config(&view, ConfigView::Gateways),
         Inspect::Policies { view, hits } => live::policies(&view, hits),
         Inspect::Graph(view) => live::graph(&view),
+        Inspect::Endpoints(view) => live::endpoints(&view),
         Inspect::Maps(node) => {
             inspect::require_running_agent(&node.run_dir).and_then(|_| inspect::maps::render(&node.pin_dir, node.output))
         }

@@ -78,6 +78,7 @@ pub async fn run(config: AgentConfig) -> Result<()> {
     let trust_domain = hbone.as_ref().map_or(warren_identity::DEFAULT_TRUST_DOMAIN, |p| p.certificates().trust_domain());
     let telemetry = Arc::new(Telemetry::new(&config.telemetry, trust_domain, &config.node_name)?);
     telemetry.register(&mut registry);
+    let clusters = Arc::new(crate::resilience::cluster::Clusters::new(config.retry_budget.budget()));
     let shared = ProxyShared {
         original_dst: datapath.original_dst_lookup(),
         metrics,
@@ -87,6 +88,7 @@ pub async fn run(config: AgentConfig) -> Result<()> {
         tables: tables.clone(),
         authorizer: authorizer.clone(),
         hbone,
+        clusters: clusters.clone(),
     };
     let datapath = Arc::new(Mutex::new(datapath));
 
@@ -133,6 +135,7 @@ pub async fn run(config: AgentConfig) -> Result<()> {
         push: config.controller.is_some().then_some(push_status),
         node: config.node_name.clone(),
         telemetry: telemetry.clone(),
+        clusters,
     });
     tokio::spawn(admin::serve(admin_listener, state));
 

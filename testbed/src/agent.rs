@@ -293,6 +293,11 @@ impl Agent {
     }
 
     /// The pushed tables the agent holds (/config), parsed.
+    /// `/endpoints`: per cluster its endpoints' health and load, the pool's limits and overflows.
+    pub fn endpoints(&self) -> Result<warren_api::admin::EndpointsView> {
+        Ok(serde_json::from_str(&self.get("/endpoints")?)?)
+    }
+
     pub fn config(&self) -> Result<serde_json::Value> {
         Ok(serde_json::from_str(&self.get("/config")?)?)
     }

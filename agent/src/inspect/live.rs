@@ -415,6 +415,58 @@ pub fn graph(args: &ViewArgs) -> Result<String> {
     Ok(draw_graph(&graph))
 }
 
+/// `inspect endpoints`: per cluster its endpoints and pool, as the agent's `/endpoints` has them.
+/// `--namespace` keeps the services of that namespace.
+pub fn endpoints(args: &ViewArgs) -> Result<String> {
+    let value = fetch_from(&args.agent(), "/endpoints")?;
+    let mut view: warren_api::admin::EndpointsView =
+        serde_json::from_value(value).map_err(|e| anyhow::anyhow!("the agent's /endpoints: {e}"))?;
+    if let Some(namespace) = &args.scope.namespace {
+        view.clusters.retain(|c| c.service.split('/').next() == Some(namespace.as_str()));
+    }
+    if let Some(text) = structured(&view, args.output) {
+        return text;
+    }
+    Ok(draw_endpoints(&view))
+}
+
+fn draw_endpoints(view: &warren_api::admin::EndpointsView) -> String {
+    let mut out = format!("Endpoints (tables v{})\n", view.version);
+    if view.clusters.is_empty() {
+        return out + "\n(no requests sent yet)\n";
+    }
+    let limit = |l: Option<u32>| l.map_or("∞".to_string(), |n| n.to_string());
+    for c in &view.clusters {
+        let (l, o, x) = (&c.limits, &c.open, &c.overflows);
+        out += &format!("\n{}  lb {}  outlier detection {}\n", c.name, c.load_balancer, if c.outlier_detection { "on" } else { "off" });
+        out += &format!(
+            "  pool: connections {}/{} pending {}/{} requests {}/{} retries {}/{}  per connection {}  connect {} ms  idle {} s\n",
+            o.connections, limit(l.max_connections), o.pending, limit(l.max_pending_requests), o.requests,
+            limit(l.max_requests), o.retries, limit(l.max_retries), limit(l.max_requests_per_connection),
+            l.connect_timeout_ms, l.idle_timeout_ms / 1000
+        );
+        out += &format!(
+            "  overflow (503 UO): connections {} pending {} requests {} retries {}   retry budget {}: {} retries / {} requests, {} refused\n",
+            x.connections, x.pending, x.requests, x.retries, c.retry_budget.policy, c.retry_budget.window_retries,
+            c.retry_budget.window_requests, c.retry_budget.refused
+        );
+        out += &format!("  {:<40} {:<20} {:<8} {:>8} {:>6} {:>9} {:>9}\n", "ENDPOINT", "LOCALITY", "HEALTH", "PRIORITY", "ACTIVE", "REQUESTS", "FAILURES");
+        for e in &c.endpoints {
+            let health = match e.ejected_for_ms {
+                Some(ms) => format!("EJECTED {:.1}s ×{}", ms as f64 / 1000.0, e.times_ejected),
+                None => e.health.clone(),
+            };
+            let priority = e.priority.map_or("-".to_string(), |p| p.to_string());
+            let locality = e.locality.as_deref().unwrap_or("-");
+            out += &format!(
+                "  {:<40} {:<20} {:<8} {:>8} {:>6} {:>9} {:>9}\n",
+                e.address, locality, health, priority, e.active, e.requests, e.failures
+            );
+        }
+    }
+    out
+}
+
 fn draw_graph(graph: &FlowGraph) -> String {
     let edges = FlowGraph::deduplicated(graph.edges.clone());
     let mut out = format!("Live service graph of node {} (last {} s, from its agent's traffic)\n", graph.node, graph.window_seconds);

@@ -189,15 +189,15 @@ where
 async fn handle(mut request: Request<Incoming>, connection: &Connection, shared: &ProxyShared) -> Response<Body> {
     let exchange = Exchange::begin(&mut request, connection.client, connection.local, &shared.telemetry, Reporter::Source);
     let (method, uri) = (request.method().clone(), request.uri().clone());
-    let mut chosen = None;
-    let result = route(request, connection, shared, &mut chosen).await;
-    let (response, answer) = http::answer(result, Direction::Gateway, shared, |e| {
+    let mut trace = http::Trace::default();
+    let result = route(request, connection, shared, &mut trace).await;
+    let (response, answer) = http::answer(result, trace.flags, Direction::Gateway, shared, |e| {
         if !matches!(e, Error::FaultAbort(_) | Error::FaultAbortGrpc(_) | Error::NoRoute(_)) {
-            warn!(pod = %connection.gateway.pod, client = %connection.client, %method, %uri, flag = e.flag(), "{e}");
+            warn!(pod = %connection.gateway.pod, client = %connection.client, %method, %uri, flag = e.flag().code(), "{e}");
         }
     });
     let upstreams = &connection.gateway.upstreams;
-    let outcome = http::sent_outcome(shared, &connection.gateway.pod, "", upstreams, chosen, answer);
+    let outcome = http::sent_outcome(shared, &connection.gateway.pod, "", upstreams, trace.chosen, answer);
     request::respond(&shared.telemetry, exchange, outcome, response)
 }
 
@@ -206,7 +206,7 @@ async fn route(
     mut request: Request<Incoming>,
     connection: &Connection,
     shared: &ProxyShared,
-    chosen: &mut Option<http::RouteTarget>,
+    trace: &mut http::Trace,
 ) -> Result<Response<Body>, Error> {
     let host = request_host(&http::authority(request.headers(), request.uri()));
     let tables = shared.tables();
@@ -234,8 +234,9 @@ async fn route(
         .route(request.method(), request.uri(), request.headers(), &context)
         .ok_or_else(|| Error::NoRoute(format!("{} {} ({})", request.method(), request.uri(), bound.compiled.origin)))?;
     edge_headers(&mut request, connection);
-    let selected = Selected { rule: Some(rule), matched, default: None, port: server.server.port, original: None };
-    http::dispatch(request, selected, &tables, &connection.gateway.upstreams, chosen).await
+    let client = http::Client { address: connection.client.ip(), pod: None };
+    let selected = Selected { rule: Some(rule), matched, default: None, port: server.server.port, original: None, client };
+    http::dispatch(request, selected, &tables, &connection.gateway.upstreams, trace).await
 }
 
 /// The headers an edge proxy sets, as Istio's ingress gateway: the client's address appended to

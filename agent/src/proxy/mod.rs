@@ -64,6 +64,8 @@ pub struct ProxyShared {
     pub authorizer: Arc<Authorizer>,
     /// HBONE connections; `None` when the agent has no identity configuration (plain L4 only).
     pub hbone: Option<Arc<Pool>>,
+    /// Per (service, subset, port): endpoint health and load, pool limits, retry budgets.
+    pub clusters: Arc<crate::resilience::cluster::Clusters>,
 }
 
 impl ProxyShared {

@@ -117,5 +117,6 @@ fn to_pod(pod: &Pod) -> Option<state::Pod> {
         service_account: pod.spec.as_ref().and_then(|s| s.service_account_name.clone()).unwrap_or_else(|| "default".into()),
         // Unscheduled pods are on no node (an empty name), never this one.
         node: Some(pod.spec.as_ref().and_then(|s| s.node_name.clone()).unwrap_or_default()),
+        locality: warren_api::resilience::Locality::from_pod_labels(pod.labels()).map(|l| l.to_string()),
     })
 }

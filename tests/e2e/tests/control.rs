@@ -425,14 +425,14 @@ async fn api_scenario(kubeconfig: &Path) -> anyhow::Result<()> {
     // A valid edit with a field Warren does not honour yet: applied without it, and said so (condition,
     // Event, analyze) — never dropped in silence.
     let mut retried = vs(100)?;
-    retried.data["spec"]["http"][0]["retries"] = serde_json::json!({"attempts": 3});
+    retried.data["spec"]["http"][0]["corsPolicy"] = serde_json::json!({"allowOrigins": [{"exact": "x"}]});
     istio("VirtualService").patch("reviews", &PatchParams::default(), &Patch::Merge(&serde_json::json!({"spec": retried.data["spec"]}))).await?;
     let condition = accepted_condition(&istio("VirtualService"), "reviews", |c| c["reason"] == "Unsupported").await;
     assert_eq!(condition["status"], "True", "{condition:#}");
-    let unsupported = "spec.http[0].retries: is not implemented by the L7 proxy yet";
+    let unsupported = "spec.http[0].corsPolicy: is not implemented by the L7 proxy yet";
     assert!(condition["message"].as_str().unwrap_or_default().contains(unsupported), "{condition:#}");
-    warning_event(&events, "UnsupportedConfig", "spec.http[0].retries").await;
-    until_all_async(&pins, Duration::from_secs(5), "the route with retries applied", to_v2_only, vip).await;
+    warning_event(&events, "UnsupportedConfig", "spec.http[0].corsPolicy").await;
+    until_all_async(&pins, Duration::from_secs(5), "the route with corsPolicy applied", to_v2_only, vip).await;
     let analyze = std::process::Command::new(bin_path("warren-controller")?).arg("analyze").arg("--kubeconfig").arg(kubeconfig).output()?;
     let report = String::from_utf8_lossy(&analyze.stdout);
     assert!(report.contains(&format!("Warning [WAR0101] (VirtualService {ns}/reviews) {unsupported}")), "{report}");

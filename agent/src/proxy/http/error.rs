@@ -5,7 +5,7 @@ use std::time::Duration;
 use bytes::Bytes;
 use http::{HeaderValue, Response, StatusCode};
 
-use super::{Body, full};
+use super::{Body, flags::Flag, full};
 
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
@@ -20,6 +20,12 @@ pub enum Error {
     /// The connection broke before a response came.
     #[error("upstream reset before response: {0}")]
     UpstreamReset(String),
+    /// The HTTP/2 upstream refused the stream (REFUSED_STREAM: nothing was processed, always safe to retry).
+    #[error("upstream refused the stream: {0}")]
+    UpstreamRefused(String),
+    /// A connection pool limit of the (service, subset, port) is full (`connectionPool`).
+    #[error("upstream overflow: {0}")]
+    Overflow(String),
     #[error("upstream request timeout after {0:?}")]
     UpstreamTimeout(Duration),
     /// `fault.abort.httpStatus`.
@@ -42,9 +48,11 @@ impl Error {
     pub fn status(&self) -> StatusCode {
         match self {
             Error::NoRoute(_) => StatusCode::NOT_FOUND,
-            Error::NoHealthyUpstream(_) | Error::UpstreamConnect(_) | Error::UpstreamReset(_) => {
-                StatusCode::SERVICE_UNAVAILABLE
-            }
+            Error::NoHealthyUpstream(_)
+            | Error::UpstreamConnect(_)
+            | Error::UpstreamReset(_)
+            | Error::UpstreamRefused(_)
+            | Error::Overflow(_) => StatusCode::SERVICE_UNAVAILABLE,
             Error::UpstreamTimeout(_) => StatusCode::GATEWAY_TIMEOUT,
             Error::FaultAbort(status) => *status,
             Error::FaultAbortGrpc(_) => StatusCode::OK,
@@ -55,16 +63,18 @@ impl Error {
     }
 
     /// Envoy's response flag for the cause (what Istio's access logs and metrics carry).
-    pub fn flag(&self) -> &'static str {
+    pub fn flag(&self) -> Flag {
         match self {
-            Error::NoRoute(_) => "NR",
-            Error::NoHealthyUpstream(_) => "UH",
-            Error::UpstreamConnect(_) => "UF",
-            Error::UpstreamReset(_) => "UC",
-            Error::UpstreamTimeout(_) => "UT",
-            Error::FaultAbort(_) | Error::FaultAbortGrpc(_) => "FI",
-            Error::Denied => "RBAC",
-            Error::BadRequest(_) | Error::TooLarge(_) => "DPE",
+            Error::NoRoute(_) => Flag::NoRoute,
+            Error::NoHealthyUpstream(_) => Flag::NoHealthyUpstream,
+            Error::UpstreamConnect(_) => Flag::UpstreamConnectFailure,
+            Error::UpstreamReset(_) => Flag::UpstreamConnectionTermination,
+            Error::UpstreamRefused(_) => Flag::UpstreamRemoteReset,
+            Error::Overflow(_) => Flag::UpstreamOverflow,
+            Error::UpstreamTimeout(_) => Flag::UpstreamTimeout,
+            Error::FaultAbort(_) | Error::FaultAbortGrpc(_) => Flag::FaultInjected,
+            Error::Denied => Flag::Rbac,
+            Error::BadRequest(_) | Error::TooLarge(_) => Flag::DownstreamProtocolError,
         }
     }
 
@@ -79,6 +89,10 @@ impl Error {
             Error::UpstreamReset(_) => {
                 "upstream connect error or disconnect/reset before headers. reset reason: connection termination"
             }
+            Error::UpstreamRefused(_) => {
+                "upstream connect error or disconnect/reset before headers. reset reason: remote refused stream reset"
+            }
+            Error::Overflow(_) => "upstream connect error or disconnect/reset before headers. reset reason: overflow",
             Error::UpstreamTimeout(_) => "upstream request timeout",
             Error::FaultAbort(_) => "fault filter abort",
             Error::Denied => "RBAC: access denied",

@@ -63,9 +63,14 @@ async fn handle(mut request: Request<Incoming>, inbound: &Inbound, workload: &Ar
     let named = request.headers_mut().remove(SERVICE_HEADER).filter(|_| inbound.identity.is_some());
     let mut policy = None;
     let result = authorize_and_forward(request, inbound, workload, shared, &mut policy).await;
-    let (response, answer) = super::answer(result, Direction::Inbound, shared, |e| {
-        debug!(pod = %inbound.pod, client = %inbound.client, flag = e.flag(), "{e}");
+    let connect_failed = matches!(result, Err(Error::UpstreamConnect(_)));
+    let (mut response, answer) = super::answer(result, Default::default(), Direction::Inbound, shared, |e| {
+        debug!(pod = %inbound.pod, client = %inbound.client, flag = e.flag().code(), "{e}");
     });
+    if connect_failed {
+        // The source's agent retries this as the connect failure it is (a sidecar would have seen it).
+        response.headers_mut().insert(super::retry::CONNECT_FAILURE_HEADER, http::HeaderValue::from_static("1"));
+    }
     let tables = shared.tables();
     let directory = tables.directory(&shared.telemetry.trust_domain);
     let named = named.as_ref().and_then(|v| v.to_str().ok()).and_then(|host| directory.service_by_host(host));
@@ -115,9 +120,11 @@ async fn authorize_and_forward(
     let mut headers = parts.headers;
     rewrite::strip_hop_by_hop(&mut headers, on_upgrade.is_some());
     let path = parts.uri.path_and_query().cloned().unwrap_or_else(|| http::uri::PathAndQuery::from_static("/"));
-    let head = Head { method: parts.method, authority: authority(&headers, &parts.uri), path, headers };
+    let head = Head { method: parts.method, authority: authority(&headers, &parts.uri), path, headers, version };
     let body = request::count_request_body(request::BodyCounter::of(&parts.extensions), boxed(body));
-    let mut response = workload.send(inbound.destination, version, head.into_request(version, body)?).await?;
+    // The pod's own workload: no cluster, Istio's default pool settings.
+    let to = super::Destination { endpoint: inbound.destination, cluster: None, pool: &super::DEFAULT_POOL };
+    let mut response = workload.send(&to, version, head.into_request(version, body)?).await?;
     let upgraded = response.status() == StatusCode::SWITCHING_PROTOCOLS;
     if let Some(downstream) = on_upgrade.filter(|_| upgraded) {
         splice_upgrade(downstream, hyper::upgrade::on(&mut response));

@@ -12,7 +12,9 @@ mod counted;
 mod deadline;
 pub mod detect;
 mod error;
+pub mod flags;
 pub mod inbound;
+pub(crate) mod retry;
 mod rewrite;
 mod upstream;
 
@@ -25,14 +27,20 @@ use hyper::{body::Incoming, service::service_fn};
 use hyper_util::rt::{TokioExecutor, TokioIo};
 use tokio::io::{AsyncRead, AsyncWrite};
 use tracing::{debug, warn};
-use warren_api::tables::{DirectResponse, Fault, MESH_GATEWAY, Mirror, Resolution, Service, WeightedDestination};
+use warren_api::{
+    resilience::{ClusterPolicy, ConnectionPool, H2UpgradePolicy, Locality, RetryPolicy},
+    tables::{DirectResponse, Fault, MESH_GATEWAY, Mirror, Resolution, Service, WeightedDestination},
+};
 
 pub use error::Error;
-pub use upstream::Upstreams;
+pub use upstream::{Destination, Upstreams};
+
+use flags::{Flag, ResponseFlags};
 
 use super::{Direction, ProxyShared};
 use crate::{
     metrics::HttpRequestLabels,
+    resilience::balance,
     telemetry::{
         self,
         istio::Reporter,
@@ -141,18 +149,27 @@ where
 async fn handle(mut request: Request<Incoming>, downstream: &Downstream, upstreams: &Arc<Upstreams>, shared: &ProxyShared) -> Response<Body> {
     let exchange = Exchange::begin(&mut request, downstream.client, downstream.vip, &shared.telemetry, Reporter::Source);
     let (method, uri) = (request.method().clone(), request.uri().clone());
-    let mut chosen = None;
-    let result = route_request(request, downstream, upstreams, shared, &mut chosen).await;
-    let (response, answer) = self::answer(result, Direction::Outbound, shared, |e| {
+    let mut trace = Trace::default();
+    let result = route_request(request, downstream, upstreams, shared, &mut trace).await;
+    let (response, answer) = self::answer(result, trace.flags, Direction::Outbound, shared, |e| {
         // Injected faults are what the user asked for: counted, not warned about per request.
         if matches!(e, Error::FaultAbort(_) | Error::FaultAbortGrpc(_)) {
-            debug!(pod = %downstream.pod, service = %downstream.service, %method, %uri, flag = e.flag(), "{e}");
+            debug!(pod = %downstream.pod, service = %downstream.service, %method, %uri, flag = e.flag().code(), "{e}");
         } else {
-            warn!(pod = %downstream.pod, service = %downstream.service, %method, %uri, flag = e.flag(), "{e}");
+            warn!(pod = %downstream.pod, service = %downstream.service, %method, %uri, flag = e.flag().code(), "{e}");
         }
     });
-    let outcome = sent_outcome(shared, &downstream.pod, &downstream.service, upstreams, chosen, answer);
+    let outcome = sent_outcome(shared, &downstream.pod, &downstream.service, upstreams, trace.chosen, answer);
     request::respond(&shared.telemetry, exchange, outcome, response)
+}
+
+/// What the pipeline did with one request, for its telemetry: the target of its (last) try, the flags
+/// raised on the way (DI, URX, UO), how many tries it took.
+#[derive(Default)]
+pub struct Trace {
+    pub chosen: Option<RouteTarget>,
+    pub flags: ResponseFlags,
+    pub attempts: u32,
 }
 
 /// How the proxy's pipeline answered: Envoy's response flag (`-` for none) and what went wrong.
@@ -165,15 +182,16 @@ pub(crate) struct Answer {
 /// `warren_http_requests`.
 pub(crate) fn answer(
     result: Result<Response<Body>, Error>,
+    flags: ResponseFlags,
     direction: Direction,
     shared: &ProxyShared,
     log: impl FnOnce(&Error),
 ) -> (Response<Body>, Answer) {
     let (response, answer) = match result {
-        Ok(response) => (response, Answer { flags: "-", details: None }),
+        Ok(response) => (response, Answer { flags: flags.as_str(), details: None }),
         Err(e) => {
             log(&e);
-            let answer = Answer { flags: e.flag(), details: Some(e.to_string()) };
+            let answer = Answer { flags: flags.with(e.flag()).as_str(), details: Some(e.to_string()) };
             (e.into_response(), answer)
         }
     };
@@ -253,6 +271,24 @@ impl RouteTarget {
         Ok(target)
     }
 
+    /// The service, subset and port `destination` names (its port, else `port`); the endpoint is left
+    /// unspecified (each try's cluster pick fills it) but for its target port.
+    pub fn locate(tables: &MeshTables, destination: &WeightedDestination, port: u16) -> Result<RouteTarget, Error> {
+        let service = tables
+            .service(&destination.service)
+            .cloned()
+            .ok_or_else(|| Error::NoHealthyUpstream(format!("{} is not a known service", destination.service)))?;
+        let port = destination.port.unwrap_or(port);
+        let target_port = service.port(port).map(|p| p.target_port).unwrap_or(port);
+        let endpoint = SocketAddr::new([0, 0, 0, 0].into(), target_port);
+        Ok(RouteTarget { service, subset: destination.subset.clone(), port, endpoint, hostname: None })
+    }
+
+    /// A ServiceEntry with resolution NONE and no endpoints: the request goes where the client sent it.
+    pub fn passes_through(&self) -> bool {
+        self.service.resolution == Some(Resolution::None) && self.service.endpoints.is_empty()
+    }
+
     /// The target with its endpoint's address, looking a DNS endpoint up (the node's resolver).
     pub async fn resolved(mut self) -> Result<RouteTarget, Error> {
         let Some(host) = self.hostname.take() else { return Ok(self) };
@@ -270,13 +306,15 @@ async fn route_request(
     downstream: &Downstream,
     upstreams: &Arc<Upstreams>,
     shared: &ProxyShared,
-    chosen: &mut Option<RouteTarget>,
+    trace: &mut Trace,
 ) -> Result<Response<Body>, Error> {
     let tables = shared.tables();
     let (rule, matched) = select_rule(&tables, &request, downstream)?;
     let own = WeightedDestination { service: downstream.service.clone(), weight: 100, ..Default::default() };
-    let selected = Selected { rule, matched, default: Some(&own), port: downstream.vip.port(), original: Some(downstream.vip) };
-    dispatch(request, selected, &tables, upstreams, chosen).await
+    let client = Client { address: downstream.client.ip(), pod: tables.pod(&downstream.pod).cloned() };
+    let selected =
+        Selected { rule, matched, default: Some(&own), port: downstream.vip.port(), original: Some(downstream.vip), client };
+    dispatch(request, selected, &tables, upstreams, trace).await
 }
 
 /// What routing chose for a request: the rule and match block (none: no VirtualService routes it), where
@@ -287,6 +325,13 @@ pub(crate) struct Selected<'t> {
     pub default: Option<&'t WeightedDestination>,
     pub port: u16,
     pub original: Option<SocketAddr>,
+    pub client: Client,
+}
+
+/// Who sent the request: the address (`useSourceIp`) and, for mesh traffic, the pod (its locality).
+pub(crate) struct Client {
+    pub address: std::net::IpAddr,
+    pub pod: Option<Arc<warren_api::workloads::Pod>>,
 }
 
 /// The rest of the pipeline, for mesh and gateway requests alike: answer, fault, destination, send. The
@@ -296,24 +341,31 @@ pub(crate) async fn dispatch(
     selected: Selected<'_>,
     tables: &MeshTables,
     upstreams: &Arc<Upstreams>,
-    chosen: &mut Option<RouteTarget>,
+    trace: &mut Trace,
 ) -> Result<Response<Body>, Error> {
-    let Selected { rule, matched, default, port, original } = selected;
+    let Selected { rule, matched, default, port, original, client } = selected;
     if let Some(answer) = rule.and_then(|r| answer_directly(r, &request)) {
         return Ok(answer);
     }
     if let Some(fault) = rule.and_then(|r| r.rule.fault.as_ref()) {
-        inject(fault).await?;
+        inject(fault, &mut trace.flags).await?;
     }
     let destination = match rule {
         Some(r) => pick_weighted(&r.rule.destinations, random())
             .ok_or_else(|| Error::NoRoute(format!("http[{}] has no destination", r.index)))?,
         None => default.ok_or_else(|| Error::NoRoute(format!("{} {}: no route", request.method(), request.uri())))?,
     };
-    let target = RouteTarget::resolve(tables, destination, port, original)?.resolved().await?;
-    *chosen = Some(target.clone());
-    let routed = Routed { rule, matched, destination, target };
-    forward(request, &routed, tables, port, upstreams).await
+    let target = RouteTarget::locate(tables, destination, port)?;
+    // Resolution NONE with no endpoints: where the client sent it, as the L4 path.
+    if let Some(original) = original.filter(|_| target.passes_through()) {
+        let mut target = target;
+        target.endpoint.set_ip(original.ip());
+        trace.chosen = Some(target.clone());
+        let routed = Routed { rule, matched, destination, target, client };
+        return forward_once(request, &routed, upstreams).await;
+    }
+    let routed = Routed { rule, matched, destination, target, client };
+    forward(request, &routed, tables, port, upstreams, trace).await
 }
 
 /// The rule that takes the request, and the match block that did; `None` for a service no VirtualService
@@ -344,23 +396,115 @@ struct Routed<'a> {
     rule: Option<&'a CompiledRule>,
     matched: Option<&'a CompiledMatch>,
     destination: &'a WeightedDestination,
+    /// The service, subset and port; the endpoint is each try's.
     target: RouteTarget,
+    client: Client,
 }
 
-/// Rewrites the request for its destination, mirrors it, sends it under the rule's timeout, and returns
-/// the answer with the response header operations applied.
+/// Rewrites the request for its destination, mirrors it, sends it (tries, [`retry`]) under the rule's
+/// timeout, and returns the answer with the response header operations applied.
 async fn forward(
     mut request: Request<Incoming>,
     routed: &Routed<'_>,
     tables: &MeshTables,
     port: u16,
     upstreams: &Arc<Upstreams>,
+    trace: &mut Trace,
 ) -> Result<Response<Body>, Error> {
     let on_upgrade = is_upgrade(&request).then(|| hyper::upgrade::on(&mut request));
     let (parts, body) = request.into_parts();
     let counter = request::BodyCounter::of(&parts.extensions);
-    let version = if parts.version == Version::HTTP_2 { Version::HTTP_2 } else { Version::HTTP_11 };
     let head = Head::prepare(parts, routed.rule, routed.matched, routed.destination, on_upgrade.is_some())?;
+    let body = mirror_and_count(&head, body, counter, routed, tables, port, upstreams).await?;
+    let target = &routed.target;
+    let cluster = upstreams.shared().clusters.get(tables, &target.service, target.subset.as_deref(), target.port);
+    let members = cluster.members();
+    let pool = members.policy.connection_pool.as_ref().unwrap_or(&DEFAULT_POOL);
+    let version = upstream_version(head.version, pool, on_upgrade.is_some());
+    let (hash, cookie) = hash_key(&members.policy, &head, routed.client.address);
+    let default_retries = RetryPolicy::istio_default();
+    let policy = match routed.rule.and_then(|r| r.rule.retries.as_ref()) {
+        // An upgraded connection cannot be tried twice.
+        _ if on_upgrade.is_some() => &RetryPolicy::disabled(),
+        Some(policy) => policy,
+        None => &default_retries,
+    };
+    let pod = routed.client.pod.as_ref();
+    let locality = pod.and_then(|p| p.locality.as_deref()).and_then(Locality::parse).or_else(|| pod.and_then(|p| Locality::from_pod_labels(&p.labels)));
+    let plan = retry::Plan {
+        policy,
+        cluster: cluster.clone(),
+        members: members.clone(),
+        pool,
+        target: target.clone(),
+        hash,
+        client_locality: locality.as_ref(),
+        client_labels: routed.client.pod.as_ref().map(|p| &p.labels),
+        deadline: route_deadline(routed.rule),
+    };
+    let make = TryRequest { head: &head, version, upstreams };
+    let answered = retry::send(&plan, body, &make, upstreams, version, trace).await?;
+    let mut response = finish_response(answered.response, on_upgrade, routed);
+    if let Some(cookie) = cookie {
+        response.headers_mut().append(header::SET_COOKIE, cookie);
+    }
+    let (parts, body) = response.into_parts();
+    let body = match answered.body_deadline {
+        Some(at) => boxed(deadline::DeadlineBody::new(body, at)),
+        None => boxed(body),
+    };
+    Ok(Response::from_parts(parts, boxed(retry::Guarded::new(body, answered.guards))))
+}
+
+/// A request to a ServiceEntry with resolution NONE: once, to where the client sent it.
+async fn forward_once(mut request: Request<Incoming>, routed: &Routed<'_>, upstreams: &Arc<Upstreams>) -> Result<Response<Body>, Error> {
+    let on_upgrade = is_upgrade(&request).then(|| hyper::upgrade::on(&mut request));
+    let (parts, body) = request.into_parts();
+    let counter = request::BodyCounter::of(&parts.extensions);
+    let head = Head::prepare(parts, routed.rule, routed.matched, routed.destination, on_upgrade.is_some())?;
+    let body = request::count_request_body(counter, boxed(body));
+    let deadline = route_deadline(routed.rule);
+    let to = Destination { endpoint: routed.target.endpoint, cluster: None, pool: &DEFAULT_POOL };
+    let version = head.version;
+    let send = upstreams.send(&to, version, head.into_request(version, body)?);
+    let response = match deadline {
+        Some((at, limit)) => tokio::time::timeout_at(at, send).await.map_err(|_| Error::UpstreamTimeout(limit))??,
+        None => send.await?,
+    };
+    let (parts, body) = finish_response(response, on_upgrade, routed).into_parts();
+    let body = match deadline {
+        Some((at, _)) => boxed(deadline::DeadlineBody::new(body, at)),
+        None => boxed(body),
+    };
+    Ok(Response::from_parts(parts, body))
+}
+
+/// The pool settings of a cluster whose DestinationRule sets none: Istio's defaults.
+static DEFAULT_POOL: std::sync::LazyLock<ConnectionPool> = std::sync::LazyLock::new(ConnectionPool::default);
+
+/// The rule's `timeout` (none by default, and none on a rule with a fault, as Istio), from now.
+fn route_deadline(rule: Option<&CompiledRule>) -> Option<(tokio::time::Instant, Duration)> {
+    let timeout = rule.filter(|r| r.rule.fault.is_none()).and_then(|r| r.rule.timeout_ms).filter(|ms| *ms > 0);
+    timeout.map(Duration::from_millis).map(|limit| (tokio::time::Instant::now() + limit, limit))
+}
+
+/// The client's HTTP version, unless `h2UpgradePolicy: UPGRADE` sends HTTP/1.1 requests as HTTP/2 (never
+/// an upgrade request: those need HTTP/1.1).
+fn upstream_version(version: Version, pool: &ConnectionPool, upgrade: bool) -> Version {
+    let upgrade_h2 = pool.http.h2_upgrade_policy == Some(H2UpgradePolicy::Upgrade) && !pool.http.use_client_protocol;
+    if upgrade_h2 && !upgrade { Version::HTTP_2 } else { version }
+}
+
+/// Copies the request to the rule's mirrors (buffering the body they share), and counts its bytes.
+async fn mirror_and_count(
+    head: &Head,
+    body: Incoming,
+    counter: Option<request::BodyCounter>,
+    routed: &Routed<'_>,
+    tables: &MeshTables,
+    port: u16,
+    upstreams: &Arc<Upstreams>,
+) -> Result<Body, Error> {
     let mirrors: Vec<&Mirror> =
         routed.rule.map(|r| r.rule.mirrors.iter().filter(|m| roll(m.percent)).collect()).unwrap_or_default();
     let body = if mirrors.is_empty() {
@@ -369,46 +513,86 @@ async fn forward(
         let limited = Limited::new(body, MIRROR_BODY_LIMIT).collect().await;
         let bytes = limited.map_err(|_| Error::TooLarge(MIRROR_BODY_LIMIT))?.to_bytes();
         for mirror in mirrors {
-            send_mirror(tables, mirror, &head, bytes.clone(), port, version, upstreams);
+            send_mirror(tables, mirror, head, bytes.clone(), port, head.version, upstreams);
         }
         full(bytes)
     };
-    let body = request::count_request_body(counter, body);
-    let timeout = routed
-        .rule
-        .filter(|r| r.rule.fault.is_none())
-        .and_then(|r| r.rule.timeout_ms)
-        .filter(|ms| *ms > 0)
-        .map(Duration::from_millis);
-    let deadline = timeout.map(|limit| (tokio::time::Instant::now() + limit, limit));
-    let mut request = head.into_request(version, body)?;
-    // Over HBONE the destination's agent learns which service this was for (its metrics' labels).
-    if upstreams.tunnels_to(&routed.target.endpoint.ip())
-        && let Ok(host) = HeaderValue::from_str(&routed.target.service.hostname)
-    {
-        request.headers_mut().insert(SERVICE_HEADER, host);
-    }
-    let send = upstreams.send(routed.target.endpoint, version, request);
-    let mut response = match deadline {
-        Some((at, limit)) => tokio::time::timeout_at(at, send).await.map_err(|_| Error::UpstreamTimeout(limit))??,
-        None => send.await?,
-    };
+    Ok(request::count_request_body(counter, body))
+}
+
+/// The upstream's answer as the client gets it: upgraded connections joined, hop-by-hop headers gone,
+/// the rule's and the destination's response header operations applied.
+fn finish_response(mut response: Response<Incoming>, on_upgrade: Option<hyper::upgrade::OnUpgrade>, routed: &Routed<'_>) -> Response<Incoming> {
     let upgraded = response.status() == StatusCode::SWITCHING_PROTOCOLS;
     if let Some(downstream_upgrade) = on_upgrade.filter(|_| upgraded) {
         splice_upgrade(downstream_upgrade, hyper::upgrade::on(&mut response));
     }
-    let (mut parts, body) = response.into_parts();
-    rewrite::strip_hop_by_hop(&mut parts.headers, upgraded);
+    let headers = response.headers_mut();
+    rewrite::strip_hop_by_hop(headers, upgraded);
     if let Some(rule) = routed.rule {
-        rewrite::apply(&rule.rule.headers.response, &mut parts.headers);
+        rewrite::apply(&rule.rule.headers.response, headers);
     }
-    rewrite::apply(&routed.destination.headers.response, &mut parts.headers);
-    // The timeout covers the whole response, as Envoy's route timeout: the body must end by it too.
-    let body = match deadline {
-        Some((at, _)) => boxed(deadline::DeadlineBody::new(body, at)),
-        None => boxed(body),
-    };
-    Ok(Response::from_parts(parts, body))
+    rewrite::apply(&routed.destination.headers.response, headers);
+    response
+}
+
+/// Each try's request: the prepared head, the attempt count, and — over HBONE — the service it is for
+/// (the destination's agent labels its metrics with it).
+struct TryRequest<'a> {
+    head: &'a Head,
+    version: Version,
+    upstreams: &'a Upstreams,
+}
+
+impl retry::MakeRequest for TryRequest<'_> {
+    fn make(&self, target: &RouteTarget, body: Body, attempt: u32) -> Result<Request<Body>, Error> {
+        let mut request = self.head.to_request(self.version, body)?;
+        let headers = request.headers_mut();
+        headers.insert(retry::ATTEMPT_HEADER, HeaderValue::from(attempt));
+        if self.upstreams.tunnels_to(&target.endpoint.ip())
+            && let Ok(host) = HeaderValue::from_str(&target.service.hostname)
+        {
+            headers.insert(SERVICE_HEADER, host);
+        }
+        Ok(request)
+    }
+}
+
+/// The consistent hash's key for the request, hashed; and, for `httpCookie` with a `ttl` when the request
+/// has no such cookie, the cookie to issue (Envoy's form: quoted value, `Max-Age`, `Path`, `HttpOnly`).
+fn hash_key(policy: &ClusterPolicy, head: &Head, client: std::net::IpAddr) -> (Option<u64>, Option<HeaderValue>) {
+    use warren_api::resilience::HashKey;
+    let Some(hash) = policy.load_balancer.as_ref().and_then(|l| l.consistent_hash.as_ref()) else { return (None, None) };
+    let of = |bytes: &[u8]| Some(balance::stable_hash(bytes));
+    match &hash.key {
+        HashKey::Header(name) => (head.headers.get(name.as_str()).and_then(|v| of(v.as_bytes())), None),
+        HashKey::SourceIp => (of(client.to_string().as_bytes()), None),
+        HashKey::QueryParameter(name) => {
+            let query = head.path.query().unwrap_or("");
+            let value = query.split('&').find_map(|kv| kv.split_once('=').filter(|(k, _)| k == name).map(|(_, v)| v));
+            (value.and_then(|v| of(v.as_bytes())), None)
+        }
+        HashKey::Cookie { name, path, ttl_ms } => match cookie(&head.headers, name) {
+            Some(value) => (of(value.as_bytes()), None),
+            None => match ttl_ms {
+                Some(ttl) => {
+                    let value = format!("{:016x}", random());
+                    let path = path.as_deref().map(|p| format!("; Path={p}")).unwrap_or_default();
+                    let set = format!("{name}=\"{value}\"; Max-Age={}{path}; HttpOnly", ttl / 1000);
+                    (of(value.as_bytes()), HeaderValue::from_str(&set).ok())
+                }
+                None => (None, None),
+            },
+        },
+    }
+}
+
+/// A cookie's value (quotes removed) from the request's `Cookie` headers.
+fn cookie(headers: &http::HeaderMap, name: &str) -> Option<String> {
+    headers.get_all(header::COOKIE).iter().filter_map(|v| v.to_str().ok()).flat_map(|v| v.split(';')).find_map(|pair| {
+        let (k, v) = pair.trim().split_once('=')?;
+        (k == name).then(|| v.trim_matches('"').to_string())
+    })
 }
 
 /// `redirect` and `directResponse`: the proxy answers, nothing is sent upstream.
@@ -433,8 +617,9 @@ fn answer_directly(rule: &CompiledRule, request: &Request<Incoming>) -> Option<R
 }
 
 /// `fault`: the delay first (when it applies), then the abort (when it applies), as Envoy's fault filter.
-async fn inject(fault: &Fault) -> Result<(), Error> {
+async fn inject(fault: &Fault, flags: &mut ResponseFlags) -> Result<(), Error> {
     if let Some(ms) = fault.delay_ms.filter(|_| roll(fault.delay_percent)) {
+        flags.add(Flag::DelayInjected);
         tokio::time::sleep(Duration::from_millis(ms)).await;
     }
     if !roll(fault.abort_percent) {
@@ -456,6 +641,8 @@ struct Head {
     authority: String,
     path: http::uri::PathAndQuery,
     headers: http::HeaderMap,
+    /// The client's: HTTP/2, else HTTP/1.1.
+    version: Version,
 }
 
 impl Head {
@@ -466,6 +653,7 @@ impl Head {
         destination: &WeightedDestination,
         upgrade: bool,
     ) -> Result<Head, Error> {
+        let version = if parts.version == Version::HTTP_2 { Version::HTTP_2 } else { Version::HTTP_11 };
         let mut headers = parts.headers;
         let mut authority = authority(&headers, &parts.uri);
         let mut path = parts.uri.path_and_query().cloned().unwrap_or_else(|| http::uri::PathAndQuery::from_static("/"));
@@ -481,11 +669,23 @@ impl Head {
         rewrite::apply(&destination.headers.request, &mut headers);
         rewrite::strip_hop_by_hop(&mut headers, upgrade);
         rewrite::add_proxy_headers(&mut headers);
-        Ok(Head { method: parts.method, authority, path, headers })
+        Ok(Head { method: parts.method, authority, path, headers, version })
     }
 
     /// The request for an upstream connection of `version`: HTTP/1.1 carries the authority in `Host` and
     /// the path in origin form; HTTP/2 carries both in the URI (`:authority`, `:path`).
+    /// The same request again (a retry's), the head copied.
+    fn to_request(&self, version: Version, body: Body) -> Result<Request<Body>, Error> {
+        let head = Head {
+            method: self.method.clone(),
+            authority: self.authority.clone(),
+            path: self.path.clone(),
+            headers: self.headers.clone(),
+            version: self.version,
+        };
+        head.into_request(version, body)
+    }
+
     fn into_request(self, version: Version, body: Body) -> Result<Request<Body>, Error> {
         let invalid = |e: http::Error| Error::BadRequest(format!("authority {:?}: {e}", self.authority));
         let mut headers = self.headers;
@@ -555,6 +755,7 @@ fn send_mirror(
         authority: shadow_authority(&head.authority),
         path: head.path.clone(),
         headers: head.headers.clone(),
+        version,
     };
     let Ok(request) = shadow.into_request(version, full(body)) else { return };
     let upstreams = upstreams.clone();
@@ -563,7 +764,8 @@ fn send_mirror(
             Ok(target) => target,
             Err(e) => return debug!("mirror not sent: {e}"),
         };
-        match upstreams.send(target.endpoint, version, request).await {
+        let to = Destination { endpoint: target.endpoint, cluster: None, pool: &DEFAULT_POOL };
+        match upstreams.send(&to, version, request).await {
             Ok(response) => {
                 let _ = response.into_body().collect().await;
             }

@@ -3,12 +3,21 @@
 //! read), one HTTP/2 connection per endpoint carries every request to it. Each connection is an HBONE
 //! tunnel (mTLS as the source's identity) when the endpoint is an enrolled workload, else plain TCP from
 //! the pod's netns — the same choice the L4 path makes.
+//!
+//! Pools are per (cluster, endpoint) and obey the cluster's `connectionPool`: connections counted against
+//! `maxConnections` across every pod of the node (a request that needs one more waits as pending, up to
+//! `http1MaxPendingRequests`, else overflows), `maxRequestsPerConnection`, `idleTimeout`,
+//! `maxConnectionDuration`, `connectTimeout` and `tcpKeepalive`.
 use std::{
     collections::HashMap,
     net::SocketAddr,
     pin::Pin,
-    sync::{Arc, Mutex},
+    sync::{
+        Arc, Mutex,
+        atomic::{AtomicU32, AtomicU64, Ordering},
+    },
     task::{Context, Poll},
+    time::Duration,
 };
 
 use http::{Request, Response, Version};
@@ -17,13 +26,18 @@ use hyper::{
     client::conn::{http1, http2},
 };
 use hyper_util::rt::{TokioExecutor, TokioIo};
-use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::{
+    io::{AsyncRead, AsyncWrite, ReadBuf},
+    time::Instant,
+};
+use warren_api::resilience::{ConnectionPool, TcpKeepalive};
 use warren_identity::Identity;
 
 use super::{Body, Error};
 use crate::{
     inpod::Netns,
     proxy::{ProxyShared, connect_from, hbone::H2Stream},
+    resilience::cluster::{Cluster, Held, Limit, Limits},
 };
 
 /// Idle HTTP/1.1 connections kept per endpoint.
@@ -65,6 +79,33 @@ impl AsyncWrite for Transport {
     }
 }
 
+/// Where a request goes: an endpoint of a cluster (whose pool limits apply), or — the inbound stage's
+/// upstream, a mirror — an endpoint with no cluster and Istio's default pool settings.
+pub struct Destination<'a> {
+    pub endpoint: SocketAddr,
+    pub cluster: Option<&'a Arc<Cluster>>,
+    pub pool: &'a ConnectionPool,
+}
+
+/// Pools are per cluster (its id; 0 for none) and endpoint.
+type PoolKey = (u64, SocketAddr);
+
+/// An HTTP/1.1 connection at rest in the pool.
+struct Idle {
+    id: u64,
+    sender: http1::SendRequest<Body>,
+    born: Instant,
+    served: u32,
+}
+
+/// The HTTP/2 connection of a pool key.
+struct Multiplexed {
+    sender: http2::SendRequest<Body>,
+    born: Instant,
+    last_used: Instant,
+    served: Arc<AtomicU32>,
+}
+
 /// One source pod's upstream connections.
 pub struct Upstreams {
     netns: Arc<Netns>,
@@ -72,106 +113,208 @@ pub struct Upstreams {
     local: bool,
     source: Option<Identity>,
     shared: ProxyShared,
-    idle_h1: Mutex<HashMap<SocketAddr, Vec<http1::SendRequest<Body>>>>,
-    h2: Mutex<HashMap<SocketAddr, http2::SendRequest<Body>>>,
+    idle_h1: Mutex<HashMap<PoolKey, Vec<Idle>>>,
+    h2: Mutex<HashMap<PoolKey, Multiplexed>>,
+    next_id: AtomicU64,
 }
 
 impl Upstreams {
     pub fn new(netns: Arc<Netns>, source: Option<Identity>, shared: ProxyShared) -> Arc<Self> {
-        Arc::new(Upstreams { netns, local: false, source, shared, idle_h1: Mutex::default(), h2: Mutex::default() })
+        Arc::new(Upstreams::with(netns, false, source, shared))
     }
 
     /// Connections to the pod's own workload, dialed inside its netns (never captured again).
     pub fn local(netns: Arc<Netns>, shared: ProxyShared) -> Arc<Self> {
-        Arc::new(Upstreams { netns, local: true, source: None, shared, idle_h1: Mutex::default(), h2: Mutex::default() })
+        Arc::new(Upstreams::with(netns, true, None, shared))
     }
 
-    /// Sends `request` to `endpoint` over HTTP/2 when `version` is, else HTTP/1.1 (an upgrade always on a
-    /// connection of its own).
-    pub async fn send(self: &Arc<Self>, endpoint: SocketAddr, version: Version, request: Request<Body>) -> Result<Response<Incoming>, Error> {
+    fn with(netns: Arc<Netns>, local: bool, source: Option<Identity>, shared: ProxyShared) -> Upstreams {
+        let (idle_h1, h2, next_id) = (Mutex::default(), Mutex::default(), AtomicU64::new(1));
+        Upstreams { netns, local, source, shared, idle_h1, h2, next_id }
+    }
+
+    /// Sends `request` to the destination over HTTP/2 when `version` is, else HTTP/1.1 (an upgrade always
+    /// on a connection of its own).
+    pub async fn send(self: &Arc<Self>, to: &Destination<'_>, version: Version, request: Request<Body>) -> Result<Response<Incoming>, Error> {
         if version == Version::HTTP_2 {
-            return self.send_h2(endpoint, request).await;
+            return self.send_h2(to, request).await;
         }
         let upgrade = request.headers().contains_key(http::header::UPGRADE);
+        let key = (to.cluster.map_or(0, |c| c.id), to.endpoint);
         let mut request = request;
-        // A pooled connection the server closed meanwhile gives the request back unsent: try the next.
-        while let Some(mut sender) = (!upgrade).then(|| self.idle(endpoint)).flatten() {
-            match sender.try_send_request(request).await {
-                Ok(response) => {
-                    self.reuse(endpoint, sender);
-                    return Ok(response);
+        loop {
+            // Registered before looking, so a connection freed meanwhile is not missed.
+            let released = to.cluster.map(|c| c.limits.released.notified());
+            // A pooled connection the server closed meanwhile gives the request back unsent: try the next.
+            while let Some(mut idle) = (!upgrade).then(|| self.idle(key, to.pool)).flatten() {
+                match idle.sender.try_send_request(request).await {
+                    Ok(response) => {
+                        idle.served += 1;
+                        self.reuse(key, idle, to);
+                        return Ok(response);
+                    }
+                    Err(mut e) => match e.take_message() {
+                        Some(unsent) => request = unsent,
+                        None => return Err(Error::UpstreamReset(e.into_error().to_string())),
+                    },
                 }
-                Err(mut e) => match e.take_message() {
-                    Some(unsent) => request = unsent,
-                    None => return Err(Error::UpstreamReset(e.into_error().to_string())),
-                },
             }
+            let Some(held) = self.connection_slot(to)? else {
+                // Every connection is busy and at the limit: wait (as a pending request) for one.
+                self.wait_pending(to, released).await?;
+                continue;
+            };
+            let mut idle = self.handshake_h1(to, held).await?;
+            let response = idle.sender.send_request(request).await.map_err(|e| Error::UpstreamReset(e.to_string()))?;
+            idle.served = 1;
+            if !upgrade {
+                self.reuse(key, idle, to);
+            }
+            return Ok(response);
         }
-        let mut sender = self.handshake_h1(endpoint).await?;
-        let response = sender.send_request(request).await.map_err(|e| Error::UpstreamReset(e.to_string()))?;
-        if !upgrade {
-            self.reuse(endpoint, sender);
-        }
-        Ok(response)
     }
 
-    fn idle(&self, endpoint: SocketAddr) -> Option<http1::SendRequest<Body>> {
+    /// A connection slot under `maxConnections`: `Ok(None)` when the limit is full.
+    fn connection_slot(&self, to: &Destination<'_>) -> Result<Option<Option<Held>>, Error> {
+        let Some(cluster) = to.cluster else { return Ok(Some(None)) };
+        Ok(Limits::acquire(cluster, Limit::Connections, to.pool.tcp.max_connections).map(Some))
+    }
+
+    /// A place among the pending requests (`http1MaxPendingRequests`), else overflow.
+    fn pending_slot(&self, to: &Destination<'_>) -> Result<Option<Held>, Error> {
+        let Some(cluster) = to.cluster else { return Ok(None) };
+        match Limits::acquire(cluster, Limit::Pending, to.pool.http.http1_max_pending_requests) {
+            Some(held) => Ok(Some(held)),
+            None => Err(Error::Overflow(format!("{}: pending requests over http1MaxPendingRequests", cluster.name()))),
+        }
+    }
+
+    /// Waits, as one of the pending requests, for a connection to close or come back idle — at most the
+    /// connect timeout (a pool whose connections never free up overflows instead of hanging).
+    async fn wait_pending(&self, to: &Destination<'_>, released: Option<tokio::sync::futures::Notified<'_>>) -> Result<(), Error> {
+        let _pending = self.pending_slot(to)?;
+        let (Some(released), Some(cluster)) = (released, to.cluster) else { return Ok(()) };
+        let limit = Duration::from_millis(to.pool.tcp.connect_timeout_ms());
+        tokio::time::timeout(limit, released)
+            .await
+            .map_err(|_| Error::Overflow(format!("{}: no connection under maxConnections freed in {limit:?}", cluster.name())))
+    }
+
+    fn idle(&self, key: PoolKey, pool: &ConnectionPool) -> Option<Idle> {
         let mut idle = self.idle_h1.lock().unwrap();
-        let senders = idle.get_mut(&endpoint)?;
-        while let Some(sender) = senders.pop() {
-            if sender.is_ready() {
-                return Some(sender);
+        let senders = idle.get_mut(&key)?;
+        while let Some(connection) = senders.pop() {
+            if connection.sender.is_ready() && !expired(connection.born, pool) {
+                return Some(connection);
             }
         }
         None
     }
 
-    /// Back to the pool once the connection is idle again (the response body read to its end).
-    fn reuse(self: &Arc<Self>, endpoint: SocketAddr, mut sender: http1::SendRequest<Body>) {
+    /// Back to the pool once the connection is idle again (the response body read to its end) — unless it
+    /// served `maxRequestsPerConnection` or lived `maxConnectionDuration`; closed after `idleTimeout`.
+    fn reuse(self: &Arc<Self>, key: PoolKey, mut idle: Idle, to: &Destination<'_>) {
+        let http = &to.pool.http;
+        if http.max_requests_per_connection.is_some_and(|max| idle.served >= max) || expired(idle.born, to.pool) {
+            return;
+        }
         let upstreams = self.clone();
+        let cluster = to.cluster.cloned();
+        let idle_timeout = Duration::from_millis(http.idle_timeout_ms());
         tokio::spawn(async move {
-            if sender.ready().await.is_ok() {
-                let mut idle = upstreams.idle_h1.lock().unwrap();
-                let senders = idle.entry(endpoint).or_default();
-                if senders.len() < MAX_IDLE_PER_ENDPOINT {
-                    senders.push(sender);
+            if idle.sender.ready().await.is_err() {
+                return;
+            }
+            let id = idle.id;
+            {
+                let mut pool = upstreams.idle_h1.lock().unwrap();
+                let senders = pool.entry(key).or_default();
+                if senders.len() >= MAX_IDLE_PER_ENDPOINT {
+                    return;
                 }
+                senders.push(idle);
+            }
+            if let Some(cluster) = &cluster {
+                cluster.limits.released.notify_waiters();
+            }
+            // Still idle after the timeout: closed (dropping its sender ends the connection).
+            tokio::time::sleep(idle_timeout).await;
+            if let Some(senders) = upstreams.idle_h1.lock().unwrap().get_mut(&key) {
+                senders.retain(|c| c.id != id);
             }
         });
     }
 
-    async fn handshake_h1(&self, endpoint: SocketAddr) -> Result<http1::SendRequest<Body>, Error> {
-        let io = TokioIo::new(self.dial(endpoint).await?);
+    async fn handshake_h1(&self, to: &Destination<'_>, held: Option<Held>) -> Result<Idle, Error> {
+        let endpoint = to.endpoint;
+        let io = TokioIo::new(self.dial(to).await?);
         let (sender, connection) =
             http1::handshake(io).await.map_err(|e| Error::UpstreamConnect(format!("{endpoint}: {e}")))?;
         tokio::spawn(async move {
+            // The connection counts against maxConnections until it ends.
+            let _held = held;
             if let Err(e) = connection.with_upgrades().await {
                 tracing::debug!(%endpoint, "upstream HTTP/1.1 connection ended: {e}");
             }
         });
+        Ok(Idle { id: self.next_id.fetch_add(1, Ordering::Relaxed), sender, born: Instant::now(), served: 0 })
+    }
+
+    async fn send_h2(&self, to: &Destination<'_>, request: Request<Body>) -> Result<Response<Incoming>, Error> {
+        let key = (to.cluster.map_or(0, |c| c.id), to.endpoint);
+        let mut sender = loop {
+            let released = to.cluster.map(|c| c.limits.released.notified());
+            if let Some(sender) = self.pooled_h2(key, to.pool) {
+                break sender;
+            }
+            let Some(held) = self.connection_slot(to)? else {
+                self.wait_pending(to, released).await?;
+                continue;
+            };
+            break self.handshake_h2(key, to, held).await?;
+        };
+        sender.ready().await.map_err(|e| Error::UpstreamReset(e.to_string()))?;
+        sender.send_request(request).await.map_err(h2_error)
+    }
+
+    /// The key's HTTP/2 connection while it is open, young enough, not idle past `idleTimeout` (checked
+    /// when the pool is next used) and under `maxRequestsPerConnection` — else it leaves the pool: its
+    /// streams finish, and it closes.
+    fn pooled_h2(&self, key: PoolKey, pool: &ConnectionPool) -> Option<http2::SendRequest<Body>> {
+        let mut connections = self.h2.lock().unwrap();
+        let connection = connections.get_mut(&key)?;
+        let served = connection.served.fetch_add(1, Ordering::Relaxed) + 1;
+        let spent = pool.http.max_requests_per_connection.is_some_and(|max| served > max);
+        let idle = connection.last_used.elapsed() >= Duration::from_millis(pool.http.idle_timeout_ms());
+        if connection.sender.is_closed() || spent || idle || expired(connection.born, pool) {
+            connections.remove(&key);
+            return None;
+        }
+        connection.last_used = Instant::now();
+        Some(connection.sender.clone())
+    }
+
+    async fn handshake_h2(&self, key: PoolKey, to: &Destination<'_>, held: Option<Held>) -> Result<http2::SendRequest<Body>, Error> {
+        let endpoint = to.endpoint;
+        let io = TokioIo::new(self.dial(to).await?);
+        let (sender, connection) = http2::handshake(TokioExecutor::new(), io)
+            .await
+            .map_err(|e| Error::UpstreamConnect(format!("{endpoint}: {e}")))?;
+        tokio::spawn(async move {
+            // The connection counts against maxConnections until it ends (once the pool let go of it and
+            // its last stream is done).
+            let _held = held;
+            if let Err(e) = connection.await {
+                tracing::debug!(%endpoint, "upstream HTTP/2 connection ended: {e}");
+            }
+        });
+        let (served, now) = (Arc::new(AtomicU32::new(1)), Instant::now());
+        self.h2.lock().unwrap().insert(key, Multiplexed { sender: sender.clone(), born: now, last_used: now, served });
         Ok(sender)
     }
 
-    async fn send_h2(&self, endpoint: SocketAddr, request: Request<Body>) -> Result<Response<Incoming>, Error> {
-        let pooled = self.h2.lock().unwrap().get(&endpoint).filter(|s| !s.is_closed()).cloned();
-        let mut sender = match pooled {
-            Some(sender) => sender,
-            None => {
-                let io = TokioIo::new(self.dial(endpoint).await?);
-                let (sender, connection) = http2::handshake(TokioExecutor::new(), io)
-                    .await
-                    .map_err(|e| Error::UpstreamConnect(format!("{endpoint}: {e}")))?;
-                tokio::spawn(async move {
-                    if let Err(e) = connection.await {
-                        tracing::debug!(%endpoint, "upstream HTTP/2 connection ended: {e}");
-                    }
-                });
-                self.h2.lock().unwrap().insert(endpoint, sender.clone());
-                sender
-            }
-        };
-        sender.ready().await.map_err(|e| Error::UpstreamReset(e.to_string()))?;
-        sender.send_request(request).await.map_err(|e| Error::UpstreamReset(e.to_string()))
+    pub fn shared(&self) -> &ProxyShared {
+        &self.shared
     }
 
     /// Whether connections to `ip` go as HBONE (the choice [`Upstreams::dial`] makes).
@@ -179,7 +322,17 @@ impl Upstreams {
         !self.local && self.shared.hbone_peer(self.source.as_ref(), ip).is_some()
     }
 
-    async fn dial(&self, endpoint: SocketAddr) -> Result<Transport, Error> {
+    /// A connection to the destination within `connectTimeout` (Istio: 10 s).
+    async fn dial(&self, to: &Destination<'_>) -> Result<Transport, Error> {
+        let endpoint = to.endpoint;
+        let limit = Duration::from_millis(to.pool.tcp.connect_timeout_ms());
+        match tokio::time::timeout(limit, self.connect(endpoint, to.pool.tcp.tcp_keepalive.as_ref())).await {
+            Ok(result) => result,
+            Err(_) => Err(Error::UpstreamConnect(format!("{endpoint}: connect timeout after {limit:?}"))),
+        }
+    }
+
+    async fn connect(&self, endpoint: SocketAddr, keepalive: Option<&TcpKeepalive>) -> Result<Transport, Error> {
         let hbone = self.source.clone().filter(|_| !self.local).and_then(|source| {
             let (pool, peer) = self.shared.hbone_peer(Some(&source), &endpoint.ip())?;
             Some((pool, source, peer))
@@ -189,7 +342,50 @@ impl Upstreams {
             Some((pool, source, peer)) => {
                 Ok(Transport::Hbone(pool.connect(&self.netns, &source, &peer, endpoint).await.map_err(connect_failed)?))
             }
-            None => Ok(Transport::Tcp(connect_from(&self.netns, endpoint).await.map_err(connect_failed)?)),
+            None => {
+                let stream = connect_from(&self.netns, endpoint).await.map_err(connect_failed)?;
+                if let Some(keepalive) = keepalive {
+                    set_keepalive(&stream, keepalive).map_err(|e| connect_failed(e.into()))?;
+                }
+                Ok(Transport::Tcp(stream))
+            }
         }
     }
+}
+
+/// Past `maxConnectionDuration`.
+fn expired(born: Instant, pool: &ConnectionPool) -> bool {
+    pool.tcp.max_connection_duration_ms.is_some_and(|ms| born.elapsed() >= Duration::from_millis(ms))
+}
+
+/// REFUSED_STREAM is its own condition (safe to retry); other errors before a response are resets.
+fn h2_error(e: hyper::Error) -> Error {
+    use std::error::Error as _;
+    let refused = e.source().and_then(|s| s.downcast_ref::<h2::Error>()).and_then(h2::Error::reason) == Some(h2::Reason::REFUSED_STREAM);
+    if refused { Error::UpstreamRefused(e.to_string()) } else { Error::UpstreamReset(e.to_string()) }
+}
+
+/// `tcpKeepalive`: SO_KEEPALIVE with the probes, idle time and interval given (the kernel's for the rest).
+fn set_keepalive(stream: &tokio::net::TcpStream, keepalive: &TcpKeepalive) -> std::io::Result<()> {
+    use std::os::fd::AsRawFd;
+    let fd = stream.as_raw_fd();
+    let set = |level: libc::c_int, name: libc::c_int, value: libc::c_int| -> std::io::Result<()> {
+        // SAFETY: `fd` is an open socket owned by `stream` for this call; the option value is a c_int
+        // whose size is passed alongside.
+        let rc = unsafe {
+            libc::setsockopt(fd, level, name, (&value as *const libc::c_int).cast(), size_of::<libc::c_int>() as libc::socklen_t)
+        };
+        if rc == 0 { Ok(()) } else { Err(std::io::Error::last_os_error()) }
+    };
+    set(libc::SOL_SOCKET, libc::SO_KEEPALIVE, 1)?;
+    if let Some(probes) = keepalive.probes {
+        set(libc::IPPROTO_TCP, libc::TCP_KEEPCNT, probes as libc::c_int)?;
+    }
+    if let Some(ms) = keepalive.time_ms {
+        set(libc::IPPROTO_TCP, libc::TCP_KEEPIDLE, (ms / 1000).max(1) as libc::c_int)?;
+    }
+    if let Some(ms) = keepalive.interval_ms {
+        set(libc::IPPROTO_TCP, libc::TCP_KEEPINTVL, (ms / 1000).max(1) as libc::c_int)?;
+    }
+    Ok(())
 }
