@@ -251,15 +251,9 @@ impl RouteTarget {
         port: u16,
         original: Option<SocketAddr>,
     ) -> Result<RouteTarget, Error> {
-        let service = tables
-            .service(&destination.service)
-            .cloned()
-            .ok_or_else(|| Error::NoHealthyUpstream(format!("{} is not a known service", destination.service)))?;
-        let port = destination.port.unwrap_or(port);
-        let target_port = service.port(port).map(|p| p.target_port).unwrap_or(port);
-        let mut target = RouteTarget { service: service.clone(), subset: destination.subset.clone(), port, endpoint: SocketAddr::new([0, 0, 0, 0].into(), target_port), hostname: None };
-        if let Some(original) = original.filter(|_| service.resolution == Some(Resolution::None) && service.endpoints.is_empty()) {
-            target.endpoint = SocketAddr::new(original.ip(), target_port);
+        let mut target = RouteTarget::locate(tables, destination, port)?;
+        if let Some(original) = original.filter(|_| target.passes_through()) {
+            target.endpoint.set_ip(original.ip());
             return Ok(target);
         }
         let endpoint = tables.endpoint(&destination.service, destination.subset.as_deref(), random() as usize).ok_or_else(|| {
@@ -578,7 +572,9 @@ fn hash_key(policy: &ClusterPolicy, head: &Head, client: std::net::IpAddr) -> (O
                 Some(ttl) => {
                     let value = format!("{:016x}", random());
                     let path = path.as_deref().map(|p| format!("; Path={p}")).unwrap_or_default();
-                    let set = format!("{name}=\"{value}\"; Max-Age={}{path}; HttpOnly", ttl / 1000);
+                    // `ttl: 0s` is a session cookie (no Max-Age), as Envoy issues it.
+                    let max_age = if *ttl == 0 { String::new() } else { format!("; Max-Age={}", ttl / 1000) };
+                    let set = format!("{name}=\"{value}\"{max_age}{path}; HttpOnly");
                     (of(value.as_bytes()), HeaderValue::from_str(&set).ok())
                 }
                 None => (None, None),
