@@ -17,7 +17,7 @@ pub struct Backoff {
 
 impl Backoff {
     /// `base` with Envoy's default cap, 10 × base.
-    pub fn new(base: Duration) -> Backoff {
+    pub const fn new(base: Duration) -> Backoff {
         Backoff { base, max: base.saturating_mul(10) }
     }
 

@@ -291,7 +291,7 @@ impl Cluster {
         }
     }
 
-    fn view(&self, client_locality: Option<&Locality>) -> ClusterView {
+    pub(crate) fn view(&self, client_locality: Option<&Locality>) -> ClusterView {
         let members = self.members();
         let now = Instant::now();
         let priorities = members.priorities_for(client_locality, None);
@@ -585,5 +585,151 @@ impl Limits {
             requests: n(Limit::Requests),
             retries: n(Limit::Retries),
         }
+    }
+}
+
+/// A cluster built as the proxy builds it — from Istio YAML compiled by the controller's own code.
+#[cfg(test)]
+pub(crate) mod testing {
+    use std::{net::IpAddr, sync::Arc};
+
+    use warren_config::{cluster::ClusterState, compile::compile};
+
+    use super::{Cluster, Clusters, EndpointState, Members};
+    use crate::{resilience::budget::BudgetConfig, state::MeshTables};
+
+    /// Service `shop/web` (port 80 named `http`) with three pods, 10.244.1.1–3, and a DestinationRule with
+    /// `traffic_policy` (YAML, indented four spaces) when it is not empty; the cluster of port 80.
+    pub fn web(traffic_policy: &str, budget: BudgetConfig) -> (Arc<Cluster>, Arc<Members>) {
+        let mut yaml = "apiVersion: v1\nkind: Namespace\nmetadata: {name: shop, labels: {warren.dev/mesh: enabled}}\n---\n\
+             apiVersion: v1\nkind: Service\nmetadata: {name: web, namespace: shop}\n\
+             spec: {clusterIP: 10.96.0.10, selector: {app: web}, ports: [{name: http, port: 80, targetPort: 8080}]}\n"
+            .to_string();
+        for i in 1..=3 {
+            yaml += &format!(
+                "---\napiVersion: v1\nkind: Pod\nmetadata: {{name: web-{i}, namespace: shop, uid: u{i}, labels: {{app: web}}}}\n\
+                 spec: {{containers: [], nodeName: n1}}\nstatus: {{podIP: 10.244.1.{i}}}\n"
+            );
+        }
+        if !traffic_policy.is_empty() {
+            yaml += &format!(
+                "---\napiVersion: networking.istio.io/v1\nkind: DestinationRule\nmetadata: {{name: web, namespace: shop}}\n\
+                 spec:\n  host: web\n  trafficPolicy:\n{traffic_policy}"
+            );
+        }
+        let mut state = ClusterState::default();
+        state.add_yaml(&yaml).unwrap();
+        let tables = MeshTables::new(1, compile(&state).tables_for_node("n1")).unwrap();
+        let service = tables.service("shop/web").expect("shop/web compiled").clone();
+        let cluster = Clusters::new(budget).get(&tables, &service, None, 80);
+        let members = cluster.members();
+        (cluster, members)
+    }
+
+    pub fn endpoint(members: &Members, ip: &str) -> Arc<EndpointState> {
+        let ip: IpAddr = ip.parse().unwrap();
+        members.endpoints.iter().find(|e| e.ip == ip).cloned().unwrap_or_else(|| panic!("no endpoint {ip}"))
+    }
+}
+
+/// Ejection and its end as the proxy meets them: `Instant::now()` on tokio's paused clock, moved by
+/// `advance`, so every boundary is exact to the nanosecond and no test waits.
+#[cfg(test)]
+mod tests {
+    use std::{collections::BTreeMap, time::Duration};
+
+    use tokio::time::{Instant, advance};
+
+    use super::{testing::*, *};
+
+    fn picks(cluster: &Cluster, members: &Members, n: usize) -> BTreeMap<IpAddr, usize> {
+        let mut counts = BTreeMap::new();
+        for _ in 0..n {
+            let e = cluster.pick(members, &PickRequest::default(), Instant::now()).expect("an endpoint");
+            *counts.entry(e.ip).or_default() += 1;
+        }
+        counts
+    }
+
+    fn fail(cluster: &Cluster, members: &Members, endpoint: &EndpointState, times: usize) {
+        for _ in 0..times {
+            cluster.report(members, endpoint, TryOutcome::Status(500), Instant::now());
+        }
+    }
+
+    const ODD: &str = "    loadBalancer: {simple: ROUND_ROBIN}\n    outlierDetection: {consecutive5xxErrors: 2, interval: 1s, baseEjectionTime: 4s, maxEjectionPercent: 100}\n";
+
+    #[tokio::test(start_paused = true)]
+    async fn an_ejection_lasts_base_time_per_ejection_and_ends_at_the_next_sweep() {
+        let (cluster, members) = web(ODD, BudgetConfig::Unlimited);
+        let bad = endpoint(&members, "10.244.1.1");
+        advance(Duration::from_millis(300)).await;
+        fail(&cluster, &members, &bad, 1);
+        assert_eq!(picks(&cluster, &members, 30).len(), 3, "one 5xx of two: not ejected");
+        fail(&cluster, &members, &bad, 1);
+        assert_eq!(picks(&cluster, &members, 30).get(&bad.ip), None, "ejected after 2 consecutive 5xx");
+        // Ejected at 0.3 s for 4 s: it ends at the first sweep (each second from the cluster's start) at or
+        // after 4.3 s — 5 s.
+        let view = || cluster.view(None).endpoints.into_iter().find(|e| e.address == bad.ip).unwrap();
+        assert_eq!(view().ejected_for_ms, Some(4_700));
+        advance(Duration::from_millis(4_699)).await;
+        assert_eq!(picks(&cluster, &members, 30).get(&bad.ip), None, "still ejected 1 ms before the sweep");
+        advance(Duration::from_millis(1)).await;
+        assert_eq!(picks(&cluster, &members, 30)[&bad.ip], 10, "back at the sweep, in round robin's turn");
+        assert_eq!(view().health, "HEALTHY");
+        // Again at once: twice the base time (no interval spent healthy to decay the multiplier), 5 s → 13 s.
+        fail(&cluster, &members, &bad, 2);
+        assert_eq!((view().health.as_str(), view().ejected_for_ms, view().times_ejected), ("EJECTED", Some(8_000), 2));
+        advance(Duration::from_millis(7_999)).await;
+        assert_eq!(picks(&cluster, &members, 30).get(&bad.ip), None);
+        advance(Duration::from_millis(1)).await;
+        assert_eq!(picks(&cluster, &members, 30)[&bad.ip], 10);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn results_while_ejected_are_ignored_and_healthy_time_decays_the_multiplier() {
+        let (cluster, members) = web(ODD, BudgetConfig::Unlimited);
+        let bad = endpoint(&members, "10.244.1.2");
+        fail(&cluster, &members, &bad, 2);
+        fail(&cluster, &members, &bad, 10);
+        advance(Duration::from_secs(4)).await;
+        let view = || cluster.view(None).endpoints.into_iter().find(|e| e.address == bad.ip).unwrap();
+        assert_eq!((view().health.as_str(), view().times_ejected), ("HEALTHY", 1), "errors while ejected counted nothing");
+        // One interval healthy per step: after 3 s healthy the multiplier (1) is spent, so the next
+        // ejection is the base time again, not twice it.
+        advance(Duration::from_secs(3)).await;
+        fail(&cluster, &members, &bad, 2);
+        assert_eq!((view().ejected_for_ms, view().times_ejected), (Some(4_000), 1));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn max_ejection_percent_keeps_endpoints_and_min_health_percent_panics_to_all() {
+        let capped = "    outlierDetection: {consecutive5xxErrors: 1, interval: 1s, baseEjectionTime: 30s, maxEjectionPercent: 30}\n";
+        let (cluster, members) = web(capped, BudgetConfig::Unlimited);
+        for ip in ["10.244.1.1", "10.244.1.2"] {
+            fail(&cluster, &members, &endpoint(&members, ip), 1);
+        }
+        let ejected = |c: &Cluster| c.view(None).endpoints.iter().filter(|e| e.health == "EJECTED").count();
+        assert_eq!(ejected(&cluster), 1, "30 % of 3: the first ejection only (at least one always may go)");
+
+        let panics = "    outlierDetection: {consecutive5xxErrors: 1, interval: 1s, baseEjectionTime: 30s, maxEjectionPercent: 100, minHealthPercent: 50}\n";
+        let (cluster, members) = web(panics, BudgetConfig::Unlimited);
+        fail(&cluster, &members, &endpoint(&members, "10.244.1.1"), 1);
+        assert_eq!(picks(&cluster, &members, 300).len(), 2, "2 of 3 healthy (67 %): the ejected one is out");
+        fail(&cluster, &members, &endpoint(&members, "10.244.1.2"), 1);
+        assert_eq!(ejected(&cluster), 2);
+        assert_eq!(picks(&cluster, &members, 300).len(), 3, "1 of 3 healthy is under 50 %: every endpoint takes traffic");
+        advance(Duration::from_secs(30)).await;
+        assert_eq!(ejected(&cluster), 0, "both back at the sweep 30 s on");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn without_outlier_detection_failures_are_counted_and_nothing_is_ejected() {
+        let (cluster, members) = web("    loadBalancer: {simple: ROUND_ROBIN}\n", BudgetConfig::Unlimited);
+        let bad = endpoint(&members, "10.244.1.3");
+        fail(&cluster, &members, &bad, 50);
+        assert_eq!(picks(&cluster, &members, 30)[&bad.ip], 10);
+        let view = cluster.view(None).endpoints.into_iter().find(|e| e.address == bad.ip).unwrap();
+        assert_eq!((view.health.as_str(), view.failures, view.requests), ("HEALTHY", 50, 50));
     }
 }

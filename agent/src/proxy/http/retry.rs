@@ -106,26 +106,67 @@ pub async fn send(
             return answer;
         }
         let Some(next) = replay.as_mut().and_then(Replay::replay) else { return answer };
-        let now = Instant::now();
-        let Some(permit) = plan.members.budget.try_retry(now, plan.cluster.limits.in_flight(Limit::Requests)) else {
-            trace.flags.add(Flag::UpstreamOverflow);
-            return answer;
-        };
-        let Some(slot) = Limits::acquire(&plan.cluster, Limit::Retries, plan.pool.http.max_retries) else {
-            trace.flags.add(Flag::UpstreamOverflow);
-            return answer;
+        let retry = match RetryGate::from(plan).open(attempt, &backoff, Instant::now(), super::random()) {
+            Ok(retry) => retry,
+            Err(Refused::Overflow) => {
+                trace.flags.add(Flag::UpstreamOverflow);
+                return answer;
+            }
+            Err(Refused::Deadline(limit)) => return Err(Error::UpstreamTimeout(limit)),
         };
         drop(answer);
-        let wait = backoff.delay(attempt, super::random());
-        if plan.deadline.is_some_and(|(at, _)| now + wait >= at) {
-            return Err(Error::UpstreamTimeout(plan.deadline.map(|(_, d)| d).unwrap_or_default()));
-        }
-        tokio::time::sleep(wait).await;
+        tokio::time::sleep(retry.wait).await;
+        let Retry { slot, permit, .. } = retry;
         (retry_slot, budget_permit, body) = (Some(slot), Some(permit), Some(next));
         tried.extend(endpoint);
         trace.attempts = attempt + 1;
     }
     unreachable!("the loop returns")
+}
+
+/// What decides whether a retry may go, once a try's answer is retriable: the retry budget, `maxRetries`,
+/// and the route's deadline against the back-off.
+struct RetryGate<'a> {
+    cluster: &'a Arc<Cluster>,
+    members: &'a Members,
+    max_retries: Option<u32>,
+    deadline: Option<(Instant, Duration)>,
+}
+
+/// A retry allowed: its wait, and the places it holds (in the budget, under `maxRetries`) until it ends.
+struct Retry {
+    wait: Duration,
+    slot: Held,
+    permit: crate::resilience::budget::RetryPermit,
+}
+
+/// Why a retry may not go.
+#[derive(Debug, PartialEq, Eq)]
+enum Refused {
+    /// The retry budget or `maxRetries` is spent (Envoy: flag UO, the try's answer stands).
+    Overflow,
+    /// The back-off would end past the route's timeout (this limit): the request times out now.
+    Deadline(Duration),
+}
+
+impl<'a> From<&'a Plan<'a>> for RetryGate<'a> {
+    fn from(plan: &'a Plan<'a>) -> RetryGate<'a> {
+        RetryGate { cluster: &plan.cluster, members: &plan.members, max_retries: plan.pool.http.max_retries, deadline: plan.deadline }
+    }
+}
+
+impl RetryGate<'_> {
+    /// Retry `retry` (1 = the first) at `now`, its back-off drawn from `random`.
+    fn open(&self, retry: u32, backoff: &Backoff, now: Instant, random: u64) -> Result<Retry, Refused> {
+        let in_flight = self.cluster.limits.in_flight(Limit::Requests);
+        let permit = self.members.budget.try_retry(now, in_flight).ok_or(Refused::Overflow)?;
+        let slot = Limits::acquire(self.cluster, Limit::Retries, self.max_retries).ok_or(Refused::Overflow)?;
+        let wait = backoff.delay(retry, random);
+        if let Some((_, limit)) = self.deadline.filter(|(at, _)| now + wait >= *at) {
+            return Err(Refused::Deadline(limit));
+        }
+        Ok(Retry { wait, slot, permit })
+    }
 }
 
 /// How a try ended, for the loop.
@@ -374,5 +415,79 @@ impl hyper::body::Body for Recording {
 
     fn size_hint(&self) -> SizeHint {
         self.inner.size_hint()
+    }
+}
+
+/// The retry gate on tokio's paused clock: the budget's window, `maxRetries` and the route's deadline
+/// against the back-off, each at its exact boundary.
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use tokio::time::{Instant, advance};
+
+    use super::*;
+    use crate::resilience::{budget::BudgetConfig, cluster::testing::web};
+
+    /// Envoy's default: 25 ms base, capped at 250 ms.
+    const BACKOFF: Backoff = Backoff::new(Duration::from_millis(25));
+
+    fn gate<'a>(cluster: &'a Arc<Cluster>, members: &'a Members, max_retries: Option<u32>) -> RetryGate<'a> {
+        RetryGate { cluster, members, max_retries, deadline: None }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_spent_budget_refuses_until_new_requests_enter_its_window() {
+        let budget = BudgetConfig::Windowed { window: Duration::from_secs(10), percent: 20.0, floor: 0 };
+        let (cluster, members) = web("", budget);
+        let gate = gate(&cluster, &members, None);
+        for _ in 0..10 {
+            members.budget.on_request(Instant::now());
+        }
+        let allowed: Vec<_> = (0..5).map_while(|_| gate.open(1, &BACKOFF, Instant::now(), 0).ok()).collect();
+        assert_eq!(allowed.len(), 2, "20 % of 10 requests");
+        assert_eq!(gate.open(1, &BACKOFF, Instant::now(), 0).err(), Some(Refused::Overflow));
+        drop(allowed);
+        assert!(gate.open(1, &BACKOFF, Instant::now(), 0).is_err(), "a windowed budget counts retries made, not held");
+        advance(Duration::from_millis(9_999)).await;
+        members.budget.on_request(Instant::now());
+        assert!(gate.open(1, &BACKOFF, Instant::now(), 0).is_err(), "11 requests, 2 retries in the window: 2.2 allows 2");
+        advance(Duration::from_millis(1)).await;
+        for _ in 0..4 {
+            members.budget.on_request(Instant::now());
+        }
+        assert!(gate.open(1, &BACKOFF, Instant::now(), 0).is_ok(), "the first slot left at 10 s: 5 requests, 0 retries");
+        assert_eq!(members.budget.snapshot(Instant::now()).refused, 4);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn max_retries_bounds_retries_in_flight_and_counts_the_overflow() {
+        let (cluster, members) = web("    connectionPool: {http: {maxRetries: 1}}\n", BudgetConfig::Unlimited);
+        let gate = gate(&cluster, &members, members.policy.connection_pool.as_ref().and_then(|p| p.http.max_retries));
+        let first = gate.open(1, &BACKOFF, Instant::now(), 0).expect("one retry in flight");
+        assert_eq!(gate.open(1, &BACKOFF, Instant::now(), 0).err(), Some(Refused::Overflow));
+        assert_eq!(cluster.limits.in_flight(Limit::Retries), 1);
+        drop(first);
+        assert!(gate.open(1, &BACKOFF, Instant::now(), 0).is_ok(), "the slot came back with the retry");
+        assert_eq!(cluster.view(None).overflows.retries, 1);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn the_backoff_is_slept_exactly_and_a_retry_past_the_route_deadline_times_out_now() {
+        let (cluster, members) = web("", BudgetConfig::Unlimited);
+        let t0 = Instant::now();
+        let deadline = Some((t0 + Duration::from_millis(100), Duration::from_millis(100)));
+        let gate = RetryGate { deadline, ..gate(&cluster, &members, None) };
+        // Retry 1 draws in [0, 25 ms), retry 2 in [0, 75 ms): the random value reduced into the range.
+        let retry = gate.open(1, &BACKOFF, Instant::now(), 24_000_000).unwrap();
+        assert_eq!(retry.wait, Duration::from_millis(24));
+        tokio::time::sleep(retry.wait).await;
+        let retry = gate.open(2, &BACKOFF, Instant::now(), 75_000_000 + 60_000_000).unwrap();
+        assert_eq!(retry.wait, Duration::from_millis(60));
+        tokio::time::sleep(retry.wait).await;
+        assert_eq!(Instant::now() - t0, Duration::from_millis(84), "the paused clock moved by the two waits");
+        // At 84 ms, a 16 ms wait would end at the deadline: no retry, the request's timeout.
+        assert_eq!(gate.open(1, &BACKOFF, Instant::now(), 16_000_000).err(), Some(Refused::Deadline(Duration::from_millis(100))));
+        assert!(gate.open(1, &BACKOFF, Instant::now(), 15_999_999).is_ok());
     }
 }
