@@ -128,7 +128,9 @@ async fn handle(req: Request<Incoming>, state: Arc<AdminState>) -> Result<Respon
         ),
         "/endpoints" => {
             let tables = state.tables.borrow().clone();
-            let view = warren_api::admin::EndpointsView { version: tables.version, clusters: state.clusters.view(None) };
+            let locality = tables.node_locality(&state.node);
+            let clusters = state.clusters.view(locality.as_ref());
+            let view = warren_api::admin::EndpointsView { version: tables.version, clusters };
             (StatusCode::OK, "application/json", serde_json::to_string_pretty(&view).unwrap_or_default())
         }
         "/policies" => {

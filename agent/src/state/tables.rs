@@ -424,6 +424,12 @@ impl MeshTables {
 
     /// What `inspect policies` shows: per enrolled workload on `node`, the policies that apply in evaluation
     /// order with their `hits`; and the kernel's plaintext table.
+    /// Where this node's workloads run (the first enrolled pod on `node` with a locality): the client
+    /// locality `inspect endpoints` ranks priorities from, as the proxy does per request.
+    pub fn node_locality(&self, node: &str) -> Option<warren_api::resilience::Locality> {
+        self.workloads().enrolled_pods().into_iter().filter(|p| p.is_on(node)).find_map(Pod::parsed_locality)
+    }
+
     pub fn policies_view(&self, node: &str, hits: &[WorkloadHits]) -> PoliciesView {
         let workloads = self.workloads();
         let mut view = PoliciesView { version: self.version, ..Default::default() };

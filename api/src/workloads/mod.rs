@@ -87,6 +87,12 @@ impl Pod {
     pub fn is_on(&self, node: &str) -> bool {
         self.node.as_deref().is_none_or(|n| n == node)
     }
+
+    /// Where the pod runs: [`Pod::locality`] as the source resolved it, else its `istio-locality` label.
+    pub fn parsed_locality(&self) -> Option<crate::resilience::Locality> {
+        use crate::resilience::Locality;
+        self.locality.as_deref().and_then(Locality::parse).or_else(|| Locality::from_pod_labels(&self.labels))
+    }
 }
 
 /// Every enrolled workload in the mesh by IP: where HBONE can go, and whom to expect there.

@@ -131,6 +131,14 @@ impl Mesh {
         let endpoint = cluster.endpoints.iter().find(|e| e.address == ip).with_context(|| format!("{name} not in {cluster:?}"))?;
         Ok(endpoint.health.clone())
     }
+
+    /// `inspect endpoints`' locality priority of `name`, ranked from the client's zone.
+    fn priority(&self, name: &str) -> Result<Option<u32>> {
+        let ip = self.ip(name);
+        let cluster = self.cluster()?;
+        let endpoint = cluster.endpoints.iter().find(|e| e.address == ip).with_context(|| format!("{name} not in {cluster:?}"))?;
+        Ok(endpoint.priority)
+    }
 }
 
 fn statuses(results: &[HttpResult]) -> BTreeMap<u16, usize> {
@@ -328,6 +336,8 @@ fn clients_prefer_their_zone_and_fail_over_to_the_next_when_it_is_ejected() -> R
         mesh.http(&HttpRequests::get("/local", 30))?;
         let local = mesh.received("/local")?;
         ensure!(local["web-1"] == 30, "all in the client's zone: {local:?}");
+        let priorities = [mesh.priority("web-1")?, mesh.priority("web-2")?, mesh.priority("web-3")?];
+        ensure!(priorities == [Some(0), Some(1), Some(2)], "inspect endpoints ranks from the client's zone: {priorities:?}");
         mesh.serve("web-1", AppOptions::new("web", "v1").failing(1, 500))?;
         mesh.http(&HttpRequests::get("/eject", 3))?;
         ensure!(mesh.health("web-1")? == "EJECTED", "{:?}", mesh.cluster()?);

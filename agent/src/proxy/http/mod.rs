@@ -28,7 +28,7 @@ use hyper_util::rt::{TokioExecutor, TokioIo};
 use tokio::io::{AsyncRead, AsyncWrite};
 use tracing::{debug, warn};
 use warren_api::{
-    resilience::{ClusterPolicy, ConnectionPool, H2UpgradePolicy, Locality, RetryPolicy},
+    resilience::{ClusterPolicy, ConnectionPool, H2UpgradePolicy, RetryPolicy},
     tables::{DirectResponse, Fault, MESH_GATEWAY, Mirror, Resolution, Service, WeightedDestination},
 };
 
@@ -424,7 +424,7 @@ async fn forward(
         None => &default_retries,
     };
     let pod = routed.client.pod.as_ref();
-    let locality = pod.and_then(|p| p.locality.as_deref()).and_then(Locality::parse).or_else(|| pod.and_then(|p| Locality::from_pod_labels(&p.labels)));
+    let locality = pod.and_then(|p| p.parsed_locality());
     let plan = retry::Plan {
         policy,
         cluster: cluster.clone(),
