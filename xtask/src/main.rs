@@ -60,7 +60,8 @@ enum Command {
     /// Benchmarks (release build, real eBPF): `l4` — no mesh vs agent vs agent with sk_msg; `control`; `parse`;
     /// `authz` — one decision against 100 AuthorizationPolicies (p99), then a new HBONE connection with 100
     /// policies on the server vs none; `l7` — 1 KiB requests at 1000 rps open loop and max rps: no mesh vs the
-    /// L4 HBONE path vs the L7 path (HTTP/1.1 and HTTP/2), agent CPU and RSS.
+    /// L4 HBONE path vs the L7 path (HTTP/1.1 and HTTP/2), agent CPU and RSS; telemetry on vs off; a
+    /// DestinationRule using every resilience feature vs the plain L7 path (`WARREN_BENCH_L7` picks parts).
     Bench {
         #[arg(value_parser = ["l4", "control", "parse", "authz", "l7"])]
         suite: String,

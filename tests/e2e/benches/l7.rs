@@ -22,8 +22,11 @@
 //! the L7 path adds at most 1.5× what the L4 path adds at p99 (each against the no-mesh p99 of its protocol),
 //! and an agent uses at most 0.05 vCPU per 1000 rps. Then the telemetry part ([`telemetry`]): the L7 path
 //! with Istio's metrics, access logs and 1 % tracing on against all of them off, and the agents' RSS with
-//! over 1000 distinct label sets. A bench reports; it does not fail on timing. Without
+//! over 1000 distinct label sets. Then the resilience part ([`resilience`]): a DestinationRule using every
+//! resilience feature against the plain L7 path. A bench reports; it does not fail on timing. Without
 //! root, BPF, cgroup2 and netns it prints `SKIPPED` and exits 0 (under `CI=true` it fails).
+#[path = "l7/resilience.rs"]
+mod resilience;
 #[path = "l7/telemetry.rs"]
 mod telemetry;
 
@@ -52,7 +55,7 @@ const L7_OVER_L4_TARGET: f64 = 1.5;
 const VCPU_PER_1000_RPS_TARGET: f64 = 0.05;
 
 struct Mesh {
-    _bed: Testbed,
+    bed: Testbed,
     _controller: Controller,
     agents: [Agent; 2],
     apps: [Process; 2],
@@ -113,7 +116,7 @@ impl Mesh {
         for agent in &agents {
             agent.wait_config(timeout, |c| c.to_string().contains("default/web-tcp"))?;
         }
-        Ok(Mesh { _bed: bed, _controller: controller, agents, apps, client, server, plain_client, plain_server })
+        Ok(Mesh { bed, _controller: controller, agents, apps, client, server, plain_client, plain_server })
     }
 }
 
@@ -244,7 +247,12 @@ impl Figures {
 }
 
 fn measure(mesh: &Mesh, path: &Path) -> anyhow::Result<Round> {
-    let (from, to) = mesh.route(path);
+    measure_to(mesh, path, mesh.route(path).1, "web")
+}
+
+/// [`measure`] to another Service (`to`, with its `host`) than the path's own, from the path's client.
+fn measure_to(mesh: &Mesh, path: &Path, to: SocketAddr, host: &str) -> anyhow::Result<Round> {
+    let from = mesh.route(path).0;
     let paced = Load {
         rps: RPS,
         warm_up_ms: WARM_UP_MS,
@@ -252,7 +260,7 @@ fn measure(mesh: &Mesh, path: &Path) -> anyhow::Result<Round> {
         connections: CONNECTIONS,
         body_bytes: BODY_BYTES,
         http2: path.http2,
-        host: Some("web".into()),
+        host: Some(host.into()),
         path: format!("/bytes/{BODY_BYTES}"),
         timeout_ms: 10_000,
     };
@@ -282,13 +290,17 @@ fn main() {
         return;
     }
     let rounds: usize = std::env::var("WARREN_BENCH_ROUNDS").ok().and_then(|r| r.parse().ok()).unwrap_or(ROUNDS);
-    // `WARREN_BENCH_L7=telemetry` runs only the telemetry part, `paths` only the paths; default both.
-    let parts = std::env::var("WARREN_BENCH_L7").unwrap_or_else(|_| "paths,telemetry".into());
+    // `WARREN_BENCH_L7=telemetry` runs only the telemetry part, `paths` only the paths, `resilience` only
+    // that part; default all three.
+    let parts = std::env::var("WARREN_BENCH_L7").unwrap_or_else(|_| "paths,telemetry,resilience".into());
     if parts.contains("paths") {
         paths(rounds);
     }
     if parts.contains("telemetry") {
         telemetry::run(rounds);
+    }
+    if parts.contains("resilience") {
+        resilience::run(rounds);
     }
 }
 
