@@ -437,6 +437,8 @@ pub struct LoadReport {
     pub p50_us: u64,
     pub p90_us: u64,
     pub p99_us: u64,
+    #[serde(default)]
+    pub p999_us: u64,
     pub max_us: u64,
     /// Counted 2xx answers per second, over the counted part (until its last answer).
     pub achieved_rps: f64,

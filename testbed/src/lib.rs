@@ -47,7 +47,7 @@ pub use capture::{Capture, testapp_payload};
 pub use controller::{Controller, ControllerOptions};
 pub use net::in_netns;
 pub use privileges::{check_privileges, in_ci};
-pub use process::{Attempt, ConnectLoop, HeldConnection, HoldEvent, Process, SendResult, now_ms};
+pub use process::{Attempt, ConnectLoop, cpu_seconds, rss_mib, HeldConnection, HoldEvent, Process, SendResult, now_ms};
 
 use std::{
     fs,
@@ -65,6 +65,8 @@ use anyhow::{Context, Result, bail};
 pub const ECHO_PORT: u16 = 7000;
 /// Port of warren-testapp's HTTP server.
 pub const HTTP_PORT: u16 = 8080;
+/// Port of warren-testapp's sink ([`Pod::serve_with_sink`]): reads to the end, answers the count.
+pub const SINK_PORT: u16 = 7001;
 
 /// Name prefix of every netns and cgroup a testbed creates.
 const PREFIX: &str = "wrn";
@@ -514,6 +516,16 @@ impl Pod {
     pub fn serve(&self, version: &str) -> Result<Process> {
         let mut cmd = std::process::Command::new(bin_path("warren-testapp")?);
         cmd.args(["serve", "--name", &self.name, "--version", version]);
+        let mut process = self.spawn(cmd)?;
+        process.wait_for_line("ready", std::time::Duration::from_secs(10))?;
+        Ok(process)
+    }
+
+    /// [`Pod::serve`] with a sink on [`SINK_PORT`] too: each connection is read to its end, then answered
+    /// with the byte count (8 bytes, little endian) — for one-way throughput.
+    pub fn serve_with_sink(&self, version: &str) -> Result<Process> {
+        let mut cmd = std::process::Command::new(bin_path("warren-testapp")?);
+        cmd.args(["serve", "--name", &self.name, "--version", version, "--sink-port", &SINK_PORT.to_string()]);
         let mut process = self.spawn(cmd)?;
         process.wait_for_line("ready", std::time::Duration::from_secs(10))?;
         Ok(process)

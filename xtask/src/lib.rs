@@ -1,5 +1,6 @@
 //! `cargo xtask`: the project's own tooling. Library half, so tests can drive the same code paths
 //! (e.g. the local cluster lifecycle) as the commands people type.
+pub mod bench;
 pub mod cluster;
 pub mod demo;
 pub mod fuzz;

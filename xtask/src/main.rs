@@ -57,14 +57,19 @@ enum Command {
         #[command(subcommand)]
         action: KindAction,
     },
-    /// Benchmarks (release build, real eBPF): `l4` — no mesh vs agent vs agent with sk_msg; `control`; `parse`;
-    /// `authz` — one decision against 100 AuthorizationPolicies (p99), then a new HBONE connection with 100
-    /// policies on the server vs none; `l7` — 1 KiB requests at 1000 rps open loop and max rps: no mesh vs the
-    /// L4 HBONE path vs the L7 path (HTTP/1.1 and HTTP/2), agent CPU and RSS; telemetry on vs off; a
-    /// DestinationRule using every resilience feature vs the plain L7 path (`WARREN_BENCH_L7` picks parts).
+    /// Benchmarks (release build, real eBPF); with no suite, every one in turn, then one table of all. `l4` —
+    /// direct vs the agent's plaintext and HBONE paths, each with socket acceleration off and on: one-way
+    /// throughput on 1 and 8 connections, new connections, 1 KiB round trips at 1000 rps (p50–p99.9), max
+    /// rps, agent CPU and RSS; `l7` — 1 KiB requests at 1000 rps open loop and max rps: no mesh vs the L4
+    /// HBONE path vs the L7 path (HTTP/1.1 and HTTP/2), agent CPU and RSS; telemetry on vs off; a
+    /// DestinationRule using every resilience feature vs the plain L7 path (`WARREN_BENCH_L7` picks parts);
+    /// `control` — initial sync and RSS at 10k services, update latency over 20 agents; `authz` — one
+    /// decision against 100 AuthorizationPolicies (p99), then a new HBONE connection with 100 policies on the
+    /// server vs none; `parse`. Each suite writes `target/bench/<suite>.json` (rows of path, metric, value,
+    /// unit, ratio to direct) beside its markdown.
     Bench {
-        #[arg(value_parser = ["l4", "control", "parse", "authz", "l7"])]
-        suite: String,
+        #[arg(value_parser = BENCH_SUITES)]
+        suite: Option<String>,
         /// Extra arguments for the benchmark (e.g. a criterion filter).
         #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
         args: Vec<String>,
@@ -154,10 +159,17 @@ fn dispatch(command: Command) -> Result<()> {
         Command::Bench { suite, args } => {
             setup::setup(false)?;
             build_binaries(true)?;
-            if suite == "authz" {
-                run(cargo().args(["bench", "--package", "warren-api", "--bench", "decision", "--"]).args(&args))?;
+            let suites: Vec<&str> = match &suite {
+                Some(suite) => vec![suite.as_str()],
+                None => BENCH_SUITES.to_vec(),
+            };
+            for suite in &suites {
+                bench(suite, &args)?;
             }
-            run(cargo().args(["bench", "--package", "warren-e2e", "--bench", &suite, "--"]).args(&args))
+            if suite.is_none() {
+                print_bench_tables()?;
+            }
+            Ok(())
         }
         Command::Manifests => manifests::write(),
         Command::Images { tag, import } => {
@@ -205,4 +217,25 @@ fn dispatch(command: Command) -> Result<()> {
 /// `kind.sh ACTION` from the workspace root (the images build inside Docker, from the sources).
 fn kind(script: &std::path::Path, action: &str) -> Result<()> {
     run(std::process::Command::new("bash").arg(script).arg(action).current_dir(xtask::workspace_root()))
+}
+
+/// Every bench suite, in the order `cargo xtask bench` runs them.
+const BENCH_SUITES: [&str; 5] = ["l4", "l7", "control", "authz", "parse"];
+
+fn bench(suite: &str, args: &[String]) -> Result<()> {
+    if suite == "authz" {
+        run(cargo().args(["bench", "--package", "warren-api", "--bench", "decision", "--"]).args(args))?;
+    }
+    run(cargo().args(["bench", "--package", "warren-e2e", "--bench", suite, "--"]).args(args))
+}
+
+/// One table per suite that wrote `target/bench/<suite>.json`.
+fn print_bench_tables() -> Result<()> {
+    let dir = xtask::workspace_root().join("target").join("bench");
+    println!("
+xtask: every bench's figures (value, and its ratio to direct in the same run), from {}:\n", dir.display());
+    for (suite, rows) in xtask::bench::read_all(&dir)? {
+        println!("{}", xtask::bench::table(&suite, &rows));
+    }
+    Ok(())
 }

@@ -55,6 +55,10 @@ enum Cmd {
         echo_port: u16,
         #[arg(long, default_value_t = 8080)]
         http_port: u16,
+        /// Also a sink on this port: reads each connection to its end, then answers the byte count it read
+        /// (8 bytes, little endian) and closes — one-way throughput.
+        #[arg(long)]
+        sink_port: Option<u16>,
     },
     Send {
         #[arg(long)]
@@ -211,7 +215,13 @@ enum Cmd {
 fn main() -> ExitCode {
     raise_fd_limit();
     match Cli::parse().command {
-        Cmd::Serve { name, version, echo_port, http_port } => serve(name, version, echo_port, http_port),
+        Cmd::Serve { name, version, echo_port, http_port, sink_port } => {
+            if let Some(port) = sink_port {
+                let sink = TcpListener::bind(("::", port)).unwrap_or_else(|e| panic!("bind :{port}: {e}"));
+                std::thread::spawn(move || sink_connections(sink));
+            }
+            serve(name, version, echo_port, http_port)
+        }
         Cmd::Send { to, bytes, connections: 1, hold_ms } => send(to, bytes, Duration::from_millis(hold_ms)),
         Cmd::Send { to, bytes, connections, .. } => send_concurrently(to, bytes, connections),
         Cmd::Loop { to, bytes, interval_ms, duration_ms } => connect_loop(to, bytes, interval_ms, duration_ms),
@@ -362,6 +372,27 @@ fn read_retrying(stream: &mut TcpStream, buf: &mut [u8], spurious: &mut u64, tim
             other => return other,
         }
     }
+}
+
+fn sink_connections(listener: TcpListener) {
+    for stream in listener.incoming().flatten() {
+        std::thread::spawn(move || sink_connection(stream));
+    }
+}
+
+fn sink_connection(mut stream: TcpStream) {
+    let (mut buf, mut spurious, mut total) = (vec![0u8; 256 * 1024], 0, 0u64);
+    loop {
+        match read_retrying(&mut stream, &mut buf, &mut spurious, Duration::from_secs(3600)) {
+            Ok(0) => break,
+            Ok(n) => total += n as u64,
+            Err(e) => {
+                eprintln!("sink: read: {e} ({:?})", e.kind());
+                return;
+            }
+        }
+    }
+    let _ = stream.write_all(&total.to_le_bytes());
 }
 
 fn echo_connection(stream: TcpStream) {

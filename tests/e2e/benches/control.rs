@@ -706,6 +706,25 @@ fn main() {
     );
 
     println!("\n{out}");
+    let mut report = xtask::bench::Report::new("control");
+    for (path, sync) in [("10k-services", &scale), ("1-service", &base)] {
+        let ms = |d: Duration| d.as_secs_f64() * 1000.0;
+        report.add(path, "agent_rss", sync.agent_rss.0 as f64 / 1024.0, "MiB");
+        report.add(path, "controller_rss", sync.controller_rss.0 as f64 / 1024.0, "MiB");
+        report.add(path, "snapshot_bytes", sync.snapshot_bytes.unwrap_or(0) as f64, "B");
+        report.add(path, "initial_sync", ms(sync.all_entries), "ms");
+        if !sync.edits.total.is_empty() {
+            report.add(path, "edit_to_map_p50", ms(median(&sync.edits.total)), "ms");
+            report.add(path, "edit_to_map_max", ms(max(&sync.edits.total)), "ms");
+        }
+    }
+    let path = format!("{NODES}-agents");
+    report.add(&path, "update_to_map_p50", percentile(s, 0.5).as_secs_f64() * 1000.0, "ms");
+    report.add(&path, "update_to_map_p99", percentile(s, 0.99).as_secs_f64() * 1000.0, "ms");
+    match report.write() {
+        Ok(file) => eprintln!("control bench: rows written to {}", file.display()),
+        Err(e) => eprintln!("control bench: {e:#}"),
+    }
     let path = xtask::workspace_root().join("target").join("bench-control.md");
     match std::fs::write(&path, &out) {
         Ok(()) => eprintln!("control bench: results written to {}", path.display()),

@@ -34,7 +34,7 @@ use std::{fmt::Write as _, net::SocketAddr, time::Duration, time::Instant};
 
 use warren_e2e::{directory_mesh_with, pod_yaml};
 use warren_testbed::{
-    Agent, AgentOptions, AppOptions, Controller, HttpRequests, Load, LoadReport, Pod, Process, Testbed, app, check_privileges, in_ci,
+    Agent, AgentOptions, AppOptions, Controller, HttpRequests, Load, LoadReport, Pod, Process, Testbed, app, check_privileges, cpu_seconds, in_ci, rss_mib,
 };
 
 const RPS: u64 = 1000;
@@ -195,25 +195,6 @@ impl Mesh {
     }
 }
 
-/// utime + stime of a process (all its threads), in seconds.
-fn cpu_seconds(pid: u32) -> f64 {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
-    // After the command's `(name)`: state is field 3; utime and stime are fields 14 and 15.
-    let fields: Vec<&str> =
-        stat.rsplit_once(')').map(|(_, rest)| rest.split_whitespace().collect()).unwrap_or_default();
-    let ticks: u64 = [11, 12].iter().filter_map(|i| fields.get(*i)?.parse::<u64>().ok()).sum();
-    ticks as f64 / unsafe { libc::sysconf(libc::_SC_CLK_TCK) } as f64
-}
-
-/// VmRSS of a process, in MiB.
-fn rss_mib(pid: u32) -> f64 {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
-    let kib = status
-        .lines()
-        .find_map(|l| l.strip_prefix("VmRSS:")?.trim().strip_suffix("kB")?.trim().parse::<f64>().ok());
-    kib.unwrap_or(0.0) / 1024.0
-}
-
 /// One round's figures for one path.
 struct Round {
     paced: LoadReport,
@@ -327,11 +308,39 @@ fn paths(rounds: usize) {
     }
     let out = summary(&figures, started.elapsed());
     println!("\n{out}");
+    match rows(&figures).write() {
+        Ok(file) => eprintln!("l7 bench: rows written to {}", file.display()),
+        Err(e) => eprintln!("l7 bench: {e:#}"),
+    }
     let file = xtask::workspace_root().join("target").join("bench-l7.md");
     match std::fs::write(&file, &out) {
         Ok(()) => eprintln!("l7 bench: results written to {}", file.display()),
         Err(e) => eprintln!("l7 bench: writing {}: {e}", file.display()),
     }
+}
+
+/// The paths part as `target/bench/l7.json` rows: paths `direct`, `hbone` (the L4 path) and `l7`; HTTP/2's
+/// metrics end in `_h2`.
+fn rows(figures: &[Figures]) -> xtask::bench::Report {
+    let mut report = xtask::bench::Report::new("l7");
+    for (path, f) in PATHS.iter().zip(figures) {
+        let name = match path.kind {
+            Kind::NoMesh => xtask::bench::DIRECT,
+            Kind::L4 => "hbone",
+            Kind::L7 => "l7",
+        };
+        let suffix = if path.http2 { "_h2" } else { "" };
+        let mut add = |metric: &str, value: f64, unit: &str| report.add(name, &format!("{metric}{suffix}"), value, unit);
+        add("p50_1000rps", f.median(|r| r.paced.p50_us as f64), "µs");
+        add("p90_1000rps", f.median(|r| r.paced.p90_us as f64), "µs");
+        add("p99_1000rps", f.p99(), "µs");
+        add("max_rps", f.median(|r| r.max.achieved_rps), "rps");
+        if path.kind != Kind::NoMesh {
+            add("cpu_1000rps", f.median(|r| r.vcpu[0].max(r.vcpu[1])), "vCPU");
+            add("rss_1000rps", f.median(|r| r.rss[0].max(r.rss[1])), "MiB");
+        }
+    }
+    report
 }
 
 fn summary(figures: &[Figures], took: Duration) -> String {

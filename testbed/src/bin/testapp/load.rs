@@ -286,6 +286,7 @@ fn report(samples: &[Sample], counted_from: Instant) -> LoadReport {
         p50_us: percentile(&latencies, 0.50),
         p90_us: percentile(&latencies, 0.90),
         p99_us: percentile(&latencies, 0.99),
+        p999_us: percentile(&latencies, 0.999),
         max_us: latencies.last().copied().unwrap_or(0),
         achieved_rps: if window > 0.0 { ok as f64 / window } else { 0.0 },
         dispatch_late_p99_us: percentile(&late, 0.99),

@@ -81,6 +81,10 @@ pub fn run(rounds: usize) {
     check_policies(&mesh);
     let out = summary(&figures, started.elapsed());
     println!("\n{out}");
+    match rows(&figures).write() {
+        Ok(file) => eprintln!("l7 bench: resilience rows written to {}", file.display()),
+        Err(e) => eprintln!("l7 bench: {e:#}"),
+    }
     let file = xtask::workspace_root().join("target").join("bench-l7-resilience.md");
     match std::fs::write(&file, &out) {
         Ok(()) => eprintln!("l7 bench: resilience results written to {}", file.display()),
@@ -102,6 +106,19 @@ fn check_policies(mesh: &Mesh) {
         assert_eq!(cluster.overflows, Default::default(), "{name}: a limit was met: {cluster:?}");
         assert!(cluster.endpoints.iter().all(|e| e.health == "HEALTHY"), "{name}: an endpoint is not healthy: {cluster:?}");
     }
+}
+
+/// `target/bench/l7-resilience.json`: paths `l7` (plain), `l7+dr-least-request`, `l7+dr-ring-hash`; no
+/// direct path in this part (the plain L7 path is its baseline: its table and verdicts say the ratios).
+fn rows(figures: &[Figures]) -> xtask::bench::Report {
+    let mut report = xtask::bench::Report::new("l7-resilience");
+    for (path, f) in ["l7", "l7+dr-least-request", "l7+dr-ring-hash"].into_iter().zip(figures) {
+        report.add(path, "p50_1000rps", f.median(|r| r.paced.p50_us as f64), "µs");
+        report.add(path, "p99_1000rps", f.p99(), "µs");
+        report.add(path, "max_rps", f.median(|r| r.max.achieved_rps), "rps");
+        report.add(path, "cpu_1000rps", f.median(|r| r.vcpu[0].max(r.vcpu[1])), "vCPU");
+    }
+    report
 }
 
 fn summary(figures: &[Figures], took: std::time::Duration) -> String {
