@@ -68,6 +68,21 @@ pub const HTTP_PORT: u16 = 8080;
 /// Port of warren-testapp's sink ([`Pod::serve_with_sink`]): reads to the end, answers the count.
 pub const SINK_PORT: u16 = 7001;
 
+/// Polls `check` every 20 ms until it returns `Some` (that value) or `timeout` passes (`None`): the one
+/// wait for "the system gets there" in scenarios, instead of hand-written deadline loops.
+pub fn eventually<T>(timeout: std::time::Duration, mut check: impl FnMut() -> Option<T>) -> Option<T> {
+    let deadline = std::time::Instant::now() + timeout;
+    loop {
+        if let Some(value) = check() {
+            return Some(value);
+        }
+        if std::time::Instant::now() >= deadline {
+            return None;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+}
+
 /// Name prefix of every netns and cgroup a testbed creates.
 const PREFIX: &str = "wrn";
 /// cgroup (under the cgroup2 mount) that holds all testbeds' cgroups.

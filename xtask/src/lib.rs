@@ -5,6 +5,7 @@ pub mod cluster;
 pub mod demo;
 pub mod fuzz;
 pub mod images;
+pub mod interop;
 pub mod manifests;
 pub mod setup;
 

@@ -2,7 +2,7 @@ use std::process::ExitCode;
 
 use anyhow::Result;
 use clap::{Parser, Subcommand};
-use xtask::{build_binaries, cargo, cluster, demo, fuzz, images, manifests, run, setup};
+use xtask::{build_binaries, cargo, cluster, demo, fuzz, images, interop, manifests, run, setup};
 
 /// Warren's project tooling.
 #[derive(Parser)]
@@ -51,6 +51,17 @@ enum Command {
         /// Extra libFuzzer options (e.g. -max_len=65536).
         #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
         args: Vec<String>,
+    },
+    /// HBONE wire compatibility with Istio's ztunnel, both ways, on the netns substrate (not part of `test`):
+    /// a Warren agent and two ztunnels (dedicated mode, fake CA) exchange 1 MiB each way, byte-exact, with
+    /// identities checked. Without both paths it says how to get them and fails.
+    Interop {
+        /// A ztunnel binary you built (with the `testing` feature).
+        #[arg(long)]
+        ztunnel: Option<std::path::PathBuf>,
+        /// That ztunnel's checkout: its test root src/tls/root-cert.pem and ca-key.pem.
+        #[arg(long)]
+        ztunnel_src: Option<std::path::PathBuf>,
     },
     /// kind (needs a Docker engine): `up` (images, cluster), `install` (helm), `e2e` (the user's walk), `down`.
     Kind {
@@ -154,6 +165,14 @@ fn dispatch(command: Command) -> Result<()> {
             let fuzzed = if seconds == 0 { Ok(()) } else { fuzz::smoke(seconds, "none", &[]) };
             eprintln!("xtask: everything took {:.0?}", started.elapsed());
             result.and(fuzzed)
+        }
+        Command::Interop { ztunnel, ztunnel_src } => {
+            if ztunnel.is_none() || ztunnel_src.is_none() {
+                return interop::run(ztunnel.as_deref(), ztunnel_src.as_deref());
+            }
+            setup::setup(false)?;
+            build_binaries(false)?;
+            interop::run(ztunnel.as_deref(), ztunnel_src.as_deref())
         }
         Command::Fuzz { target, seconds, sanitizer, args } => fuzz::fuzz(&target, seconds, &sanitizer, &args),
         Command::Bench { suite, args } => {

@@ -8,20 +8,8 @@ pub use warren_testbed::bookinfo;
 
 use std::time::{Duration, Instant};
 
-/// Polls `check` every 20 ms until it returns `Some` (that value) or `timeout` passes (`None`): the one
-/// wait for "the system gets there" in scenarios, instead of hand-written deadline loops.
-pub fn eventually<T>(timeout: Duration, mut check: impl FnMut() -> Option<T>) -> Option<T> {
-    let deadline = Instant::now() + timeout;
-    loop {
-        if let Some(value) = check() {
-            return Some(value);
-        }
-        if Instant::now() >= deadline {
-            return None;
-        }
-        std::thread::sleep(Duration::from_millis(20));
-    }
-}
+/// The one wait for "the system gets there" (shared with xtask's harnesses).
+pub use warren_testbed::eventually;
 
 /// [`eventually`] for checks that await (API calls), polling every 50 ms.
 pub async fn eventually_async<T, F>(timeout: Duration, mut check: impl FnMut() -> F) -> Option<T>
