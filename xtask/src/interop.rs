@@ -30,11 +30,11 @@ const TRUST_DOMAIN: &str = "cluster.local";
 const SOCKS5: &str = "127.0.0.1:15080";
 
 /// How to get what the command needs, printed when a path is missing.
-pub const HOW_TO: &str = "cargo xtask interop needs Istio's ztunnel, built by you:\n\
-  --ztunnel BIN        a ztunnel binary built with the `testing` feature (FAKE_CA), e.g.\n\
-                       cargo build --profile quick-release --no-default-features --features testing,tls-ring\n\
-  --ztunnel-src DIR    that ztunnel checkout (its test root src/tls/root-cert.pem and src/tls/ca-key.pem)\n\
-Steps that work without a cluster or network access: ../shared/recipes/ztunnel/README.md (this workplace),\n\
+pub const HOW_TO: &str = "cargo xtask interop needs Istio's ztunnel, built by you:
+  --ztunnel BIN        a ztunnel binary built with the `testing` feature (FAKE_CA), e.g.
+                         cargo build --profile quick-release --no-default-features --features testing,tls-ring
+  --ztunnel-src DIR    that ztunnel checkout (its test root src/tls/root-cert.pem and src/tls/ca-key.pem)
+Steps that work without a cluster or network access: ../shared/recipes/ztunnel/README.md (this workplace),
 or ztunnel's Development.md (\"Local Testing\"). Nothing of ztunnel is part of this project.";
 
 pub fn run(ztunnel: Option<&Path>, source: Option<&Path>) -> Result<()> {
@@ -119,7 +119,8 @@ fn start_ztunnel(binary: &Path, pod: &Pod, config: &Path) -> Result<Process> {
         // As root outside in-pod mode, ztunnel would dial the app from the client's address.
         .env("ENABLE_ORIG_SRC", "false")
         .env("UNSTABLE_ENABLE_SOCKS5", "true")
-        .env("RUST_LOG", "info");
+        // Its inbound logs each CONNECT request with its headers at debug.
+        .env("RUST_LOG", "info,ztunnel::proxy::inbound=debug");
     let process = pod.spawn(cmd)?;
     let hbone = SocketAddr::new(pod.ip.into(), 15008);
     let listening = eventually(Duration::from_secs(20), || {
@@ -151,6 +152,12 @@ fn warren_to_ztunnel(mesh: &Mesh) -> Result<()> {
         (proxy.stdout() + &proxy.stderr()).contains(&client).then_some(())
     });
     ensure!(logged.is_some(), "ztunnel never named Warren's client {client}: {}", mesh.zt_server_proxy.stdout());
+    let log = mesh.zt_server_proxy.stdout() + &mesh.zt_server_proxy.stderr();
+    let request = log.lines().find(|l| l.contains("received request")).unwrap_or_default();
+    let forwarded = format!("for=\\\"{}:", mesh.warren_client.ip);
+    for header in ["\"forwarded\"", &forwarded, "\"baggage\"", "k8s.namespace.name=default", "\"traceparent\""] {
+        ensure!(request.contains(header), "Warren's CONNECT as ztunnel logged it lacks {header}: {request}");
+    }
     Ok(())
 }
 

@@ -206,7 +206,7 @@ impl InpodManager {
 
         let mut listeners = vec![];
         // One pool of upstream connections per pod, for its own requests and for it as a gateway.
-        let upstreams = proxy::http::Upstreams::new(netns.clone(), identity.clone(), self.shared.clone());
+        let upstreams = proxy::http::Upstreams::new(netns.clone(), key.clone(), identity.clone(), self.shared.clone());
         for listener in outbound {
             listeners.push(tokio::spawn(proxy::outbound::serve(
                 listener,

@@ -2,25 +2,38 @@
 //! listener inside the workload's own netns. To another enrolled workload they go as HBONE (when the
 //! agent has an identity configuration); anywhere else as plain TCP from the pod's netns. Connections to a
 //! service port that carries HTTP go to the L7 proxy ([`super::http`]) instead, routed per request.
-use std::{net::SocketAddr, sync::Arc};
+use std::{
+    net::{IpAddr, SocketAddr},
+    sync::Arc,
+};
 
 use tokio::{
     io::{AsyncRead, AsyncWrite, AsyncWriteExt},
     net::{TcpListener, TcpStream},
 };
 use tracing::{info, warn};
-use warren_api::tables::{AppProtocol, MESH_GATEWAY, OutboundTrafficPolicy};
+use warren_api::{
+    tables::{AppProtocol, MESH_GATEWAY, OutboundTrafficPolicy},
+    workloads::Pod,
+};
 use warren_identity::Identity;
 use warren_maps::ConnectionKey;
 
 use super::{
     Direction, ProxyShared, Record, connect_from, forward,
+    hbone::{
+        client::TunnelRequest,
+        headers::{Baggage, ForwardedFor},
+    },
     http::{self, detect::Detected},
     sni,
 };
 use crate::{
     inpod::Netns,
-    telemetry::{self, TcpReport, peers::ServiceMeta},
+    telemetry::{
+        self, TcpReport,
+        peers::{ServiceMeta, UNKNOWN},
+    },
     state::{
         pick_weighted,
         tls_routes::{self, TlsContext},
@@ -175,6 +188,51 @@ pub(crate) struct Addressed {
     pub original: SocketAddr,
 }
 
+impl Addressed {
+    /// The hostname of the service addressed, if the client addressed one.
+    fn service_host(&self) -> Option<String> {
+        Some(self.service.host.clone()).filter(|host| host != UNKNOWN)
+    }
+}
+
+/// `f` of the pod `key` (`namespace/name`), as this version's tables know it, else as the agent's own
+/// source does (a mesh without a controller).
+pub(crate) fn with_pod<T>(shared: &ProxyShared, key: &str, f: impl FnOnce(&Pod) -> T) -> Option<T> {
+    if let Some(pod) = shared.tables().pod(key) {
+        return Some(f(pod));
+    }
+    shared.mesh.read().unwrap().pod(key).map(f)
+}
+
+/// The CONNECT of a tunnel for `record.client` (a connection of `record.pod`, or one it serves as a
+/// gateway) to `record.destination`, which addressed `service_host`.
+fn tunnel_request(shared: &ProxyShared, record: &Record, service_host: Option<String>) -> TunnelRequest {
+    let (client, destination) = (record.client, record.destination);
+    let cluster = &shared.telemetry.cluster;
+    let described = with_pod(shared, &record.pod, |pod| (forwarded_for(pod, client, &destination), Baggage::of(pod, cluster)));
+    let unknown_pod = || (ForwardedFor { ip: canonical(client.ip()), port: Some(client.port()) }, Baggage::default());
+    let (forwarded_for, baggage) = described.unwrap_or_else(unknown_pod);
+    TunnelRequest { destination, forwarded_for, service_host, baggage }
+}
+
+/// `forwarded: for=` of `client`: its own address — but the pod's, of the destination's family, where it
+/// reached the agent over loopback (every redirected connect does), keeping its port: the address the
+/// peer would have seen without the mesh, as ztunnel's in-pod redirect leaves it.
+fn forwarded_for(pod: &Pod, client: SocketAddr, destination: &SocketAddr) -> ForwardedFor {
+    let ip = canonical(client.ip());
+    let pod_ip = || pod.ips.iter().find(|ip| ip.is_ipv4() == destination.is_ipv4()).or(pod.ips.first()).copied();
+    let ip = if ip.is_loopback() { pod_ip().unwrap_or(ip) } else { ip };
+    ForwardedFor { ip, port: Some(client.port()) }
+}
+
+/// A v4 address on a dual-stack socket shows up as `::ffff:a.b.c.d`: it is `a.b.c.d`.
+pub(crate) fn canonical(ip: IpAddr) -> IpAddr {
+    match ip {
+        IpAddr::V6(v6) => v6.to_ipv4_mapped().map_or(ip, IpAddr::V4),
+        v4 => v4,
+    }
+}
+
 /// Proxies `client` to `record.destination` from the pod's netns: as HBONE (mTLS as `source`) when the
 /// destination is an enrolled workload and the agent has identities, else plain TCP; `first` (bytes
 /// already read off the client, such as a ClientHello) goes to the upstream ahead of the rest. Reported
@@ -191,6 +249,7 @@ pub(crate) async fn forward_tcp<C>(
     C: AsyncRead + AsyncWrite + Unpin,
 {
     let destination = record.destination;
+    let service_host = addressed.service_host();
     let hbone = shared.hbone_peer(source.as_ref(), &destination.ip()).zip(source).map(|((pool, peer), source)| (pool, source, peer));
     let to = telemetry::Outbound { pod: &record.pod, service: addressed.service, endpoint: Some(destination.ip()), mtls: hbone.is_some() };
     let traffic = shared.telemetry.outbound(&shared.tables(), &shared.mesh, to);
@@ -205,8 +264,9 @@ pub(crate) async fn forward_tcp<C>(
         Some((pool, source, peer_identity)) => {
             record.protocol = "hbone";
             record.peer_identity = Some(peer_identity.to_string());
+            let request = tunnel_request(&shared, &record, service_host);
             let open = async {
-                let stream = pool.connect(netns, &source, &peer_identity, destination).await?;
+                let stream = pool.connect(netns, &source, &peer_identity, &request).await?;
                 ahead(Box::new(stream)).await
             };
             forward(client, record, shared.clone(), open).await
@@ -258,14 +318,36 @@ pub(crate) fn random() -> u64 {
 
 /// Where the client connected, and the connection-fault delay connect4/6 decided for it (ms, 0: none).
 fn original_dst(shared: &ProxyShared, netns_cookie: u64, peer: SocketAddr) -> Option<(SocketAddr, u32)> {
-    // A v4 client on a dual-stack socket shows up as ::ffff:a.b.c.d; the map holds it as IPv4.
-    let peer = match peer {
-        SocketAddr::V6(v6) => match v6.ip().to_ipv4_mapped() {
-            Some(v4) => SocketAddr::new(v4.into(), v6.port()),
-            None => peer,
-        },
-        v4 => v4,
-    };
+    // The map holds a v4 client of a dual-stack socket as IPv4.
+    let peer = SocketAddr::new(canonical(peer.ip()), peer.port());
     let original = shared.original_dst.get(&ConnectionKey::new(netns_cookie, peer))?;
     Some((original.socket_addr()?, original.delay_ms))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn dual_stack_pod() -> Pod {
+        serde_json::from_value(serde_json::json!({"name": "sleep", "uid": "u", "ips": ["10.1.0.5", "fd00::5"]})).unwrap()
+    }
+
+    fn shown(pod: &Pod, client: &str, destination: &str) -> String {
+        forwarded_for(pod, client.parse().unwrap(), &destination.parse().unwrap()).to_string()
+    }
+
+    #[test]
+    fn forwarded_names_the_pod_where_the_client_came_over_loopback() {
+        let pod = dual_stack_pod();
+        // Redirected connects reach the agent from loopback: the pod's address of the destination's family.
+        assert_eq!(shown(&pod, "127.0.0.1:41000", "10.2.0.7:80"), r#""10.1.0.5:41000""#);
+        assert_eq!(shown(&pod, "[::1]:41000", "[fd00::7]:80"), r#""[fd00::5]:41000""#);
+        assert_eq!(shown(&pod, "[::ffff:127.0.0.1]:41000", "10.2.0.7:80"), r#""10.1.0.5:41000""#);
+        // Control: a client that is not on loopback (a gateway's, from outside) is named as itself.
+        assert_eq!(shown(&pod, "192.0.2.9:5000", "10.2.0.7:80"), r#""192.0.2.9:5000""#);
+        assert_eq!(shown(&pod, "[::ffff:192.0.2.9]:5000", "10.2.0.7:80"), r#""192.0.2.9:5000""#);
+        // A pod with no address of that family: its other one, rather than loopback.
+        let v4_only = Pod { ips: vec!["10.1.0.5".parse().unwrap()], ..pod };
+        assert_eq!(shown(&v4_only, "[::1]:41000", "[fd00::7]:80"), r#""10.1.0.5:41000""#);
+    }
 }

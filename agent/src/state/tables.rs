@@ -31,6 +31,8 @@ pub struct MeshTables {
     pub tables: Tables,
     services: HashMap<String, Arc<Service>>,
     by_vip: HashMap<SocketAddr, Arc<Service>>,
+    /// By hostname (a ServiceEntry host may be declared in several namespaces), in key order.
+    by_hostname: HashMap<String, Vec<Arc<Service>>>,
     /// Routes by the service they route, in name order (the first wins, as Istio merges by age).
     routes: HashMap<String, Vec<Arc<Route>>>,
     /// AuthorizationPolicies, oldest first.
@@ -94,6 +96,7 @@ impl MeshTables {
                     }
                     index.registered_ips.extend(s.endpoints.iter().filter(|e| e.hostname.is_none()).map(|e| e.ip));
                     index.address_blocks.extend(s.address_blocks.iter().map(|block| (*block, s.clone())));
+                    index.by_hostname.entry(s.hostname.clone()).or_default().push(s.clone());
                     index.services.insert(s.key(), s);
                 }
                 Resource::Route(r) => {
@@ -110,6 +113,9 @@ impl MeshTables {
                 Resource::MeshConfig(m) => index.mesh_config = m.clone(),
                 _ => {}
             }
+        }
+        for services in index.by_hostname.values_mut() {
+            services.sort_by_key(|s| s.key());
         }
         index.gateways = GatewayIndex::new(&tables);
         index.tables = tables;
@@ -141,6 +147,13 @@ impl MeshTables {
 
     pub fn service(&self, key: &str) -> Option<&Arc<Service>> {
         self.services.get(key)
+    }
+
+    /// The service named `hostname` (an HBONE `:authority`), preferring one in `namespace` — the
+    /// destination pod's, as ztunnel prefers — else the first by `namespace/name`.
+    pub fn service_by_hostname(&self, hostname: &str, namespace: &str) -> Option<&Arc<Service>> {
+        let services = self.by_hostname.get(hostname)?;
+        services.iter().find(|s| s.namespace == namespace).or(services.first())
     }
 
     /// The service at a VIP:port, or the ServiceEntry (resolution NONE) whose address block and port
@@ -623,6 +636,29 @@ mod tests {
         assert!(!allowed(&only_sleep, "10.0.0.1", Some(EVIL), 9080));
         let view = only_sleep.policies_view("n1", &[]);
         assert_eq!(view.workloads[0].policies.iter().map(|p| p.policy.as_str()).collect::<Vec<_>>(), ["shop/p", "-"]);
+    }
+
+    #[test]
+    fn a_hostname_names_the_service_in_the_asking_namespace_first() {
+        let entry = |ns: &str| {
+            format!(
+                "apiVersion: networking.istio.io/v1\nkind: ServiceEntry\nmetadata: {{name: db, namespace: {ns}}}\n\
+                 spec: {{hosts: [db.example.com], ports: [{{number: 5432, name: tcp, protocol: TCP}}], resolution: DNS}}\n---\n"
+            )
+        };
+        let t = tables(&(namespace("zeta") + &entry("zeta") + &namespace("alpha") + &entry("alpha")));
+        let found = |ns: &str| t.service_by_hostname("db.example.com", ns).map(|s| s.key());
+        assert_eq!(found("zeta").as_deref(), Some("zeta/db"));
+        assert_eq!(found("alpha").as_deref(), Some("alpha/db"));
+        assert_eq!(found("shop").as_deref(), Some("alpha/db"), "from elsewhere: the first by namespace/name");
+        let reviews = t.service_by_hostname("reviews.shop.svc.cluster.local", "zeta").map(|s| s.key());
+        assert_eq!(reviews.as_deref(), Some("shop/reviews"), "a Kubernetes service by its FQDN, from any namespace");
+        assert!(t.service_by_hostname("nosuch.example.com", "shop").is_none(), "control: no such host");
+        assert!(t.service_by_hostname("reviews", "shop").is_none(), "only the full hostname names a service");
+    }
+
+    fn namespace(name: &str) -> String {
+        format!("apiVersion: v1\nkind: Namespace\nmetadata: {{name: {name}}}\n---\n")
     }
 
     #[test]

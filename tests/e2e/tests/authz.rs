@@ -135,7 +135,7 @@ struct Counters {
     kernel_denied: f64,
     /// Connections the agent accepted inbound (HBONE streams and plaintext).
     inbound_opened: f64,
-    /// Inbound connections the agent refused by policy (HBONE 403s, plaintext resets).
+    /// Inbound connections the agent refused by policy (HBONE 401s, plaintext resets).
     policy_refused: f64,
     /// Denial log lines.
     denial_lines: usize,
@@ -222,10 +222,11 @@ impl Mesh {
         Ok(())
     }
 
-    /// An enrolled client refused by the server's agent: its CONNECT gets 403 (the client's agent says so),
-    /// the client's connection fails without a byte echoed, the agent opens nothing inbound, and the denial
-    /// lines name `policy` (`ns/name` or `-`), `action` and the client's identity. (How many CONNECTs one
-    /// refused connection makes is [`one_denied_connection_is_one_decision`]'s business.)
+    /// An enrolled client refused by the server's agent: its CONNECT gets 401, as ztunnel answers (the
+    /// client's agent says so), the client's connection fails without a byte echoed, the agent opens
+    /// nothing inbound, and the denial lines name `policy` (`ns/name` or `-`), `action` and the client's
+    /// identity. (How many CONNECTs one refused connection makes is
+    /// [`one_denied_connection_is_one_decision`]'s business.)
     fn assert_refused_over_hbone(&self, from: &Pod, port: u16, policy: &str, action: &str) -> Result<()> {
         let before = self.counters()?;
         let sent = from.send(self.target(port), 16 << 10)?;
@@ -247,13 +248,13 @@ impl Mesh {
                 ensure!(line.contains(&field), "the denial line must say {field}: {line}");
             }
         }
-        // The client's side saw the refusal: its agent's outbound leg failed with the server's 403.
+        // The client's side saw the refusal: its agent's outbound leg failed with the server's 401.
         let outbound = self.clients.connections()?["recently_closed"]
             .as_array()
             .and_then(|all| all.iter().rev().find(|c| c["direction"] == "outbound").cloned())
             .context("no outbound record on the client's agent")?;
         let error = outbound["error"].as_str().unwrap_or_default();
-        ensure!(error.contains("403 Forbidden"), "the client's agent must report the 403: {outbound:#}");
+        ensure!(error.contains("401 Unauthorized"), "the client's agent must report the 401: {outbound:#}");
         Ok(())
     }
 
@@ -355,7 +356,7 @@ fn from_principals(principals: &str) -> String {
 // ------------------------------------------------------------------------------------------------
 
 /// `spec: {}` in a namespace allows nothing there: the enrolled client is refused by the server's agent
-/// (403), the plaintext client by the kernel; deleting it lets both in again.
+/// (401), the plaintext client by the kernel; deleting it lets both in again.
 #[test]
 fn allow_nothing_refuses_hbone_and_plaintext_clients() -> Result<()> {
     require_privileges!(Ok(()));
@@ -872,9 +873,9 @@ fn inspect_policies_shows_evaluation_order_and_hits() -> Result<()> {
     })
 }
 
-/// One refused connection is one decision: one CONNECT answered 403, one denial line, one count in
+/// One refused connection is one decision: one CONNECT answered 401, one denial line, one count in
 /// `warren_authz_decisions_total` and in the policy's hits — also when the client's agent already holds an
-/// HBONE connection to the server (a 403 is the server's answer, not a broken connection to dial again).
+/// HBONE connection to the server (a 401 is the server's answer, not a broken connection to dial again).
 #[test]
 fn one_denied_connection_is_one_decision() -> Result<()> {
     require_privileges!(Ok(()));
@@ -902,6 +903,109 @@ fn one_denied_connection_is_one_decision() -> Result<()> {
         }
         let hits = mesh.hits()?;
         ensure!(hits.first().is_some_and(|(p, _, h)| p == "default/deny-sleep" && h[1] == 2), "{hits:?}");
+        Ok(())
+    })
+}
+
+// ------------------------------------------------------------------------------------------------
+// ztunnel's CONNECT by service hostname, sent from outside the mesh
+// ------------------------------------------------------------------------------------------------
+
+/// The server's service: port 80 → the echo's 7000.
+const ECHO_SERVICE: &str = "apiVersion: v1\nkind: Service\nmetadata: {name: tcp-echo, namespace: default}\n\
+    spec: {selector: {app: tcp-echo}, ports: [{name: tcp, port: 80, targetPort: 7000}]}\n";
+const ECHO_HOST: &str = "tcp-echo.default.svc.cluster.local";
+/// Who the test's own client's certificate says it is.
+const RAW_CLIENT: &str = "cluster.local/ns/default/sa/raw";
+
+/// What a CONNECT from the test got: the status, and what came back through the tunnel when it opened.
+#[derive(Debug)]
+struct RawConnect {
+    status: u16,
+    echoed: Vec<u8>,
+}
+
+impl Mesh {
+    /// A CONNECT naming `authority` to the server's HBONE port, as ztunnel sends one for service traffic
+    /// (Warren's own agents always name an address): sent with h2, over mTLS as
+    /// [`RAW_CLIENT`] (a certificate of the testbed's CA) from the not-enrolled `legacy` pod, on a
+    /// connection of its own. An opened tunnel is sent `ping` and half-closed.
+    fn raw_connect(&self, authority: &str) -> Result<RawConnect> {
+        let (cert, key) = self._bed.ca_files()?;
+        let (cert, key) = (std::fs::read_to_string(cert)?, std::fs::read_to_string(key)?);
+        let ca = warren_identity::CertificateAuthority::from_pem("cluster.local", &cert, &key)?;
+        let raw: warren_identity::Identity = format!("spiffe://{RAW_CLIENT}").parse()?;
+        let issued = ca.issue(&raw, Duration::from_secs(3600), std::time::SystemTime::now())?;
+        let bundle = warren_identity::tls::TrustBundle::from_pem("cluster.local", ca.root_pem())?;
+        let server = warren_identity::Identity::new("cluster.local", "default", "tcp-echo");
+        let config = warren_identity::tls::client_config(&issued, issued.key_pem.as_ref().context("a key")?, &bundle, vec![server])?;
+        let hbone = SocketAddr::new(self.server.ip.into(), 15008);
+        let tcp = warren_testbed::in_netns(&self.legacy.netns, || std::net::TcpStream::connect(hbone))??;
+        tcp.set_nonblocking(true)?;
+        let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
+        runtime.block_on(async {
+            let tcp = tokio::net::TcpStream::from_std(tcp)?;
+            let name = tokio_rustls::rustls::pki_types::ServerName::try_from("hbone")?;
+            let tls = tokio_rustls::TlsConnector::from(std::sync::Arc::new(config)).connect(name, tcp).await?;
+            tokio::time::timeout(Duration::from_secs(5), raw_h2::connect(tls, authority)).await.context("no answer in 5 s")?
+        })
+    }
+}
+
+/// One CONNECT on a fresh HTTP/2 connection (h2, the crate the agent itself uses): its status, and on a 200
+/// the echo of `ping` sent with END_STREAM, read to its end.
+mod raw_h2 {
+    use anyhow::Result;
+    use bytes::Bytes;
+    use tokio::io::{AsyncRead, AsyncWrite};
+
+    use super::RawConnect;
+
+    pub async fn connect<IO: AsyncRead + AsyncWrite + Unpin + Send + 'static>(io: IO, authority: &str) -> Result<RawConnect> {
+        let (requests, connection) = h2::client::handshake(io).await?;
+        tokio::spawn(connection);
+        let request = http::Request::builder().method(http::Method::CONNECT).uri(authority).body(())?;
+        let (response, mut send) = requests.ready().await?.send_request(request, false)?;
+        let response = response.await?;
+        let mut answer = RawConnect { status: response.status().as_u16(), echoed: vec![] };
+        if answer.status != 200 {
+            return Ok(answer);
+        }
+        send.send_data(Bytes::from_static(b"ping"), true)?;
+        let mut body = response.into_body();
+        while let Some(data) = body.data().await {
+            let data = data?;
+            let _ = body.flow_control().release_capacity(data.len());
+            answer.echoed.extend_from_slice(&data);
+        }
+        Ok(answer)
+    }
+}
+
+/// A CONNECT naming the server's service by hostname and service port (ztunnel's form for service
+/// traffic) opens a tunnel to the service's target port on the server; a hostname no service has is
+/// answered 503 (as ztunnel answers it); and once a policy denies the client, both forms are answered 401.
+#[test]
+fn a_connect_by_service_hostname_is_served_and_a_denied_one_answered_401() -> Result<()> {
+    require_privileges!(Ok(()));
+    scenario("authz-hostname", |mesh| {
+        mesh.apply("echo-service", ECHO_SERVICE)?;
+        let by_host = format!("{ECHO_HOST}:80");
+        let by_address = mesh.target(ECHO_PORT).to_string();
+        let served = mesh.raw_connect(&by_host)?;
+        ensure!(served.status == 200 && served.echoed == b"ping", "by hostname, to the echo on 7000: {served:?}");
+        let unknown = mesh.raw_connect("nosuch.default.svc.cluster.local:80")?;
+        ensure!(unknown.status == 503 && unknown.echoed.is_empty(), "a hostname no service has: {unknown:?}");
+        let not_a_port = mesh.raw_connect(&format!("{ECHO_HOST}:81"))?;
+        ensure!(not_a_port.status == 503, "not a port of the service: {not_a_port:?}");
+        let direct = mesh.raw_connect(&by_address)?;
+        ensure!(direct.status == 200 && direct.echoed == b"ping", "control, by address: {direct:?}");
+
+        mesh.apply("deny-raw", &policy("deny-raw", "DENY", &from_principals(&format!("\"{RAW_CLIENT}\""))))?;
+        for authority in [&by_host, &by_address] {
+            let denied = mesh.raw_connect(authority)?;
+            ensure!(denied.status == 401 && denied.echoed.is_empty(), "{authority}, denied: {denied:?}");
+        }
         Ok(())
     })
 }

@@ -1,6 +1,7 @@
 //! HBONE connections, pooled per (source identity, destination address): the first tunnel between two
 //! workloads dials destination:15008 from the source pod's netns and runs the mTLS + HTTP/2 handshakes;
-//! later tunnels are new streams on the same connection.
+//! later tunnels are new streams on the same connection. The connection is the pair's; what a CONNECT says
+//! of its client and service ([`TunnelRequest`]) is each stream's.
 use std::{
     collections::HashMap,
     net::{IpAddr, SocketAddr},
@@ -13,7 +14,7 @@ use warren_identity::Identity;
 
 use super::{
     H2Stream, HBONE_PORT,
-    client::{ConnectError, Connection},
+    client::{ConnectError, Connection, TunnelRequest},
 };
 use crate::{identity::Certificates, inpod::Netns};
 
@@ -31,14 +32,15 @@ impl Pool {
         &self.certificates
     }
 
-    /// A tunnel from `source` (a pod in `netns`) to `destination`, whose workload is `peer`.
-    pub async fn connect(&self, netns: &Netns, source: &Identity, peer: &Identity, destination: SocketAddr) -> Result<H2Stream> {
+    /// A tunnel from `source` (a pod in `netns`) to `request.destination`, whose workload is `peer`.
+    pub async fn connect(&self, netns: &Netns, source: &Identity, peer: &Identity, request: &TunnelRequest) -> Result<H2Stream> {
+        let destination = request.destination;
         let key = (source.clone(), destination.ip());
         let pooled = self.connections.lock().unwrap().get(&key).cloned();
         if let Some(connection) = pooled {
-            match connection.connect(destination).await {
+            match connection.connect(request).await {
                 Ok(stream) => return Ok(stream),
-                // The peer answered (e.g. 403): the same on any connection, so it is the answer.
+                // The peer answered (e.g. 401): the same on any connection, so it is the answer.
                 Err(refused @ ConnectError::Refused { .. }) => return Err(refused.into()),
                 // The connection went away (peer restarted, idle close): dial again below.
                 Err(e) => tracing::debug!(%destination, "pooled HBONE connection unusable: {e}"),
@@ -46,7 +48,7 @@ impl Pool {
         }
         let connection = self.dial(netns, source, peer, destination.ip()).await?;
         self.connections.lock().unwrap().insert(key, connection.clone());
-        Ok(connection.connect(destination).await?)
+        Ok(connection.connect(request).await?)
     }
 
     async fn dial(&self, netns: &Netns, source: &Identity, peer: &Identity, ip: IpAddr) -> Result<Connection> {

@@ -2,7 +2,9 @@
 //! HTTP/1.1 connections are reused one request at a time (back in the pool once the response body is
 //! read), one HTTP/2 connection per endpoint carries every request to it. Each connection is an HBONE
 //! tunnel (mTLS as the source's identity) when the endpoint is an enrolled workload, else plain TCP from
-//! the pod's netns — the same choice the L4 path makes.
+//! the pod's netns — the same choice the L4 path makes. Its CONNECT names the routed service (`forwarded:
+//! …;host=`) and the source pod (`baggage`); its client is the pod itself (`for=` its address, no port), as
+//! one connection carries requests of many of the pod's clients.
 //!
 //! Pools are per (cluster, endpoint) and obey the cluster's `connectionPool`: connections counted against
 //! `maxConnections` across every pod of the node (a request that needs one more waits as pending, up to
@@ -10,7 +12,7 @@
 //! `maxConnectionDuration`, `connectTimeout` and `tcpKeepalive`.
 use std::{
     collections::HashMap,
-    net::SocketAddr,
+    net::{Ipv4Addr, Ipv6Addr, SocketAddr},
     pin::Pin,
     sync::{
         Arc, Mutex,
@@ -36,7 +38,15 @@ use warren_identity::Identity;
 use super::{Body, Error};
 use crate::{
     inpod::Netns,
-    proxy::{ProxyShared, connect_from, hbone::H2Stream},
+    proxy::{
+        ProxyShared, connect_from,
+        hbone::{
+            H2Stream,
+            client::TunnelRequest,
+            headers::{Baggage, ForwardedFor},
+        },
+        outbound::with_pod,
+    },
     resilience::cluster::{Cluster, Held, Limit, Limits},
 };
 
@@ -112,6 +122,9 @@ pub struct Upstreams {
     /// Only the pod's own workload, over its loopback-reachable address (the inbound stage's upstream).
     local: bool,
     source: Option<Identity>,
+    /// The source pod (`namespace/name`; empty for the local pool): what the tunnels' `forwarded` and
+    /// `baggage` describe.
+    pod: Arc<String>,
     shared: ProxyShared,
     idle_h1: Mutex<HashMap<PoolKey, Vec<Idle>>>,
     h2: Mutex<HashMap<PoolKey, Multiplexed>>,
@@ -119,18 +132,19 @@ pub struct Upstreams {
 }
 
 impl Upstreams {
-    pub fn new(netns: Arc<Netns>, source: Option<Identity>, shared: ProxyShared) -> Arc<Self> {
-        Arc::new(Upstreams::with(netns, false, source, shared))
+    /// The pool of `pod`'s own requests (and of it as a gateway), as `source` when it has an identity.
+    pub fn new(netns: Arc<Netns>, pod: Arc<String>, source: Option<Identity>, shared: ProxyShared) -> Arc<Self> {
+        Arc::new(Upstreams::with(netns, false, pod, source, shared))
     }
 
     /// Connections to the pod's own workload, dialed inside its netns (never captured again).
     pub fn local(netns: Arc<Netns>, shared: ProxyShared) -> Arc<Self> {
-        Arc::new(Upstreams::with(netns, true, None, shared))
+        Arc::new(Upstreams::with(netns, true, Arc::default(), None, shared))
     }
 
-    fn with(netns: Arc<Netns>, local: bool, source: Option<Identity>, shared: ProxyShared) -> Upstreams {
+    fn with(netns: Arc<Netns>, local: bool, pod: Arc<String>, source: Option<Identity>, shared: ProxyShared) -> Upstreams {
         let (idle_h1, h2, next_id) = (Mutex::default(), Mutex::default(), AtomicU64::new(1));
-        Upstreams { netns, local, source, shared, idle_h1, h2, next_id }
+        Upstreams { netns, local, source, pod, shared, idle_h1, h2, next_id }
     }
 
     /// Sends `request` to the destination over HTTP/2 when `version` is, else HTTP/1.1 (an upgrade always
@@ -326,13 +340,14 @@ impl Upstreams {
     async fn dial(&self, to: &Destination<'_>) -> Result<Transport, Error> {
         let endpoint = to.endpoint;
         let limit = Duration::from_millis(to.pool.tcp.connect_timeout_ms());
-        match tokio::time::timeout(limit, self.connect(endpoint, to.pool.tcp.tcp_keepalive.as_ref())).await {
+        match tokio::time::timeout(limit, self.connect(to)).await {
             Ok(result) => result,
             Err(_) => Err(Error::UpstreamConnect(format!("{endpoint}: connect timeout after {limit:?}"))),
         }
     }
 
-    async fn connect(&self, endpoint: SocketAddr, keepalive: Option<&TcpKeepalive>) -> Result<Transport, Error> {
+    async fn connect(&self, to: &Destination<'_>) -> Result<Transport, Error> {
+        let endpoint = to.endpoint;
         let hbone = self.source.clone().filter(|_| !self.local).and_then(|source| {
             let (pool, peer) = self.shared.hbone_peer(Some(&source), &endpoint.ip())?;
             Some((pool, source, peer))
@@ -340,15 +355,38 @@ impl Upstreams {
         let connect_failed = |e: anyhow::Error| Error::UpstreamConnect(format!("{endpoint}: {e:#}"));
         match hbone {
             Some((pool, source, peer)) => {
-                Ok(Transport::Hbone(pool.connect(&self.netns, &source, &peer, endpoint).await.map_err(connect_failed)?))
+                let request = self.tunnel_request(to);
+                Ok(Transport::Hbone(pool.connect(&self.netns, &source, &peer, &request).await.map_err(connect_failed)?))
             }
             None => {
+                let keepalive = to.pool.tcp.tcp_keepalive.as_ref();
                 let stream = connect_from(&self.netns, endpoint).await.map_err(connect_failed)?;
                 if let Some(keepalive) = keepalive {
                     set_keepalive(&stream, keepalive).map_err(|e| connect_failed(e.into()))?;
                 }
                 Ok(Transport::Tcp(stream))
             }
+        }
+    }
+
+    /// The CONNECT of a connection to `to`: for the pod (its address of the endpoint's family, no port), to
+    /// the cluster's service when the request was routed to one.
+    fn tunnel_request(&self, to: &Destination<'_>) -> TunnelRequest {
+        let endpoint = to.endpoint;
+        let pod = self.pod.as_str();
+        let cluster = &self.shared.telemetry.cluster;
+        let described = with_pod(&self.shared, pod, |pod| {
+            let ip = pod.ips.iter().find(|ip| ip.is_ipv4() == endpoint.is_ipv4()).or(pod.ips.first()).copied();
+            (ip, Baggage::of(pod, cluster))
+        });
+        let (ip, baggage) = described.unwrap_or_default();
+        // Without the pod's address (a pod no source knows yet), the unspecified address says so.
+        let unspecified = if endpoint.is_ipv4() { Ipv4Addr::UNSPECIFIED.into() } else { Ipv6Addr::UNSPECIFIED.into() };
+        TunnelRequest {
+            destination: endpoint,
+            forwarded_for: ForwardedFor { ip: ip.unwrap_or(unspecified), port: None },
+            service_host: to.cluster.map(|c| c.hostname.clone()),
+            baggage,
         }
     }
 }
