@@ -47,7 +47,7 @@ pub use capture::{Capture, testapp_payload};
 pub use controller::{Controller, ControllerOptions};
 pub use net::in_netns;
 pub use privileges::{check_privileges, in_ci};
-pub use process::{Attempt, ConnectLoop, cpu_seconds, rss_mib, HeldConnection, HoldEvent, Process, SendResult, now_ms};
+pub use process::{Attempt, ConnectLoop, cpu_seconds, rss_anon_mib, rss_mib, HeldConnection, HoldEvent, Process, SendResult, now_ms};
 
 use std::{
     fs,

@@ -297,11 +297,19 @@ pub fn cpu_seconds(pid: u32) -> f64 {
     ticks as f64 / unsafe { libc::sysconf(libc::_SC_CLK_TCK) } as f64
 }
 
-/// VmRSS of a process, in MiB.
+/// VmRSS of a process, in MiB: its anonymous memory and the pages of its binary and libraries it touched.
 pub fn rss_mib(pid: u32) -> f64 {
+    status_kib(pid, "VmRSS:") / 1024.0
+}
+
+/// RssAnon of a process, in MiB: the memory it allocated (heap, stacks), without the file pages VmRSS
+/// also counts (which other processes running the same binary share).
+pub fn rss_anon_mib(pid: u32) -> f64 {
+    status_kib(pid, "RssAnon:") / 1024.0
+}
+
+fn status_kib(pid: u32, field: &str) -> f64 {
     let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
-    let kib = status
-        .lines()
-        .find_map(|l| l.strip_prefix("VmRSS:")?.trim().strip_suffix("kB")?.trim().parse::<f64>().ok());
-    kib.unwrap_or(0.0) / 1024.0
+    let kib = status.lines().find_map(|l| l.strip_prefix(field)?.trim().strip_suffix("kB")?.trim().parse::<f64>().ok());
+    kib.unwrap_or(0.0)
 }

@@ -25,7 +25,7 @@ use std::{
 use anyhow::{Context, Result, ensure};
 use warren_testbed::{
     Agent, AgentOptions, AppOptions, ECHO_PORT, Load, Pod, Process, SINK_PORT, Testbed, app, check_privileges, cpu_seconds,
-    in_ci, rss_mib,
+    in_ci, rss_anon_mib, rss_mib,
 };
 use xtask::bench::{DIRECT, Report};
 
@@ -203,6 +203,8 @@ fn measure(path: &Path, bytes: usize) -> Result<Vec<(&'static str, f64, &'static
         let busiest = before.iter().zip(&after).map(|(b, a)| (a - b) / window / per_1000).fold(0.0, f64::max);
         figures.push(("cpu_1000rps", busiest, "vCPU"));
         figures.push(("rss_1000rps", pids.iter().map(|p| rss_mib(*p)).fold(0.0, f64::max), "MiB"));
+        // Of which the agent's own allocations (the rest: pages of its binary, shared by every agent).
+        figures.push(("rss_anon_1000rps", pids.iter().map(|p| rss_anon_mib(*p)).fold(0.0, f64::max), "MiB"));
     }
     let max = path.client.load(to, &Load { rps: 0, warm_up_ms: 1000, duration_ms: 5000, ..paced })?;
     ensure!(max.errors == 0, "{}: {} errors at max rps: {:?}", path.name, max.errors, max.error_kinds);
