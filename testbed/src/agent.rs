@@ -39,6 +39,9 @@ pub struct AgentOptions {
     pub controller: Option<String>,
     /// The agent config's `telemetry` section verbatim (access log, cluster, tracing).
     pub telemetry: Option<serde_json::Value>,
+    /// `WARREN_LOG`: tests read the agent's debug lines; benchmarks run it as deployed (`info`), so that
+    /// a line per connection is not part of what they measure.
+    pub log: &'static str,
 }
 
 impl Default for AgentOptions {
@@ -55,6 +58,7 @@ impl Default for AgentOptions {
             certificate_lifetime_seconds: None,
             identity: None,
             controller: None,
+            log: "info,warren_agent=debug",
             telemetry: None,
         }
     }
@@ -126,9 +130,9 @@ fn agent_config(options: &AgentOptions, placement: &Placement, node: Option<&Nod
     Ok(config)
 }
 
-fn agent_command(config_path: &std::path::Path) -> Result<Command> {
+fn agent_command(config_path: &std::path::Path, log: &str) -> Result<Command> {
     let mut cmd = Command::new(bin_path("warren-agent")?);
-    cmd.args(["run", "--config"]).arg(config_path).env("WARREN_LOG", "info,warren_agent=debug");
+    cmd.args(["run", "--config"]).arg(config_path).env("WARREN_LOG", log);
     Ok(cmd)
 }
 
@@ -149,7 +153,7 @@ impl Agent {
         std::fs::write(&config_path, serde_yaml::to_string(&agent_config(&options, &placement, Some(node))?)?)?;
         // In its own cgroup below the node's, as a DaemonSet pod is below the node's root: the programs
         // attached at the node's cgroup see the agent's sockets (socket acceleration needs both ends).
-        let process = node.spawn_in_cgroup(agent_command(&config_path)?, "warren-agent")?;
+        let process = node.spawn_in_cgroup(agent_command(&config_path, options.log)?, "warren-agent")?;
         Agent::started(process, config_path, placement, node.netns.clone(), node.bed.clone(), false)
     }
 
@@ -174,7 +178,7 @@ impl Agent {
         };
         let config_path = dir.join("agent.yaml");
         std::fs::write(&config_path, serde_yaml::to_string(&agent_config(&options, &placement, None)?)?)?;
-        let process = Process::spawn(&bed.inner, agent_command(&config_path)?, "", &[])?;
+        let process = Process::spawn(&bed.inner, agent_command(&config_path, options.log)?, "", &[])?;
         Agent::started(process, config_path, placement, String::new(), bed.inner.clone(), true)
     }
 

@@ -117,7 +117,7 @@ impl Mesh {
         let controller = bed
             .start_controller(ControllerOptions { config_dir: Some(dir.clone()), kubeconfig: None, push_port: 0, config_poll_ms: Some(20) })
             .unwrap();
-        let options = AgentOptions { mtls: true, controller: Some(controller.address()), ebpf_log_level: "info", ..Default::default() };
+        let options = AgentOptions { mtls: true, controller: Some(controller.address()), ebpf_log_level: "info", log: "info", ..Default::default() };
         for node in [&n1, &n2] {
             node.reach_host_port(controller.push_port).unwrap();
         }

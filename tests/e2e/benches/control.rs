@@ -273,7 +273,7 @@ fn controller_options(dir: &Path) -> ControllerOptions {
 }
 
 fn agent_options(controller: &Controller) -> AgentOptions {
-    AgentOptions { mtls: true, controller: Some(controller.address()), ebpf_log_level: "info", ..AgentOptions::default() }
+    AgentOptions { mtls: true, controller: Some(controller.address()), ebpf_log_level: "info", log: "info", ..AgentOptions::default() }
 }
 
 fn check_alive(agent: &Agent, controller: &Controller) {

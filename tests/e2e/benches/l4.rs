@@ -53,7 +53,7 @@ struct PathSpec {
 
 fn specs() -> Vec<PathSpec> {
     let agent = |mtls, socket_acceleration| {
-        Some(AgentOptions { mtls, socket_acceleration, ebpf_log_level: "info", ..AgentOptions::default() })
+        Some(AgentOptions { mtls, socket_acceleration, ebpf_log_level: "info", log: "info", ..AgentOptions::default() })
     };
     vec![
         PathSpec { name: DIRECT, agents: None },

@@ -79,7 +79,7 @@ const SERVICES: &str = "apiVersion: v1\nkind: Namespace\n\
 
 impl Mesh {
     fn new() -> anyhow::Result<Mesh> {
-        Mesh::with("bench-l7", AgentOptions { ebpf_log_level: "info", ..Default::default() }, &[])
+        Mesh::with("bench-l7", AgentOptions { ebpf_log_level: "info", log: "info", ..Default::default() }, &[])
     }
 
     /// The mesh with agents started with `options` (telemetry settings, for the telemetry part), the nodes

@@ -17,7 +17,7 @@ pub fn run(rounds: usize) {
     let started = Instant::now();
     let receiver = OtlpReceiver::start().unwrap();
     let port = receiver.address.port();
-    let options = |telemetry: serde_json::Value| AgentOptions { ebpf_log_level: "info", telemetry: Some(telemetry), ..Default::default() };
+    let options = |telemetry: serde_json::Value| AgentOptions { ebpf_log_level: "info", log: "info", telemetry: Some(telemetry), ..Default::default() };
     let off = serde_json::json!({"metrics": false, "accessLog": false});
     // `WARREN_BENCH_TELEMETRY` (the agent config's `telemetry`, JSON) replaces "all on", to see what one
     // part costs; `{endpoint}` in it is the receiver's URL.
