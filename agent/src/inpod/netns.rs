@@ -98,13 +98,15 @@ impl Netns {
     }
 }
 
-/// The agent's own network namespace (the process's, where every runtime worker lives), opened once.
+/// The agent's own network namespace (where every runtime worker lives), opened once — by the first
+/// thread to enter a pod's, from its own namespace: a thread is always home when it calls
+/// [`Netns::enter`], while `/proc/self` (the main thread's) could be inside a pod's at that moment.
 fn home_netns() -> std::io::Result<&'static File> {
     static HOME: OnceLock<File> = OnceLock::new();
     if let Some(file) = HOME.get() {
         return Ok(file);
     }
-    let file = File::open("/proc/self/ns/net")?;
+    let file = File::open("/proc/thread-self/ns/net")?;
     Ok(HOME.get_or_init(|| file))
 }
 
