@@ -162,6 +162,24 @@ mod tests {
     }
 
     #[test]
+    fn every_suites_file_is_read_back_by_suite() {
+        let dir = std::env::temp_dir().join(format!("warren-bench-rows-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let rows = report().rows();
+        std::fs::write(dir.join("l4.json"), serde_json::to_string(&rows).unwrap()).unwrap();
+        std::fs::write(dir.join("control.json"), "[]").unwrap();
+        std::fs::write(dir.join("notes.md"), "not rows").unwrap();
+        let suites = read_all(&dir).unwrap();
+        let names: Vec<&str> = suites.iter().map(|(s, _)| s.as_str()).collect();
+        assert_eq!(names, ["control", "l4"], "each .json file is a suite, in name order; others are ignored");
+        assert_eq!(suites[1].1, rows);
+        std::fs::write(dir.join("broken.json"), "{").unwrap();
+        let error = read_all(&dir).unwrap_err().to_string();
+        assert!(error.contains("broken.json"), "a file that is not rows is named: {error}");
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
     fn rows_round_trip_through_the_file_format() {
         let rows = report().rows();
         let json = serde_json::to_string(&rows).unwrap();

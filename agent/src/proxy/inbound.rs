@@ -230,7 +230,8 @@ impl HboneServer {
             shared.metrics.policy_refused.inc();
             return self.refuse(tunnel, &connect, remote, Refusal::Denied);
         }
-        if shared.tables().inbound_http(&destination) {
+        let namespace = self.pod.split_once('/').map_or("", |(namespace, _)| namespace);
+        if shared.tables().inbound_http_for(&destination, addressed_service(&connect), namespace) {
             let Ok(stream) = tunnel.accept(&baggage) else { return };
             let inbound = http::inbound::Inbound { pod: self.pod.clone(), client: remote, destination, identity: Some(identity) };
             return http::inbound::serve_inbound(stream, inbound, self.workload.clone(), shared.clone()).await;

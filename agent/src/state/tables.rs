@@ -209,6 +209,22 @@ impl MeshTables {
         self.http_endpoints.contains(destination)
     }
 
+    /// [`MeshTables::inbound_http`] for a connection whose client addressed `service_host` (its proxy's
+    /// claim in the CONNECT, `name[:port]`): a pod port that two services declare differently (`http` in
+    /// one, `tcp-…` in the other) is served per request only when the addressed service's port there is
+    /// HTTP — a client of the TCP port gets its bytes through as they are. No claim, or one naming no
+    /// service with this pod behind that port: as declared.
+    pub fn inbound_http_for(&self, destination: &SocketAddr, service_host: Option<&str>, namespace: &str) -> bool {
+        let declared = self.inbound_http(destination);
+        let Some(claim) = service_host else { return declared };
+        let host = claim.rsplit_once(':').filter(|(_, port)| port.parse::<u16>().is_ok()).map_or(claim, |(host, _)| host);
+        let addressed = self
+            .service_by_hostname(host, namespace)
+            .filter(|s| s.endpoints.iter().any(|e| e.ip == destination.ip()))
+            .and_then(|s| s.ports.iter().find(|p| p.target_port == destination.port()));
+        addressed.map_or(declared, |port| port.app_protocol().is_http())
+    }
+
     /// A pod by `namespace/name`.
     pub fn pod(&self, key: &str) -> Option<&Arc<Pod>> {
         self.pods.get(key)
@@ -655,6 +671,23 @@ mod tests {
         assert_eq!(reviews.as_deref(), Some("shop/reviews"), "a Kubernetes service by its FQDN, from any namespace");
         assert!(t.service_by_hostname("nosuch.example.com", "shop").is_none(), "control: no such host");
         assert!(t.service_by_hostname("reviews", "shop").is_none(), "only the full hostname names a service");
+    }
+
+    #[test]
+    fn a_pod_port_two_services_declare_differently_follows_the_addressed_one() {
+        // reviews declares 9080 `http`; reviews-tcp sends its port 80 to the same pod port as `tcp-…`.
+        let t = tables(
+            "apiVersion: v1\nkind: Service\nmetadata: {name: reviews-tcp, namespace: shop}\n\
+             spec: {clusterIP: 10.96.0.11, selector: {app: reviews}, ports: [{name: tcp-reviews, port: 80, targetPort: 9080}]}\n",
+        );
+        let pod: SocketAddr = "10.244.1.2:9080".parse().unwrap();
+        assert!(t.inbound_http(&pod), "declared HTTP by reviews");
+        let http = |claim| t.inbound_http_for(&pod, claim, "shop");
+        assert!(!http(Some("reviews-tcp.shop.svc.cluster.local")), "a client of the TCP port: its bytes as they are");
+        assert!(!http(Some("reviews-tcp.shop.svc.cluster.local:80")), "the claim may carry the service port");
+        assert!(http(Some("reviews.shop.svc.cluster.local")), "control: a client of the HTTP port");
+        assert!(http(None), "no claim: as declared");
+        assert!(http(Some("nosuch.shop.svc.cluster.local")), "a claim naming no service: as declared");
     }
 
     fn namespace(name: &str) -> String {
