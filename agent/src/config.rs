@@ -49,9 +49,9 @@ pub struct AgentConfig {
     pub inbound_port: u16,
     #[serde(default = "default_hbone_port")]
     pub hbone_port: u16,
-    /// sockops + sk_msg short-circuit of the app ↔ agent local legs. Off by default: see
-    /// docs/architecture.md ("Socket acceleration") for the kernel behaviour that makes it opt-in.
-    #[serde(default)]
+    /// sockops + sk_msg short-circuit of the app ↔ agent local legs (docs/architecture.md, "Socket
+    /// acceleration"). On by default.
+    #[serde(default = "yes")]
     pub socket_acceleration: bool,
     /// On SIGTERM, how long open connections may take to finish.
     #[serde(default = "default_drain_seconds")]
@@ -269,6 +269,7 @@ mod tests {
         let c: AgentConfig = serde_yaml::from_str("nodeName: n1\n").unwrap();
         assert_eq!(c.pin_dir, PathBuf::from("/sys/fs/bpf/warren"));
         assert_eq!(c.outbound_port, 15001);
+        assert!(c.socket_acceleration);
         assert_eq!(c.admin_addr.to_string(), "127.0.0.1:15000");
         let err = serde_yaml::from_str::<AgentConfig>("nodeName: n1\npinDri: /x\n").unwrap_err();
         assert!(err.to_string().contains("pinDri"), "{err}");
@@ -285,6 +286,7 @@ mod tests {
             .expect("a ConfigMap in deploy/daemonset.yaml");
         let config: AgentConfig = serde_yaml::from_str(configmap["data"]["agent.yaml"].as_str().unwrap()).unwrap();
         config.validate().unwrap();
+        assert!(config.socket_acceleration);
         assert_eq!(config.controller.as_ref().unwrap().address, "warren-controller.warren-system.svc:15010");
         let identity = config.identity.expect("identity section");
         assert_eq!(identity.controller.unwrap().address, "warren-controller.warren-system.svc:15012");

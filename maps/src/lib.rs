@@ -28,6 +28,9 @@ pub mod names {
     pub const INBOUND_LISTENERS: &str = "INBOUND_LISTENERS";
     /// [`SocketKey`](super::SocketKey) → the local sockets whose bytes sk_msg short-circuits.
     pub const LOCAL_SOCKETS: &str = "LOCAL_SOCKETS";
+    /// [`SocketKey`](super::SocketKey) → 1: local sockets whose first message took the normal TCP path, so
+    /// that their later messages take it too (LRU: entries of closed sockets age out).
+    pub const UNACCELERATED_SOCKETS: &str = "UNACCELERATED_SOCKETS";
     /// Index 0: the agent's [`Settings`](super::Settings).
     pub const SETTINGS: &str = "SETTINGS";
     /// [`ServiceKey`](super::ServiceKey) (a service VIP and port) → [`ServiceRoute`](super::ServiceRoute):
@@ -240,9 +243,13 @@ pub struct EnrolledNetns {
     /// outbound connections (15001, as ztunnel uses).
     pub outbound_port: u16,
     pub _pad: u16,
-    /// Flags, see `ENROLLED_*`; reserved for later use.
+    /// Flags, see `ENROLLED_*`.
     pub flags: u32,
 }
+
+/// [`EnrolledNetns::flags`]: leave this pod's local legs out of socket acceleration (its pod label
+/// `warren.dev/socket-acceleration=false`).
+pub const ENROLLED_NO_SOCKET_ACCELERATION: u32 = 1;
 
 /// Key of [`names::ORIGINAL_DST`]: the client end of a redirected TCP connection as the agent sees it
 /// from its accepted socket (peer address), qualified by network namespace because every pod has its own
@@ -301,10 +308,13 @@ pub enum Counter {
     ConnectAborted = 11,
     /// connect4/6 marked a connection for a fault delay.
     ConnectDelayed = 12,
+    /// sk_msg left a message on the normal TCP path because its connection's first message took it (the
+    /// peer socket was not in `LOCAL_SOCKETS` yet): one direction of a connection never mixes the paths.
+    SkMsgPassed = 13,
 }
 
 impl Counter {
-    pub const ALL: [Counter; 13] = [
+    pub const ALL: [Counter; 14] = [
         Counter::Connect4,
         Counter::Connect4Redirected,
         Counter::OriginalDstRecorded,
@@ -318,6 +328,7 @@ impl Counter {
         Counter::DenialEventsLost,
         Counter::ConnectAborted,
         Counter::ConnectDelayed,
+        Counter::SkMsgPassed,
     ];
     pub const fn name(self) -> &'static str {
         match self {
@@ -334,6 +345,7 @@ impl Counter {
             Counter::DenialEventsLost => "denial_events_lost",
             Counter::ConnectAborted => "connect_aborted",
             Counter::ConnectDelayed => "connect_delayed",
+            Counter::SkMsgPassed => "sk_msg_passed",
         }
     }
 }

@@ -21,7 +21,7 @@ pub struct AgentOptions {
     pub pin_dir: Option<PathBuf>,
     /// Runtime directory (agent.pid); default: in the testbed's state directory.
     pub run_dir: Option<PathBuf>,
-    /// sockops/sk_msg acceleration of the app ↔ agent legs (the agent's default: off).
+    /// sockops/sk_msg acceleration of the app ↔ agent legs (the agent's default: on).
     pub socket_acceleration: bool,
     /// How long the agent drains open connections on SIGTERM.
     pub drain_timeout_seconds: u64,
@@ -50,7 +50,7 @@ impl Default for AgentOptions {
             ebpf_log_level: "debug",
             pin_dir: None,
             run_dir: None,
-            socket_acceleration: false,
+            socket_acceleration: true,
             drain_timeout_seconds: 2,
             kubeconfig: None,
             node_name: None,

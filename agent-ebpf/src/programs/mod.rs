@@ -34,6 +34,11 @@ pub(crate) static INBOUND_LISTENERS: SockHash<ListenerKey> = SockHash::pinned(16
 #[map(name = "LOCAL_SOCKETS")]
 pub(crate) static LOCAL_SOCKETS: SockHash<SocketKey> = SockHash::pinned(131072, 0);
 
+/// Local sockets whose first message found no peer in `LOCAL_SOCKETS` and took the normal TCP path: their
+/// later messages take it too (accelerate.rs says why). LRU, so entries of closed sockets age out.
+#[map(name = "UNACCELERATED_SOCKETS")]
+pub(crate) static UNACCELERATED_SOCKETS: LruHashMap<SocketKey, u8> = LruHashMap::pinned(131072, 0);
+
 #[map(name = "SETTINGS")]
 pub(crate) static SETTINGS: Array<Settings> = Array::pinned(1, 0);
 

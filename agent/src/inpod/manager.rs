@@ -19,7 +19,7 @@ use anyhow::{Context, Result};
 use serde::Serialize;
 use tokio::{net::TcpSocket, task::JoinHandle};
 use tracing::{info, warn};
-use warren_maps::{EnrolledNetns, ListenerKey};
+use warren_maps::{ENROLLED_NO_SOCKET_ACCELERATION, EnrolledNetns, ListenerKey};
 
 use super::{Netns, discover};
 use crate::{
@@ -201,7 +201,7 @@ impl InpodManager {
                 }
             }
             datapath.attach_inbound_capture(netns.file(), &pod.uid)?;
-            datapath.enroll(netns_cookie, EnrolledNetns { outbound_port: self.ports.outbound, ..Default::default() })?;
+            datapath.enroll(netns_cookie, EnrolledNetns { outbound_port: self.ports.outbound, _pad: 0, flags: enrolled_flags(pod) })?;
         }
 
         let mut listeners = vec![];
@@ -330,4 +330,16 @@ async fn bind(netns: &Netns, addr: SocketAddr) -> Result<tokio::net::TcpListener
         .await?
         .with_context(|| format!("binding {addr} in the pod's netns"))?;
     Ok(socket.listen(4096)?)
+}
+
+/// The pod's [`EnrolledNetns::flags`]: its opt-out of socket acceleration.
+fn enrolled_flags(pod: &Pod) -> u32 {
+    match warren_api::workloads::socket_acceleration(pod) {
+        Ok(true) => 0,
+        Ok(false) => ENROLLED_NO_SOCKET_ACCELERATION,
+        Err(problem) => {
+            warn!("{problem}; socket acceleration stays on for it");
+            0
+        }
+    }
 }

@@ -11,6 +11,21 @@ pub const MESH_LABEL: &str = "warren.dev/mesh";
 /// Istio ambient's namespace label, accepted as well: `istio.io/dataplane-mode=ambient`.
 pub const ISTIO_AMBIENT_LABEL: &str = "istio.io/dataplane-mode";
 
+/// Pod label `warren.dev/socket-acceleration=false`: the agent does not accelerate this pod's local legs
+/// (docs/architecture.md, "Socket acceleration": for a workload that reads and writes one socket from two
+/// threads with blocking I/O).
+pub const SOCKET_ACCELERATION_LABEL: &str = "warren.dev/socket-acceleration";
+
+/// Whether the pod's local legs may be accelerated: `Err` names a label value that is neither `true` nor
+/// `false` (the agent reports it and keeps acceleration on, the default).
+pub fn socket_acceleration(pod: &Pod) -> Result<bool, String> {
+    match pod.labels.get(SOCKET_ACCELERATION_LABEL).map(String::as_str) {
+        None | Some("true") => Ok(true),
+        Some("false") => Ok(false),
+        Some(other) => Err(format!("label {SOCKET_ACCELERATION_LABEL}={other} on pod {}: expected true or false", pod.key())),
+    }
+}
+
 pub fn is_enrolled(pod: &Pod, namespace_labels: Option<&BTreeMap<String, String>>) -> bool {
     if pod.host_network || pod.ips.is_empty() {
         return false; // host-network pods share the node's netns; a pod without IPs has no netns yet
@@ -46,6 +61,17 @@ mod tests {
     }
     fn labels(pairs: &[(&str, &str)]) -> BTreeMap<String, String> {
         pairs.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect()
+    }
+
+    #[test]
+    fn socket_acceleration_is_on_unless_the_pod_label_says_false() {
+        assert_eq!(socket_acceleration(&pod(&[])), Ok(true));
+        assert_eq!(socket_acceleration(&pod(&[(SOCKET_ACCELERATION_LABEL, "true")])), Ok(true));
+        assert_eq!(socket_acceleration(&pod(&[(SOCKET_ACCELERATION_LABEL, "false")])), Ok(false));
+        assert_eq!(
+            socket_acceleration(&pod(&[(SOCKET_ACCELERATION_LABEL, "off")])),
+            Err("label warren.dev/socket-acceleration=off on pod ns/a: expected true or false".into())
+        );
     }
 
     #[test]

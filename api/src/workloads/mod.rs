@@ -4,7 +4,7 @@ mod enrollment;
 pub mod naming;
 pub mod peer_authentication;
 
-pub use enrollment::{is_enrolled, ISTIO_AMBIENT_LABEL, MESH_LABEL};
+pub use enrollment::{is_enrolled, socket_acceleration, ISTIO_AMBIENT_LABEL, MESH_LABEL, SOCKET_ACCELERATION_LABEL};
 
 use std::{collections::BTreeMap, net::IpAddr};
 

@@ -125,3 +125,26 @@ pub fn promtool(text: &str) -> anyhow::Result<Vec<String>> {
         _ => anyhow::bail!("promtool failed ({}): {found}", out.status),
     }
 }
+
+/// Busy processes competing for every CPU while this lives (killed on drop): the load of a busy node,
+/// which delays softirqs and wake-ups and so widens the kernel's races.
+pub struct CpuHogs(Vec<std::process::Child>);
+
+impl CpuHogs {
+    pub fn start(count: usize) -> anyhow::Result<Self> {
+        let mut hogs = CpuHogs(Vec::with_capacity(count));
+        for _ in 0..count {
+            hogs.0.push(std::process::Command::new("sh").args(["-c", "while :; do :; done"]).spawn()?);
+        }
+        Ok(hogs)
+    }
+}
+
+impl Drop for CpuHogs {
+    fn drop(&mut self) {
+        for hog in &mut self.0 {
+            let _ = hog.kill();
+            let _ = hog.wait();
+        }
+    }
+}
