@@ -18,7 +18,7 @@ use tokio::{net::TcpListener, sync::watch};
 use tokio_rustls::TlsAcceptor;
 use tracing::{info, warn};
 use warren_config::{
-    push::{self, FrameReader, Reply, Update},
+    push::{self, FrameReader, Reply},
     tables::Resource,
 };
 use warren_identity::Identity;
@@ -87,7 +87,15 @@ async fn connection(acceptor: TlsAcceptor, tcp: tokio::net::TcpStream, peer: Soc
             let _ = respond.send_response(Response::builder().status(code).body(()).expect("static"), true);
         };
         if request.uri().path() != push::PATH {
-            refuse(&mut respond, StatusCode::NOT_FOUND);
+            // Another version's push path: answered with this one's, so the agent can say what differs.
+            if request.uri().path().starts_with(push::PATH_PREFIX) {
+                warn!(%peer, path = request.uri().path(), serves = push::PATH,
+                    "push refused: the agent speaks another push protocol version (agent and controller versions differ)");
+                let response = Response::builder().status(StatusCode::NOT_FOUND).header(push::PATH_HEADER, push::PATH);
+                let _ = respond.send_response(response.body(()).expect("static"), true);
+            } else {
+                refuse(&mut respond, StatusCode::NOT_FOUND);
+            }
             continue;
         }
         if identity != service.agent_identity {
@@ -143,16 +151,20 @@ async fn stream(node: &str, mut send: SendStream<Bytes>, mut replies: RecvStream
             let snapshot = snapshots.borrow_and_update().clone();
             if snapshot.version != sent_version {
                 let tables = snapshot.compiled.for_node(node);
-                let update = if synced {
-                    push::diff(snapshot.version, &acked, &tables)
+                // A full snapshot is encoded straight from the compiled tables, a diff from its copies.
+                let (frame, full, upserts, removals) = if synced {
+                    let update = push::diff(snapshot.version, &acked, &tables);
+                    (push::encode(&update), false, update.upserts.len(), update.removals.len())
                 } else {
-                    Update { version: snapshot.version, full: true, upserts: tables.values().map(|r| (**r).clone()).collect(), removals: Vec::new() }
+                    let body = push::encode_update(snapshot.version, true, tables.values().map(|r| &**r), &[]);
+                    (push::frame(body), true, tables.len(), 0)
                 };
-                let frame = push::encode(&update);
-                info!(node, version = update.version, full = update.full, upserts = update.upserts.len(),
-                    removals = update.removals.len(), bytes = frame.len(), "sending update");
+                info!(node, version = snapshot.version, full, upserts, removals, bytes = frame.len(), "sending update");
                 let pending = service.metrics.push_sent();
                 send.send_data(Bytes::from(frame), false).context("sending")?;
+                if full {
+                    crate::pipeline::release_freed_memory();
+                }
                 sent_version = snapshot.version;
                 in_flight = Some((snapshot.version, tables, pending));
                 if let Some(state) = agents.lock().unwrap().get_mut(node) {

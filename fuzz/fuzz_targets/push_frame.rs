@@ -12,7 +12,7 @@ use std::{
 };
 
 use libfuzzer_sys::fuzz_target;
-use warren_config::push::{FrameReader, Reply, Update, encode};
+use warren_config::push::{Frame, FrameReader, Reply, Update, encode, wire};
 
 /// Records the largest single allocation, so the target can check it against the input's size (without a
 /// sanitizer libFuzzer's -malloc_limit_mb has no hook, and an untouched huge reservation costs no RSS).
@@ -43,10 +43,7 @@ static ALLOCATOR: Largest = Largest;
 
 /// Feeds `stream` to a reader decoding `T` in `chunks`, then the rest; every decoded message must re-encode
 /// to a frame that decodes again.
-fn decode<T>(stream: &[u8], chunks: &[usize])
-where
-    T: serde::Serialize + serde::de::DeserializeOwned,
-{
+fn decode<T: Frame>(stream: &[u8], chunks: &[usize]) {
     let mut reader = FrameReader::default();
     let mut rest = stream;
     for piece in chunks.iter().copied().chain([usize::MAX]) {
@@ -79,9 +76,21 @@ fuzz_target!(|data: &[u8]| {
     let chunks: Vec<usize> = lengths.iter().map(|&n| n as usize).collect();
     decode::<Update>(stream, &chunks);
     decode::<Reply>(stream, &chunks);
-    // Decoded values may be larger than their JSON (a `""` is a 24-byte String, vectors grow by doubling),
-    // but by a bounded factor: nothing may scale with a length prefix instead of the bytes received.
-    let bound = 64 * 1024 + 64 * data.len();
+    // Decoded values may be larger than their encoding, but by a bounded factor: an empty message in a
+    // repeated field is 2 bytes (its tag and a zero length) and decodes into an element of its vector, which
+    // grows by doubling — so at most the largest element's size per input byte. Nothing may scale with a
+    // length prefix instead of the bytes received.
+    use std::mem::size_of;
+    let element = [
+        size_of::<wire::Resource>(),
+        size_of::<wire::ServicePort>(),
+        size_of::<wire::EndpointDetail>(),
+        size_of::<wire::IpBlock>(),
+        size_of::<wire::FlowEdge>(),
+        size_of::<String>(),
+        64,
+    ];
+    let bound = 64 * 1024 + element.into_iter().max().unwrap_or(64) * data.len();
     let largest = LARGEST.load(Relaxed);
     assert!(largest <= bound, "allocated {largest} bytes at once for a {}-byte input", data.len());
 });

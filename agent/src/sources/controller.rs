@@ -119,11 +119,10 @@ pub fn spawn(config: ControllerSource, certificates: Arc<Certificates>, applier:
         let trust_domain = certificates.trust_domain().to_string();
         let me = Identity::new(&trust_domain, &config.namespace, &config.agent_service_account);
         let controller = Identity::new(&trust_domain, &config.namespace, "warren-controller");
-        let mut held: Tables = Tables::new();
         let mut backoff = BACKOFF_START;
         loop {
             let started = Instant::now();
-            let result = session(&config, &certificates, &me, &controller, &applier, &mut held).await;
+            let result = session(&config, &certificates, &me, &controller, &applier).await;
             {
                 let mut status = applier.status.lock().unwrap();
                 status.connected = false;
@@ -157,7 +156,6 @@ async fn session(
     me: &Identity,
     controller: &Identity,
     applier: &Applier,
-    held: &mut Tables,
 ) -> Result<()> {
     let tls = certificates.client_config(me, controller).await.context("the agent's client certificate")?;
     let tcp = tokio::time::timeout(CONNECT_TIMEOUT, tokio::net::TcpStream::connect(&config.address))
@@ -188,6 +186,15 @@ async fn session(
     let (response, mut replies) = requests.send_request(request, false).context("opening the push stream")?;
     let response = response.await.context("the controller's answer")?;
     if response.status() != http::StatusCode::OK {
+        if response.status() == http::StatusCode::NOT_FOUND {
+            let serves = response.headers().get(push::PATH_HEADER).and_then(|v| v.to_str().ok());
+            bail!(
+                "the controller does not serve this agent's push protocol {} (it serves {}): agent and controller \
+                 are different versions",
+                push::PATH,
+                serves.unwrap_or("another")
+            );
+        }
         bail!("the controller answered {}", response.status());
     }
     {
@@ -209,7 +216,7 @@ async fn session(
                 let _ = body.flow_control().release_capacity(chunk.len());
                 frames.push(&chunk);
                 while let Some(update) = frames.next::<Update>().map_err(anyhow::Error::msg)? {
-                    let reply = handle(update, applier, held);
+                    let reply = handle(update, applier);
                     replies.send_data(Bytes::from(push::encode(&reply)), false).context("sending the reply")?;
                 }
             }
@@ -221,19 +228,29 @@ async fn session(
     }
 }
 
-fn handle(update: Update, applier: &Applier, held: &mut Tables) -> Reply {
+/// Applies `update` to the tables in force (the only copy the agent keeps: a refused update leaves them).
+fn handle(update: Update, applier: &Applier) -> Reply {
     let version = update.version;
-    let next = push::apply(held, &update);
-    let count = (update.upserts.len(), update.removals.len());
-    match applier.apply(version, next.clone()) {
+    let (full, count) = (update.full, (update.upserts.len(), update.removals.len()));
+    // A full update replaces everything: nothing to copy.
+    let held = if update.full { Tables::new() } else { applier.tables.borrow().all() };
+    let next = push::apply(&held, update);
+    drop(held);
+    match applier.apply(version, next) {
         Ok(()) => {
-            *held = next;
             let mut status = applier.status.lock().unwrap();
             status.version = version;
             status.updates_applied += 1;
             status.applied_at_unix_ms =
                 SystemTime::now().duration_since(SystemTime::UNIX_EPOCH).map(|d| d.as_millis() as u64).unwrap_or(0);
-            info!(version, full = update.full, upserts = count.0, removals = count.1, "tables applied");
+            info!(version, full, upserts = count.0, removals = count.1, "tables applied");
+            // The previous tables and the update's frame are freed: give their pages back (glibc keeps
+            // them in its arenas otherwise, and a full snapshot of a large mesh is tens of MiB).
+            #[cfg(target_env = "gnu")]
+            // SAFETY: malloc_trim only returns free pages of the allocator's arenas.
+            unsafe {
+                libc::malloc_trim(0);
+            }
             Reply::Ack { version }
         }
         Err(e) => {

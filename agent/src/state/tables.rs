@@ -28,6 +28,8 @@ use warren_maps::{
 #[derive(Debug, Default)]
 pub struct MeshTables {
     pub version: u64,
+    /// The pushed tables but their services, which are held once, in the index ([`MeshTables::all`] has
+    /// every entry).
     pub tables: Tables,
     services: HashMap<String, Arc<Service>>,
     by_vip: HashMap<SocketAddr, Arc<Service>>,
@@ -79,26 +81,33 @@ pub struct L4Route {
 }
 
 impl MeshTables {
-    pub fn new(version: u64, tables: Tables) -> Result<Self> {
+    pub fn new(version: u64, mut tables: Tables) -> Result<Self> {
         let mut index = MeshTables { version, ..Default::default() };
+        index.gateways = GatewayIndex::new(&tables);
+        // Services move out of the table set into the index: at 10k services and 100k endpoints they are
+        // most of what an agent holds, and are held once.
+        let service_keys: Vec<String> =
+            tables.iter().filter(|(_, r)| matches!(r, Resource::Service(_))).map(|(k, _)| k.clone()).collect();
+        for key in service_keys {
+            if let Some(Resource::Service(s)) = tables.remove(&key) {
+                let s = Arc::new(s);
+                for port in s.ports.iter().filter(|p| p.app_protocol().is_http()) {
+                    let endpoints = s.endpoints.iter().map(|e| SocketAddr::new(e.ip, port.target_port));
+                    index.http_endpoints.extend(endpoints);
+                }
+                for vip in &s.vips {
+                    for port in &s.ports {
+                        index.by_vip.insert(SocketAddr::new(*vip, port.port), s.clone());
+                    }
+                }
+                index.registered_ips.extend(s.endpoints.iter().filter(|e| e.hostname.is_none()).map(|e| e.ip));
+                index.address_blocks.extend(s.address_blocks.iter().map(|block| (*block, s.clone())));
+                index.by_hostname.entry(s.hostname.clone()).or_default().push(s.clone());
+                index.services.insert(s.key(), s);
+            }
+        }
         for resource in tables.values() {
             match resource {
-                Resource::Service(s) => {
-                    let s = Arc::new(s.clone());
-                    for port in s.ports.iter().filter(|p| p.app_protocol().is_http()) {
-                        let endpoints = s.endpoints.iter().map(|e| SocketAddr::new(e.ip, port.target_port));
-                        index.http_endpoints.extend(endpoints);
-                    }
-                    for vip in &s.vips {
-                        for port in &s.ports {
-                            index.by_vip.insert(SocketAddr::new(*vip, port.port), s.clone());
-                        }
-                    }
-                    index.registered_ips.extend(s.endpoints.iter().filter(|e| e.hostname.is_none()).map(|e| e.ip));
-                    index.address_blocks.extend(s.address_blocks.iter().map(|block| (*block, s.clone())));
-                    index.by_hostname.entry(s.hostname.clone()).or_default().push(s.clone());
-                    index.services.insert(s.key(), s);
-                }
                 Resource::Route(r) => {
                     let r = Arc::new(r.clone());
                     for service in &r.services {
@@ -117,7 +126,6 @@ impl MeshTables {
         for services in index.by_hostname.values_mut() {
             services.sort_by_key(|s| s.key());
         }
-        index.gateways = GatewayIndex::new(&tables);
         index.tables = tables;
         index.index_authz();
         for (service, routes) in &index.routes {
@@ -371,6 +379,12 @@ impl MeshTables {
     /// kernel's denial events.
     pub fn decision_named(&self, id: u32) -> Option<(Arc<Policy>, u32)> {
         self.decision_ids.get(&id).cloned()
+    }
+
+    /// Every entry of the pushed tables, services included (what the next update applies to).
+    pub fn all(&self) -> Tables {
+        let services = self.services.iter().map(|(key, s)| (format!("service/{key}"), Resource::Service(Service::clone(s))));
+        self.tables.clone().into_iter().chain(services).collect()
     }
 
     /// The workloads part, as the in-pod manager consumes it.

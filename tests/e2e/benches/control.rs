@@ -10,7 +10,9 @@
 //!    it carries the new weights. The latency includes the controller's directory poll (every 5 ms here)
 //!    and this bench's polling granularity.
 //!
-//! Prints a markdown table and writes it to `target/bench-control.md`.
+//! Prints a markdown table and writes it to `target/bench-control.md`, its rows to `target/bench/control.json`,
+//! and each of issue 15's targets (snapshot size, agent and controller RSS at 10k services, edit → map
+//! latency) as met or NOT met.
 use std::{
     fmt::Write as _,
     net::{Ipv4Addr, SocketAddr, TcpListener, TcpStream},
@@ -32,7 +34,7 @@ const SYNC_TIMEOUT: Duration = Duration::from_secs(180);
 /// Before reading RSS: let the agent finish whatever follows the map write (workloads, proxy tables).
 const SETTLE: Duration = Duration::from_secs(1);
 /// VirtualService edits measured on the scale (and baseline) config.
-const SCALE_EDITS: usize = 5;
+const SCALE_EDITS: usize = 20;
 
 const NODES: usize = 20;
 const UPDATES: usize = 50;
@@ -698,6 +700,38 @@ fn main() {
             values.len()
         );
     }
+    // Issue 15's targets, at 10k services / 100k endpoints and with 20 agents.
+    let snapshot = scale.snapshot_bytes.unwrap_or(u64::MAX);
+    let edit_p99 = {
+        let mut v = scale.edits.total.clone();
+        v.sort();
+        if v.is_empty() { Duration::MAX } else { percentile(&v, 0.99) }
+    };
+    let targets: Vec<(String, String, bool)> = vec![
+        (
+            "full snapshot at 10k services ≤ 1 MiB".into(),
+            format!("{snapshot} B ({:.2} MiB)", snapshot as f64 / (1 << 20) as f64),
+            snapshot <= 1 << 20,
+        ),
+        ("agent RSS at 10k services ≤ 48 MiB".into(), mib(scale.agent_rss.0), scale.agent_rss.0 <= 48 * 1024),
+        ("controller RSS at 10k services ≤ 96 MiB".into(), mib(scale.controller_rss.0), scale.controller_rss.0 <= 96 * 1024),
+        (
+            format!("one edit → every agent's map, p99 ≤ 100 ms ({NODES} agents, 1 service)"),
+            ms(percentile(s, 0.99)),
+            percentile(s, 0.99) <= Duration::from_millis(100),
+        ),
+        (
+            format!("one edit → the agent's map at 10k services, p99 ≤ 100 ms ({SCALE_EDITS} edits, 1 agent)"),
+            ms(edit_p99),
+            edit_p99 <= Duration::from_millis(100),
+        ),
+    ];
+    let _ = writeln!(out, "\n## Targets (issue 15)\n");
+    let _ = writeln!(out, "| target | measured | |");
+    let _ = writeln!(out, "|---|---:|---|");
+    for (what, value, met) in &targets {
+        let _ = writeln!(out, "| {what} | {value} | {} |", if *met { "met" } else { "**NOT met**" });
+    }
     let _ = writeln!(
         out,
         "\nStages come from the controller's log timestamps (µs) against the bench's clock; ACKs are logged when \
@@ -721,6 +755,15 @@ fn main() {
     let path = format!("{NODES}-agents");
     report.add(&path, "update_to_map_p50", percentile(s, 0.5).as_secs_f64() * 1000.0, "ms");
     report.add(&path, "update_to_map_p99", percentile(s, 0.99).as_secs_f64() * 1000.0, "ms");
+    // The targets' figures under one path.
+    report.add("warren", "snapshot_bytes", snapshot as f64, "B");
+    report.add("warren", "agent_rss_10k", scale.agent_rss.0 as f64 / 1024.0, "MiB");
+    report.add("warren", "controller_rss_10k", scale.controller_rss.0 as f64 / 1024.0, "MiB");
+    report.add("warren", "update_p99_20_agents", percentile(s, 0.99).as_secs_f64() * 1000.0, "ms");
+    report.add("warren", "edit_p99_10k", edit_p99.as_secs_f64() * 1000.0, "ms");
+    report.add("warren", "edit_p50_10k", median(&scale.edits.total).as_secs_f64() * 1000.0, "ms");
+    report.add("warren", "edit_p50_1", median(&base.edits.total).as_secs_f64() * 1000.0, "ms");
+    report.add("warren", "targets_met", targets.iter().filter(|t| t.2).count() as f64, "of 5");
     match report.write() {
         Ok(file) => eprintln!("control bench: rows written to {}", file.display()),
         Err(e) => eprintln!("control bench: {e:#}"),
