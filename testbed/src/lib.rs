@@ -31,6 +31,7 @@ pub mod app;
 pub mod bookinfo;
 pub mod otlp;
 pub mod prometheus;
+pub mod ztunnel;
 mod bins;
 mod capture;
 mod controller;
@@ -515,6 +516,21 @@ impl Pod {
         Ok(stream??)
     }
 
+    /// [`Pod::connect`] with the agent's socket mark ([`warren_maps::AGENT_SOCKET_MARK`]): connect4 leaves it
+    /// alone, as it does the agent's own sockets in a pod, so a connection to the pod's own address is a
+    /// local leg exactly like the agent's inbound one (IPv4).
+    pub fn connect_as_agent(&self, to: std::net::SocketAddrV4) -> Result<std::net::TcpStream> {
+        let own = fs::read_to_string("/proc/self/cgroup")?
+            .lines()
+            .find_map(|l| l.strip_prefix("0::").map(|p| p.trim().trim_start_matches('/').to_string()))
+            .context("this process has no cgroup v2 membership")?;
+        let home = cgroup2_root()?.join(own).join("cgroup.procs");
+        fs::write(self.cgroup.join("cgroup.procs"), "0").context("joining the pod's cgroup")?;
+        let stream = in_netns(&self.netns, || marked_connect(to));
+        fs::write(&home, "0").context("leaving the pod's cgroup")?;
+        Ok(stream??)
+    }
+
     /// Spawns a process inside this pod (its netns and cgroups), tracked for teardown.
     pub fn spawn(&self, command: std::process::Command) -> Result<Process> {
         let cgroups: Vec<&Path> = std::iter::once(self.cgroup.as_path()).chain(self.v1_cgroup.as_deref()).collect();
@@ -890,4 +906,38 @@ pub struct ConnectOutcomes {
     pub refused: usize,
     /// Every other failure.
     pub failed: Vec<String>,
+}
+
+/// A blocking IPv4 TCP connection whose socket carries [`warren_maps::AGENT_SOCKET_MARK`] from before its
+/// connect (the mark connect4 checks).
+fn marked_connect(to: std::net::SocketAddrV4) -> std::io::Result<std::net::TcpStream> {
+    use std::os::fd::{FromRawFd, OwnedFd};
+    // SAFETY: plain socket(2); the fd is owned at once below.
+    let fd = unsafe { libc::socket(libc::AF_INET, libc::SOCK_STREAM | libc::SOCK_CLOEXEC, 0) };
+    if fd < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    // SAFETY: fd is a fresh socket no one else owns.
+    let fd = unsafe { OwnedFd::from_raw_fd(fd) };
+    let mark: u32 = warren_maps::AGENT_SOCKET_MARK;
+    let addr = libc::sockaddr_in {
+        sin_family: libc::AF_INET as libc::sa_family_t,
+        sin_port: to.port().to_be(),
+        sin_addr: libc::in_addr { s_addr: u32::from(*to.ip()).to_be() },
+        sin_zero: [0; 8],
+    };
+    use std::os::fd::AsRawFd;
+    // SAFETY: the option value and the address point at live locals of the sizes passed.
+    let failed = unsafe {
+        libc::setsockopt(fd.as_raw_fd(), libc::SOL_SOCKET, libc::SO_MARK, (&raw const mark).cast(), 4) != 0
+            || libc::connect(
+                fd.as_raw_fd(),
+                (&raw const addr).cast(),
+                std::mem::size_of::<libc::sockaddr_in>() as libc::socklen_t,
+            ) != 0
+    };
+    if failed {
+        return Err(std::io::Error::last_os_error());
+    }
+    Ok(std::net::TcpStream::from(fd))
 }

@@ -17,17 +17,16 @@ use std::{
     io::{Read, Write},
     net::{SocketAddr, TcpStream},
     path::Path,
-    process::Command,
     time::Duration,
 };
 
 use anyhow::{Context, Result, bail, ensure};
-use warren_testbed::{AgentOptions, ECHO_PORT, Pod, Process, Testbed, eventually, in_netns};
+use warren_testbed::{
+    AgentOptions, ECHO_PORT, Pod, Process, Testbed, eventually, in_netns,
+    ztunnel::{self, TRUST_DOMAIN, identity, local_config},
+};
 
 const MIB: usize = 1 << 20;
-const TRUST_DOMAIN: &str = "cluster.local";
-/// ztunnel's SOCKS5 listener, on the pod's loopback.
-const SOCKS5: &str = "127.0.0.1:15080";
 
 /// How to get what the command needs, printed when a path is missing.
 pub const HOW_TO: &str = "cargo xtask interop needs Istio's ztunnel, built by you:
@@ -64,10 +63,6 @@ struct Mesh {
     _processes: Vec<Process>,
 }
 
-fn identity(pod: &Pod) -> String {
-    format!("spiffe://{TRUST_DOMAIN}/ns/{}/sa/{}", pod.namespace, pod.name)
-}
-
 impl Mesh {
     fn new(bed: &Testbed, ztunnel: &Path, root: &Path, key: &Path) -> Result<Mesh> {
         let (node1, node2) = (bed.add_node("node-1")?, bed.add_node("node-2")?);
@@ -84,50 +79,14 @@ impl Mesh {
         let agent = node1.start_agent_with(AgentOptions { identity: Some(identity), ebpf_log_level: "info", ..Default::default() })?;
         agent.wait_enrolled(&warren_client, true, Duration::from_secs(15))?;
         agent.wait_enrolled(&warren_server, true, Duration::from_secs(15))?;
-        let zt_server_proxy = start_ztunnel(ztunnel, &zt_server, &config_file)?;
-        let zt_client_proxy = start_ztunnel(ztunnel, &zt_client, &config_file)?;
+        // Its inbound logs each CONNECT request with its headers at debug.
+        let log = "info,ztunnel::proxy::inbound=debug";
+        let zt_server_proxy = ztunnel::start(ztunnel, &zt_server, &config_file, log, &[])?;
+        let zt_client_proxy = ztunnel::start(ztunnel, &zt_client, &config_file, log, &[])?;
         let mut processes = servers;
         processes.push(zt_client_proxy);
         Ok(Mesh { agent, warren_client, warren_server, zt_server, zt_client, zt_server_proxy, _processes: processes })
     }
-}
-
-/// ztunnel's local config (the file form of its xDS workloads): every pod of the test, as HBONE.
-fn local_config(pods: &[(&Pod, &str)]) -> String {
-    let mut out = String::from("workloads:\n");
-    for (pod, node) in pods {
-        out += &format!(
-            "- uid: interop//v1/Pod/{ns}/{name}\n  name: {name}\n  namespace: {ns}\n  serviceAccount: {name}\n  \
-             workloadIps: [\"{ip}\"]\n  protocol: HBONE\n  node: {node}\n  network: \"\"\n  services: {{}}\n  \
-             trustDomain: {TRUST_DOMAIN}\n",
-            ns = pod.namespace,
-            name = pod.name,
-            ip = pod.ip,
-        );
-    }
-    out
-}
-
-/// One ztunnel in `pod`'s netns, dedicated to that pod; returns once its HBONE port listens.
-fn start_ztunnel(binary: &Path, pod: &Pod, config: &Path) -> Result<Process> {
-    let mut cmd = Command::new(binary);
-    cmd.env("FAKE_CA", "true")
-        .env("XDS_ADDRESS", "")
-        .env("LOCAL_XDS_PATH", config)
-        .env("PROXY_MODE", "dedicated")
-        .env("PROXY_WORKLOAD_INFO", format!("{}/{}/{}", pod.namespace, pod.name, pod.name))
-        // As root outside in-pod mode, ztunnel would dial the app from the client's address.
-        .env("ENABLE_ORIG_SRC", "false")
-        .env("UNSTABLE_ENABLE_SOCKS5", "true")
-        // Its inbound logs each CONNECT request with its headers at debug.
-        .env("RUST_LOG", "info,ztunnel::proxy::inbound=debug");
-    let process = pod.spawn(cmd)?;
-    let hbone = SocketAddr::new(pod.ip.into(), 15008);
-    let listening = eventually(Duration::from_secs(20), || {
-        in_netns(&pod.netns, || TcpStream::connect_timeout(&hbone, Duration::from_millis(200)).is_ok()).ok()?.then_some(())
-    });
-    ensure!(listening.is_some(), "ztunnel in {} did not listen on {hbone}: {}{}", pod.name, process.stdout(), process.stderr());
-    Ok(process)
 }
 
 /// A deterministic payload that no two offsets of share (a shifted echo would not compare equal).
@@ -177,23 +136,13 @@ fn ztunnel_to_warren(mesh: &Mesh) -> Result<()> {
     Ok(())
 }
 
-/// Through ztunnel's SOCKS5 listener (RFC 1928, no authentication, CONNECT to an IPv4 address): sends
+/// Through ztunnel's SOCKS5 listener (RFC 1928, no authentication, CONNECT to an address): sends
 /// `data`, half-closes, reads the echo to its end.
 fn socks5_echo(to: SocketAddr, data: &[u8]) -> Result<Vec<u8>> {
-    let SocketAddr::V4(to) = to else { bail!("SOCKS5 here takes IPv4 destinations, not {to}") };
-    let mut stream = TcpStream::connect(SOCKS5).context("connecting to ztunnel's SOCKS5 listener")?;
+    let mut stream = TcpStream::connect(ztunnel::SOCKS5).context("connecting to ztunnel's SOCKS5 listener")?;
     stream.set_read_timeout(Some(Duration::from_secs(20)))?;
-    stream.write_all(&[5, 1, 0])?;
-    let mut choice = [0u8; 2];
-    stream.read_exact(&mut choice)?;
-    ensure!(choice == [5, 0], "SOCKS5: ztunnel chose method {choice:?}, not no-authentication");
-    let mut request = vec![5, 1, 0, 1];
-    request.extend_from_slice(&to.ip().octets());
-    request.extend_from_slice(&to.port().to_be_bytes());
-    stream.write_all(&request)?;
-    let mut reply = [0u8; 10];
-    stream.read_exact(&mut reply)?;
-    ensure!(reply[1] == 0, "SOCKS5: ztunnel refused CONNECT {to} (reply {})", reply[1]);
+    stream.write_all(&ztunnel::socks5_request(to))?;
+    ztunnel::read_socks5_reply(&mut stream, to)?;
     let reader = stream.try_clone()?;
     let receiver = std::thread::spawn(move || -> std::io::Result<Vec<u8>> {
         let mut echoed = vec![];

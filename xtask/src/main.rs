@@ -71,7 +71,7 @@ enum Command {
     /// Benchmarks (release build, real eBPF); with no suite, every one in turn, then one table of all. `l4` —
     /// direct vs the agent's plaintext and HBONE paths, each with socket acceleration off and on: one-way
     /// throughput on 1 and 8 connections, new connections, 1 KiB round trips at 1000 rps (p50–p99.9), max
-    /// rps, agent CPU and RSS; `l7` — 1 KiB requests at 1000 rps open loop and max rps: no mesh vs the L4
+    /// rps, agent CPU and RSS; `accel` — the local leg alone, socket acceleration on vs plain loopback; `l7` — 1 KiB requests at 1000 rps open loop and max rps: no mesh vs the L4
     /// HBONE path vs the L7 path (HTTP/1.1 and HTTP/2), agent CPU and RSS; telemetry on vs off; a
     /// DestinationRule using every resilience feature vs the plain L7 path (`WARREN_BENCH_L7` picks parts);
     /// `control` — initial sync and RSS at 10k services, update latency over 20 agents; `authz` — one
@@ -81,6 +81,10 @@ enum Command {
     Bench {
         #[arg(value_parser = BENCH_SUITES)]
         suite: Option<String>,
+        /// `l4`: also run its HBONE path with Istio's ztunnel (this binary, built by you with the `testing`
+        /// feature) in place of Warren's agents — rows `ztunnel-hbone`, and Warren's targets against it.
+        #[arg(long, value_name = "PATH")]
+        peer_agent: Option<std::path::PathBuf>,
         /// Extra arguments for the benchmark (e.g. a criterion filter).
         #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
         args: Vec<String>,
@@ -175,7 +179,20 @@ fn dispatch(command: Command) -> Result<()> {
             interop::run(ztunnel.as_deref(), ztunnel_src.as_deref())
         }
         Command::Fuzz { target, seconds, sanitizer, args } => fuzz::fuzz(&target, seconds, &sanitizer, &args),
-        Command::Bench { suite, args } => {
+        Command::Bench { suite, peer_agent, args } => {
+            if let Some(binary) = &peer_agent {
+                anyhow::ensure!(suite.as_deref().is_none_or(|s| s == "l4"), "--peer-agent is an option of the l4 suite");
+                anyhow::ensure!(
+                    binary.is_file(),
+                    "--peer-agent {}: no such file (a ztunnel binary built with the `testing` feature: \
+                     ../shared/recipes/ztunnel/README.md in this workplace, or ztunnel's Development.md)",
+                    binary.display()
+                );
+                // The bench runs from the workspace root; a relative path stays the user's.
+                let binary = std::path::absolute(binary)?;
+                // SAFETY: set before any thread is started; the bench inherits it.
+                unsafe { std::env::set_var(PEER_AGENT_ENV, binary) };
+            }
             setup::setup(false)?;
             build_binaries(true)?;
             let suites: Vec<&str> = match &suite {
@@ -238,8 +255,11 @@ fn kind(script: &std::path::Path, action: &str) -> Result<()> {
     run(std::process::Command::new("bash").arg(script).arg(action).current_dir(xtask::workspace_root()))
 }
 
+/// How `--peer-agent` reaches the l4 bench (tests/e2e/benches/l4/ztunnel.rs).
+const PEER_AGENT_ENV: &str = "WARREN_BENCH_PEER_AGENT";
+
 /// Every bench suite, in the order `cargo xtask bench` runs them.
-const BENCH_SUITES: [&str; 5] = ["l4", "l7", "control", "authz", "parse"];
+const BENCH_SUITES: [&str; 6] = ["l4", "accel", "l7", "control", "authz", "parse"];
 
 fn bench(suite: &str, args: &[String]) -> Result<()> {
     if suite == "authz" {
@@ -257,4 +277,36 @@ xtask: every bench's figures (value, and its ratio to direct in the same run), f
         println!("{}", xtask::bench::table(&suite, &rows));
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn bench_args(args: &[&str]) -> (Option<String>, Option<std::path::PathBuf>, Vec<String>) {
+        let cli = Cli::try_parse_from(["cargo xtask", "bench"].iter().chain(args)).unwrap();
+        let Command::Bench { suite, peer_agent, args } = cli.command else { panic!("not bench") };
+        (suite, peer_agent, args)
+    }
+
+    #[test]
+    fn bench_takes_a_peer_agent_before_the_benchmarks_own_arguments() {
+        let (suite, peer, args) = bench_args(&["l4", "--peer-agent", "/tmp/zt/ztunnel"]);
+        assert_eq!((suite.as_deref(), peer.as_deref()), (Some("l4"), Some(std::path::Path::new("/tmp/zt/ztunnel"))));
+        assert!(args.is_empty(), "{args:?}");
+        let (_, peer, args) = bench_args(&["l4", "--peer-agent=/zt", "--", "--filter"]);
+        assert_eq!(peer.as_deref(), Some(std::path::Path::new("/zt")));
+        assert_eq!(args, ["--filter"]);
+        let (suite, peer, args) = bench_args(&["l7", "x"]);
+        assert_eq!((suite.as_deref(), peer, args), (Some("l7"), None, vec!["x".to_string()]));
+    }
+
+    #[test]
+    fn a_peer_agent_that_is_not_there_fails_before_any_build() {
+        let command = Command::Bench { suite: Some("l4".into()), peer_agent: Some("/nonexistent/ztunnel".into()), args: vec![] };
+        let error = dispatch(command).unwrap_err().to_string();
+        assert!(error.contains("/nonexistent/ztunnel: no such file") && error.contains("recipes/ztunnel"), "{error}");
+        let command = Command::Bench { suite: Some("l7".into()), peer_agent: Some("/nonexistent/ztunnel".into()), args: vec![] };
+        assert!(dispatch(command).unwrap_err().to_string().contains("option of the l4 suite"));
+    }
 }

@@ -109,6 +109,9 @@ enum Cmd {
         count: usize,
         #[arg(long, default_value_t = 64)]
         bytes: usize,
+        /// Through this SOCKS5 proxy (a ztunnel's): greeting, CONNECT and the echo's bytes in one write.
+        #[arg(long)]
+        socks5: Option<SocketAddr>,
     },
     /// Connect, check a `bytes` echo, print `{"event":"connected",…}`; then keep the connection open
     /// (an echo of one byte every `probe-ms`, `{"event":"alive","probes":N}` every tenth; 0: none, the
@@ -209,6 +212,9 @@ enum Cmd {
         path: String,
         #[arg(long, default_value_t = 10_000)]
         timeout_ms: u64,
+        /// Open every connection through this SOCKS5 proxy (a ztunnel's).
+        #[arg(long)]
+        socks5: Option<SocketAddr>,
     },
 }
 
@@ -226,7 +232,8 @@ fn main() -> ExitCode {
         Cmd::Send { to, bytes, connections, .. } => send_concurrently(to, bytes, connections),
         Cmd::Loop { to, bytes, interval_ms, duration_ms } => connect_loop(to, bytes, interval_ms, duration_ms),
         Cmd::HttpGet { to, path } => http_get(to, &path),
-        Cmd::ConnectTimes { to, count, bytes } => connect_times(to, count, bytes),
+        Cmd::ConnectTimes { to, count, bytes, socks5: None } => connect_times(to, count, bytes),
+        Cmd::ConnectTimes { to, count, bytes, socks5: Some(proxy) } => connect_times_socks5(proxy, to, count, bytes),
         Cmd::ConnectOutcomes { to, count, bytes } => connect_outcomes(to, count, bytes),
         Cmd::Hold { to, bytes, probe_ms, max_ms } => hold(to, bytes, Duration::from_millis(probe_ms), Duration::from_millis(max_ms)),
         Cmd::Banner { name, port } => banner(&name, port),
@@ -287,7 +294,10 @@ fn main() -> ExitCode {
             };
             client::run(to, requests)
         }
-        Cmd::Load { to, rps, warm_up_ms, duration_ms, connections, body_bytes, http2, host, path, timeout_ms } => {
+        Cmd::Load { to, rps, warm_up_ms, duration_ms, connections, body_bytes, http2, host, path, timeout_ms, socks5 } => {
+            if let Some(proxy) = socks5 {
+                let _ = client::SOCKS5.set(proxy);
+            }
             let load = warren_testbed::Load {
                 rps,
                 warm_up_ms,
@@ -367,6 +377,7 @@ fn read_retrying(stream: &mut TcpStream, buf: &mut [u8], spurious: &mut u64, tim
         match stream.read(buf) {
             Err(e) if e.kind() == std::io::ErrorKind::WouldBlock && started.elapsed() < timeout => {
                 *spurious += 1;
+                SPURIOUS_EAGAIN.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
                 std::thread::yield_now();
             }
             other => return other,
@@ -452,6 +463,9 @@ impl Pattern {
 }
 
 const READ_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// Spurious EAGAINs [`read_retrying`] retried in this process (reported by `send` as `spurious_eagain`).
+static SPURIOUS_EAGAIN: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
 
 /// One connection's exchange: stream `bytes` while reading the echo back; (received, first problem).
 fn exchange(stream: TcpStream, bytes: u64) -> (u64, Option<String>) {
@@ -539,7 +553,8 @@ fn send_concurrently(to: SocketAddr, bytes: u64, connections: usize) -> ExitCode
     println!(
         "{}",
         serde_json::json!({"ok": ok, "connections": connections, "sent": bytes * connections as u64, "received": received,
-                            "failed": failed.len(), "error": failed.first()})
+                            "failed": failed.len(), "error": failed.first(),
+                            "spurious_eagain": SPURIOUS_EAGAIN.load(std::sync::atomic::Ordering::Relaxed)})
     );
     if ok { ExitCode::SUCCESS } else { ExitCode::FAILURE }
 }
@@ -635,6 +650,41 @@ fn connect_times(to: SocketAddr, count: usize, bytes: usize) -> ExitCode {
             }
             Err(e) => {
                 println!("{}", serde_json::json!({"ok": false, "done": i, "error": format!("connection {i} to {to}: {e}")}));
+                return ExitCode::FAILURE;
+            }
+        }
+    }
+    println!("{}", serde_json::json!({"ok": true, "micros": micros}));
+    ExitCode::SUCCESS
+}
+
+/// [`connect_times`] through a SOCKS5 proxy: each connection writes the greeting, the CONNECT and the echo's
+/// bytes at once (as a client's first write to a transparent proxy), then reads the two replies and the echo.
+fn connect_times_socks5(proxy: SocketAddr, to: SocketAddr, count: usize, bytes: usize) -> ExitCode {
+    let out = vec![0x5au8; bytes];
+    let mut first = warren_testbed::ztunnel::socks5_request(to);
+    first.extend_from_slice(&out);
+    let mut back = vec![0u8; bytes];
+    let mut micros = Vec::with_capacity(count);
+    for i in 0..count {
+        let mut one = || -> anyhow::Result<Duration> {
+            let started = std::time::Instant::now();
+            let mut stream = TcpStream::connect_timeout(&proxy, Duration::from_secs(5))?;
+            stream.set_nodelay(true)?;
+            stream.set_read_timeout(Some(Duration::from_secs(10)))?;
+            stream.write_all(&first)?;
+            warren_testbed::ztunnel::read_socks5_reply(&mut stream, to)?;
+            stream.read_exact(&mut back)?;
+            Ok(started.elapsed())
+        };
+        match one() {
+            Ok(took) if back == out => micros.push(took.as_micros() as u64),
+            Ok(_) => {
+                println!("{}", serde_json::json!({"ok": false, "done": i, "error": "echo differs"}));
+                return ExitCode::FAILURE;
+            }
+            Err(e) => {
+                println!("{}", serde_json::json!({"ok": false, "done": i, "error": format!("connection {i} to {to} via {proxy}: {e:#}")}));
                 return ExitCode::FAILURE;
             }
         }

@@ -5,20 +5,28 @@
 //! - `direct`: neither pod enrolled, no agent (the no-mesh baseline every ratio is to);
 //! - `plaintext`: both enrolled, the agents' plain L4 path;
 //! - `hbone`: both enrolled, agents with identities: mTLS HTTP/2 CONNECT between the nodes;
-//! - `+accel`: the same with socket acceleration (sockops/sk_msg) on the app ↔ agent legs.
+//! - `+accel`: the same with socket acceleration (sockops/sk_msg) on the app ↔ agent legs;
+//! - `ztunnel-hbone`, with `WARREN_BENCH_PEER_AGENT` (`cargo xtask bench l4 --peer-agent PATH`): Istio's
+//!   ztunnel in place of Warren's agents — one ztunnel in each pod (dedicated mode, its fake CA), HBONE
+//!   between them; the client reaches its ztunnel through ztunnel's SOCKS5 listener ([`ztunnel`]).
 //!
 //! Per path and round: one-way throughput (1 GiB, `WARREN_BENCH_L4_MIB` to change) on 1 and on 8
-//! connections into a sink; new connection + 1-byte echo (p50, p99 of 200; HBONE connections pooled);
+//! connections into a sink; new connection + 1-byte echo (p50, p99 of 200; HBONE connections pooled), and
+//! for HBONE on fresh connections (`new_connection_fresh`: a TLS and HTTP/2 handshake each, see [`Fresh`]);
 //! 1 KiB request → 1 KiB answer at 1000 rps open loop on 4 connections (p50/p90/p99/p99.9, from each
 //! request's due time), the agents' CPU (utime + stime from /proc, per 1000 rps) and RSS over that window;
 //! max rps closed loop. Each figure is the median of its rounds (`WARREN_BENCH_ROUNDS`, default 3). Prints
-//! one table and the targets met or not, writes `target/bench/l4.json` (see `xtask::bench`) and
+//! one table and the targets met or not (with a peer agent, Warren's against it too), writes `target/bench/l4.json` (see `xtask::bench`) and
 //! `target/bench-l4.md`. A bench reports; it does not fail on timing. Without root, BPF, cgroup2 and netns it
 //! prints `SKIPPED` and exits 0 (under `CI=true` it fails).
+#[path = "l4/ztunnel.rs"]
+mod ztunnel;
+
 use std::{
     fmt::Write as _,
     io::{ErrorKind, Read, Write},
-    net::{Shutdown, TcpStream},
+    net::{Shutdown, SocketAddr, TcpStream},
+    path::PathBuf,
     time::{Duration, Instant},
 };
 
@@ -33,6 +41,8 @@ const ROUNDS: usize = 3;
 const APP_PORT: u16 = 9080;
 const CHUNK: usize = 256 * 1024;
 const NEW_CONNECTIONS: usize = 200;
+/// New connections per round on fresh HBONE connections (Warren: a client pod each, see [`Fresh`]).
+const FRESH_CONNECTIONS: usize = 30;
 const PACED: Load = Load {
     rps: 1000,
     warm_up_ms: 2000,
@@ -45,58 +55,114 @@ const PACED: Load = Load {
     timeout_ms: 10_000,
 };
 
-/// A path: its name in the report and how its agents run (`None`: no mesh).
+/// What carries a path's traffic.
+enum Proxy {
+    /// No mesh.
+    None,
+    /// Warren's agent on both nodes.
+    Warren(AgentOptions),
+    /// A ztunnel (this binary) in each pod.
+    Ztunnel(PathBuf),
+}
+
+/// A path: its name in the report and what carries it.
 struct PathSpec {
     name: &'static str,
-    agents: Option<AgentOptions>,
+    proxy: Proxy,
 }
 
-fn specs() -> Vec<PathSpec> {
+fn specs(peer_agent: Option<PathBuf>) -> Vec<PathSpec> {
     let agent = |mtls, socket_acceleration| {
-        Some(AgentOptions { mtls, socket_acceleration, ebpf_log_level: "info", log: "info", ..AgentOptions::default() })
+        Proxy::Warren(AgentOptions { mtls, socket_acceleration, ebpf_log_level: "info", log: "info", ..AgentOptions::default() })
     };
-    vec![
-        PathSpec { name: DIRECT, agents: None },
-        PathSpec { name: "plaintext", agents: agent(false, false) },
-        PathSpec { name: "plaintext+accel", agents: agent(false, true) },
-        PathSpec { name: "hbone", agents: agent(true, false) },
-        PathSpec { name: "hbone+accel", agents: agent(true, true) },
-    ]
+    let mut specs = vec![
+        PathSpec { name: DIRECT, proxy: Proxy::None },
+        PathSpec { name: "plaintext", proxy: agent(false, false) },
+        PathSpec { name: "plaintext+accel", proxy: agent(false, true) },
+        PathSpec { name: "hbone", proxy: agent(true, false) },
+        PathSpec { name: "hbone+accel", proxy: agent(true, true) },
+    ];
+    if let Some(binary) = peer_agent {
+        specs.push(PathSpec { name: ztunnel::PATH, proxy: Proxy::Ztunnel(binary) });
+    }
+    specs
 }
 
-/// A path as set up: the pods, their servers, the agents of both nodes.
+/// How a path measures new connections on fresh HBONE connections (`new_connection_fresh`), which pool
+/// theirs per (source workload, destination).
+enum Fresh {
+    /// Not an HBONE path (every connection is fresh anyway), or not measured.
+    None,
+    /// Warren: no knob turns its pool off, so each fresh connection comes from a client pod of its own
+    /// ([`FRESH_CONNECTIONS`] per round, each used in one round only). Before timing, each pod echoes once
+    /// to the server's IPv6 address — a pooled connection of its own (the pool's key is the address), which
+    /// leaves the pod's certificate and its TLS config for the server's identity made — so the timed
+    /// connection, to the IPv4 address, pays the HBONE dial (TCP, mTLS, HTTP/2) and nothing else.
+    Pods(Vec<Pod>),
+    /// ztunnel: a second client pod whose ztunnel runs with `POOL_MAX_STREAMS_PER_CONNECTION=1`, so that it
+    /// dials a new HBONE connection for every connection.
+    Proxy(Pod),
+}
+
+/// A path as set up: the pods, their servers, what proxies them.
 struct Path {
     name: &'static str,
     client: Pod,
     server: Pod,
+    /// Warren's agents (client node's first).
     agents: Vec<Agent>,
-    _servers: [Process; 2],
+    /// The ztunnels of the client and the server (in that order): the client reaches its own through
+    /// SOCKS5.
+    ztunnels: Vec<Process>,
+    fresh: Fresh,
+    _servers: Vec<Process>,
 }
 
-fn set_up(bed: &Testbed, index: usize, spec: PathSpec) -> Result<Path> {
+fn set_up(bed: &Testbed, index: usize, spec: PathSpec, rounds: usize) -> Result<Path> {
     let nodes = [bed.add_node(&format!("node-{}", 2 * index + 1))?, bed.add_node(&format!("node-{}", 2 * index + 2))?];
-    let meshed = spec.agents.is_some();
+    let meshed = matches!(spec.proxy, Proxy::Warren(_));
     let tag = spec.name.replace('+', "-");
     let client = nodes[0].add_pod(&format!("client-{tag}"), meshed)?;
     let server = nodes[1].add_pod(&format!("server-{tag}"), meshed)?;
     let app = AppOptions { port: APP_PORT, quiet: true, ..AppOptions::new("server", "v1") };
-    let servers = [server.serve_with_sink("v1")?, server.serve_app(&app)?];
-    let agents = match spec.agents {
-        Some(options) => {
-            let agents = nodes.iter().map(|n| n.start_agent_with(options.clone())).collect::<Result<Vec<_>>>()?;
-            agents[0].wait_enrolled(&client, true, Duration::from_secs(15))?;
+    let mut servers = vec![server.serve_with_sink("v1")?, server.serve_app(&app)?];
+    let (mut agents, mut ztunnels, mut fresh) = (vec![], vec![], Fresh::None);
+    match spec.proxy {
+        Proxy::None => {}
+        Proxy::Warren(options) => {
+            let pods = if options.mtls && spec.name == "hbone" {
+                (0..FRESH_CONNECTIONS * rounds).map(|i| nodes[0].add_pod(&format!("fresh-{tag}-{i}"), true)).collect::<Result<Vec<_>>>()?
+            } else {
+                vec![]
+            };
+            agents = nodes.iter().map(|n| n.start_agent_with(options.clone())).collect::<Result<Vec<_>>>()?;
+            for pod in std::iter::once(&client).chain(&pods) {
+                agents[0].wait_enrolled(pod, true, Duration::from_secs(15))?;
+            }
             agents[1].wait_enrolled(&server, true, Duration::from_secs(15))?;
-            agents
+            if !pods.is_empty() {
+                fresh = Fresh::Pods(pods);
+            }
         }
-        None => vec![],
-    };
-    Ok(Path { name: spec.name, client, server, agents, _servers: servers })
+        Proxy::Ztunnel(binary) => {
+            let fresh_client = nodes[0].add_pod(&format!("fresh-{tag}"), false)?;
+            let started = ztunnel::start(bed, &binary, [(&client, &nodes[0]), (&server, &nodes[1]), (&fresh_client, &nodes[0])])?;
+            let [client_proxy, server_proxy, fresh_proxy] = started;
+            ztunnels = vec![client_proxy, server_proxy];
+            servers.push(fresh_proxy);
+            fresh = Fresh::Proxy(fresh_client);
+        }
+    }
+    Ok(Path { name: spec.name, client, server, agents, ztunnels, fresh, _servers: servers })
 }
 
 impl Path {
     /// The path is what its name says: a connection shows in the client agent's table with the path's
-    /// protocol (none for direct).
+    /// protocol (none for direct); ztunnel's serving side logged the client's identity.
     fn check(&self) -> Result<()> {
+        if !self.ztunnels.is_empty() {
+            return ztunnel::check(self);
+        }
         let result = self.client.send(self.server.socket(ECHO_PORT), 4096)?;
         ensure!(result.ok, "{}: echo failed: {result:?}", self.name);
         let Some(agent) = self.agents.first() else { return Ok(()) };
@@ -108,6 +174,58 @@ impl Path {
         });
         ensure!(found.is_some(), "{}: no {want} connection in the client's agent: {}", self.name, agent.connections()?);
         Ok(())
+    }
+
+    /// Through ztunnel's SOCKS5 listener on a ztunnel path.
+    fn via_socks5(&self) -> bool {
+        !self.ztunnels.is_empty()
+    }
+
+    /// A connection from the client pod to `to`, as the client's app would open it.
+    fn open(&self, to: SocketAddr) -> Result<TcpStream> {
+        if self.via_socks5() { warren_testbed::ztunnel::connect(&self.client, to) } else { self.client.connect(to) }
+    }
+
+    fn connect_times(&self, pod: &Pod, to: SocketAddr, count: usize) -> Result<Vec<Duration>> {
+        if self.via_socks5() {
+            pod.connect_times_via(warren_testbed::ztunnel::SOCKS5, to, count, 1)
+        } else {
+            pod.connect_times(to, count, 1)
+        }
+    }
+
+    fn spawn_load(&self, to: SocketAddr, load: &Load) -> Result<Process> {
+        if self.via_socks5() {
+            self.client.spawn_load_via(warren_testbed::ztunnel::SOCKS5, to, load)
+        } else {
+            self.client.spawn_load(to, load)
+        }
+    }
+
+    /// The processes that proxy the path (the agents, or the ztunnels), for their CPU and RSS.
+    fn proxy_pids(&self) -> Vec<u32> {
+        self.agents.iter().map(|a| a.process.pid).chain(self.ztunnels.iter().map(|z| z.pid)).collect()
+    }
+
+    /// `new_connection_fresh`: round `round`'s (1-based) connections on fresh HBONE connections.
+    fn fresh_times(&self, round: usize) -> Result<Option<Vec<Duration>>> {
+        let to = self.server.socket(ECHO_PORT);
+        match &self.fresh {
+            Fresh::None => Ok(None),
+            Fresh::Pods(pods) => {
+                let pods = &pods[(round - 1) * FRESH_CONNECTIONS..round * FRESH_CONNECTIONS];
+                for pod in pods {
+                    let warm = pod.send(self.server.socket6(ECHO_PORT), 1)?;
+                    ensure!(warm.ok, "{}: {}'s warm-up echo over IPv6 failed: {warm:?}", self.name, pod.name);
+                }
+                let mut times = vec![];
+                for pod in pods {
+                    times.extend(pod.connect_times(to, 1, 1)?);
+                }
+                Ok(Some(times))
+            }
+            Fresh::Proxy(pod) => Ok(Some(pod.connect_times_via(warren_testbed::ztunnel::SOCKS5, to, FRESH_CONNECTIONS, 1)?)),
+        }
     }
 }
 
@@ -140,7 +258,7 @@ fn read_retrying(stream: &mut TcpStream, buf: &mut [u8]) -> std::io::Result<()> 
 /// write until every sink said it had read its share.
 fn one_way(path: &Path, connections: usize, bytes: usize) -> Result<f64> {
     let to = path.server.socket(SINK_PORT);
-    let streams = (0..connections).map(|_| path.client.connect(to)).collect::<Result<Vec<_>>>()?;
+    let streams = (0..connections).map(|_| path.open(to)).collect::<Result<Vec<_>>>()?;
     let share = bytes / connections;
     let started = Instant::now();
     let senders: Vec<_> = streams
@@ -172,21 +290,26 @@ fn percentile(sorted: &[Duration], p: f64) -> f64 {
     sorted[((sorted.len() as f64 * p) as usize).min(sorted.len() - 1)].as_secs_f64() * 1e6
 }
 
-/// One round of every figure of `path` into `figures` (metric, value, unit).
-fn measure(path: &Path, bytes: usize) -> Result<Vec<(&'static str, f64, &'static str)>> {
+/// Round `round` of every figure of `path` into `figures` (metric, value, unit).
+fn measure(path: &Path, bytes: usize, round: usize) -> Result<Vec<(&'static str, f64, &'static str)>> {
     let mut figures = vec![
         ("throughput_1conn", one_way(path, 1, bytes)?, "MiB/s"),
         ("throughput_8conn", one_way(path, 8, bytes)?, "MiB/s"),
     ];
-    let mut times = path.client.connect_times(path.server.socket(ECHO_PORT), NEW_CONNECTIONS, 1)?;
+    let mut times = path.connect_times(&path.client, path.server.socket(ECHO_PORT), NEW_CONNECTIONS)?;
     times.sort();
     figures.push(("new_connection", percentile(&times, 0.5), "µs"));
     figures.push(("new_connection_p99", percentile(&times, 0.99), "µs"));
+    if let Some(mut times) = path.fresh_times(round)? {
+        times.sort();
+        figures.push(("new_connection_fresh", percentile(&times, 0.5), "µs"));
+        figures.push(("new_connection_fresh_p99", percentile(&times, 0.99), "µs"));
+    }
 
     let to = path.server.socket(APP_PORT);
     let paced = Load { path: format!("/bytes/{}", PACED.body_bytes), ..PACED };
-    let mut load = path.client.spawn_load(to, &paced)?;
-    let pids: Vec<u32> = path.agents.iter().map(|a| a.process.pid).collect();
+    let mut load = path.spawn_load(to, &paced)?;
+    let pids = path.proxy_pids();
     let wait = Duration::from_millis(paced.warm_up_ms + paced.duration_ms) + Duration::from_secs(30);
     load.wait_for_line("measuring", wait)?;
     let (started, before): (_, Vec<f64>) = (Instant::now(), pids.iter().map(|p| cpu_seconds(*p)).collect());
@@ -206,7 +329,7 @@ fn measure(path: &Path, bytes: usize) -> Result<Vec<(&'static str, f64, &'static
         // Of which the agent's own allocations (the rest: pages of its binary, shared by every agent).
         figures.push(("rss_anon_1000rps", pids.iter().map(|p| rss_anon_mib(*p)).fold(0.0, f64::max), "MiB"));
     }
-    let max = path.client.load(to, &Load { rps: 0, warm_up_ms: 1000, duration_ms: 5000, ..paced })?;
+    let max = app::load_report(path.spawn_load(to, &Load { rps: 0, warm_up_ms: 1000, duration_ms: 5000, ..paced })?)?;
     ensure!(max.errors == 0, "{}: {} errors at max rps: {:?}", path.name, max.errors, max.error_kinds);
     figures.push(("max_rps", max.achieved_rps, "rps"));
     Ok(figures)
@@ -274,16 +397,21 @@ fn main() {
     }
     let rounds: usize = std::env::var("WARREN_BENCH_ROUNDS").ok().and_then(|r| r.parse().ok()).unwrap_or(ROUNDS).max(1);
     let mib: usize = std::env::var("WARREN_BENCH_L4_MIB").ok().and_then(|r| r.parse().ok()).unwrap_or(1024);
+    let peer_agent = std::env::var_os(ztunnel::PEER_AGENT_ENV).filter(|p| !p.is_empty()).map(PathBuf::from);
     let started = Instant::now();
     let bed = Testbed::new("bench-l4").unwrap();
-    let paths: Vec<Path> = specs().into_iter().enumerate().map(|(i, spec)| set_up(&bed, i, spec).unwrap()).collect();
+    let paths: Vec<Path> = specs(peer_agent.clone())
+        .into_iter()
+        .enumerate()
+        .map(|(i, spec)| set_up(&bed, i, spec, rounds).unwrap_or_else(|e| panic!("setting up: {e:#}")))
+        .collect();
     for path in &paths {
         path.check().unwrap_or_else(|e| panic!("{e:#}"));
     }
     let mut samples: Vec<Vec<(&str, Vec<f64>, &str)>> = paths.iter().map(|_| vec![]).collect();
     for round in 1..=rounds {
         for (path, samples) in paths.iter().zip(&mut samples) {
-            let figures = measure(path, mib << 20).with_context(|| path.name).unwrap_or_else(|e| panic!("{e:#}"));
+            let figures = measure(path, mib << 20, round).with_context(|| path.name).unwrap_or_else(|e| panic!("{e:#}"));
             let line: Vec<String> = figures.iter().map(|(m, v, u)| format!("{m} {v:.1} {u}")).collect();
             eprintln!("l4 bench: round {round}: {:<16} {}", path.name, line.join(", "));
             for (metric, value, unit) in figures {
@@ -300,14 +428,17 @@ fn main() {
             report.add(path.name, metric, median(values), unit);
         }
     }
+    let peer = if peer_agent.is_some() { ztunnel::DESCRIPTION } else { "" };
     let out = format!(
         "L4 paths, client pod → server pod on another node; one-way {mib} MiB into a sink on 1 and 8 connections; \
-         {NEW_CONNECTIONS} new connections with a 1-byte echo (HBONE pooled); 1 KiB request → 1 KiB answer at \
-         1000 rps open loop on 4 connections, agents' CPU (the busier of the two, per 1000 rps) and RSS (the larger) \
-         over it; max rps closed loop. Medians of {rounds} rounds; {:.0?} in all. Cells: value (× direct).\n\n{}\n{}",
+         {NEW_CONNECTIONS} new connections with a 1-byte echo (HBONE pooled), and {FRESH_CONNECTIONS} on fresh HBONE \
+         connections (new_connection_fresh); 1 KiB request → 1 KiB answer at 1000 rps open loop on 4 connections, \
+         agents' CPU (the busier of the two, per 1000 rps) and RSS (the larger) over it; max rps closed loop.{peer} \
+         Medians of {rounds} rounds; {:.0?} in all. Cells: value (× direct).\n\n{}\n{}{}",
         started.elapsed(),
         report.table(),
-        verdicts(&report)
+        verdicts(&report),
+        if peer_agent.is_some() { ztunnel::verdicts(&report) } else { String::new() },
     );
     println!("\n{out}");
     match report.write() {

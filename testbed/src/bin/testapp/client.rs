@@ -68,8 +68,34 @@ async fn send_all(to: SocketAddr, requests: Arc<HttpRequests>) -> HttpReport {
     HttpReport { results, errors }
 }
 
+/// A SOCKS5 proxy (`load --socks5`) that [`connect`] opens every connection through.
+pub static SOCKS5: std::sync::OnceLock<SocketAddr> = std::sync::OnceLock::new();
+
+/// A TCP connection to `to`, through the [`SOCKS5`] proxy when one is set (handshake done).
+async fn tcp_connect(to: SocketAddr) -> Result<tokio::net::TcpStream, String> {
+    let Some(proxy) = SOCKS5.get() else {
+        return tokio::net::TcpStream::connect(to).await.map_err(|e| format!("connect: {e}"));
+    };
+    let mut stream = tokio::net::TcpStream::connect(proxy).await.map_err(|e| format!("connect: SOCKS5 {proxy}: {e}"))?;
+    stream.write_all(&warren_testbed::ztunnel::socks5_request(to)).await.map_err(|e| format!("connect: SOCKS5: {e}"))?;
+    // Method choice (2 bytes) and the CONNECT reply's head (4), then its bound address and port.
+    let mut head = [0u8; 6];
+    stream.read_exact(&mut head).await.map_err(|e| format!("connect: SOCKS5 reply: {e}"))?;
+    let rest = match head[5] {
+        1 => 6,
+        4 => 18,
+        other => return Err(format!("connect: SOCKS5 reply {head:?} (address type {other})")),
+    };
+    let mut bound = vec![0u8; rest];
+    stream.read_exact(&mut bound).await.map_err(|e| format!("connect: SOCKS5 reply: {e}"))?;
+    let mut whole = head.to_vec();
+    whole.extend_from_slice(&bound);
+    warren_testbed::ztunnel::read_socks5_reply(&mut whole.as_slice(), to).map_err(|e| format!("connect: {e:#}"))?;
+    Ok(stream)
+}
+
 pub async fn connect(to: SocketAddr, http2: bool, upgrades: bool) -> Result<Sender, String> {
-    let stream = tokio::net::TcpStream::connect(to).await.map_err(|e| format!("connect: {e}"))?;
+    let stream = tcp_connect(to).await?;
     let _ = stream.set_nodelay(true);
     let io = TokioIo::new(stream);
     if http2 {
