@@ -101,6 +101,15 @@ impl Process {
                 return Ok(());
             }
             if let Some(status) = self.exited() {
+                // What it wrote last may still be in the pipes: read to their end (the pumps' EOF; bounded,
+                // a child of it may hold them), then look once more.
+                let drained = Instant::now() + Duration::from_secs(1);
+                while !self.readers.iter().all(|r| r.is_finished()) && Instant::now() < drained {
+                    std::thread::sleep(Duration::from_millis(1));
+                }
+                if done(&self.stdout(), &self.stderr()) {
+                    return Ok(());
+                }
                 bail!("process {} exited ({status}); stderr:\n{}", self.pid, tail(&self.stderr(), 40));
             }
             if Instant::now() > deadline {

@@ -97,11 +97,13 @@ enum Fresh {
     /// ([`FRESH_CONNECTIONS`] per round, each used in one round only). Before timing, each pod echoes once
     /// to the server's IPv6 address — a pooled connection of its own (the pool's key is the address), which
     /// leaves the pod's certificate and its TLS config for the server's identity made — so the timed
-    /// connection, to the IPv4 address, pays the HBONE dial (TCP, mTLS, HTTP/2) and nothing else.
-    Pods(Vec<Pod>),
-    /// ztunnel: a second client pod whose ztunnel runs with `POOL_MAX_STREAMS_PER_CONNECTION=1`, so that it
-    /// dials a new HBONE connection for every connection.
-    Proxy(Pod),
+    /// connection, to the IPv4 address, pays the HBONE dial (TCP, mTLS, HTTP/2) and nothing else. These
+    /// pods, their server and their agents are on two nodes of their own, so the connections they leave
+    /// pooled weigh on no other figure (the path's agents' RSS).
+    Pods { pods: Vec<Pod>, server: Pod, _agents: Vec<Agent>, _server: Process },
+    /// ztunnel: a client pod whose ztunnel runs with `POOL_MAX_STREAMS_PER_CONNECTION=1`, so that it dials a
+    /// new HBONE connection for every connection, to a server pod (with its ztunnel) of its own.
+    Proxy { client: Pod, server: Pod },
 }
 
 /// A path as set up: the pods, their servers, what proxies them.
@@ -130,27 +132,33 @@ fn set_up(bed: &Testbed, index: usize, spec: PathSpec, rounds: usize) -> Result<
     match spec.proxy {
         Proxy::None => {}
         Proxy::Warren(options) => {
-            let pods = if options.mtls && spec.name == "hbone" {
-                (0..FRESH_CONNECTIONS * rounds).map(|i| nodes[0].add_pod(&format!("fresh-{tag}-{i}"), true)).collect::<Result<Vec<_>>>()?
-            } else {
-                vec![]
-            };
             agents = nodes.iter().map(|n| n.start_agent_with(options.clone())).collect::<Result<Vec<_>>>()?;
-            for pod in std::iter::once(&client).chain(&pods) {
-                agents[0].wait_enrolled(pod, true, Duration::from_secs(15))?;
-            }
+            agents[0].wait_enrolled(&client, true, Duration::from_secs(15))?;
             agents[1].wait_enrolled(&server, true, Duration::from_secs(15))?;
-            if !pods.is_empty() {
-                fresh = Fresh::Pods(pods);
+            if options.mtls && spec.name == "hbone" {
+                let nodes = [bed.add_node(&format!("node-{}-fresh", 2 * index + 1))?, bed.add_node(&format!("node-{}-fresh", 2 * index + 2))?];
+                let pods = (0..FRESH_CONNECTIONS * rounds)
+                    .map(|i| nodes[0].add_pod(&format!("fresh-{tag}-{i}"), true))
+                    .collect::<Result<Vec<_>>>()?;
+                let server = nodes[1].add_pod(&format!("fresh-server-{tag}"), true)?;
+                let serving = server.serve("v1")?;
+                let agents = nodes.iter().map(|n| n.start_agent_with(options.clone())).collect::<Result<Vec<_>>>()?;
+                for pod in &pods {
+                    agents[0].wait_enrolled(pod, true, Duration::from_secs(15))?;
+                }
+                agents[1].wait_enrolled(&server, true, Duration::from_secs(15))?;
+                fresh = Fresh::Pods { pods, server, _agents: agents, _server: serving };
             }
         }
         Proxy::Ztunnel(binary) => {
             let fresh_client = nodes[0].add_pod(&format!("fresh-{tag}"), false)?;
-            let started = ztunnel::start(bed, &binary, [(&client, &nodes[0]), (&server, &nodes[1]), (&fresh_client, &nodes[0])])?;
-            let [client_proxy, server_proxy, fresh_proxy] = started;
-            ztunnels = vec![client_proxy, server_proxy];
-            servers.push(fresh_proxy);
-            fresh = Fresh::Proxy(fresh_client);
+            let fresh_server = nodes[1].add_pod(&format!("fresh-server-{tag}"), false)?;
+            servers.push(fresh_server.serve("v1")?);
+            let pods = [(&client, &nodes[0]), (&server, &nodes[1]), (&fresh_client, &nodes[0]), (&fresh_server, &nodes[1])];
+            let mut started = ztunnel::start(bed, &binary, pods)?.into_iter();
+            ztunnels = started.by_ref().take(2).collect();
+            servers.extend(started);
+            fresh = Fresh::Proxy { client: fresh_client, server: fresh_server };
         }
     }
     Ok(Path { name: spec.name, client, server, agents, ztunnels, fresh, _servers: servers })
@@ -209,13 +217,13 @@ impl Path {
 
     /// `new_connection_fresh`: round `round`'s (1-based) connections on fresh HBONE connections.
     fn fresh_times(&self, round: usize) -> Result<Option<Vec<Duration>>> {
-        let to = self.server.socket(ECHO_PORT);
         match &self.fresh {
             Fresh::None => Ok(None),
-            Fresh::Pods(pods) => {
+            Fresh::Pods { pods, server, .. } => {
+                let to = server.socket(ECHO_PORT);
                 let pods = &pods[(round - 1) * FRESH_CONNECTIONS..round * FRESH_CONNECTIONS];
                 for pod in pods {
-                    let warm = pod.send(self.server.socket6(ECHO_PORT), 1)?;
+                    let warm = pod.send(server.socket6(ECHO_PORT), 1)?;
                     ensure!(warm.ok, "{}: {}'s warm-up echo over IPv6 failed: {warm:?}", self.name, pod.name);
                 }
                 let mut times = vec![];
@@ -224,7 +232,9 @@ impl Path {
                 }
                 Ok(Some(times))
             }
-            Fresh::Proxy(pod) => Ok(Some(pod.connect_times_via(warren_testbed::ztunnel::SOCKS5, to, FRESH_CONNECTIONS, 1)?)),
+            Fresh::Proxy { client, server } => {
+                Ok(Some(client.connect_times_via(warren_testbed::ztunnel::SOCKS5, server.socket(ECHO_PORT), FRESH_CONNECTIONS, 1)?))
+            }
         }
     }
 }
@@ -408,12 +418,14 @@ fn main() {
     for path in &paths {
         path.check().unwrap_or_else(|e| panic!("{e:#}"));
     }
+    eprintln!("l4 bench: {} paths set up and checked in {:.0?}", paths.len(), started.elapsed());
     let mut samples: Vec<Vec<(&str, Vec<f64>, &str)>> = paths.iter().map(|_| vec![]).collect();
     for round in 1..=rounds {
         for (path, samples) in paths.iter().zip(&mut samples) {
+            let took = Instant::now();
             let figures = measure(path, mib << 20, round).with_context(|| path.name).unwrap_or_else(|e| panic!("{e:#}"));
             let line: Vec<String> = figures.iter().map(|(m, v, u)| format!("{m} {v:.1} {u}")).collect();
-            eprintln!("l4 bench: round {round}: {:<16} {}", path.name, line.join(", "));
+            eprintln!("l4 bench: round {round}: {:<16} ({:.0?}) {}", path.name, took.elapsed(), line.join(", "));
             for (metric, value, unit) in figures {
                 match samples.iter_mut().find(|(m, ..)| *m == metric) {
                     Some((_, values, _)) => values.push(value),

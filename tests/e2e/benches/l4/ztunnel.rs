@@ -29,20 +29,21 @@ pub const PEER_AGENT_ENV: &str = "WARREN_BENCH_PEER_AGENT";
 pub const DESCRIPTION: &str = " ztunnel-hbone: Istio's ztunnel in place of the agents, one in each pod (dedicated \
     mode, its fake CA), HBONE between them; the client reaches its ztunnel through its SOCKS5 listener on the pod's \
     loopback (no redirect in that mode): a new connection writes the SOCKS5 greeting, its CONNECT and its first \
-    bytes at once; fresh HBONE connections from a ztunnel with POOL_MAX_STREAMS_PER_CONNECTION=1.";
+    bytes at once; fresh HBONE connections from a ztunnel with POOL_MAX_STREAMS_PER_CONNECTION=1 to a server pod of their own.";
 
-/// Starts a ztunnel in each of `pods` (client, server, fresh client, each with its node), all of them in one
-/// local config; the fresh client's never reuses an HBONE connection.
-pub fn start(bed: &Testbed, binary: &Path, pods: [(&Pod, &Node); 3]) -> Result<[Process; 3]> {
+/// Starts a ztunnel in each of `pods` (client, server, fresh client, fresh server; each with its node), all of
+/// them in one local config; the fresh client's never reuses an HBONE connection.
+pub fn start(bed: &Testbed, binary: &Path, pods: [(&Pod, &Node); 4]) -> Result<Vec<Process>> {
     let listed: Vec<(&Pod, &str)> = pods.iter().map(|(pod, node)| (*pod, node.name.as_str())).collect();
     let config = bed.state_dir().join("ztunnel-local.yaml");
     std::fs::write(&config, local_config(&listed))?;
-    let [(client, _), (server, _), (fresh, _)] = pods;
-    Ok([
-        ztunnel::start(binary, client, &config, "info", &[])?,
-        ztunnel::start(binary, server, &config, "info", &[])?,
-        ztunnel::start(binary, fresh, &config, "info", &[("POOL_MAX_STREAMS_PER_CONNECTION", "1")])?,
-    ])
+    let fresh_client = pods[2].0;
+    pods.iter()
+        .map(|(pod, _)| {
+            let env: &[(&str, &str)] = if pod.name == fresh_client.name { &[("POOL_MAX_STREAMS_PER_CONNECTION", "1")] } else { &[] };
+            ztunnel::start(binary, pod, &config, "info", env)
+        })
+        .collect()
 }
 
 /// The path is HBONE between the two ztunnels: an echo through the client's, and the server's ztunnel
@@ -50,8 +51,8 @@ pub fn start(bed: &Testbed, binary: &Path, pods: [(&Pod, &Node); 3]) -> Result<[
 pub fn check(path: &super::Path) -> Result<()> {
     let to = path.server.socket(ECHO_PORT);
     path.client.connect_times_via(SOCKS5, to, 1, 4096)?;
-    if let super::Fresh::Proxy(fresh) = &path.fresh {
-        fresh.connect_times_via(SOCKS5, to, 1, 4096)?;
+    if let super::Fresh::Proxy { client, server } = &path.fresh {
+        client.connect_times_via(SOCKS5, server.socket(ECHO_PORT), 1, 4096)?;
     }
     let server = &path.ztunnels[1];
     let client = identity(&path.client);
