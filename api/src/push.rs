@@ -180,10 +180,10 @@ pub fn diff(version: u64, acked: &BTreeMap<String, Arc<Resource>>, next: &BTreeM
     Update { version, full: false, upserts, removals }
 }
 
-/// Applies `update` to `held`, returning the new table set (`held` itself is left as it was; the update's
-/// resources move into it).
-pub fn apply(held: &Tables, update: Update) -> Tables {
-    let mut next = if update.full { Tables::new() } else { held.clone() };
+/// Applies `update` to `held`, returning the new table set: `held` is changed in place (a full update
+/// replaces it) and the update's resources move into it, so an edit of one resource copies none of the others.
+pub fn apply(held: Tables, update: Update) -> Tables {
+    let mut next = if update.full { Tables::new() } else { held };
     for key in &update.removals {
         next.remove(key);
     }
@@ -212,7 +212,7 @@ mod tests {
         assert_eq!(update.upserts.len(), 2);
         assert_eq!(update.removals, ["namespace//b"]);
         let held: Tables = acked.iter().map(|(k, v)| (k.clone(), (**v).clone())).collect();
-        let applied = apply(&held, update);
+        let applied = apply(held, update);
         let expected: Tables = next.iter().map(|(k, v)| (k.clone(), (**v).clone())).collect();
         assert_eq!(applied, expected);
     }

@@ -234,8 +234,7 @@ fn handle(update: Update, applier: &Applier) -> Reply {
     let (full, count) = (update.full, (update.upserts.len(), update.removals.len()));
     // A full update replaces everything: nothing to copy.
     let held = if update.full { Tables::new() } else { applier.tables.borrow().all() };
-    let next = push::apply(&held, update);
-    drop(held);
+    let next = push::apply(held, update);
     match applier.apply(version, next) {
         Ok(()) => {
             let mut status = applier.status.lock().unwrap();
