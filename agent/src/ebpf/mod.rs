@@ -55,8 +55,8 @@ pub struct Datapath {
     _settings: Array<MapData, Settings>,
     original_dst: OriginalDstLookup,
     counters: EbpfCounters,
-    service_routes: HashMap<MapData, ServiceKey, ServiceRoute>,
-    connect_faults: HashMap<MapData, ServiceKey, warren_maps::ConnectFault>,
+    service_routes: SyncedMap<ServiceKey, ServiceRoute>,
+    connect_faults: SyncedMap<ServiceKey, warren_maps::ConnectFault>,
     l4_authz: AuthzTrie,
     /// Until [`Datapath::take_denials`] hands it to the reader. (Taken before capture_inbound is
     /// verified, like every map a program uses: its fd is what aya relocated into the program.)
@@ -146,8 +146,8 @@ impl Datapath {
         let _ = std::fs::remove_file(pin_dir.join("L4_POLICY"));
         // Likewise ENROLLED_CGROUPS, before enrollment was keyed by network namespace.
         let _ = std::fs::remove_file(pin_dir.join("ENROLLED_CGROUPS"));
-        let service_routes = HashMap::try_from(take_map(&mut ebpf, names::SERVICE_ROUTES)?)?;
-        let connect_faults = HashMap::try_from(take_map(&mut ebpf, names::CONNECT_FAULTS)?)?;
+        let service_routes = SyncedMap::new(HashMap::try_from(take_map(&mut ebpf, names::SERVICE_ROUTES)?)?);
+        let connect_faults = SyncedMap::new(HashMap::try_from(take_map(&mut ebpf, names::CONNECT_FAULTS)?)?);
 
         let enrolled = HashMap::try_from(take_map(&mut ebpf, names::ENROLLED_NETNS)?)?;
         let inbound_listeners = SockHash::try_from(take_map(&mut ebpf, names::INBOUND_LISTENERS)?)?;
@@ -248,14 +248,14 @@ impl Datapath {
 
     /// Makes CONNECT_FAULTS hold exactly `want`; returns (written, removed).
     pub fn sync_connect_faults(&mut self, want: &BTreeMap<ServiceKey, warren_maps::ConnectFault>) -> Result<(usize, usize)> {
-        let synced = sync_map(&mut self.connect_faults, want).context("writing CONNECT_FAULTS")?;
+        let synced = self.connect_faults.sync(want).context("writing CONNECT_FAULTS")?;
         self.sizes.connect_faults.store(want.len(), Ordering::Relaxed);
         Ok(synced)
     }
 
     /// Makes SERVICE_ROUTES hold exactly `want`; returns (written, removed).
     pub fn sync_service_routes(&mut self, want: &BTreeMap<ServiceKey, ServiceRoute>) -> Result<(usize, usize)> {
-        let synced = sync_map(&mut self.service_routes, want).context("writing SERVICE_ROUTES")?;
+        let synced = self.service_routes.sync(want).context("writing SERVICE_ROUTES")?;
         self.sizes.service_routes.store(want.len(), Ordering::Relaxed);
         Ok(synced)
     }
@@ -287,6 +287,52 @@ impl Datapath {
     pub fn counters(&self) -> EbpfCounters {
         self.counters.clone()
     }
+}
+
+/// A hash map the agent alone writes, with what it last wrote: a sync of 10k entries where one changed
+/// costs one write, not 10k lookups and a walk of every key. Until the first sync (a restarted agent finds
+/// its pinned map holding an earlier agent's entries) and after any failed write, nothing is assumed and
+/// the map itself is read.
+struct SyncedMap<K, V> {
+    map: HashMap<MapData, K, V>,
+    written: Option<BTreeMap<K, V>>,
+}
+
+impl<K: aya::Pod + Ord, V: aya::Pod + PartialEq> SyncedMap<K, V> {
+    fn new(map: HashMap<MapData, K, V>) -> Self {
+        SyncedMap { map, written: None }
+    }
+
+    /// Makes the map hold exactly `want`; returns (written, removed).
+    fn sync(&mut self, want: &BTreeMap<K, V>) -> Result<(usize, usize)> {
+        let synced = match self.written.take() {
+            Some(written) => sync_from(&mut self.map, &written, want),
+            None => sync_map(&mut self.map, want),
+        }?;
+        self.written = Some(want.clone());
+        Ok(synced)
+    }
+}
+
+/// [`sync_map`] against what the map was last made to hold (`written`) instead of the map.
+fn sync_from<K, V>(map: &mut HashMap<MapData, K, V>, written: &BTreeMap<K, V>, want: &BTreeMap<K, V>) -> Result<(usize, usize)>
+where
+    K: aya::Pod + Ord,
+    V: aya::Pod + PartialEq,
+{
+    let mut changed = 0;
+    for (key, value) in want.iter().filter(|(key, value)| written.get(key) != Some(value)) {
+        map.insert(key, value, 0)?;
+        changed += 1;
+    }
+    let stale: Vec<&K> = written.keys().filter(|k| !want.contains_key(k)).collect();
+    for key in &stale {
+        match map.remove(key) {
+            Ok(()) | Err(aya::maps::MapError::KeyNotFound) => {}
+            Err(e) => return Err(e.into()),
+        }
+    }
+    Ok((changed, stale.len()))
 }
 
 /// Writes the entries of `want` that differ from the map, then removes what `want` lacks: a reader never

@@ -13,10 +13,7 @@ use bytes::Bytes;
 use serde::{Deserialize, Serialize};
 use tokio::sync::watch;
 use tracing::{info, warn};
-use warren_api::{
-    push::{self, FrameReader, Reply, Update},
-    tables::Tables,
-};
+use warren_api::push::{self, FrameReader, Reply, Update};
 use warren_identity::Identity;
 
 use crate::{
@@ -91,9 +88,14 @@ impl Applier {
         Ok(())
     }
 
-    /// Makes `version`/`tables` the tables in force, or leaves the previous ones (maps included) in force.
-    pub fn apply(&self, version: u64, tables: Tables) -> Result<()> {
-        let index = MeshTables::new(version, tables)?;
+    /// Makes `update` applied to the tables in force the tables in force, or leaves the previous ones (maps
+    /// included) in force.
+    pub fn apply(&self, update: Update) -> Result<()> {
+        let index = self.tables.borrow().updated(update)?;
+        self.install(index)
+    }
+
+    fn install(&self, index: MeshTables) -> Result<()> {
         if let Err(e) = self.write_maps(&index) {
             let previous = self.tables.borrow().clone();
             if let Err(restore) = self.write_maps(&previous) {
@@ -232,10 +234,7 @@ async fn session(
 fn handle(update: Update, applier: &Applier) -> Reply {
     let version = update.version;
     let (full, count) = (update.full, (update.upserts.len(), update.removals.len()));
-    // A full update replaces everything: nothing to copy.
-    let held = if update.full { Tables::new() } else { applier.tables.borrow().all() };
-    let next = push::apply(held, update);
-    match applier.apply(version, next) {
+    match applier.apply(update) {
         Ok(()) => {
             let mut status = applier.status.lock().unwrap();
             status.version = version;

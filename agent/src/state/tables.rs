@@ -31,10 +31,9 @@ pub struct MeshTables {
     /// The pushed tables but their services, which are held once, in the index ([`MeshTables::all`] has
     /// every entry).
     pub tables: Tables,
-    services: HashMap<String, Arc<Service>>,
-    by_vip: HashMap<SocketAddr, Arc<Service>>,
-    /// By hostname (a ServiceEntry host may be declared in several namespaces), in key order.
-    by_hostname: HashMap<String, Vec<Arc<Service>>>,
+    /// The services and their indexes, shared with the previous version when an update changes no service
+    /// (a route or policy edit at 10k services then copies nothing of them).
+    svc: Arc<ServiceIndex>,
     /// Routes by the service they route, in name order (the first wins, as Istio merges by age).
     routes: HashMap<String, Vec<Arc<Route>>>,
     /// AuthorizationPolicies, oldest first.
@@ -47,19 +46,55 @@ pub struct MeshTables {
     http_routes: HashMap<String, Arc<CompiledRoute>>,
     /// Pods by `namespace/name`: the source of a request, for `sourceLabels` / `sourceNamespace` matches.
     pods: HashMap<String, Arc<Pod>>,
-    /// Endpoint addresses (pod IP, target port) of service ports declared HTTP: where the inbound stage
-    /// can decide per request.
-    http_endpoints: std::collections::HashSet<SocketAddr>,
     /// The Gateways this node's gateway pods serve.
     gateways: GatewayIndex,
     mesh_config: MeshConfig,
-    /// Every address the registry knows as a destination: service endpoints (pods, ServiceEntry endpoints)
-    /// and workloads. With REGISTRY_ONLY, only these, service addresses and `address_blocks` are reachable.
-    registered_ips: std::collections::HashSet<IpAddr>,
-    /// ServiceEntry address blocks (resolution NONE) with their service, checked in order.
-    address_blocks: Vec<(IpNet, Arc<Service>)>,
+    /// Workload addresses: with the services' endpoint addresses, what the registry knows as a destination.
+    workload_ips: std::collections::HashSet<IpAddr>,
     /// Telemetry's names of workloads and services, built on first use (it needs the trust domain).
     directory: std::sync::OnceLock<Directory>,
+}
+
+/// The services of one version and what is indexed from them alone.
+#[derive(Debug, Default)]
+struct ServiceIndex {
+    services: HashMap<String, Arc<Service>>,
+    by_vip: HashMap<SocketAddr, Arc<Service>>,
+    /// By hostname (a ServiceEntry host may be declared in several namespaces), in key order.
+    by_hostname: HashMap<String, Vec<Arc<Service>>>,
+    /// Endpoint addresses (pod IP, target port) of service ports declared HTTP: where the inbound stage
+    /// can decide per request.
+    http_endpoints: std::collections::HashSet<SocketAddr>,
+    /// Service endpoint addresses (pods, ServiceEntry endpoints). With REGISTRY_ONLY, only these, workload
+    /// addresses, service addresses and `address_blocks` are reachable.
+    endpoint_ips: std::collections::HashSet<IpAddr>,
+    /// ServiceEntry address blocks (resolution NONE) with their service, checked in order.
+    address_blocks: Vec<(IpNet, Arc<Service>)>,
+}
+
+impl ServiceIndex {
+    /// Indexes `services`, in key order (of two services on one VIP:port the later key wins).
+    fn new(services: impl Iterator<Item = Service>) -> Self {
+        let mut index = ServiceIndex::default();
+        for s in services.map(Arc::new) {
+            for port in s.ports.iter().filter(|p| p.app_protocol().is_http()) {
+                index.http_endpoints.extend(s.endpoints.iter().map(|e| SocketAddr::new(e.ip, port.target_port)));
+            }
+            for vip in &s.vips {
+                for port in &s.ports {
+                    index.by_vip.insert(SocketAddr::new(*vip, port.port), s.clone());
+                }
+            }
+            index.endpoint_ips.extend(s.endpoints.iter().filter(|e| e.hostname.is_none()).map(|e| e.ip));
+            index.address_blocks.extend(s.address_blocks.iter().map(|block| (*block, s.clone())));
+            index.by_hostname.entry(s.hostname.clone()).or_default().push(s.clone());
+            index.services.insert(s.key(), s);
+        }
+        for services in index.by_hostname.values_mut() {
+            services.sort_by_key(|s| s.key());
+        }
+        index
+    }
 }
 
 /// One workload's policies, compiled for this version.
@@ -80,32 +115,39 @@ pub struct L4Route {
     pub flags: u32,
 }
 
+fn is_service_key(key: &str) -> bool {
+    key.starts_with("service/")
+}
+
 impl MeshTables {
     pub fn new(version: u64, mut tables: Tables) -> Result<Self> {
-        let mut index = MeshTables { version, ..Default::default() };
-        index.gateways = GatewayIndex::new(&tables);
         // Services move out of the table set into the index: at 10k services and 100k endpoints they are
         // most of what an agent holds, and are held once.
-        let service_keys: Vec<String> =
-            tables.iter().filter(|(_, r)| matches!(r, Resource::Service(_))).map(|(k, _)| k.clone()).collect();
-        for key in service_keys {
-            if let Some(Resource::Service(s)) = tables.remove(&key) {
-                let s = Arc::new(s);
-                for port in s.ports.iter().filter(|p| p.app_protocol().is_http()) {
-                    let endpoints = s.endpoints.iter().map(|e| SocketAddr::new(e.ip, port.target_port));
-                    index.http_endpoints.extend(endpoints);
-                }
-                for vip in &s.vips {
-                    for port in &s.ports {
-                        index.by_vip.insert(SocketAddr::new(*vip, port.port), s.clone());
-                    }
-                }
-                index.registered_ips.extend(s.endpoints.iter().filter(|e| e.hostname.is_none()).map(|e| e.ip));
-                index.address_blocks.extend(s.address_blocks.iter().map(|block| (*block, s.clone())));
-                index.by_hostname.entry(s.hostname.clone()).or_default().push(s.clone());
-                index.services.insert(s.key(), s);
-            }
+        let service_keys: Vec<String> = tables.keys().filter(|k| is_service_key(k)).cloned().collect();
+        let services = service_keys.iter().filter_map(|key| match tables.remove(key) {
+            Some(Resource::Service(s)) => Some(s),
+            _ => None,
+        });
+        let svc = Arc::new(ServiceIndex::new(services));
+        Self::indexed(version, tables, svc)
+    }
+
+    /// The next version: `update` applied to these tables. An update that changes no service shares this
+    /// version's services and their indexes; one that does is applied to a copy of every entry.
+    pub fn updated(&self, update: warren_api::push::Update) -> Result<Self> {
+        let version = update.version;
+        let touches_services =
+            update.removals.iter().any(|k| is_service_key(k)) || update.upserts.iter().any(|r| matches!(r, Resource::Service(_)));
+        if update.full || touches_services {
+            let held = if update.full { Tables::new() } else { self.all() };
+            return Self::new(version, warren_api::push::apply(held, update));
         }
+        Self::indexed(version, warren_api::push::apply(self.tables.clone(), update), self.svc.clone())
+    }
+
+    /// Indexes `tables` (no services in them) around the services in `svc`.
+    fn indexed(version: u64, tables: Tables, svc: Arc<ServiceIndex>) -> Result<Self> {
+        let mut index = MeshTables { version, svc, gateways: GatewayIndex::new(&tables), ..Default::default() };
         for resource in tables.values() {
             match resource {
                 Resource::Route(r) => {
@@ -116,15 +158,12 @@ impl MeshTables {
                 }
                 Resource::Policy(p) => index.policies.push(Arc::new(p.clone())),
                 Resource::Workload(p) => {
-                    index.registered_ips.extend(p.ips.iter().copied());
+                    index.workload_ips.extend(p.ips.iter().copied());
                     index.pods.insert(p.key(), Arc::new(p.clone()));
                 }
                 Resource::MeshConfig(m) => index.mesh_config = m.clone(),
                 _ => {}
             }
-        }
-        for services in index.by_hostname.values_mut() {
-            services.sort_by_key(|s| s.key());
         }
         index.tables = tables;
         index.index_authz();
@@ -137,38 +176,46 @@ impl MeshTables {
                 index.http_routes.insert(service.clone(), compiled);
             }
         }
-        // What the eBPF maps cannot hold is refused (NACK) rather than silently cut.
-        for (vip, service) in &index.by_vip {
-            if let Some(route) = index.l4_route(vip)
-                && route.destinations.len() > MAX_ROUTE_DESTINATIONS
-            {
-                bail!(
-                    "{}: service {} has {} weighted destinations; an L4 route holds at most {MAX_ROUTE_DESTINATIONS}",
-                    route.origin.unwrap_or_default(),
-                    service.key(),
-                    route.destinations.len()
-                );
-            }
-        }
+        index.check_route_sizes()?;
         Ok(index)
     }
 
+    /// What the eBPF maps cannot hold is refused (NACK) rather than silently cut. Only a routed service can
+    /// have more than one destination: its addresses are the ones checked.
+    fn check_route_sizes(&self) -> Result<()> {
+        for service in self.routes.keys().filter_map(|key| self.svc.services.get(key)) {
+            for vip in service.vips.iter().flat_map(|ip| service.ports.iter().map(|p| SocketAddr::new(*ip, p.port))) {
+                if let Some(route) = self.l4_route(&vip)
+                    && route.destinations.len() > MAX_ROUTE_DESTINATIONS
+                {
+                    bail!(
+                        "{}: service {} has {} weighted destinations; an L4 route holds at most {MAX_ROUTE_DESTINATIONS}",
+                        route.origin.unwrap_or_default(),
+                        route.service,
+                        route.destinations.len()
+                    );
+                }
+            }
+        }
+        Ok(())
+    }
+
     pub fn service(&self, key: &str) -> Option<&Arc<Service>> {
-        self.services.get(key)
+        self.svc.services.get(key)
     }
 
     /// The service named `hostname` (an HBONE `:authority`), preferring one in `namespace` — the
     /// destination pod's, as ztunnel prefers — else the first by `namespace/name`.
     pub fn service_by_hostname(&self, hostname: &str, namespace: &str) -> Option<&Arc<Service>> {
-        let services = self.by_hostname.get(hostname)?;
+        let services = self.svc.by_hostname.get(hostname)?;
         services.iter().find(|s| s.namespace == namespace).or(services.first())
     }
 
     /// The service at a VIP:port, or the ServiceEntry (resolution NONE) whose address block and port
     /// take it.
     pub fn service_at(&self, vip: &SocketAddr) -> Option<&Arc<Service>> {
-        self.by_vip.get(vip).or_else(|| {
-            let blocks = self.address_blocks.iter().filter(|(block, s)| block.contains(&vip.ip()) && s.port(vip.port()).is_some());
+        self.svc.by_vip.get(vip).or_else(|| {
+            let blocks = self.svc.address_blocks.iter().filter(|(block, s)| block.contains(&vip.ip()) && s.port(vip.port()).is_some());
             // The most specific block wins.
             blocks.max_by_key(|(block, _)| block.prefix_len()).map(|(_, s)| s)
         })
@@ -185,7 +232,7 @@ impl MeshTables {
     /// Whether the registry knows `destination`: a service address (or a ServiceEntry's block) and port, or
     /// the address of an endpoint or workload. What REGISTRY_ONLY lets through.
     pub fn registered(&self, destination: &SocketAddr) -> bool {
-        self.service_at(destination).is_some() || self.registered_ips.contains(&destination.ip())
+        self.service_at(destination).is_some() || self.svc.endpoint_ips.contains(&destination.ip()) || self.workload_ips.contains(&destination.ip())
     }
 
     /// The VirtualService routing `service` when it has `tls` rules.
@@ -202,19 +249,19 @@ impl MeshTables {
     /// the port is a declared-HTTP port of a service the pod backs, and the pod's policies name request
     /// attributes (otherwise the connection's decision is every request's).
     pub fn authorizes_requests(&self, destination: &SocketAddr) -> bool {
-        self.http_endpoints.contains(destination)
+        self.svc.http_endpoints.contains(destination)
             && self.authz.get(&destination.ip()).is_some_and(|a| a.policies.need_requests())
     }
 
     /// The workload and service names telemetry labels this version's traffic with.
     pub fn directory(&self, trust_domain: &str) -> &Directory {
-        self.directory.get_or_init(|| Directory::new(self.pods.values().map(|p| p.as_ref()), self.services.values(), trust_domain))
+        self.directory.get_or_init(|| Directory::new(self.pods.values().map(|p| p.as_ref()), self.svc.services.values(), trust_domain))
     }
 
     /// Whether `destination` (a pod address and port) is a declared-HTTP port of a service the pod backs:
     /// the destination's agent serves it request by request.
     pub fn inbound_http(&self, destination: &SocketAddr) -> bool {
-        self.http_endpoints.contains(destination)
+        self.svc.http_endpoints.contains(destination)
     }
 
     /// [`MeshTables::inbound_http`] for a connection whose client addressed `service_host` (its proxy's
@@ -243,7 +290,7 @@ impl MeshTables {
     /// rule (what most requests take, shown in the map), else the service's own endpoints. As in Istio,
     /// `http` rules never route a TCP connection.
     pub fn l4_route(&self, vip: &SocketAddr) -> Option<L4Route> {
-        let service = self.by_vip.get(vip)?;
+        let service = self.svc.by_vip.get(vip)?;
         let key = service.key();
         let own = || vec![WeightedDestination { service: key.clone(), subset: None, port: None, weight: 100, ..Default::default() }];
         let Some(route) = self.routes.get(&key).and_then(|r| r.first()) else {
@@ -268,16 +315,20 @@ impl MeshTables {
     pub fn connect_faults(&self) -> BTreeMap<ServiceKey, warren_maps::ConnectFault> {
         let per_million = |percent: f64| (percent.clamp(0.0, 100.0) * 10_000.0).round() as u32;
         let mut out = BTreeMap::new();
-        for (vip, service) in &self.by_vip {
-            let route = self.routes.get(&service.key()).and_then(|r| r.first());
-            let Some(fault) = route.and_then(|r| r.connect_fault.as_ref()) else { continue };
+        // From the routes (a few) rather than every address: each routed service's addresses it holds.
+        let faulted = self.routes.iter().filter_map(|(key, routes)| Some((self.svc.services.get(key)?, routes.first()?.connect_fault.as_ref()?)));
+        let addresses = faulted.flat_map(|(service, fault)| {
+            let vips = service.vips.iter().flat_map(|ip| service.ports.iter().map(|p| SocketAddr::new(*ip, p.port)));
+            vips.filter(|vip| self.svc.by_vip.get(vip).is_some_and(|s| Arc::ptr_eq(s, service))).map(move |vip| (vip, fault))
+        });
+        for (vip, fault) in addresses {
             let value = warren_maps::ConnectFault {
                 abort_per_million: per_million(fault.abort_percent),
                 delay_per_million: per_million(fault.delay_percent),
                 delay_ms: u32::try_from(fault.delay_ms).unwrap_or(u32::MAX),
                 _pad: 0,
             };
-            out.insert(ServiceKey::new(*vip), value);
+            out.insert(ServiceKey::new(vip), value);
         }
         out
     }
@@ -285,7 +336,7 @@ impl MeshTables {
     /// SERVICE_ROUTES as it must be.
     pub fn service_routes(&self) -> BTreeMap<ServiceKey, ServiceRoute> {
         let mut out = BTreeMap::new();
-        for vip in self.by_vip.keys() {
+        for vip in self.svc.by_vip.keys() {
             let Some(route) = self.l4_route(vip) else {
                 continue;
             };
@@ -383,7 +434,7 @@ impl MeshTables {
 
     /// Every entry of the pushed tables, services included (what the next update applies to).
     pub fn all(&self) -> Tables {
-        let services = self.services.iter().map(|(key, s)| (format!("service/{key}"), Resource::Service(Service::clone(s))));
+        let services = self.svc.services.iter().map(|(key, s)| (format!("service/{key}"), Resource::Service(Service::clone(s))));
         self.tables.clone().into_iter().chain(services).collect()
     }
 
@@ -403,7 +454,7 @@ impl MeshTables {
 
     /// One endpoint of `service` (or its subset), the `pick`-th modulo their number.
     pub fn endpoint(&self, service: &str, subset: Option<&str>, pick: usize) -> Option<&Endpoint> {
-        let s = self.services.get(service)?;
+        let s = self.svc.services.get(service)?;
         let endpoints: Vec<_> = s.endpoints_in(subset).collect();
         (!endpoints.is_empty()).then(|| endpoints[pick % endpoints.len()])
     }
@@ -413,9 +464,10 @@ impl MeshTables {
     /// What `inspect services|routes|faults|policies` shows: every entry with the object it came from.
     pub fn view(&self) -> serde_json::Value {
         use serde_json::json;
-        let services: Vec<_> = self
-            .services
-            .values()
+        // By name: the same tables always show the same way.
+        let by_name: BTreeMap<_, _> = self.svc.services.iter().collect();
+        let services: Vec<_> = by_name
+            .into_values()
             .map(|s| {
                 let routes: Vec<_> = s
                     .vips
@@ -702,6 +754,66 @@ mod tests {
         assert!(http(Some("reviews.shop.svc.cluster.local")), "control: a client of the HTTP port");
         assert!(http(None), "no claim: as declared");
         assert!(http(Some("nosuch.shop.svc.cluster.local")), "a claim naming no service: as declared");
+    }
+
+    /// The compiled tables of the base state plus `yaml`, as the controller would push them.
+    fn pushed(yaml: &str) -> std::collections::BTreeMap<String, Arc<Resource>> {
+        let mut state = ClusterState::default();
+        state
+            .add_yaml(
+                "apiVersion: v1\nkind: Namespace\nmetadata: {name: shop, labels: {warren.dev/mesh: enabled}}\n---\n\
+                 apiVersion: v1\nkind: Service\nmetadata: {name: reviews, namespace: shop}\n\
+                 spec: {clusterIP: 10.96.0.10, selector: {app: reviews}, ports: [{name: http, port: 9080}]}\n---\n\
+                 apiVersion: v1\nkind: Pod\nmetadata: {name: r1, namespace: shop, uid: u1, labels: {app: reviews, version: v1}}\n\
+                 spec: {containers: [], nodeName: n1}\nstatus: {podIP: 10.244.1.2}\n",
+            )
+            .unwrap();
+        state.add_yaml(yaml).unwrap();
+        compile(&state).for_node("n1")
+    }
+
+    fn split(w: u32) -> String {
+        format!(
+            "apiVersion: networking.istio.io/v1\nkind: VirtualService\nmetadata: {{name: reviews, namespace: shop}}\n\
+             spec: {{hosts: [reviews], tcp: [{{route: [{{destination: {{host: reviews}}, weight: {w}}}, {{destination: {{host: ratings}}, weight: {}}}]}}]}}\n---\n\
+             apiVersion: v1\nkind: Service\nmetadata: {{name: ratings, namespace: shop}}\nspec: {{clusterIP: 10.96.0.11, ports: [{{port: 9080}}]}}\n",
+            100 - w
+        )
+    }
+
+    /// `updated` with the controller's diff from `before` to `after`, and the same tables indexed afresh.
+    fn update_and_fresh(before: &str, after: &str) -> (MeshTables, MeshTables, MeshTables) {
+        let (old, new) = (pushed(before), pushed(after));
+        let plain = |t: &std::collections::BTreeMap<String, Arc<Resource>>| t.iter().map(|(k, v)| (k.clone(), (**v).clone())).collect();
+        let held = MeshTables::new(1, plain(&old)).unwrap();
+        let updated = held.updated(warren_api::push::diff(2, &old, &new)).unwrap();
+        (held, updated, MeshTables::new(2, plain(&new)).unwrap())
+    }
+
+    #[test]
+    fn an_update_indexes_what_a_fresh_start_would_and_copies_no_service_it_does_not_change() {
+        let (held, updated, fresh) = update_and_fresh(&split(80), &split(30));
+        let weights = |t: &MeshTables| {
+            let route = t.service_routes()[&ServiceKey::new("10.96.0.10:9080".parse().unwrap())];
+            weights_of(&route)
+        };
+        assert_eq!(weights(&held), [80, 20], "control: the held version's split");
+        assert_eq!((weights(&updated), updated.version), (vec![30, 70], 2));
+        assert_eq!((updated.service_routes(), updated.connect_faults(), updated.view()), (fresh.service_routes(), fresh.connect_faults(), fresh.view()));
+        assert!(Arc::ptr_eq(&held.svc, &updated.svc), "a route edit shares the services");
+        // A service's change (a new port) is applied to a copy, and indexed as a fresh start would.
+        let (held, updated, fresh) = update_and_fresh(&split(80), &split(80).replace("ports: [{port: 9080}]", "ports: [{port: 9080}, {port: 9090}]"));
+        assert!(!Arc::ptr_eq(&held.svc, &updated.svc));
+        assert!(updated.service_at(&"10.96.0.11:9090".parse().unwrap()).is_some() && held.service_at(&"10.96.0.11:9090".parse().unwrap()).is_none());
+        assert_eq!((updated.service_routes(), updated.view()), (fresh.service_routes(), fresh.view()));
+        // A removed route: the service's own endpoints again.
+        let (_, updated, fresh) = update_and_fresh(&split(80), "");
+        assert_eq!((updated.service_routes(), updated.view()), (fresh.service_routes(), fresh.view()));
+        assert_eq!(weights(&updated), [100]);
+    }
+
+    fn weights_of(route: &ServiceRoute) -> Vec<u32> {
+        route.destinations[..route.destination_count as usize].iter().map(|d| d.weight).collect()
     }
 
     fn namespace(name: &str) -> String {
