@@ -602,7 +602,8 @@ mod tests {
     use super::*;
     use warren_config::{cluster::ClusterState, compile::compile};
 
-    fn tables(yaml: &str) -> MeshTables {
+    /// Namespace shop, service reviews with its pod r1 on n1 and its subsets, then `yaml`.
+    fn state(yaml: &str) -> ClusterState {
         let mut state = ClusterState::default();
         state
             .add_yaml(
@@ -616,6 +617,11 @@ mod tests {
             )
             .unwrap();
         state.add_yaml(yaml).unwrap();
+        state
+    }
+
+    fn tables(yaml: &str) -> MeshTables {
+        let state = state(yaml);
         MeshTables::new(1, compile(&state).tables_for_node("n1")).unwrap()
     }
 
@@ -758,18 +764,7 @@ mod tests {
 
     /// The compiled tables of the base state plus `yaml`, as the controller would push them.
     fn pushed(yaml: &str) -> std::collections::BTreeMap<String, Arc<Resource>> {
-        let mut state = ClusterState::default();
-        state
-            .add_yaml(
-                "apiVersion: v1\nkind: Namespace\nmetadata: {name: shop, labels: {warren.dev/mesh: enabled}}\n---\n\
-                 apiVersion: v1\nkind: Service\nmetadata: {name: reviews, namespace: shop}\n\
-                 spec: {clusterIP: 10.96.0.10, selector: {app: reviews}, ports: [{name: http, port: 9080}]}\n---\n\
-                 apiVersion: v1\nkind: Pod\nmetadata: {name: r1, namespace: shop, uid: u1, labels: {app: reviews, version: v1}}\n\
-                 spec: {containers: [], nodeName: n1}\nstatus: {podIP: 10.244.1.2}\n",
-            )
-            .unwrap();
-        state.add_yaml(yaml).unwrap();
-        compile(&state).for_node("n1")
+        compile(&state(yaml)).for_node("n1")
     }
 
     fn split(w: u32) -> String {
