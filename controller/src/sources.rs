@@ -1,5 +1,5 @@
 //! Where the controller's input comes from: kube-rs reflectors over the Kubernetes API, or a directory of
-//! YAML files. Either publishes whole [`ClusterState`]s on a watch channel, coalescing bursts of changes.
+//! YAML files. Either hands whole [`ClusterState`]s to the pipeline ([`States`]), coalescing bursts of changes.
 use std::{path::PathBuf, sync::Arc, time::Duration};
 
 use anyhow::{Context, Result};
@@ -10,7 +10,7 @@ use kube::{
     runtime::{WatchStreamExt, reflector, reflector::Store, watcher},
 };
 use serde::de::DeserializeOwned;
-use tokio::sync::{Notify, watch};
+use tokio::sync::{Notify, mpsc};
 use tracing::{error, info, warn};
 use warren_config::{
     analyze::{Level, Message},
@@ -19,6 +19,8 @@ use warren_config::{
     load::Directory,
     workloads::peer_authentication::PeerAuthentication,
 };
+
+use crate::pipeline::States;
 
 /// Changes closer together than this are compiled once.
 const COALESCE: Duration = Duration::from_millis(20);
@@ -148,9 +150,8 @@ impl Stores {
     }
 }
 
-/// Watches everything the controller compiles; the receiver holds the first full state once every list
-/// has synced.
-pub async fn kubernetes(client: Client) -> Result<watch::Receiver<ClusterState>> {
+/// Watches everything the controller compiles; the first state is the full one once every list has synced.
+pub async fn kubernetes(client: Client) -> Result<States> {
     let changed = Arc::new(Notify::new());
     let c = || changed.clone();
     let stores = Stores {
@@ -181,40 +182,42 @@ pub async fn kubernetes(client: Client) -> Result<watch::Receiver<ClusterState>>
         virtual_services = initial.virtual_services.len(),
         "watching the Kubernetes API"
     );
-    let (tx, rx) = watch::channel(initial);
+    let (tx, states) = States::channel(initial);
     tokio::spawn(async move {
         loop {
             changed.notified().await;
             tokio::time::sleep(COALESCE).await;
-            if tx.send(stores.snapshot()).is_err() {
+            // While the pipeline is busy this waits; changes meanwhile leave a permit in `changed`, so the
+            // next pass takes a fresh snapshot.
+            if tx.send(stores.snapshot()).await.is_err() {
                 return;
             }
         }
     });
-    Ok(rx)
+    Ok(states)
 }
 
 /// Reads `dir` now and again whenever a file in it changes (only the files that changed). What cannot be
 /// read is logged and left out — or, if it was read before, its last good version stays — so a bad file
 /// neither stops `run` from starting nor changes what was in force. Fails only if `dir` cannot be listed.
-pub fn directory(dir: PathBuf, poll: Duration) -> Result<watch::Receiver<ClusterState>> {
+pub fn directory(dir: PathBuf, poll: Duration) -> Result<States> {
     let mut files = Directory::new(&dir);
     files.refresh()?;
     let initial = files.state();
     log_notices(&[], &initial.notices);
     info!(dir = %dir.display(), pods = initial.pods.len(), services = initial.services.len(),
         virtual_services = initial.virtual_services.len(), "reading the config directory");
-    let (tx, rx) = watch::channel(initial);
+    let logged = initial.notices.clone();
+    let (tx, states) = States::channel(initial);
     // A thread of its own: reading a large file blocks, and must not hold up the runtime's workers.
     std::thread::Builder::new()
         .name("config-dir".into())
-        .spawn(move || poll_directory(files, dir, poll, tx))
+        .spawn(move || poll_directory(files, dir, poll, tx, logged))
         .context("starting the config directory thread")?;
-    Ok(rx)
+    Ok(states)
 }
 
-fn poll_directory(mut files: Directory, dir: PathBuf, poll: Duration, tx: watch::Sender<ClusterState>) {
-    let mut logged = tx.borrow().notices.clone();
+fn poll_directory(mut files: Directory, dir: PathBuf, poll: Duration, tx: mpsc::Sender<ClusterState>, mut logged: Vec<Message>) {
     while !tx.is_closed() {
         std::thread::sleep(poll);
         // Reading catches its own panics per file; this catches the rest, so no bug stops the polling.
@@ -226,7 +229,8 @@ fn poll_directory(mut files: Directory, dir: PathBuf, poll: Duration, tx: watch:
                 log_notices(&logged, &state.notices);
                 logged = state.notices.clone();
                 info!(dir = %dir.display(), "config directory changed");
-                if tx.send(state).is_err() {
+                // Waits while the pipeline compiles the state before (the directory is polled again after).
+                if tx.blocking_send(state).is_err() {
                     return;
                 }
             }
@@ -259,14 +263,16 @@ mod tests {
         state.virtual_services.iter().map(|v| v.spec.hosts.join(",")).collect()
     }
 
-    /// Waits for the next published state.
-    fn next(rx: &mut watch::Receiver<ClusterState>) -> ClusterState {
+    /// Waits for the next state handed over.
+    fn next(states: &mut States) -> ClusterState {
         let deadline = std::time::Instant::now() + Duration::from_secs(10);
-        while !rx.has_changed().unwrap() {
+        loop {
+            if let Ok(state) = states.changes.try_recv() {
+                return state;
+            }
             assert!(std::time::Instant::now() < deadline, "no new state");
             std::thread::sleep(Duration::from_millis(5));
         }
-        rx.borrow_and_update().clone()
     }
 
     #[test]
@@ -277,7 +283,7 @@ mod tests {
         std::fs::write(dir.join("a.yaml"), vs("a", "one")).unwrap();
         std::fs::write(dir.join("b.yaml"), "b: [\n").unwrap();
         let mut rx = directory(dir.clone(), Duration::from_millis(5)).expect("starts despite b.yaml");
-        let first = rx.borrow_and_update().clone();
+        let first = rx.first.clone();
         assert_eq!(hosts(&first), ["one"]);
         assert!(first.notices.iter().any(|n| n.level == Level::Error && n.source.as_deref() == Some("b.yaml:2")), "{:?}", first.notices);
         // Written whole, by rename, as ConfigMap mounts and many editors do (a poll between truncate and write
